@@ -1,0 +1,290 @@
+"""The ``hpedge`` command line: thin wrappers around library functions.
+
+User errors are :class:`hpedge.HpedgeError`; they are printed as one line and turned into the
+error's exit code, without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hpedge.errors import HpedgeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="HierarchicalPrune compression and edge deployment.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HpedgeError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return app.command(*args, **kwargs)(_user_errors(fn))
+
+    return deco
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _params(n: float) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+@command()
+def info(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME, or architecture (sd3.5-large, ...)")],
+         json_out: Annotated[Optional[Path], typer.Option("--json", help="write the description as JSON")] = None) -> None:
+    """Blocks, sub-components, parameters and bytes per precision of a transformer."""
+    from hpedge.models.adapters import describe
+    from hpedge.models.loading import load_transformer, resolve
+
+    ref = resolve(model, allow_architecture=True)
+    d = describe(load_transformer(ref))
+    console.print(f"[bold]{model}[/]  {d['class']} ({d['family']}), {len(d['blocks'])} blocks")
+    console.print(f"parameters: {_params(d['params'])} ({d['params']:,})")
+    console.print(
+        f"bytes: fp32 {_gb(d['bytes']['fp32'])}, bf16 {_gb(d['bytes']['bf16'])}, "
+        f"int4 weights {_gb(d['bytes']['int4'])}"
+    )
+    t = Table("block", "kind", "params", "components")
+    for b in d["blocks"]:
+        t.add_row(str(b["index"]), b["kind"], _params(b["params"]), ", ".join(b["components"]))
+    console.print(t)
+    if json_out:
+        from hpedge.io import atomic_file
+
+        with atomic_file(json_out) as tmp:
+            tmp.write_text(json.dumps(d, indent=2))
+
+
+@command("eval")
+def eval_(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NAME")],
+          json_out: Annotated[Optional[Path], typer.Option("--json", help="write the result as JSON")] = None,
+          grid: Annotated[Optional[Path], typer.Option("--grid", help="write a PNG sample grid")] = None,
+          per_category: Annotated[int, typer.Option(help="prompts per category (5 categories)")] = 100,
+          steps: Annotated[int, typer.Option(help="denoising steps")] = 16,
+          guidance: Annotated[float, typer.Option(help="classifier-free guidance (1 = off)")] = 1.0,
+          seed: Annotated[int, typer.Option(help="seed of the sampling noise")] = 0) -> None:
+    """GenEval-style score per category, overall score and Frechet distance of a digits pipeline."""
+    from rich.progress import Progress
+
+    from hpedge.evaluation.evaluate import EvalSettings, evaluate, grid_of_result
+    from hpedge.io import atomic_file
+    from hpedge.models.loading import load_pipeline, resolve
+
+    if per_category < 2:
+        raise HpedgeError("--per-category must be at least 2")
+    pipe = load_pipeline(resolve(model))
+    s = EvalSettings(per_category=per_category, steps=steps, guidance=guidance, seed=seed)
+    with Progress(console=err_console, transient=True) as prog:
+        task = prog.add_task("generating", total=5 * per_category)
+        result, canv, prompts = evaluate(pipe, model, s, progress=lambda n: prog.advance(task, n))
+    t = Table("category", "score")
+    for c, v in result.categories.items():
+        t.add_row(c, f"{v:.3f}")
+    t.add_row("seen phrasings", f"{result.seen_phrasings:.3f}")
+    t.add_row("held-out phrasings", f"{result.heldout_phrasings:.3f}")
+    t.add_row("[bold]overall[/]", f"[bold]{result.overall:.3f}[/]")
+    t.add_row("Frechet distance", f"{result.frechet_distance:.1f}")
+    console.print(t)
+    if json_out:
+        with atomic_file(json_out) as tmp:
+            tmp.write_text(result.to_json())
+    if grid:
+        grid_of_result(canv, prompts, grid)
+
+
+@command()
+def generate(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME")],
+             prompt: Annotated[str, typer.Argument(help="text prompt")],
+             output: Annotated[Path, typer.Option("-o", "--output", help="PNG file to write")],
+             seed: Annotated[int, typer.Option()] = 0,
+             steps: Annotated[int, typer.Option()] = 16,
+             guidance: Annotated[float, typer.Option()] = 1.0) -> None:
+    """Generate one image."""
+    from hpedge.evaluation.evaluate import generate as gen
+    from hpedge.evaluation.evaluate import save_grid
+    from hpedge.models.loading import load_pipeline, resolve
+
+    pipe = load_pipeline(resolve(model))
+    canvas = gen(pipe, [prompt], [seed], steps, guidance)[0]
+    save_grid([canvas], [prompt], output, cols=1, scale=8)
+    console.print(f"wrote {output}")
+
+
+BudgetBlocks = Annotated[Optional[str], typer.Option("--remove-blocks", help="a count (3) or indices (25-29,31-35)")]
+BudgetFraction = Annotated[Optional[float], typer.Option("--remove-fraction", help="fraction of blocks to remove")]
+BudgetKeep = Annotated[Optional[float], typer.Option("--keep-ratio", help="keep at most this fraction of parameters")]
+BudgetTarget = Annotated[Optional[str], typer.Option("--target", help="device profile name or JSON file")]
+ProtectEarly = Annotated[float, typer.Option(help="fraction of early blocks never removed")]
+
+
+@command()
+def analyze(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NAME")],
+            output: Annotated[Path, typer.Option("-o", "--output", help="importance JSON to write")],
+            heatmap_png: Annotated[Optional[Path], typer.Option("--heatmap", help="PNG heatmap (blocks x components)")] = None,
+            prompts: Annotated[int, typer.Option(help="calibration prompts")] = 40,
+            steps: Annotated[int, typer.Option(help="denoising steps per calibration image")] = 8,
+            seed: Annotated[int, typer.Option()] = 0,
+            components: Annotated[bool, typer.Option(help="also score sub-components")] = True,
+            reference_format: Annotated[Optional[Path], typer.Option("--reference-format", help="also write the reference's <tab> format")] = None) -> None:
+    """Contribution analysis: the harm of removing each block and sub-component (cached, resumable)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hpedge.compress.analyze import AnalysisSettings, analyze as run, heatmap
+    from hpedge.io import atomic_file
+    from hpedge.models.loading import load_pipeline, resolve
+
+    ref = resolve(model)
+    pipe = load_pipeline(ref)
+    settings = AnalysisSettings(prompts=prompts, steps=steps, seed=seed, components=components)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err_console, transient=True) as prog:
+        task = prog.add_task("analysis", total=1)
+
+        def cb(what: str, k: int, n: int) -> None:
+            prog.update(task, description=what, completed=k, total=n)
+
+        imp = run(pipe, ref.path, output, settings, progress=cb)
+    harm = imp.block_harm()
+    t = Table("block", "harm (whole block)", "most harmful component")
+    comp = imp.component_harm()
+    for b in sorted(harm):
+        mine = {c: v for (bb, c), v in comp.items() if bb == b}
+        top = max(mine, key=mine.get) if mine else "-"
+        t.add_row(str(b), f"{harm[b]:.4f}", f"{top} ({mine[top]:.4f})" if mine else "-")
+    console.print(t)
+    if heatmap_png:
+        heatmap(imp, heatmap_png)
+    if reference_format:
+        with atomic_file(reference_format) as tmp:
+            tmp.write_text(json.dumps(imp.to_reference(), indent=1))
+    console.print(f"wrote {output}")
+
+
+def _print_plan(p: Any) -> None:
+    console.print(f"[bold]{p.family}[/] transformer, {p.num_blocks} blocks; protected: 0..{p.first_removable - 1}")
+    console.print(f"remove ({len(p.remove)}): {p.remove}")
+    console.print(f"keep   ({len(p.kept)}): {p.kept}")
+    t = Table("", "before", "after", "change")
+    t.add_row("parameters", _params(p.params_before), _params(p.params_after), f"{p.kept_ratio:.1%} kept")
+    t.add_row("bf16 bytes", _gb(p.bytes_bf16_before), _gb(p.bytes_bf16_after),
+              f"{p.bytes_bf16_after / p.bytes_bf16_before - 1:+.1%}")
+    t.add_row("INT4 weights", "", _gb(p.bytes_int4_after), f"{p.bytes_int4_after / p.bytes_bf16_before - 1:+.1%} vs bf16")
+    console.print(t)
+    if p.target_memory_bytes is not None:
+        need = p.bytes_int4_after + p.other_components_bytes
+        console.print(f"target: transformer INT4 {_gb(p.bytes_int4_after)} + rest of pipeline (16-bit) "
+                      f"{_gb(p.other_components_bytes)} = {_gb(need)} <= {_gb(p.target_memory_bytes)} available")
+    for n in p.notes:
+        console.print(f"note: {n}")
+
+
+@command()
+def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or architecture (sd3.5-large, ...)")],
+         remove_blocks: BudgetBlocks = None, remove_fraction: BudgetFraction = None, keep_ratio: BudgetKeep = None,
+         target: BudgetTarget = None,
+         importance: Annotated[Optional[str], typer.Option(help="importance JSON (hpedge or reference format)")] = None,
+         protect_early: ProtectEarly = 0.5,
+         json_out: Annotated[Optional[Path], typer.Option("--json", help="write the plan as JSON")] = None) -> None:
+    """Print which blocks Hierarchical Position Pruning removes, and the sizes before/after (no weights touched)."""
+    from hpedge.compress.pipeline import plan_for
+    from hpedge.compress.plan import Budget
+    from hpedge.io import atomic_file
+
+    p = plan_for(model, Budget(remove_blocks, remove_fraction, keep_ratio, target), importance, protect_early)
+    _print_plan(p)
+    if json_out:
+        with atomic_file(json_out) as tmp:
+            tmp.write_text(json.dumps(p.to_dict(), indent=2))
+
+
+@command()
+def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NAME")],
+             output: Annotated[Path, typer.Option("-o", "--output", help="output pipeline folder")],
+             remove_blocks: BudgetBlocks = None, remove_fraction: BudgetFraction = None, keep_ratio: BudgetKeep = None,
+             target: BudgetTarget = None,
+             importance: Annotated[Optional[str], typer.Option(help="importance JSON; analysed if omitted")] = None,
+             protect_early: ProtectEarly = 0.5,
+             steps: Annotated[int, typer.Option(help="distillation steps")] = 600,
+             batch_size: Annotated[int, typer.Option()] = 16,
+             lr: Annotated[float, typer.Option()] = 3e-4,
+             sgd: Annotated[str, typer.Option(help="SGDistill: continuous | binary | off")] = "continuous",
+             pwp: Annotated[bool, typer.Option(help="Positional Weight Preservation")] = True,
+             lambda_feat: Annotated[float, typer.Option(help="feature KD weight")] = 0.1,
+             data: Annotated[Optional[Path], typer.Option(help="captioned image folder instead of teacher samples")] = None,
+             checkpoint_every: Annotated[int, typer.Option()] = 100,
+             mixed_precision: Annotated[str, typer.Option(help="no | bf16 | fp16")] = "no",
+             gradient_checkpointing: Annotated[bool, typer.Option()] = False,
+             seed: Annotated[int, typer.Option()] = 0,
+             eval_per_category: Annotated[int, typer.Option(help="prompts per category for before/after scores (0 = skip)")] = 40,
+             resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
+             overwrite: Annotated[bool, typer.Option(help="replace OUT and any earlier work")] = False) -> None:
+    """HierarchicalPrune: analyse, plan, prune, distil (PWP + SGDistill) and write a stock diffusers pipeline."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hpedge.compress.distill import DistillSettings
+    from hpedge.compress.pipeline import CompressOptions, compress as run
+    from hpedge.compress.plan import Budget
+
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise HpedgeError(f"--mixed-precision must be no, bf16 or fp16, got {mixed_precision!r}")
+    ds = DistillSettings(steps=steps, batch_size=batch_size, lr=lr, sgd=sgd, pwp=pwp, lambda_feat=lambda_feat,
+                         checkpoint_every=checkpoint_every, mixed_precision=mixed_precision,
+                         gradient_checkpointing=gradient_checkpointing, seed=seed,
+                         data_dir=str(data) if data else None)
+    opts = CompressOptions(Budget(remove_blocks, remove_fraction, keep_ratio, target), importance, protect_early,
+                           ds, resume=resume, overwrite=overwrite, eval_per_category=eval_per_category)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err_console) as prog:
+        task = prog.add_task("compress", total=1)
+
+        def cb(what: str, k: int, n: int) -> None:
+            prog.update(task, description=what, completed=k, total=n)
+
+        report = run(model, output, opts, progress=cb)
+    console.print(f"removed blocks {report['removed_blocks']}; kept {report['params']['kept_ratio']:.1%} of parameters")
+    sc = report["scores"]
+    if sc:
+        console.print(f"eval overall: teacher {sc['teacher']['overall']:.3f}, student {sc['student']['overall']:.3f} "
+                      f"({sc['student_over_teacher']:.1%} of teacher); Frechet {sc['teacher']['frechet_distance']:.1f} "
+                      f"-> {sc['student']['frechet_distance']:.1f}")
+    console.print(f"wrote {output}")
+
+
+@command()
+def targets() -> None:
+    """List the built-in device profiles."""
+    from hpedge.targets import all_profiles
+
+    t = Table("name", "device", "sm", "memory", "precisions", "resolution", "batch", "engine built on")
+    for p in all_profiles():
+        t.add_row(p.name, p.display_name, p.compute_capability, f"{p.memory_gb:g} GB{' shared' if p.shared_memory else ''}",
+                  ",".join(p.precisions), f"{p.resolution.min}-{p.resolution.max}", f"{p.batch.min}-{p.batch.max}", p.build_on)
+    console.print(t)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

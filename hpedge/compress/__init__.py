@@ -1,0 +1,1 @@
+"""HierarchicalPrune: contribution analysis, position-aware planning, PWP, SGDistill, distillation."""

@@ -1,0 +1,216 @@
+"""``hpedge compress``: analysis -> plan -> prune -> PWP + SGDistill distillation -> a stock pipeline folder.
+
+Work in progress lives in a hidden folder next to OUT (``.OUT.hpedge-work``: importance cache, plan,
+teacher samples, checkpoints); OUT itself is written atomically at the very end, so an interrupted
+run never leaves a half-written OUT that looks complete. ``resume=True`` continues from the newest
+checkpoint and insists on the same plan.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from hpedge.compress.analyze import AnalysisSettings, analyze, calibration, evaluator_of, heatmap
+from hpedge.compress.distill import DistillSettings, distill
+from hpedge.compress.importance import Importance, load as load_importance
+from hpedge.compress.plan import Budget, Plan, make_plan
+from hpedge.errors import HpedgeError
+from hpedge.io import atomic_dir
+from hpedge.models import adapters
+from hpedge.models.loading import ModelRef, load_pipeline, resolve
+
+REPORT = "hpedge_compress.json"
+
+
+@dataclass
+class CompressOptions:
+    budget: Budget
+    importance: str | None = None
+    protect_early: float = 0.5
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    resume: bool = False
+    overwrite: bool = False
+    eval_per_category: int = 40
+    grid_samples: int = 16
+
+
+def work_dir(out: Path) -> Path:
+    return out.resolve().parent / f".{out.name}.hpedge-work"
+
+
+def other_components_bytes(ref: ModelRef, bytes_per_param: int = 2) -> int:
+    """Bytes of the text encoders and VAE at 16 bits (from safetensors headers; no weights are loaded)."""
+    if ref.architecture is not None:
+        from hpedge.models.architectures import pipeline_extras_on_meta
+
+        return bytes_per_param * sum(pipeline_extras_on_meta(ref.architecture).values())
+    from safetensors import safe_open
+
+    assert ref.path is not None
+    total = 0
+    for sub in sorted(ref.path.iterdir()):
+        if sub.is_dir() and (sub.name.startswith("text_encoder") or sub.name == "vae"):
+            for f in sub.glob("*.safetensors"):
+                with safe_open(str(f), "np") as h:
+                    for k in h.keys():
+                        total += int(np.prod(h.get_slice(k).get_shape()))
+    return bytes_per_param * total
+
+
+def training_prompts(evaluator: str | None, n: int, seed: int) -> list[str]:
+    if evaluator == "digits":
+        from hpedge.zoo.digits import sample_prompt
+
+        rng = np.random.default_rng(50_000 + seed)
+        return [sample_prompt(rng).text for _ in range(n)]
+    return calibration(None, n, seed)[0]
+
+
+def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..., None] | None = None) -> dict[str, Any]:
+    import torch
+
+    from hpedge.io import _check_parent
+
+    _check_parent(out)
+    if out.exists() and not opts.overwrite:
+        raise HpedgeError(f"{out} already exists; pass --overwrite to replace it")
+    opts.budget.check()
+    ref = resolve(model)
+    work = work_dir(out)
+    if work.exists() and not opts.resume:
+        if not opts.overwrite:
+            raise HpedgeError(f"an earlier run left its work in {work}; pass --resume to continue it or --overwrite to start over")
+        shutil.rmtree(work)
+    work.mkdir(exist_ok=True)
+    t_start = time.time()
+    say = progress or (lambda *a, **k: None)
+
+    say("loading", 0, 1)
+    teacher_pipe = load_pipeline(ref)
+    evaluator = evaluator_of(ref.path)
+    height = width = _resolution(ref.path, teacher_pipe)
+
+    # 1. contribution analysis (cached in the work folder; reused by --resume)
+    imp: Importance | None = None
+    if opts.importance:
+        imp = load_importance(opts.importance, family_hint=ref.family)
+    elif not (opts.budget.remove_blocks and "," in opts.budget.remove_blocks and opts.distill.sgd == "off"):
+        opts.analysis.resolution = height
+        imp = analyze(teacher_pipe, ref.path, work / "importance.json", opts.analysis,
+                      progress=lambda what, k, n: say(f"analysis: {what}", k, n))
+
+    # 2. plan (position-aware)
+    plan = make_plan(teacher_pipe.transformer, opts.budget, imp, opts.protect_early, other_components_bytes(ref))
+    plan_file = work / "plan.json"
+    if plan_file.exists():
+        saved = json.loads(plan_file.read_text())
+        if saved["remove"] != plan.remove:
+            raise HpedgeError(f"the run in {work} removes blocks {saved['remove']}, this one {plan.remove}; "
+                              "use the same budget to --resume, or --overwrite to start over")
+    else:
+        plan_file.write_text(json.dumps(plan.to_dict(), indent=2))
+
+    # 3. prune physically, 4-5. distil with PWP + SGDistill
+    student, kept = adapters.prune(teacher_pipe.transformer, plan.remove)
+    prompts = training_prompts(evaluator, opts.distill.pool_size, opts.distill.seed)
+    harm = imp.block_harm() if imp else None
+    student, state, weights = distill(
+        teacher_pipe, student, kept, harm, prompts, work, opts.distill, height, width, resume=opts.resume,
+        progress=lambda what, k, n, info: say(f"{what} loss {info['loss']:.4f}", k, n),
+    )
+    student_pipe = type(teacher_pipe)(**{**teacher_pipe.components, "transformer": student})
+    student_pipe.set_progress_bar_config(disable=True)
+
+    # 6. scores, grid, report; OUT written atomically
+    scores: dict[str, Any] = {}
+    if evaluator == "digits" and opts.eval_per_category > 0:
+        from hpedge.evaluation.evaluate import EvalSettings, evaluate
+
+        es = EvalSettings(per_category=opts.eval_per_category)
+        say("evaluating teacher", 0, 2)
+        t_res = evaluate(teacher_pipe, model, es)[0]
+        say("evaluating student", 1, 2)
+        s_res = evaluate(student_pipe, str(out), es)[0]
+        scores = {"teacher": asdict(t_res), "student": asdict(s_res),
+                  "student_over_teacher": s_res.overall / t_res.overall if t_res.overall else float("nan")}
+    report = {
+        "format": "hpedge-compress/1",
+        "source": model,
+        "family": ref.family,
+        "removed_blocks": plan.remove,
+        "kept_blocks": kept,
+        "first_removed_position": plan.first_removed,
+        "frozen_blocks_pwp": [b for b in kept if b < plan.first_removed] if opts.distill.pwp else [],
+        "update_weights": {str(k): v for k, v in weights.items()},
+        "sensitivity": "block harm from the contribution analysis" if harm else None,
+        "plan": plan.to_dict(),
+        "importance": {"source": imp.source, "metric": imp.metric} if imp else None,
+        "distill": asdict(opts.distill),
+        "losses": state.losses,
+        "distill_seconds": round(state.seconds, 1),
+        "total_seconds": round(time.time() - t_start, 1),
+        "params": {"before": plan.params_before, "after": plan.params_after, "kept_ratio": plan.kept_ratio},
+        "bytes": {"bf16_before": plan.bytes_bf16_before, "bf16_after": plan.bytes_bf16_after,
+                  "int4_after": plan.bytes_int4_after},
+        "scores": scores,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads(), "machine": platform.machine()},
+    }
+    say("writing", 0, 1)
+    with atomic_dir(out, overwrite=opts.overwrite) as tmp:
+        student_pipe.save_pretrained(tmp, safe_serialization=True)
+        if ref.path is not None and (ref.path / "hpedge_zoo.json").exists():
+            shutil.copy(ref.path / "hpedge_zoo.json", tmp / "hpedge_zoo.json")
+        if imp is not None:
+            (tmp / "hpedge_importance.json").write_text(json.dumps(imp.to_dict(), indent=2))
+            heatmap(imp, tmp / "importance.png")
+        _teacher_student_grid(teacher_pipe, student_pipe, evaluator, opts.grid_samples, height, tmp / "teacher_vs_student.png")
+        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _resolution(path: Path | None, pipe: Any) -> int:
+    if path is not None and (path / "hpedge_zoo.json").exists():
+        return int(json.loads((path / "hpedge_zoo.json").read_text()).get("resolution", 32))
+    tr = pipe.transformer.config
+    return int(tr.get("sample_size", 64) * pipe.vae_scale_factor)
+
+
+def _teacher_student_grid(teacher: Any, student: Any, evaluator: str | None, n: int, res: int, path: Path) -> None:
+    """Row pairs: teacher images above the student's, same prompts and seeds."""
+    from hpedge.evaluation.evaluate import generate, save_grid
+
+    prompts, _ = calibration(evaluator, max(n, 5), seed=3)
+    prompts = prompts[:: max(1, len(prompts) // n)][:n]
+    seeds = list(range(len(prompts)))
+    a = generate(teacher, prompts, seeds, 16, 1.0)
+    b = generate(student, prompts, seeds, 16, 1.0)
+    cols = 8
+    tiles, labels = [], []
+    for i in range(0, len(prompts), cols):
+        tiles += list(a[i : i + cols]) + list(b[i : i + cols])
+        labels += ["T: " + p for p in prompts[i : i + cols]] + ["S: " + p for p in prompts[i : i + cols]]
+    save_grid(tiles, labels, path, cols=cols)
+
+
+def plan_for(model: str, budget: Budget, importance: str | None, protect_early: float) -> Plan:
+    from hpedge.models.loading import load_transformer
+
+    ref = resolve(model, allow_architecture=True)
+    imp = load_importance(importance, family_hint=ref.family) if importance else None
+    if imp is None and ref.path is not None:
+        cached = ref.path / "hpedge_importance.json"
+        if cached.exists():
+            imp = load_importance(cached)
+    tr = load_transformer(ref)
+    return make_plan(tr, budget, imp, protect_early, other_components_bytes(ref))

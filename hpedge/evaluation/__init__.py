@@ -1,0 +1,1 @@
+"""GenEval-style evaluation of the digits pipelines."""

@@ -1,0 +1,1 @@
+"""Model adapters: what hpedge needs to know about each transformer family."""

@@ -1,0 +1,104 @@
+"""Resolving MODEL arguments: a pipeline folder, a ``zoo:`` name, or an architecture name.
+
+Only safetensors weights are read (``use_safetensors=True``), pipelines are instantiated through
+their known diffusers class (never ``trust_remote_code``), and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpedge.errors import HpedgeError
+from hpedge.models.architectures import ARCHITECTURES
+
+ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo" / "models"
+ZOO = {"digits-sd3": "digits-sd3", "digits-flux": "digits-flux"}
+PIPELINE_CLASSES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    spec: str
+    path: Path | None  # pipeline folder, None for an architecture name
+    family: str
+    architecture: str | None = None
+
+
+def resolve(spec: str, allow_architecture: bool = False) -> ModelRef:
+    if spec.startswith("zoo:"):
+        name = spec[4:]
+        if name not in ZOO:
+            raise HpedgeError(f"unknown zoo model {name!r}; available: {', '.join('zoo:' + z for z in ZOO)}")
+        path = ZOO_DIR / ZOO[name]
+        if not (path / "model_index.json").exists():
+            raise HpedgeError(f"zoo model {spec} is missing from this install ({path}); run python -m hpedge.zoo.train")
+        return ModelRef(spec, path, _family_of_folder(path))
+    if spec in ARCHITECTURES:
+        if not allow_architecture:
+            raise HpedgeError(
+                f"{spec!r} is an architecture name without weights; this command needs a pipeline folder or a zoo: model"
+            )
+        return ModelRef(spec, None, ARCHITECTURES[spec][0], spec)
+    path = Path(spec)
+    if not path.exists():
+        hint = f" (architectures: {', '.join(ARCHITECTURES)})" if allow_architecture else ""
+        raise HpedgeError(f"model {spec!r} not found: no such folder, zoo: name or architecture{hint}")
+    return ModelRef(spec, path, _family_of_folder(path))
+
+
+def _family_of_folder(path: Path) -> str:
+    index = path / "model_index.json"
+    if not path.is_dir() or not index.exists():
+        raise HpedgeError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        cls = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, OSError) as e:
+        raise HpedgeError(f"{index} is not valid JSON: {e}") from None
+    if cls not in PIPELINE_CLASSES:
+        raise HpedgeError(
+            f"unsupported pipeline class {cls!r} in {index}; hpedge supports {', '.join(PIPELINE_CLASSES)}"
+        )
+    return PIPELINE_CLASSES[cls]
+
+
+def load_pipeline(ref: ModelRef | str, dtype: str = "float32") -> Any:
+    import torch
+
+    if isinstance(ref, str):
+        ref = resolve(ref)
+    if ref.path is None:
+        raise HpedgeError(f"{ref.spec!r} is an architecture without weights")
+    if ref.family == "sd3":
+        from diffusers import StableDiffusion3Pipeline as cls
+    else:
+        from diffusers import FluxPipeline as cls
+    try:
+        pipe = cls.from_pretrained(ref.path, torch_dtype=getattr(torch, dtype), use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HpedgeError(f"could not load pipeline {ref.path}: {first}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_transformer(ref: ModelRef | str) -> Any:
+    """The transformer alone: real weights for folders, meta-device weights for architectures."""
+    if isinstance(ref, str):
+        ref = resolve(ref, allow_architecture=True)
+    if ref.architecture is not None:
+        from hpedge.models.architectures import build_on_meta
+
+        return build_on_meta(ref.architecture)
+    import torch
+
+    from hpedge.models.architectures import transformer_class
+
+    try:
+        return transformer_class(ref.family).from_pretrained(
+            ref.path, subfolder="transformer", torch_dtype=torch.float32, use_safetensors=True
+        )
+    except (OSError, ValueError) as e:
+        raise HpedgeError(f"could not load the transformer of {ref.path}: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,133 @@
+"""Device profiles: data files shipped in the wheel (``hpedge/profiles/*.json``) or given by path.
+
+A profile states what a target can run (compute capability, memory, precisions), the shapes an
+engine must cover (resolution and batch ranges -> TensorRT optimization profiles), how to build
+(optimization level, workspace, on the host or on the device) and the parity tolerances.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hpedge.errors import HpedgeError
+
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+SCHEMA = "hpedge-profile/1"
+KNOWN_PRECISIONS = {"fp32", "fp16", "bf16", "int8", "int4", "fp8", "fp4"}
+
+
+@dataclass(frozen=True)
+class Range:
+    min: int
+    opt: int
+    max: int
+
+    @classmethod
+    def parse(cls, d: Any, what: str) -> "Range":
+        try:
+            r = cls(int(d["min"]), int(d["opt"]), int(d["max"]))
+        except (KeyError, TypeError, ValueError):
+            raise HpedgeError(f"profile field {what!r} must be {{min, opt, max}} integers") from None
+        if not (0 < r.min <= r.opt <= r.max):
+            raise HpedgeError(f"profile field {what!r} must satisfy 0 < min <= opt <= max, got {r}")
+        return r
+
+
+@dataclass(frozen=True)
+class Parity:
+    fp32_atol: float
+    fp32_rtol: float
+    int4_min_cosine: float
+    int4_min_psnr_db: float
+    e2e_min_psnr_db: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    display_name: str
+    kind: str  # "discrete" | "jetson"
+    compute_capability: str
+    memory_gb: float
+    shared_memory: bool
+    precisions: tuple[str, ...]
+    resolution: Range
+    batch: Range
+    builder_optimization_level: int
+    workspace_gb: float
+    build_on: str  # "host" | "device"
+    reserve_gb: float  # memory kept free for activations, the runtime and (Jetson) the OS
+    parity: Parity
+
+    @property
+    def sm(self) -> int:
+        major, minor = self.compute_capability.split(".")
+        return int(major) * 10 + int(minor)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["schema"] = SCHEMA
+        return d
+
+
+def _parse(data: Any, source: str) -> Profile:
+    if not isinstance(data, dict):
+        raise HpedgeError(f"{source}: a profile must be a JSON object")
+    if data.get("schema") != SCHEMA:
+        raise HpedgeError(f"{source}: unknown profile schema {data.get('schema')!r} (expected {SCHEMA!r})")
+    required = ["name", "display_name", "kind", "compute_capability", "memory_gb", "precisions", "resolution",
+                "batch", "builder_optimization_level", "workspace_gb", "build_on", "reserve_gb", "parity"]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise HpedgeError(f"{source}: profile is missing {', '.join(missing)}")
+    precisions = tuple(data["precisions"])
+    unknown = set(precisions) - KNOWN_PRECISIONS
+    if unknown:
+        raise HpedgeError(f"{source}: unknown precisions {sorted(unknown)}")
+    if data["kind"] not in ("discrete", "jetson") or data["build_on"] not in ("host", "device"):
+        raise HpedgeError(f"{source}: kind must be discrete|jetson and build_on host|device")
+    cc = str(data["compute_capability"])
+    if not cc.replace(".", "", 1).isdigit() or "." not in cc:
+        raise HpedgeError(f"{source}: compute_capability must look like '8.9', got {cc!r}")
+    if not 0 <= int(data["builder_optimization_level"]) <= 5:
+        raise HpedgeError(f"{source}: builder_optimization_level must be 0..5")
+    try:
+        parity = Parity(**{k: float(v) for k, v in data["parity"].items()})
+    except TypeError as e:
+        raise HpedgeError(f"{source}: bad parity section: {e}") from None
+    return Profile(
+        name=str(data["name"]), display_name=str(data["display_name"]), kind=data["kind"],
+        compute_capability=cc, memory_gb=float(data["memory_gb"]), shared_memory=bool(data.get("shared_memory", False)),
+        precisions=precisions, resolution=Range.parse(data["resolution"], "resolution"),
+        batch=Range.parse(data["batch"], "batch"), builder_optimization_level=int(data["builder_optimization_level"]),
+        workspace_gb=float(data["workspace_gb"]), build_on=data["build_on"], reserve_gb=float(data["reserve_gb"]),
+        parity=parity,
+    )
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A built-in profile by name, or a user's profile JSON file by path."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".json") or path.exists():
+        if not path.is_file():
+            raise HpedgeError(f"profile file {path} not found")
+    else:
+        path = PROFILE_DIR / f"{name_or_path}.json"
+        if not path.exists():
+            raise HpedgeError(f"unknown target {name_or_path!r}; known targets: {', '.join(builtin_names())}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HpedgeError(f"{path}: not valid JSON ({e})") from None
+    return _parse(data, str(path))
+
+
+def all_profiles() -> list[Profile]:
+    return [load_profile(n) for n in builtin_names()]

@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from hpedge.compress.importance import load
+from hpedge.compress.plan import Budget, make_plan, parse_blocks
+from hpedge.errors import HpedgeError
+from hpedge.models.architectures import build_on_meta
+
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "sd35-large-turbo-contribution-hpsv2.json"
+
+
+@pytest.fixture(scope="module")
+def large():
+    return build_on_meta("sd3.5-large")
+
+
+def test_parse_blocks() -> None:
+    assert parse_blocks("3") == 3
+    assert parse_blocks("25-29,31-35") == [25, 26, 27, 28, 29, 31, 32, 33, 34, 35]
+    with pytest.raises(HpedgeError):
+        parse_blocks("5-2")
+
+
+def test_reference_cut_arithmetic(large) -> None:
+    p = make_plan(large, Budget(remove_blocks="25-29,31-35"))
+    assert round(p.kept_ratio, 3) == 0.736
+    assert round(p.bytes_int4_after / 1e9, 2) == 3.06
+    assert round(1 - p.bytes_int4_after / p.bytes_bf16_before, 3) == 0.810
+    assert p.kept == list(range(25)) + [30, 36, 37]
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason="../shared/reference is not beside this checkout")
+def test_reference_table_drives_position_aware_selection(large) -> None:
+    imp = load(REFERENCE)
+    assert imp.family == "sd3" and imp.num_blocks == 38 and len(imp.entries) == 190
+    p = make_plan(large, Budget(remove_blocks="10"), imp, protect_early=0.6)
+    assert len(p.remove) == 10 and min(p.remove) >= 23 and 37 not in p.remove
+    harm = imp.block_harm()
+    kept_late = [b for b in p.kept if b >= p.first_removable and b != 37]
+    assert max(harm[b] for b in p.remove) <= min(harm[b] for b in kept_late)
+    p2 = make_plan(large, Budget(keep_ratio=0.75), imp, protect_early=0.6)
+    assert p2.kept_ratio <= 0.75
+
+
+def test_impossible_budgets(large) -> None:
+    with pytest.raises(HpedgeError, match="exactly one budget"):
+        make_plan(large, Budget(remove_blocks="3", keep_ratio=0.5))
+    with pytest.raises(HpedgeError, match="importance"):
+        make_plan(large, Budget(remove_blocks="3"))
+    with pytest.raises(HpedgeError, match="impossible budget"):
+        make_plan(large, Budget(target="jetson-orin-nano-8gb"), _uniform(38), other_components_bytes=int(11e9))
+    with pytest.raises(HpedgeError, match="only 18 are removable"):
+        make_plan(large, Budget(remove_blocks="30"), _uniform(38))
+
+
+def test_target_budget_fits_memory(large) -> None:
+    p = make_plan(large, Budget(target="rtx4090"), _uniform(38), other_components_bytes=int(2e9))
+    assert p.target_memory_bytes is not None
+    assert p.bytes_int4_after + p.other_components_bytes <= p.target_memory_bytes
+
+
+def test_importance_for_other_architecture_is_refused(large) -> None:
+    with pytest.raises(HpedgeError, match="38 blocks"):
+        make_plan(build_on_meta("sd3.5-medium"), Budget(remove_blocks="3"), _uniform(38))
+
+
+def _uniform(n: int):
+    from hpedge.compress.importance import Entry, Importance
+
+    return Importance("sd3", n, "test", [Entry(i, None, float(i % 7)) for i in range(n)])
