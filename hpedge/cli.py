@@ -113,19 +113,28 @@ def eval_(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NAME
 
 
 @command()
-def generate(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME")],
+def generate(model: Annotated[str, typer.Argument(help="package folder, pipeline folder or zoo:NAME")],
              prompt: Annotated[str, typer.Argument(help="text prompt")],
              output: Annotated[Path, typer.Option("-o", "--output", help="PNG file to write")],
              seed: Annotated[int, typer.Option()] = 0,
              steps: Annotated[int, typer.Option()] = 16,
-             guidance: Annotated[float, typer.Option()] = 1.0) -> None:
-    """Generate one image."""
-    from hpedge.evaluation.evaluate import generate as gen
-    from hpedge.evaluation.evaluate import save_grid
-    from hpedge.models.loading import load_pipeline, resolve
+             guidance: Annotated[float, typer.Option(help="pipelines only: classifier-free guidance")] = 1.0,
+             variant: Annotated[str, typer.Option(help="packages only: auto | fp32 | int4 | int4_cpu")] = "auto",
+             device: Annotated[str, typer.Option(help="packages only: auto | cpu | cuda")] = "auto") -> None:
+    """Generate one image with a package (runtime only: no torch) or a diffusers pipeline."""
+    from hpedge.evaluation.image import save_grid
 
-    pipe = load_pipeline(resolve(model))
-    canvas = gen(pipe, [prompt], [seed], steps, guidance)[0]
+    if (Path(model) / "manifest.json").exists():
+        from hpedge.runtime import Package
+
+        pkg = Package(model, variant=variant, device=device)
+        canvas = pkg.generate([prompt], seed=seed, steps=steps)[0]
+    else:
+        from hpedge.evaluation.evaluate import generate as gen
+        from hpedge.models.loading import load_pipeline, resolve
+
+        pipe = load_pipeline(resolve(model))
+        canvas = gen(pipe, [prompt], [seed], steps, guidance)[0]
     save_grid([canvas], [prompt], output, cols=1, scale=8)
     console.print(f"wrote {output}")
 
@@ -281,6 +290,56 @@ def targets() -> None:
                   ",".join(p.precisions), f"{p.resolution.min}-{p.resolution.max}", f"{p.batch.min}-{p.batch.max}", p.build_on)
     console.print(t)
 
+
+
+@command()
+def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or not) or zoo:NAME")],
+           target: Annotated[str, typer.Option(help="device profile name (see `hpedge targets`) or JSON file")],
+           output: Annotated[Path, typer.Option("-o", "--output", help="package folder to write")],
+           engine: Annotated[str, typer.Option(help="auto | require | skip")] = "auto",
+           method: Annotated[str, typer.Option(help="INT4 method: awq_clip | rtn")] = "awq_clip",
+           exporter: Annotated[str, typer.Option(help="ONNX exporter: auto | legacy | dynamo")] = "auto",
+           calibration_prompts: Annotated[int, typer.Option(help="prompts for calibration (and as many held out for parity)")] = 8,
+           protect: Annotated[Optional[list[str]], typer.Option(help="regex of layers kept in full precision (repeatable)")] = None,
+           allow_parity_failure: Annotated[bool, typer.Option(help="write the package even if parity fails (recorded in the manifest)")] = False,
+           archive: Annotated[bool, typer.Option(help="also write PACKAGE.tar")] = False,
+           overwrite: Annotated[bool, typer.Option()] = False) -> None:
+    """ONNX + INT4 AWQ + TensorRT engine (or on-device build) + Polygraphy parity -> a self-describing package."""
+    from hpedge.export.pipeline import ExportOptions, export as run
+
+    opts = ExportOptions(target=target, engine=engine, method=method, exporter=exporter,
+                         calibration_prompts=calibration_prompts, allow_parity_failure=allow_parity_failure,
+                         archive=archive, overwrite=overwrite, protect=list(protect or []))
+    with err_console.status("export") as status:
+        m = run(model, output, opts, progress=lambda s: status.update(s))
+    b = m["components"]["transformer"]["bytes"]
+    console.print(f"transformer: fp32 {b['fp32'] / 1e6:.1f} MB, int4 {b['int4'] / 1e6:.1f} MB "
+                  f"({b['int4'] / b['fp32']:.2f}x); {len(m['int4']['excluded'])} layers kept in fp32")
+    console.print(f"parity: {'passed' if m['parity']['passed'] else '[bold red]FAILED (overridden)[/]'}")
+    if m["engine"]["status"] != "built":
+        console.print(f"[yellow]notice:[/] TensorRT engine {m['engine']['status']}: {m['engine']['reason']}")
+    console.print(f"wrote {output}")
+
+
+@command()
+def check(package: Annotated[Path, typer.Argument(help="package folder")],
+          no_parity: Annotated[bool, typer.Option("--no-parity", help="only verify checksums")] = False) -> None:
+    """CI gate: verify checksums and rerun parity. Exit 0 pass, 3 parity failure or tampering, 2 usage error."""
+    from hpedge.export.pipeline import check as run
+
+    r = run(package, rerun_parity=not no_parity)
+    for c in r.get("checks", []):
+        console.print(f"{'ok  ' if c['passed'] else 'FAIL'} {c['name']}")
+    console.print(f"{r['files']} files verified; package OK")
+
+
+@command()
+def build(package: Annotated[Path, typer.Argument(help="package folder whose engine is pending")]) -> None:
+    """Build the package's TensorRT engine on this GPU (the normal path for Jetson boards)."""
+    from hpedge.export.pipeline import build as run
+
+    m = run(package)
+    console.print(f"built {m['engine']['file']} (TensorRT {m['engine']['tensorrt']}, sm_{m['engine']['compute_capability']})")
 
 def main() -> None:
     app()

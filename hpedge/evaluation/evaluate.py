@@ -124,26 +124,7 @@ def score(canv: np.ndarray, prompts: list[Prompt], model_name: str, s: EvalSetti
     )
 
 
-def save_grid(canvases: list[np.ndarray] | np.ndarray, labels: list[str], path: Path, cols: int = 8, scale: int = 4,
-              ) -> None:
-    """A PNG grid of canvases with a caption under each (atomically written)."""
-    from PIL import Image, ImageDraw
-
-    n = len(canvases)
-    rows = (n + cols - 1) // cols
-    cell = 32 * scale
-    cap = 22
-    img = Image.new("L", (cols * cell, rows * (cell + cap)), 255)
-    draw = ImageDraw.Draw(img)
-    for i, (c, label) in enumerate(zip(canvases, labels)):
-        r, k = divmod(i, cols)
-        tile = Image.fromarray((np.clip(c, 0, 1) * 255).astype(np.uint8)).resize((cell, cell), Image.NEAREST)
-        img.paste(tile, (k * cell, r * (cell + cap)))
-        draw.text((k * cell + 2, r * (cell + cap) + cell + 2), label[:24], fill=0)
-    from hpedge.io import atomic_file
-
-    with atomic_file(path) as tmp:
-        img.save(tmp, format="PNG")
+from hpedge.evaluation.image import save_grid  # noqa: E402
 
 
 def grid_of_result(canv: np.ndarray, prompts: list[Prompt], path: Path, per_category: int = 8) -> None:

@@ -1,0 +1,1 @@
+"""Adapters for inference backends (each the only importer of its library)."""

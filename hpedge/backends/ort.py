@@ -1,0 +1,62 @@
+"""ONNX Runtime adapter: the only module that imports ``onnxruntime``. Importable without torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpedge.errors import HpedgeError
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def session(path: str | Path, device: str = "auto", threads: int | None = None) -> Any:
+    """An InferenceSession on CUDA when asked for (or 'auto' and present), else CPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise HpedgeError(f"onnxruntime is not installed ({e})") from None
+    avail = ort.get_available_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in avail:
+        raise HpedgeError("CUDA was requested but ONNX Runtime has no CUDAExecutionProvider here")
+    use_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in avail and _cuda_device_present())
+    providers = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:
+        raise HpedgeError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _cuda_device_present() -> bool:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def run(sess: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+def input_names(sess: Any) -> list[str]:
+    return [i.name for i in sess.get_inputs()]
+
+
+def version() -> str:
+    import onnxruntime as ort
+
+    return str(ort.__version__)

@@ -1,0 +1,1 @@
+"""``hpedge export``: ONNX, ModelOpt INT4, TensorRT engines, Polygraphy parity, packages."""

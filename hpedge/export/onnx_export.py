@@ -1,0 +1,303 @@
+"""ONNX export of a pipeline's parts: the transformer (dynamic shapes), the text encoding and the VAE decoder.
+
+Each part is wrapped in a small module with positional tensor inputs so the graph has stable names.
+The text wrapper reproduces the pipeline's own ``encode_prompt`` arithmetic (SD3: penultimate CLIP
+states of both encoders, concatenated, zero-padded to the T5 width and joined with the T5 states;
+FLUX: CLIP pooled output and T5 states) and is verified against it. The VAE wrapper takes the
+transformer's normalised latents and returns images in [0, 1].
+
+SD3 uses the TorchScript exporter (fast; what ModelOpt's diffusers example uses). FLUX uses the dynamo
+exporter, because the TorchScript one bakes its rotary-embedding shapes into the graph.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpedge.errors import HpedgeError
+from hpedge.models.denoise import family_of
+
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # protobuf's 2 GB limit
+OPSET = 20
+
+
+@dataclass
+class IOSpec:
+    """Input names with min/opt/max shapes (-> dynamic axes and TensorRT optimization profiles)."""
+
+    inputs: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+    outputs: list[str]
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)
+
+    def sample(self, which: str = "opt", seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        k = {"min": 0, "opt": 1, "max": 2}[which]
+        out = {}
+        for name, shapes in self.inputs.items():
+            shape = shapes[k]
+            if self.dtypes.get(name) == "int64":
+                out[name] = rng.integers(0, 10, size=shape).astype(np.int64)
+            elif name == "timestep":
+                out[name] = rng.uniform(0.05, 0.95, size=shape).astype(np.float32)
+            elif name in ("img_ids", "txt_ids"):
+                out[name] = np.zeros(shape, np.float32)
+            else:
+                out[name] = rng.standard_normal(shape).astype(np.float32)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in self.inputs.items()},
+                "outputs": self.outputs, "dtypes": self.dtypes}
+
+
+def _transformer_wrapper(transformer: Any) -> Any:
+    import torch
+
+    family = family_of(transformer)
+
+    class SD3(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = transformer
+
+        def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):  # type: ignore[no-untyped-def]
+            return self.m(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+
+    class Flux(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = transformer
+
+        def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids):  # type: ignore[no-untyped-def]
+            return self.m(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids,
+                          txt_ids=txt_ids, return_dict=False)[0]
+
+    return (SD3() if family == "sd3" else Flux()).eval()
+
+
+def text_seq_len(pipe: Any, max_sequence_length: int) -> int:
+    """Length of the transformer's text sequence for this pipeline."""
+    if family_of(pipe) == "sd3":
+        return int(pipe.tokenizer_max_length) + max_sequence_length
+    return max_sequence_length
+
+
+def transformer_spec(pipe: Any, res: tuple[int, int, int], batch: tuple[int, int, int], max_sequence_length: int) -> IOSpec:
+    """Shapes for resolutions ``res`` (pixels, min/opt/max) and batch sizes ``batch``."""
+    cfg = pipe.transformer.config
+    vs = pipe.vae_scale_factor
+    seq = text_seq_len(pipe, max_sequence_length)
+    joint = cfg.joint_attention_dim
+    pooled = cfg.pooled_projection_dim
+    lat = [r // vs for r in res]
+    if family_of(pipe) == "sd3":
+        c = cfg.in_channels
+        ins = {
+            "hidden_states": tuple((b, c, h, h) for b, h in zip(batch, lat)),
+            "encoder_hidden_states": tuple((b, seq, joint) for b in batch),
+            "pooled_projections": tuple((b, pooled) for b in batch),
+            "timestep": tuple((b,) for b in batch),
+        }
+        axes = {"hidden_states": {0: "batch", 2: "height", 3: "width"}, "encoder_hidden_states": {0: "batch", 1: "text_seq"},
+                "pooled_projections": {0: "batch"}, "timestep": {0: "batch"}, "out": {0: "batch", 2: "height", 3: "width"}}
+    else:
+        c4 = cfg.in_channels
+        n = [(h // 2) * (h // 2) for h in lat]
+        ins = {
+            "hidden_states": tuple((b, k, c4) for b, k in zip(batch, n)),
+            "encoder_hidden_states": tuple((b, seq, joint) for b in batch),
+            "pooled_projections": tuple((b, pooled) for b in batch),
+            "timestep": tuple((b,) for b in batch),
+            "img_ids": tuple((k, 3) for k in n),
+            "txt_ids": tuple((seq, 3) for _ in batch),
+        }
+        axes = {"hidden_states": {0: "batch", 1: "img_seq"}, "encoder_hidden_states": {0: "batch", 1: "text_seq"},
+                "pooled_projections": {0: "batch"}, "timestep": {0: "batch"}, "img_ids": {0: "img_seq"},
+                "txt_ids": {0: "text_seq"}, "out": {0: "batch", 1: "img_seq"}}
+    return IOSpec(inputs=ins, outputs=["out"], dynamic_axes=axes)  # type: ignore[arg-type]
+
+
+def _save(model_proto: Any, path: Path) -> None:
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    big = model_proto.ByteSize() > EXTERNAL_DATA_THRESHOLD if hasattr(model_proto, "ByteSize") else False
+    if big:
+        onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model_proto, str(path))
+
+
+def _export(module: Any, args: tuple[Any, ...], path: Path, names: list[str], outputs: list[str],
+            dynamic_axes: dict[str, dict[int, str]], exporter: str, dynamic_shapes: Any = None) -> None:
+    import onnx
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".raw.onnx")
+    with torch.no_grad():
+        if exporter == "dynamo":
+            torch.onnx.export(module, args, str(tmp), dynamo=True, input_names=names, output_names=outputs,
+                              dynamic_shapes=dynamic_shapes, opset_version=OPSET, external_data=True, verbose=False)
+        else:
+            torch.onnx.export(module, args, str(tmp), dynamo=False, input_names=names, output_names=outputs,
+                              dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True)
+    proto = onnx.load(str(tmp), load_external_data=True)
+    for f in path.parent.glob(tmp.name + "*"):
+        f.unlink()
+    if tmp.with_suffix(".onnx.data").exists():
+        tmp.with_suffix(".onnx.data").unlink()
+    _save(proto, path)
+
+
+def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str = "auto") -> str:
+    import torch
+
+    family = family_of(transformer)
+    if exporter == "auto":
+        exporter = "legacy" if family == "sd3" else "dynamo"
+    wrapper = _transformer_wrapper(transformer)
+    sample = spec.sample("opt")
+    names = list(spec.inputs)
+    args = tuple(torch.from_numpy(sample[n]) for n in names)
+    dynamic_shapes = None
+    if exporter == "dynamo":
+        from torch.export import Dim
+
+        (bmin, _, bmax) = (spec.inputs["timestep"][i][0] for i in range(3))
+        b = Dim("batch", min=max(1, bmin), max=max(2, bmax))
+        if family == "sd3":
+            hmin, hmax = spec.inputs["hidden_states"][0][2], spec.inputs["hidden_states"][2][2]
+            h = Dim("h", min=max(1, hmin // 2), max=max(2, hmax // 2))
+            w = Dim("w", min=max(1, hmin // 2), max=max(2, hmax // 2))
+            dynamic_shapes = ({0: b, 2: 2 * h, 3: 2 * w}, {0: b}, {0: b}, {0: b})
+        else:
+            nmin, nmax = spec.inputs["hidden_states"][0][1], spec.inputs["hidden_states"][2][1]
+            n = Dim("img_seq", min=max(1, nmin), max=max(2, nmax))
+            dynamic_shapes = ({0: b, 1: n}, {0: b}, {0: b}, {0: b}, {0: n}, None)
+    if exporter not in ("legacy", "dynamo"):
+        raise HpedgeError(f"unknown exporter {exporter!r} (auto, legacy, dynamo)")
+    try:
+        _export(wrapper, args, path, names, spec.outputs, spec.dynamic_axes, exporter, dynamic_shapes)
+    except Exception as e:  # exporter failures are user-facing: say which part and why, in one line
+        raise HpedgeError(f"ONNX export of the transformer failed ({exporter} exporter): {str(e).splitlines()[0][:200]}") from None
+    return exporter
+
+
+class _SD3Text:
+    @staticmethod
+    def module(pipe: Any) -> Any:
+        import torch
+
+        class M(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.l, self.g, self.t5 = pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3
+
+            def forward(self, clip_ids, clip2_ids, t5_ids):  # type: ignore[no-untyped-def]
+                a = self.l(clip_ids, output_hidden_states=True)
+                b = self.g(clip2_ids, output_hidden_states=True)
+                clip = torch.cat([a.hidden_states[-2], b.hidden_states[-2]], dim=-1)
+                t5 = self.t5(t5_ids)[0]
+                clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+                return torch.cat([clip, t5], dim=-2), torch.cat([a.text_embeds, b.text_embeds], dim=-1)
+
+        return M().eval()
+
+
+class _FluxText:
+    @staticmethod
+    def module(pipe: Any) -> Any:
+        import torch
+
+        class M(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.clip, self.t5 = pipe.text_encoder, pipe.text_encoder_2
+
+            def forward(self, clip_ids, t5_ids):  # type: ignore[no-untyped-def]
+                return self.t5(t5_ids)[0], self.clip(clip_ids).pooler_output
+
+        return M().eval()
+
+
+def text_inputs(pipe: Any, max_sequence_length: int) -> dict[str, tuple[str, int]]:
+    """Input name -> (tokenizer attribute, length)."""
+    clip_len = int(pipe.tokenizer_max_length)
+    if family_of(pipe) == "sd3":
+        if pipe.text_encoder_3 is None:
+            raise HpedgeError("this SD3 pipeline has no T5 text encoder; export needs all three encoders")
+        return {"clip_ids": ("tokenizer", clip_len), "clip2_ids": ("tokenizer_2", clip_len),
+                "t5_ids": ("tokenizer_3", max_sequence_length)}
+    return {"clip_ids": ("tokenizer", clip_len), "t5_ids": ("tokenizer_2", max_sequence_length)}
+
+
+def tokenize(pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, np.ndarray]:
+    out = {}
+    for name, (attr, length) in text_inputs(pipe, max_sequence_length).items():
+        tok = getattr(pipe, attr)
+        out[name] = np.asarray(tok(prompts, padding="max_length", max_length=length, truncation=True,
+                                   return_tensors="np").input_ids, dtype=np.int64)
+    return out
+
+
+def export_text(pipe: Any, path: Path, max_sequence_length: int) -> None:
+    import torch
+
+    module = (_SD3Text if family_of(pipe) == "sd3" else _FluxText).module(pipe)
+    ids = tokenize(pipe, ["a 1", "two 3s"], max_sequence_length)
+    names = list(ids)
+    args = tuple(torch.from_numpy(ids[n]) for n in names)
+    axes = {n: {0: "batch"} for n in names} | {"prompt_embeds": {0: "batch"}, "pooled": {0: "batch"}}
+    _export(module, args, path, names, ["prompt_embeds", "pooled"], axes, "legacy")
+    # the wrapper must equal the pipeline's own encode_prompt
+    from hpedge.models.denoise import encode
+
+    with torch.no_grad():
+        pe, pooled = module(*args)
+        ref = encode(pipe, ["a 1", "two 3s"], max_sequence_length)
+    if not (torch.allclose(pe, ref.prompt_embeds, atol=1e-5) and torch.allclose(pooled, ref.pooled, atol=1e-5)):
+        raise HpedgeError("internal: the exported text encoding differs from the pipeline's encode_prompt")
+
+
+def export_vae_decoder(pipe: Any, path: Path, latent_hw: int) -> None:
+    import torch
+
+    vae = pipe.vae
+
+    class Decoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latents):  # type: ignore[no-untyped-def]
+            z = latents / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+            img = self.vae.decode(z, return_dict=False)[0]
+            return (img / 2 + 0.5).clamp(0, 1)
+
+    c = vae.config.latent_channels
+    args = (torch.randn(1, c, latent_hw, latent_hw),)
+    axes = {"latents": {0: "batch", 2: "height", 3: "width"}, "image": {0: "batch", 2: "img_height", 3: "img_width"}}
+    _export(Decoder().eval(), args, path, ["latents"], ["image"], axes, "legacy")
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """The ONNX file and its external data file, if any."""
+    files = [path]
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        files.append(data)
+    return files
+
+
+def size_of(path: Path) -> int:
+    return sum(os.path.getsize(f) for f in onnx_files(path))

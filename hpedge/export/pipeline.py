@@ -1,0 +1,424 @@
+"""``hpedge export``: pipeline folder -> verified package for a device profile.
+
+1. transformer -> ONNX fp32 (dynamic shapes covering the profile), verified against PyTorch on fresh
+   inputs before anything else runs; text encoding and VAE decoder -> ONNX;
+2. calibration inputs captured from real denoising runs of the pipeline (never random data);
+3. INT4 AWQ (ModelOpt) + an exact MatMulNBits variant for ONNX Runtime's CPU provider;
+4. TensorRT engine (``--engine auto|require|skip``), or marked for an on-device ``hpedge build``;
+5. parity (Polygraphy) on held-out captured inputs + an end-to-end image check; it gates packaging;
+6. manifest with sha256 of every file; the package directory is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from hpedge.errors import HpedgeError
+from hpedge.export import onnx_export as ox
+from hpedge.export.parity import Check, ParityReport
+from hpedge.io import atomic_dir
+from hpedge.models.denoise import MAX_SEQUENCE_LENGTH, family_of
+from hpedge.targets import Profile, load_profile
+
+
+@dataclass
+class ExportOptions:
+    target: str = "rtx4090"
+    engine: str = "auto"  # auto | require | skip
+    method: str = "awq_clip"  # awq_clip | rtn
+    exporter: str = "auto"
+    calibration_prompts: int = 8
+    steps: int = 16
+    allow_parity_failure: bool = False
+    archive: bool = False
+    overwrite: bool = False
+    protect: list[str] = field(default_factory=list)
+    e2e_samples: int = 4
+
+
+def _marker(path: Path | None) -> dict[str, Any]:
+    if path is not None and (path / "hpedge_zoo.json").exists():
+        return json.loads((path / "hpedge_zoo.json").read_text())
+    return {}
+
+
+def resolution_range(pipe: Any, profile: Profile, marker: dict[str, Any]) -> tuple[int, int, int]:
+    """Pixel resolutions (min, opt, max) the engine must cover: the profile's, within the model's limits."""
+    vs = pipe.vae_scale_factor
+    step = vs * 2
+    cfg = pipe.transformer.config
+    model_max = cfg.pos_embed_max_size * cfg.patch_size * vs if family_of(pipe) == "sd3" else 1 << 14
+    if "resolution" in marker:  # a small zoo model: around its native resolution
+        r = int(marker["resolution"])
+        lo, opt, hi = max(step, r // 2), r, r * 2
+    else:
+        lo, opt, hi = profile.resolution.min, profile.resolution.opt, profile.resolution.max
+    hi = min(hi, model_max)
+    lo, opt = min(lo, hi), min(opt, hi)
+    snap = lambda v: max(step, v // step * step)  # noqa: E731
+    return snap(lo), snap(opt), snap(hi)
+
+
+def check_engine_mode(mode: str, profile: Profile) -> tuple[bool, str]:
+    """(build now?, reason) for --engine; raises for an impossible ``require``."""
+    from hpedge.export import trt
+
+    if mode not in ("auto", "require", "skip"):
+        raise HpedgeError(f"--engine must be auto, require or skip, got {mode!r}")
+    if mode == "skip":
+        return False, "engine build skipped (--engine skip)"
+    if profile.build_on == "device":
+        reason = (f"engines for {profile.name} are built on the device itself (its JetPack TensorRT): "
+                  "copy the package there and run `hpedge build PACKAGE`")
+        if mode == "require":
+            raise HpedgeError(f"--engine require: {reason}")
+        return False, reason
+    av = trt.availability(profile.compute_capability)
+    if not av.ok:
+        if mode == "require":
+            raise HpedgeError(f"--engine require: cannot build a TensorRT engine here: {av.reason}")
+        return False, f"{av.reason}; build it on a matching GPU with `hpedge build PACKAGE`"
+    return True, f"TensorRT {av.version} on sm_{av.compute_capability.replace('.', '')}"
+
+
+def capture_inputs(pipe: Any, prompts: list[str], steps: int, res: int, names: list[str], seed: int,
+                   every: int = 4) -> list[dict[str, np.ndarray]]:
+    """Transformer inputs recorded during real denoising runs (every ``every``-th step)."""
+    import torch
+
+    feeds: list[dict[str, np.ndarray]] = []
+    counter = {"n": 0}
+
+    def hook(_m: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        if counter["n"] % every == 0:
+            feeds.append({k: kwargs[k].detach().float().cpu().numpy() for k in names if kwargs.get(k) is not None})
+        counter["n"] += 1
+
+    h = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        kw: dict[str, Any] = dict(num_inference_steps=steps, height=res, width=res, output_type="latent",
+                                  max_sequence_length=MAX_SEQUENCE_LENGTH,
+                                  generator=torch.Generator().manual_seed(seed))
+        if family_of(pipe) == "sd3":
+            kw["guidance_scale"] = 1.0
+        with torch.no_grad():
+            pipe(prompts, **kw)
+    finally:
+        h.remove()
+    return feeds
+
+
+def _torch_outputs(pipe: Any, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    import torch
+
+    wrapper = ox._transformer_wrapper(pipe.transformer)
+    outs = []
+    with torch.no_grad():
+        for f in feeds:
+            outs.append(wrapper(*(torch.from_numpy(f[n]) for n in _input_order(pipe))).numpy())
+    return outs
+
+
+def _input_order(pipe: Any) -> list[str]:
+    base = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
+    return base if family_of(pipe) == "sd3" else base + ["img_ids", "txt_ids"]
+
+
+def _verify_fp32(pipe: Any, path: Path, spec: ox.IOSpec, profile: Profile) -> dict[str, float]:
+    """The fresh-input check that runs before anything else: min and max shapes, new random data."""
+    from hpedge.backends import ort
+
+    sess = ort.session(path, "cpu")
+    errs = {}
+    for which in ("min", "max"):
+        feed = spec.sample(which, seed=7)
+        if "timestep" in feed and family_of(pipe) == "sd3":
+            feed["timestep"] = feed["timestep"] * 1000
+        ref = _torch_outputs(pipe, [feed])[0]
+        out = ort.run(sess, feed)[0]
+        err = float(np.abs(out - ref).max())
+        tol = profile.parity.fp32_atol + profile.parity.fp32_rtol * float(np.abs(ref).max())
+        errs[which] = err
+        if not np.isfinite(out).all() or err > tol:
+            raise HpedgeError(f"the exported transformer does not match PyTorch on fresh {which}-shape inputs "
+                              f"(max abs error {err:.2e} > {tol:.2e}); export aborted")
+    return errs
+
+
+def _tokenizer_entries(pipe: Any, root: Path) -> dict[str, Any]:
+    out = {}
+    for name, (attr, length) in ox.text_inputs(pipe, MAX_SEQUENCE_LENGTH).items():
+        tok = getattr(pipe, attr)
+        folder = root / "tokenizers" / attr
+        tok.save_pretrained(folder)
+        if not (folder / "tokenizer.json").exists():
+            raise HpedgeError(f"{attr} has no fast tokenizer.json; the runtime needs one")
+        out[name] = {"file": f"tokenizers/{attr}/tokenizer.json", "length": length, "pad_id": int(tok.pad_token_id),
+                     "pad_token": str(tok.pad_token)}
+    return out
+
+
+def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    import torch
+
+    from hpedge.export import parity as par
+    from hpedge.export import trt
+    from hpedge.export.cpu_int4 import convert
+    from hpedge.export.package import finalize_manifest, write_archive
+    from hpedge.export.quantize import quantize_int4
+    from hpedge.io import _check_parent
+    from hpedge.models.loading import load_pipeline, resolve
+
+    say = progress or (lambda _s: None)
+    profile = load_profile(opts.target)
+    if "int4" not in profile.precisions:
+        raise HpedgeError(f"target {profile.name} cannot run INT4 weights (precisions: {', '.join(profile.precisions)})")
+    if not {"fp16", "fp32"} & set(profile.precisions):
+        raise HpedgeError(f"target {profile.name} supports neither fp16 nor fp32 for the non-quantized parts")
+    _check_parent(out)
+    if out.exists() and not opts.overwrite:
+        raise HpedgeError(f"{out} already exists; pass --overwrite to replace it")
+    build_now, engine_reason = check_engine_mode(opts.engine, profile)
+    ref = resolve(model)
+    t0 = time.time()
+    say("loading pipeline")
+    pipe = load_pipeline(ref)
+    marker = _marker(ref.path)
+    res = resolution_range(pipe, profile, marker)
+    batch = (profile.batch.min, profile.batch.opt, profile.batch.max)
+    spec = ox.transformer_spec(pipe, res, batch, MAX_SEQUENCE_LENGTH)
+    compress_report = json.loads((ref.path / "hpedge_compress.json").read_text()) if ref.path and (ref.path / "hpedge_compress.json").exists() else None
+    report_path = out.resolve().parent / f"{out.name}.parity.json"
+
+    with atomic_dir(out, overwrite=opts.overwrite) as tmp:
+        say("exporting transformer (fp32 ONNX)")
+        fp32 = tmp / "transformer" / "fp32" / "model.onnx"
+        exporter = ox.export_transformer(pipe.transformer, spec, fp32, opts.exporter)
+        fresh = _verify_fp32(pipe, fp32, spec, profile)
+
+        say("capturing calibration inputs from real denoising runs")
+        from hpedge.compress.analyze import calibration, evaluator_of
+
+        prompts, _ = calibration(evaluator_of(ref.path), 2 * opts.calibration_prompts, seed=21)
+        half = len(prompts) // 2
+        names = _input_order(pipe)
+        calib = capture_inputs(pipe, prompts[:half], opts.steps, res[1], names, seed=1)
+        held = capture_inputs(pipe, prompts[half:], opts.steps, res[1], names, seed=2)
+
+        say(f"INT4 quantization ({opts.method}, ModelOpt)")
+        int4 = tmp / "transformer" / "int4" / "model.onnx"
+        qrep = quantize_int4(fp32, int4, calib, opts.method, 128, opts.protect)
+        int4_cpu = tmp / "transformer" / "int4_cpu" / "model.onnx"
+        n_nbits = convert(int4, int4_cpu)
+
+        say("exporting text encoders and VAE decoder")
+        ox.export_text(pipe, tmp / "text" / "model.onnx", MAX_SEQUENCE_LENGTH)
+        ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "model.onnx", res[1] // pipe.vae_scale_factor)
+        toks = _tokenizer_entries(pipe, tmp)
+        pipe.scheduler.save_pretrained(tmp / "scheduler")
+
+        engine: dict[str, Any] = {"status": "pending", "reason": engine_reason}
+        if build_now:
+            say("building TensorRT engine")
+            onnx_sha = __import__("hpedge.runtime", fromlist=["sha256"]).sha256(int4)
+            av = trt.availability(profile.compute_capability)
+            settings = {"opt_level": profile.builder_optimization_level, "workspace_gb": profile.workspace_gb,
+                        "shapes": spec.to_dict()["inputs"], "strongly_typed": True}
+            key = trt.cache_key(onnx_sha, settings, av.version, av.compute_capability)
+            facts = trt.build_engine(int4, tmp / "engines" / f"transformer_int4-{key}.plan", spec.inputs,
+                                     profile.builder_optimization_level, int(profile.workspace_gb * 2**30),
+                                     tmp / "engines" / "timing.cache")
+            engine = {"status": "built", "cache_key": key, "compute_capability": av.compute_capability, **facts}
+        elif opts.engine == "skip":
+            engine = {"status": "skipped", "reason": engine_reason}
+
+        say("parity checks (Polygraphy)")
+        report = ParityReport()
+        ref_out = _torch_outputs(pipe, held)
+        p = profile.parity
+        report.checks.append(par.compare_fp32(ref_out, par.run_onnxrt(fp32, held, "onnxrt-fp32"), "out", p.fp32_atol, p.fp32_rtol))
+        report.checks.append(par.compare_quality("transformer int4 (DequantizeLinear) vs PyTorch", ref_out,
+                                                 par.outputs_of(par.run_onnxrt(int4, held, "onnxrt-int4")),
+                                                 p.int4_min_cosine, p.int4_min_psnr_db))
+        report.checks.append(par.compare_quality("transformer int4_cpu (MatMulNBits) vs PyTorch", ref_out,
+                                                 par.outputs_of(par.run_onnxrt(int4_cpu, held, "onnxrt-int4-cpu")),
+                                                 p.int4_min_cosine, p.int4_min_psnr_db))
+        if engine["status"] == "built":
+            report.checks.append(par.compare_quality("TensorRT int4 engine vs PyTorch", ref_out,
+                                                     par.outputs_of(par.run_trt(tmp / "engines" / engine["file"], held, "trt")),
+                                                     p.int4_min_cosine, p.int4_min_psnr_db))
+        gen = {
+            "family": family_of(pipe), "resolution": res[1], "resolution_range": list(res),
+            "latent_channels": pipe.transformer.config.in_channels // (1 if family_of(pipe) == "sd3" else 4),
+            "vae_scale_factor": pipe.vae_scale_factor, "max_sequence_length": MAX_SEQUENCE_LENGTH,
+            "tokenizers": toks, "default_steps": opts.steps, "timestep_scale": 1000.0 if family_of(pipe) == "sd3" else 1.0,
+        }
+        manifest: dict[str, Any] = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": {"model": model, "family": ref.family, "evaluator": marker.get("evaluator"),
+                       "kept_blocks": compress_report["kept_blocks"] if compress_report else None,
+                       "removed_blocks": compress_report["removed_blocks"] if compress_report else [],
+                       "transformer_config": {k: v for k, v in dict(pipe.transformer.config).items() if not k.startswith("_")}},
+            "target": profile.to_dict(),
+            "components": {
+                "text": {"file": "text/model.onnx", "precision": "fp32"},
+                "transformer": {"variants": {"fp32": "transformer/fp32/model.onnx", "int4": "transformer/int4/model.onnx",
+                                             "int4_cpu": "transformer/int4_cpu/model.onnx"},
+                                "io": spec.to_dict(), "exporter": exporter, "fresh_input_max_abs_error": fresh,
+                                "bytes": {v: ox.size_of(tmp / f) for v, f in (("fp32", "transformer/fp32/model.onnx"),
+                                          ("int4", "transformer/int4/model.onnx"), ("int4_cpu", "transformer/int4_cpu/model.onnx"))}},
+                "vae_decoder": {"file": "vae_decoder/model.onnx", "precision": "fp32"},
+            },
+            "generation": gen,
+            "int4": {**{k: v for k, v in qrep.to_dict().items() if k != "layer_error"}, "matmulnbits_converted": n_nbits,
+                     "report": "quant_report.json"},
+            "engine": engine,
+            "tools": _versions(),
+        }
+        (tmp / "quant_report.json").write_text(json.dumps(qrep.to_dict(), indent=2))
+        finalize_manifest(tmp, manifest)  # the runtime verifies files, so finish once before the e2e check
+        say("end-to-end check through the packaged components")
+        report.checks.append(_e2e_check(pipe, tmp, prompts[half:][: opts.e2e_samples], opts.steps, p.e2e_min_psnr_db))
+        (tmp / "parity.json").write_text(json.dumps(report.to_dict(), indent=2))
+        if not report.passed and not opts.allow_parity_failure:
+            report_path.write_text(json.dumps(report.to_dict(), indent=2))
+            raise HpedgeError(f"parity failed, no package written (report: {report_path}): {report.failures()[0]}",
+                              HpedgeError.CHECK_FAILED)
+        manifest["parity"] = {"passed": report.passed, "overridden": not report.passed, "report": "parity.json",
+                              "checks": {c.name: c.passed for c in report.checks}}
+        manifest["seconds"] = round(time.time() - t0, 1)
+        manifest = finalize_manifest(tmp, manifest)
+    if report_path.exists() and report.passed:
+        report_path.unlink()
+    if opts.archive:
+        write_archive(out, out.with_name(out.name + ".tar"))
+    return manifest
+
+
+def _e2e_check(pipe: Any, root: Path, prompts: list[str], steps: int, min_psnr: float) -> Check:
+    """Full generations: original pipeline vs packaged components (int4_cpu), same prompts and noise."""
+    import torch
+
+    from hpedge.evaluation.evaluate import generate
+    from hpedge.export.parity import quality
+    from hpedge.runtime import Package
+
+    pkg = Package(root, variant="int4_cpu", device="cpu")
+    lat = pkg.initial_latents(len(prompts), seed=5)
+    kw: dict[str, Any] = {}
+    if family_of(pipe) == "flux":
+        from hpedge.runtime import pack
+
+        lat_in = torch.from_numpy(pack(lat))
+    else:
+        lat_in = torch.from_numpy(lat)
+    with torch.no_grad():
+        gen_kw: dict[str, Any] = dict(num_inference_steps=steps, height=pkg.manifest["generation"]["resolution"],
+                                      width=pkg.manifest["generation"]["resolution"], output_type="np",
+                                      latents=lat_in, max_sequence_length=MAX_SEQUENCE_LENGTH, **kw)
+        if family_of(pipe) == "sd3":
+            gen_kw["guidance_scale"] = 1.0
+        ref = np.asarray(pipe(prompts, **gen_kw).images)
+    ref = ref[..., 0] if ref.shape[-1] == 1 else ref
+    got = pkg.generate(prompts, steps=steps, latents=lat)
+    q = [quality(r, g) for r, g in zip(ref, got)]
+    psnr = min(x["psnr_db"] for x in q)
+    del generate
+    return Check("end-to-end images: package (int4_cpu) vs original pipeline", psnr >= min_psnr,
+                 {"min_psnr_db": psnr, "mean_psnr_db": float(np.mean([x["psnr_db"] for x in q]))}, {"min_psnr_db": min_psnr})
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("hpedge", "torch", "diffusers", "transformers", "onnx", "onnxruntime-gpu", "onnxruntime",
+                "nvidia-modelopt", "polygraphy", "tensorrt"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
+    """``hpedge check``: verify checksums and the manifest, then rerun parity on fresh inputs.
+
+    Parity is rerun without the original model: ONNX Runtime fp32 is the reference for the INT4
+    variants (cosine/PSNR limits from the manifest's profile), and the packaged pipeline must produce
+    finite images in [0, 1].
+    """
+    from hpedge.export import parity as par
+    from hpedge.runtime import Package
+
+    pkg = Package(package, variant="int4", device="cpu")  # raises CHECK_FAILED on any tampering
+    result: dict[str, Any] = {"package": str(package), "files": len(pkg.manifest["files"]), "checks": []}
+    if not rerun_parity:
+        return result
+    io = pkg.manifest["components"]["transformer"]["io"]["inputs"]
+    rng = np.random.default_rng(123)
+    feeds = []
+    for _ in range(2):
+        f = {}
+        for name, shapes in io.items():
+            shape = shapes["opt"]
+            if name == "timestep":
+                f[name] = (rng.uniform(0.1, 0.9, size=shape) * pkg.manifest["generation"]["timestep_scale"]).astype(np.float32)
+            elif name in ("img_ids", "txt_ids"):
+                f[name] = np.zeros(shape, np.float32)
+            else:
+                f[name] = rng.standard_normal(shape).astype(np.float32)
+        feeds.append(f)
+    variants = pkg.manifest["components"]["transformer"]["variants"]
+    ref = par.outputs_of(par.run_onnxrt(package / variants["fp32"], feeds, "fp32"))
+    lim = pkg.manifest["target"]["parity"]
+    for v in ("int4", "int4_cpu"):
+        outs = par.outputs_of(par.run_onnxrt(package / variants[v], feeds, v))
+        c = par.compare_quality(f"{v} vs fp32 (ONNX Runtime)", ref, outs, lim["int4_min_cosine"], lim["int4_min_psnr_db"])
+        result["checks"].append(asdict(c))
+    img = pkg.generate(["a 3 on the left and a 7 on the right"] if pkg.manifest["source"].get("evaluator") == "digits"
+                       else ["a photo of a cat"], seed=0, steps=4)
+    ok = bool(np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1)
+    result["checks"].append({"name": "package generates finite images in [0, 1]", "passed": ok})
+    result["passed"] = all(c["passed"] for c in result["checks"])
+    if not result["passed"]:
+        failed = [c["name"] for c in result["checks"] if not c["passed"]]
+        raise HpedgeError(f"parity failed for {package}: {', '.join(failed)}", HpedgeError.CHECK_FAILED)
+    return result
+
+
+def build(package: Path, engine: str = "require") -> dict[str, Any]:
+    """``hpedge build PACKAGE``: build the pending TensorRT engine on this (matching) GPU."""
+    from hpedge.export import trt
+    from hpedge.export.package import finalize_manifest
+    from hpedge.runtime import Package, sha256
+
+    pkg = Package(package, variant="int4", device="cpu")
+    prof = pkg.manifest["target"]
+    av = trt.availability(prof["compute_capability"])
+    if not av.ok:
+        raise HpedgeError(f"cannot build the engine here: {av.reason}")
+    int4 = package / pkg.manifest["components"]["transformer"]["variants"]["int4"]
+    io = pkg.manifest["components"]["transformer"]["io"]["inputs"]
+    shapes = {k: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"])) for k, v in io.items()}
+    settings = {"opt_level": prof["builder_optimization_level"], "workspace_gb": prof["workspace_gb"], "shapes": io,
+                "strongly_typed": True}
+    key = trt.cache_key(sha256(int4), settings, av.version, av.compute_capability)
+    facts = trt.build_engine(int4, package / "engines" / f"transformer_int4-{key}.plan", shapes,
+                             prof["builder_optimization_level"], int(prof["workspace_gb"] * 2**30),
+                             package / "engines" / "timing.cache")
+    manifest = {k: v for k, v in pkg.manifest.items() if k not in ("files", "manifest_sha256")}
+    manifest["engine"] = {"status": "built", "cache_key": key, "compute_capability": av.compute_capability, **facts}
+    return finalize_manifest(package, manifest)
+
+
+def remove_partial(out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)

@@ -1,0 +1,181 @@
+"""INT4 weight-only quantization with NVIDIA ModelOpt (the only module that imports ``modelopt``).
+
+Before ModelOpt runs, ``Gemm`` nodes with constant weights are rewritten as ``MatMul`` (+ ``Add``) with
+the weight stored [K, N], so every linear layer is a candidate. A MatMul is excluded (and listed with
+the reason) when its weight's inner dimension K is not a multiple of the block size (ONNX Runtime
+rejects such blocked DequantizeLinear scales), or when it matches a user/profile pattern. After
+quantization a per-layer report gives each weight's relative reconstruction error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpedge.errors import HpedgeError
+
+METHODS = {"awq_clip": "awq_clip", "rtn": "rtn_dq"}
+MODELOPT_VERSION_PIN = "0.47.0"
+
+
+@dataclass
+class QuantReport:
+    method: str
+    block_size: int
+    quantized: list[str] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)  # node -> reason
+    layer_error: dict[str, float] = field(default_factory=dict)  # weight -> relative error
+    seconds: float = 0.0
+    modelopt_version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gemm_to_matmul(model: Any) -> int:
+    """Rewrite Gemm(A, W, b) with constant W as MatMul(A, W[K, N]) + Add(b), in place. Returns the count."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, n = [], 0
+    for node in model.graph.node:
+        if node.op_type == "Gemm" and len(node.input) >= 2 and node.input[1] in inits:
+            at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if at.get("transA", 0) == 0 and at.get("alpha", 1.0) == 1.0 and at.get("beta", 1.0) == 1.0:
+                w = numpy_helper.to_array(inits[node.input[1]])
+                if at.get("transB", 0):
+                    w = w.T
+                wname = node.input[1] + "_kn"
+                model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), wname))
+                mm_out = node.output[0] + "_mm" if len(node.input) > 2 else node.output[0]
+                nodes.append(helper.make_node("MatMul", [node.input[0], wname], [mm_out], name=node.name + "_matmul"))
+                if len(node.input) > 2:
+                    nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_bias"))
+                n += 1
+                continue
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for node in model.graph.node for i in node.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return n
+
+
+def plan_exclusions(model: Any, block_size: int, patterns: list[str]) -> tuple[list[str], dict[str, str]]:
+    inits = {i.name: i for i in model.graph.initializer}
+    quantizable, excluded = [], {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        weights = [inits[x] for x in node.input if x in inits]
+        if not weights or len(weights[0].dims) != 2:
+            continue
+        k = weights[0].dims[0]
+        hit = next((p for p in patterns if re.search(p, node.name)), None)
+        if hit:
+            excluded[node.name] = f"matches protected pattern {hit!r}"
+        elif k % block_size:
+            excluded[node.name] = f"inner dimension {k} is not a multiple of the block size {block_size}"
+        else:
+            quantizable.append(node.name)
+    return quantizable, excluded
+
+
+class _Reader:
+    """A calibration data reader over captured feeds (ModelOpt / ONNX Runtime protocol)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds = feeds
+        self._it = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def get_first(self) -> dict[str, np.ndarray]:
+        return self.feeds[0]
+
+    def rewind(self) -> None:
+        self._it = iter(self.feeds)
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+
+def quantize_int4(fp32_path: Path, out_path: Path, calibration: list[dict[str, np.ndarray]], method: str = "awq_clip",
+                  block_size: int = 128, protect: list[str] | None = None) -> QuantReport:
+    import onnx
+
+    if method not in METHODS:
+        raise HpedgeError(f"unknown INT4 method {method!r}; use one of {', '.join(METHODS)}")
+    try:
+        import modelopt
+        from modelopt.onnx.quantization import quantize
+    except ImportError as e:
+        raise HpedgeError(f"ModelOpt is not installed ({e}); install hpedge[export]") from None
+    t0 = time.time()
+    model = onnx.load(str(fp32_path), load_external_data=True)
+    gemm_to_matmul(model)
+    quantizable, excluded = plan_exclusions(model, block_size, protect or [])
+    if not quantizable:
+        raise HpedgeError(f"no linear layer of this model can be INT4 block-quantized (block size {block_size})")
+    prepared = out_path.with_name(out_path.stem + ".prepared.onnx")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    big = model.ByteSize() > 2_000_000_000
+    onnx.save_model(model, str(prepared), save_as_external_data=big, location=prepared.name + ".data")
+    old_tqdm = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        quantize(
+            str(prepared), quantize_mode="int4", calibration_method=METHODS[method], calibration_data_reader=_Reader(calibration),
+            calibration_eps=["cpu"], nodes_to_exclude=[f"^{re.escape(n)}$" for n in excluded] or None,
+            output_path=str(out_path), block_size=block_size, high_precision_dtype="fp32",
+            use_external_data_format=big, log_level="ERROR",
+        )
+    except HpedgeError:
+        raise
+    except Exception as e:
+        raise HpedgeError(f"ModelOpt INT4 quantization failed: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        if old_tqdm is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old_tqdm
+        for f in prepared.parent.glob(prepared.name + "*"):
+            f.unlink()
+    report = QuantReport(method=method, block_size=block_size, quantized=quantizable, excluded=excluded,
+                         seconds=round(time.time() - t0, 1), modelopt_version=getattr(modelopt, "__version__", "?"))
+    report.layer_error = layer_errors(model, onnx.load(str(out_path), load_external_data=True))
+    return report
+
+
+def layer_errors(fp32_model: Any, int4_model: Any) -> dict[str, float]:
+    """Relative Frobenius error of every dequantized weight against the original (per layer)."""
+    from onnx import helper, numpy_helper
+
+    orig = {i.name: i for i in fp32_model.graph.initializer}
+    q = {i.name: i for i in int4_model.graph.initializer}
+    out = {}
+    for node in int4_model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in q or len(node.input) < 2:
+            continue
+        wname = node.input[0][: -len("_i4")] if node.input[0].endswith("_i4") else None
+        if wname is None or wname not in orig:
+            continue
+        at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        w_q = numpy_helper.to_array(q[node.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(q[node.input[1]]).astype(np.float32)
+        block = int(at.get("block_size", 0)) or w_q.shape[0]
+        zp = numpy_helper.to_array(q[node.input[2]]).astype(np.float32) if len(node.input) > 2 and node.input[2] in q else 0.0
+        deq = (w_q - (np.repeat(zp, block, axis=0)[: w_q.shape[0]] if not np.isscalar(zp) else zp)) * np.repeat(scale, block, axis=0)[: w_q.shape[0]]
+        w = numpy_helper.to_array(orig[wname]).astype(np.float32)
+        if w.shape == deq.shape:
+            out[wname] = float(np.linalg.norm(w - deq) / (np.linalg.norm(w) + 1e-12))
+    return out

@@ -1,0 +1,191 @@
+"""Run an hpedge package: tokenize -> text encoder -> denoising loop -> VAE decode.
+
+Needs only numpy, ``tokenizers`` and ONNX Runtime (or TensorRT when the package holds engines built
+for this GPU); torch, diffusers and ModelOpt are not imported. The package's manifest and the
+sha256 of every file are verified before any compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpedge.errors import HpedgeError
+
+SCHEMA = "hpedge-package/1"
+MANIFEST = "manifest.json"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    mf = root / MANIFEST
+    if not root.is_dir():
+        raise HpedgeError(f"package {root} not found (expected a folder with {MANIFEST})", HpedgeError.USAGE)
+    if not mf.exists():
+        raise HpedgeError(f"{root} is not an hpedge package: {MANIFEST} is missing", HpedgeError.CHECK_FAILED)
+    try:
+        data = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise HpedgeError(f"{mf} is corrupt: {e}", HpedgeError.CHECK_FAILED) from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise HpedgeError(f"{mf}: unknown package schema {data.get('schema') if isinstance(data, dict) else None!r}",
+                          HpedgeError.CHECK_FAILED)
+    return data
+
+
+def verify_files(root: Path, manifest: dict[str, Any]) -> None:
+    """Every file listed must exist with its sha256; the manifest's own digest must match its content."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise HpedgeError(f"{root / MANIFEST} lists no files", HpedgeError.CHECK_FAILED)
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    if manifest.get("manifest_sha256") != digest:
+        raise HpedgeError(f"{root / MANIFEST} was modified after packaging (digest mismatch)", HpedgeError.CHECK_FAILED)
+    for rel, expected in sorted(files.items()):
+        p = root / rel
+        if not p.is_file():
+            raise HpedgeError(f"package file {rel} is missing", HpedgeError.CHECK_FAILED)
+        if sha256(p) != expected:
+            raise HpedgeError(f"package file {rel} does not match its sha256 (tampered or corrupt)", HpedgeError.CHECK_FAILED)
+
+
+def sigmas(family: str, steps: int) -> np.ndarray:
+    """The flow-matching Euler schedule the stock pipelines use (shift 1), with the final 0 appended."""
+    if steps < 1:
+        raise HpedgeError("--steps must be at least 1")
+    if family == "sd3":
+        s = np.linspace(1.0, 1.0 / 1000, steps)
+    else:
+        s = np.linspace(1.0, 1.0 / steps, steps)
+    return np.append(s, 0.0).astype(np.float32)
+
+
+def pack(x: np.ndarray) -> np.ndarray:
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    b, n, c4 = x.shape
+    return x.reshape(b, h // 2, w // 2, c4 // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def img_ids(h: int, w: int) -> np.ndarray:
+    ids = np.zeros((h // 2, w // 2, 3), np.float32)
+    ids[..., 1] = np.arange(h // 2)[:, None]
+    ids[..., 2] = np.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3)
+
+
+@dataclass
+class _Tok:
+    tok: Any
+    length: int
+
+
+class Package:
+    """An opened, verified package."""
+
+    def __init__(self, root: str | Path, variant: str = "auto", device: str = "auto", verify: bool = True) -> None:
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        if verify:
+            verify_files(self.root, self.manifest)
+        gen = self.manifest["generation"]
+        self.family: str = gen["family"]
+        self.variants: dict[str, str] = self.manifest["components"]["transformer"]["variants"]
+        if variant == "auto":
+            variant = "int4_cpu" if "int4_cpu" in self.variants and device != "cuda" else "int4"
+        if variant not in self.variants:
+            raise HpedgeError(f"package has no transformer variant {variant!r} (has: {', '.join(self.variants)})")
+        self.variant = variant
+        self.device = device
+        self._sessions: dict[str, Any] = {}
+        self._toks: dict[str, _Tok] = {}
+
+    # -- parts -----------------------------------------------------------------
+    def _session(self, rel: str) -> Any:
+        if rel not in self._sessions:
+            from hpedge.backends import ort
+
+            self._sessions[rel] = ort.session(self.root / rel, self.device)
+        return self._sessions[rel]
+
+    def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        from tokenizers import Tokenizer
+
+        out = {}
+        for name, spec in self.manifest["generation"]["tokenizers"].items():
+            if name not in self._toks:
+                tok = Tokenizer.from_file(str(self.root / spec["file"]))
+                tok.enable_truncation(spec["length"])
+                tok.enable_padding(length=spec["length"], pad_id=spec["pad_id"], pad_token=spec["pad_token"])
+                self._toks[name] = _Tok(tok, spec["length"])
+            enc = self._toks[name].tok.encode_batch(prompts)
+            out[name] = np.array([e.ids for e in enc], dtype=np.int64)
+        return out
+
+    def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        from hpedge.backends import ort
+
+        pe, pooled = ort.run(self._session(self.manifest["components"]["text"]["file"]), self.tokenize(prompts))
+        return pe, pooled
+
+    def transformer(self, latents: np.ndarray, sigma: np.ndarray, pe: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+        """Velocity for unpacked latents (B, C, h, w) at noise levels ``sigma`` (B,)."""
+        from hpedge.backends import ort
+
+        gen = self.manifest["generation"]
+        t = (sigma * gen["timestep_scale"]).astype(np.float32)
+        b, c, h, w = latents.shape
+        if self.family == "sd3":
+            feeds = {"hidden_states": latents, "encoder_hidden_states": pe, "pooled_projections": pooled, "timestep": t}
+        else:
+            feeds = {"hidden_states": pack(latents), "encoder_hidden_states": pe, "pooled_projections": pooled,
+                     "timestep": t, "img_ids": img_ids(h, w), "txt_ids": np.zeros((pe.shape[1], 3), np.float32)}
+        out = ort.run(self._session(self.variants[self.variant]), feeds)[0]
+        return out if self.family == "sd3" else unpack(out, h, w)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        from hpedge.backends import ort
+
+        return ort.run(self._session(self.manifest["components"]["vae_decoder"]["file"]), {"latents": latents})[0]
+
+    # -- generation --------------------------------------------------------------
+    def initial_latents(self, n: int, seed: int, resolution: int | None = None) -> np.ndarray:
+        gen = self.manifest["generation"]
+        res = resolution or gen["resolution"]
+        h = res // gen["vae_scale_factor"]
+        return np.random.default_rng(seed).standard_normal((n, gen["latent_channels"], h, h)).astype(np.float32)
+
+    def generate(self, prompts: list[str], seed: int = 0, steps: int | None = None,
+                 latents: np.ndarray | None = None) -> np.ndarray:
+        """Images in [0, 1], shape (B, H, W) for one channel or (B, H, W, 3)."""
+        if not prompts:
+            raise HpedgeError("no prompt given")
+        steps = steps or self.manifest["generation"]["default_steps"]
+        pe, pooled = self.encode(prompts)
+        x = self.initial_latents(len(prompts), seed) if latents is None else latents.astype(np.float32)
+        sig = sigmas(self.family, steps)
+        for i in range(steps):
+            v = self.transformer(x, np.full(len(prompts), sig[i], np.float32), pe, pooled)
+            x = x + (sig[i + 1] - sig[i]) * v
+        img = self.decode(x)
+        return img[:, 0] if img.shape[1] == 1 else img.transpose(0, 2, 3, 1)
+
+
+def open_package(path: str | Path, **kw: Any) -> Package:
+    return Package(path, **kw)
