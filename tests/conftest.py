@@ -44,3 +44,12 @@ def zoo_available(name: str) -> bool:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def sd3_package(random_sd3, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pkg") / "sd3"
+    from hpedge.export.pipeline import ExportOptions, export
+
+    export(str(random_sd3), out, ExportOptions(target="rtx4090", method="rtn", calibration_prompts=2, e2e_samples=2))
+    return out

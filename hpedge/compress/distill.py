@@ -238,6 +238,7 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
     weights = update_weights(kept, first_removed, harm, s)
 
     # pool of x0 and the frozen text conditioning
+    work.mkdir(parents=True, exist_ok=True)
     pool_file = work / "pool.safetensors"
     if pool_file.exists():
         from safetensors.torch import load_file

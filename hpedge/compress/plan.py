@@ -103,6 +103,14 @@ def _block_stats(transformer: Any) -> tuple[list[int], list[int], int, int]:
 def make_plan(transformer: Any, budget: Budget, importance: Importance | None = None, protect_early: float = 0.5,
               other_components_bytes: int = 0) -> Plan:
     budget.check()
+    capacity = 0
+    if budget.target is not None:
+        from hpedge.targets import load_profile
+
+        prof = load_profile(budget.target)
+        if "int4" not in prof.precisions:
+            raise HpedgeError(f"target {prof.name} does not support int4 weights")
+        capacity = int((prof.memory_gb - prof.reserve_gb) * 1e9)
     family = family_of(transformer)
     refs = adapters.blocks(transformer)
     n = len(refs)
@@ -164,15 +172,6 @@ def make_plan(transformer: Any, budget: Budget, importance: Importance | None = 
         if budget.keep_ratio is not None:
             return kept_params / total <= budget.keep_ratio
         return need(remove) <= capacity
-
-    capacity = 0
-    if budget.target is not None:
-        from hpedge.targets import load_profile
-
-        prof = load_profile(budget.target)
-        if "int4" not in prof.precisions:
-            raise HpedgeError(f"target {prof.name} does not support int4 weights")
-        capacity = int((prof.memory_gb - prof.reserve_gb) * 1e9)
 
     def need(remove: list[int]) -> int:
         return total_int4 - sum(int4[i] for i in remove) + other_components_bytes

@@ -87,11 +87,18 @@ def reference_results(reference: list[np.ndarray], output_name: str) -> Any:
 
 def compare_fp32(reference: list[np.ndarray], results: Any, output_name: str, atol: float, rtol: float) -> Check:
     """Element-wise comparison through Polygraphy's Comparator.compare_accuracy."""
-    from polygraphy.comparator import Comparator, CompareFunc, RunResults
+    from polygraphy.comparator import Comparator, RunResults
+
+    try:
+        from polygraphy.comparator import SimpleCompareFunc as simple
+    except ImportError:  # older Polygraphy
+        from polygraphy.comparator import CompareFunc
+
+        simple = CompareFunc.simple
 
     _quiet()
     merged = RunResults(list(reference_results(reference, output_name).items()) + list(results.items()))
-    acc = Comparator.compare_accuracy(merged, compare_func=CompareFunc.simple(atol=atol, rtol=rtol, check_shapes=True))
+    acc = Comparator.compare_accuracy(merged, compare_func=simple(atol=atol, rtol=rtol, check_shapes=True))
     passed = bool(acc)
     outs = outputs_of(results)
     err = max(float(np.abs(r - o).max()) for r, o in zip(reference, outs))

@@ -95,7 +95,7 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: dict[str, tuple[tup
         if name not in shapes:
             raise HpedgeError(f"no shape range for engine input {name!r}")
         lo, opt, hi = shapes[name]
-        profile.set_shape(name, trt_mod.Dims(lo), trt_mod.Dims(opt), trt_mod.Dims(hi))
+        profile.set_shape(name, trt_mod.Dims(list(lo)), trt_mod.Dims(list(opt)), trt_mod.Dims(list(hi)))
     config.add_optimization_profile(profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.exists() else b""
     cache = config.create_timing_cache(cache_bytes)
@@ -136,7 +136,8 @@ def run_engine(engine: "trt.ICudaEngine", feeds: dict[str, Any]) -> dict[str, An
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         if engine.get_tensor_mode(name) == trt_mod.TensorIOMode.OUTPUT:
-            shape = tuple(context.get_tensor_shape(name))
+            dims = context.get_tensor_shape(name)
+            shape = tuple(dims[j] for j in range(len(dims)))
             out = torch.empty(shape, dtype=torch.float32, device="cuda")
             context.set_tensor_address(name, out.data_ptr())
             outputs[name] = out

@@ -1,0 +1,54 @@
+import json
+
+from typer.testing import CliRunner
+
+from hpedge.cli import app
+from hpedge.compress.pipeline import work_dir
+
+runner = CliRunner()
+
+
+def test_compress_writes_a_stock_pipeline_and_resumes(random_sd3, tmp_path) -> None:
+    from diffusers import StableDiffusion3Pipeline
+
+    out = tmp_path / "small"
+    args = ["compress", str(random_sd3), "-o", str(out), "--remove-blocks", "8,9,10", "--sgd", "off",
+            "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2", "--eval-per-category", "0"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "hpedge_compress.json").read_text())
+    assert report["removed_blocks"] == [8, 9, 10]
+    assert report["kept_blocks"] == [0, 1, 2, 3, 4, 5, 6, 7, 11]
+    assert report["frozen_blocks_pwp"] == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert (out / "teacher_vs_student.png").read_bytes()[:4] == b"\x89PNG"
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)  # stock diffusers
+    assert pipe.transformer.config.num_layers == 9
+    assert not work_dir(out).exists()
+    # an existing OUT is not replaced silently
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "already exists" in r.output
+
+
+def test_interrupted_run_leaves_no_out_and_resumes(random_sd3, tmp_path, monkeypatch) -> None:
+    import hpedge.compress.pipeline as cp
+
+    out = tmp_path / "small"
+    args = ["compress", str(random_sd3), "-o", str(out), "--remove-blocks", "9,10", "--sgd", "off",
+            "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2", "--eval-per-category", "0"]
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cp, "_teacher_student_grid", crash)  # dies after training, while writing OUT
+    r = runner.invoke(app, args)
+    assert r.exit_code != 0
+    assert not out.exists() and work_dir(out).exists()
+    assert list((work_dir(out) / "checkpoints").glob("step-*"))
+    monkeypatch.undo()
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "--resume" in r.output
+    r = runner.invoke(app, args + ["--resume"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "hpedge_compress.json").read_text())["kept_blocks"] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 11]
+    r = runner.invoke(app, ["compress", str(random_sd3), "-o", str(tmp_path / "x"), "--remove-blocks", "11,"])
+    assert r.exit_code == 2 and "context_pre_only" in r.output

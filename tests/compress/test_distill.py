@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+
+from hpedge.compress.distill import DistillSettings, distill, latest_checkpoint, update_weights
+from hpedge.errors import HpedgeError
+from hpedge.models import adapters
+from hpedge.models.loading import load_pipeline
+
+
+def test_pwp_freezes_blocks_before_first_removed_position() -> None:
+    kept = [0, 1, 2, 3, 5, 6, 9, 11]
+    w = update_weights(kept, first_removed=4, harm=None, s=DistillSettings(sgd="off"))
+    assert [w[b] for b in (0, 1, 2, 3)] == [0.0] * 4
+    assert all(w[b] == 1.0 for b in (5, 6, 9, 11))
+
+
+def test_sgdistill_weight_decreases_with_sensitivity() -> None:
+    kept = [0, 1, 5, 6, 9, 11]
+    harm = {5: 0.1, 6: 0.4, 9: 0.2, 11: 0.9}
+    w = update_weights(kept, 2, harm, DistillSettings(sgd="continuous", sgd_min_weight=0.1))
+    assert w[0] == w[1] == 0.0
+    order = sorted((5, 6, 9, 11), key=harm.get)
+    assert [w[b] for b in order] == sorted([w[b] for b in order], reverse=True)
+    assert w[5] == pytest.approx(1.0) and w[11] == pytest.approx(0.1)
+    wb = update_weights(kept, 2, harm, DistillSettings(sgd="binary"))
+    assert wb[11] == wb[6] == 0.0 and wb[5] == wb[9] == 1.0
+
+
+def _run(pipe, work, steps, resume=False):
+    student, kept = adapters.prune(pipe.transformer, {8, 9})
+    s = DistillSettings(steps=steps, batch_size=2, pool_size=4, pool_steps=2, checkpoint_every=2, sgd="off")
+    prompts = ["a 1", "a 2 on the left", "two 3s", "a big 4"]
+    return distill(pipe, student, kept, None, prompts, work, s, 32, 32, resume=resume)
+
+
+def test_resume_continues_exactly_where_the_run_stopped(random_sd3, tmp_path) -> None:
+    pipe = load_pipeline(str(random_sd3))
+    full, state_full, _ = _run(pipe, tmp_path / "a", 4)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a").mkdir(exist_ok=True)
+    _run(pipe, tmp_path / "b", 2)  # "interrupted" after 2 steps (a checkpoint exists)
+    assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-0000002"
+    resumed, state, _ = _run(pipe, tmp_path / "b", 4, resume=True)
+    assert state.step == 4
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    assert state.losses[-1][1] == pytest.approx(state_full.losses[-1][1], rel=1e-4)
+
+
+def test_distillation_reduces_the_loss(random_sd3, tmp_path) -> None:
+    pipe = load_pipeline(str(random_sd3))
+    (tmp_path / "w").mkdir()
+    _, state, _ = _run(pipe, tmp_path / "w", 30)
+    first, last = state.losses[0][1], state.losses[-1][1]
+    assert last < first
+
+
+def test_corrupt_checkpoint_is_a_clear_error(random_sd3, tmp_path) -> None:
+    pipe = load_pipeline(str(random_sd3))
+    work = tmp_path / "w"
+    work.mkdir()
+    _run(pipe, work, 2)
+    ck = latest_checkpoint(work / "checkpoints")
+    (ck / "student.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(HpedgeError, match="corrupt"):
+        _run(pipe, work, 4, resume=True)
+    json.loads((ck / "state.json").read_text())

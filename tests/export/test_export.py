@@ -1,0 +1,141 @@
+"""Export of small random-weight pipelines: package contents, parity gate, check, runtime, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hpedge.cli import app
+from hpedge.errors import HpedgeError
+from hpedge.export.pipeline import ExportOptions, check, export
+
+runner = CliRunner()
+
+
+def test_package_contents(sd3_package) -> None:
+    m = json.loads((sd3_package / "manifest.json").read_text())
+    assert m["schema"] == "hpedge-package/1"
+    assert m["parity"]["passed"] and not m["parity"]["overridden"]
+    assert m["engine"]["status"] == "pending" and "hpedge build" in m["engine"]["reason"]
+    b = m["components"]["transformer"]["bytes"]
+    assert b["int4"] <= 0.3 * b["fp32"]
+    assert len(m["int4"]["quantized"]) > 50
+    assert all("multiple of the block size" in r or "pattern" in r for r in m["int4"]["excluded"].values())
+    q = json.loads((sd3_package / "quant_report.json").read_text())
+    assert q["layer_error"] and max(q["layer_error"].values()) < 0.3
+    assert set(m["files"]) >= {"transformer/fp32/model.onnx", "transformer/int4/model.onnx", "text/model.onnx",
+                               "vae_decoder/model.onnx", "parity.json", "quant_report.json"}
+    io = m["components"]["transformer"]["io"]["inputs"]
+    assert io["hidden_states"]["min"][0] == 1 and io["hidden_states"]["max"][0] == 4  # rtx4090 batch range
+
+
+def test_check_passes_then_detects_tampering(sd3_package, tmp_path) -> None:
+    import shutil
+
+    assert check(sd3_package)["passed"]
+    pkg = tmp_path / "p"
+    shutil.copytree(sd3_package, pkg)
+    assert runner.invoke(app, ["check", str(pkg)]).exit_code == 0
+    f = pkg / "transformer" / "int4" / "model.onnx"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    r = runner.invoke(app, ["check", str(pkg)])
+    assert r.exit_code == HpedgeError.CHECK_FAILED and "transformer/int4/model.onnx" in r.output
+    shutil.rmtree(pkg)
+    shutil.copytree(sd3_package, pkg)
+    m = json.loads((pkg / "manifest.json").read_text())
+    m["target"]["memory_gb"] = 48
+    (pkg / "manifest.json").write_text(json.dumps(m))
+    r = runner.invoke(app, ["check", str(pkg)])
+    assert r.exit_code == HpedgeError.CHECK_FAILED and "manifest.json" in r.output
+    assert runner.invoke(app, ["check", str(tmp_path / "nothing")]).exit_code == HpedgeError.USAGE
+
+
+def test_onnx_files_load_without_hpedge(sd3_package) -> None:
+    code = (
+        "import sys, numpy as np, onnxruntime as ort\n"
+        "for p in sys.argv[1:]:\n"
+        "    s = ort.InferenceSession(p, providers=['CPUExecutionProvider'])\n"
+        "    print(p, [i.name for i in s.get_inputs()])\n"
+    )
+    files = [str(sd3_package / f) for f in ("transformer/fp32/model.onnx", "transformer/int4/model.onnx",
+                                             "transformer/int4_cpu/model.onnx", "text/model.onnx", "vae_decoder/model.onnx")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-I", "-c", code, *files], capture_output=True, text=True, env=env, cwd="/")
+    assert r.returncode == 0, r.stderr
+    import shutil
+
+    poly = shutil.which("polygraphy") or str(Path(sys.executable).with_name("polygraphy"))
+    io = json.loads((sd3_package / "manifest.json").read_text())["components"]["transformer"]["io"]["inputs"]
+    shapes = [f"{k}:{v['opt']}".replace(" ", "") for k, v in io.items()]
+    r = subprocess.run([poly, "run", files[1], "--onnxrt", "--input-shapes", *shapes], capture_output=True, text=True)
+    assert r.returncode == 0 and "PASSED" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_runtime_generates_without_torch(sd3_package, tmp_path) -> None:
+    code = (
+        "import sys\n"
+        "from hpedge.runtime import Package\n"
+        "img = Package(sys.argv[1]).generate(['a 3 on the left'], seed=1, steps=3)\n"
+        "assert img.shape == (1, 32, 32) and 0 <= img.min() and img.max() <= 1\n"
+        "print('torch' in sys.modules, 'diffusers' in sys.modules, 'modelopt' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(sd3_package)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False", "False"]
+    out = tmp_path / "img.png"
+    r = runner.invoke(app, ["generate", str(sd3_package), "two 5s", "-o", str(out), "--steps", "3"])
+    assert r.exit_code == 0 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runtime_refuses_incomplete_package_before_compute(sd3_package, tmp_path) -> None:
+    import shutil
+
+    from hpedge.runtime import Package
+
+    pkg = tmp_path / "p"
+    shutil.copytree(sd3_package, pkg)
+    (pkg / "vae_decoder" / "model.onnx").unlink()
+    with pytest.raises(HpedgeError, match="vae_decoder/model.onnx is missing"):
+        Package(pkg)
+    (pkg / "vae_decoder" / "model.onnx").write_bytes(b"garbage")
+    with pytest.raises(HpedgeError, match="ONNX Runtime cannot load"):
+        Package(pkg, verify=False).decode(np.zeros((1, 4, 16, 16), np.float32))
+
+
+def test_export_errors(random_sd3, tmp_path) -> None:
+    def err(*args):
+        r = runner.invoke(app, ["export", *args])
+        assert r.exit_code != 0 and "Traceback" not in r.output
+        return r.output
+
+    assert "--engine require" in err(str(random_sd3), "--target", "rtx4090", "-o", str(tmp_path / "a"), "--engine", "require")
+    assert "built on the device" in err(str(random_sd3), "--target", "jetson-orin-nano-8gb", "-o", str(tmp_path / "b"),
+                                        "--engine", "require")
+    prof = json.loads((Path(__file__).resolve().parents[2] / "hpedge" / "profiles" / "rtx3060.json").read_text())
+    prof["precisions"] = ["fp32", "fp16"]
+    (tmp_path / "noint4.json").write_text(json.dumps(prof))
+    assert "cannot run INT4" in err(str(random_sd3), "--target", str(tmp_path / "noint4.json"), "-o", str(tmp_path / "c"))
+    assert "not a diffusers pipeline" in err(str(tmp_path), "--target", "rtx4090", "-o", str(tmp_path / "d"))
+    assert "does not exist" in err(str(random_sd3), "--target", "rtx4090", "-o", str(tmp_path / "no" / "where"))
+    for name in "abcd":
+        assert not (tmp_path / name).exists()
+
+
+def test_parity_failure_writes_no_package(random_sd3, tmp_path) -> None:
+    prof = json.loads((Path(__file__).resolve().parents[2] / "hpedge" / "profiles" / "rtx4090.json").read_text())
+    prof["parity"]["int4_min_psnr_db"] = 200.0  # impossible for 4-bit weights
+    (tmp_path / "strict.json").write_text(json.dumps(prof))
+    out = tmp_path / "pkg"
+    with pytest.raises(HpedgeError, match="parity failed") as e:
+        export(str(random_sd3), out, ExportOptions(target=str(tmp_path / "strict.json"), method="rtn",
+                                                  calibration_prompts=1, e2e_samples=1))
+    assert e.value.exit_code == HpedgeError.CHECK_FAILED
+    assert not out.exists() and (tmp_path / "pkg.parity.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pkg")]

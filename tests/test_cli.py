@@ -1,0 +1,63 @@
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hpedge.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def one_line_error(result, code: int = 2) -> str:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+def test_info_prints_real_scale_numbers() -> None:
+    r = run("info", "sd3.5-large")
+    assert r.exit_code == 0 and "8.057 B" in r.output and "16.11 GB" in r.output
+
+
+def test_plan_reference_cut() -> None:
+    r = run("plan", "sd3.5-large", "--remove-blocks", "25-29,31-35")
+    assert r.exit_code == 0, r.output
+    assert "73.6% kept" in r.output and "3.06 GB" in r.output and "-81.0% vs bf16" in r.output
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("info", "/no/such/folder"), "not found"),
+        (("info", "zoo:nope"), "unknown zoo model"),
+        (("eval", "sd3.5-large"), "architecture name without weights"),
+        (("plan", "sd3.5-large", "--remove-blocks", "50"), "importance"),
+        (("plan", "sd3.5-large", "--remove-blocks", "36-38"), "out of range"),
+        (("plan", "sd3.5-large", "--remove-blocks", "37,"), "context_pre_only"),
+        (("plan", "sd3.5-large", "--keep-ratio", "0.5", "--remove-blocks", "3"), "exactly one budget"),
+        (("plan", "sd3.5-large", "--target", "rtx9999"), "unknown target"),
+        (("export", "zoo:digits-sd3", "--target", "nope", "-o", "/tmp/x"), "unknown target"),
+    ],
+)
+def test_user_errors_are_one_line(args, needle) -> None:
+    assert needle in one_line_error(run(*args))
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path: Path) -> None:
+    assert "not a diffusers pipeline" in one_line_error(run("info", str(tmp_path)))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    assert "unsupported pipeline class" in one_line_error(run("info", str(tmp_path)))
+
+
+def test_targets_lists_profiles() -> None:
+    r = run("targets")
+    assert r.exit_code == 0
+    for name in ("rtx4090", "rtx3060", "jetson-orin-nano-8gb", "jetson-agx-orin-64gb"):
+        assert name in r.output
