@@ -22,8 +22,12 @@ def _pack(w: np.ndarray, block: int) -> np.ndarray:
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
 
 
-def convert(int4_path: Path, out_path: Path) -> int:
-    """Write the MatMulNBits version of ``int4_path``; returns the number of converted MatMuls."""
+def convert(int4_path: Path, out_path: Path, accuracy_level: int = 4) -> int:
+    """Write the MatMulNBits version of ``int4_path``; returns the number of converted MatMuls.
+
+    ``accuracy_level`` 4 lets ONNX Runtime compute with int8 activations (VNNI/AMX kernels); 0 keeps
+    fp32 compute. Either way the package's parity check judges the result.
+    """
     import onnx
     from onnx import helper, numpy_helper
 
@@ -53,7 +57,7 @@ def convert(int4_path: Path, out_path: Path) -> int:
             new_inits.append(numpy_helper.from_array(np.ascontiguousarray(scale.T).reshape(-1), sname))
             new_nodes.append(helper.make_node("MatMulNBits", [node.input[0], bname, sname], list(node.output),
                                               name=node.name + "_nbits", domain="com.microsoft", K=k, N=n, bits=4,
-                                              block_size=block))
+                                              block_size=block, accuracy_level=accuracy_level))
             drop.add(dq.output[0])
             converted += 1
             continue

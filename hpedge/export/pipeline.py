@@ -167,7 +167,6 @@ def _tokenizer_entries(pipe: Any, root: Path) -> dict[str, Any]:
 
 
 def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    import torch
 
     from hpedge.export import parity as par
     from hpedge.export import trt

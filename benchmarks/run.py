@@ -1,0 +1,288 @@
+"""hpedge benchmarks: every number is measured side by side in one run and written with its command.
+
+    python benchmarks/run.py memory            # real-scale memory table (planner) vs the paper
+    python benchmarks/run.py latency           # ORT CPU step latency / peak memory, e2e latency
+    python benchmarks/run.py quality           # eval of the zoo models and their compressed students
+    python benchmarks/run.py ablation --family sd3 --steps 400
+                                               # HierarchicalPrune vs baselines and ablations
+
+Results go to benchmarks/results/*.md (machine, date and the exact command at the top of each file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def header(title: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"# {title}\n\n- command: `{' '.join(['python', *sys.argv])}`\n- machine: {cpu}, {os.cpu_count()} cores, "
+            f"{platform.system()} {platform.machine()}\n- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
+
+
+def write(name: str, text: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / name).write_text(text)
+    print(text)
+
+
+# --------------------------------------------------------------------------------------------- memory
+PAPER = {"sd3.5-large": "15.8 GB -> 3.2 GB (-80.4 %)", "flux.1-schnell": "-77.5 % .. -80.4 % (with INT4)"}
+
+
+def memory(_args: argparse.Namespace) -> None:
+    from hpedge.compress.plan import Budget, make_plan
+    from hpedge.models.adapters import describe
+    from hpedge.models.architectures import build_on_meta
+
+    rows = [("sd3.5-large", "25-29,31-35", "reference HierarchicalPrune cut"),
+            ("sd3.5-large-turbo", "25-29,31-35", "reference cut (same architecture)"),
+            ("sd3.5-medium", "15-20,", "6 later blocks (25 %)"),
+            ("flux.1-schnell", "13-18,45-55", "6 double + 11 single later blocks"),
+            ("flux.1-dev", "13-18,45-55", "6 double + 11 single later blocks")]
+    text = header("Real-scale transformer memory (meta-device build, planner arithmetic)")
+    text += ("INT4 = linear weights with input dim divisible by 128 in 4 bits + one fp16 scale per 128; everything "
+             "else bf16. Same formula as the digits export (see latency.md for measured file sizes).\n\n")
+    text += "| model | removed blocks | params | kept | bf16 | pruned bf16 | pruned INT4 | vs bf16 | paper |\n|---|---|---|---|---|---|---|---|---|\n"
+    for name, cut, what in rows:
+        m = build_on_meta(name)
+        d = describe(m)
+        p = make_plan(m, Budget(remove_blocks=cut))
+        text += (f"| {name} | {cut} ({what}) | {d['params'] / 1e9:.3f} B | {p.kept_ratio:.1%} | {p.bytes_bf16_before / 1e9:.2f} GB | "
+                 f"{p.bytes_bf16_after / 1e9:.2f} GB | {p.bytes_int4_after / 1e9:.2f} GB | "
+                 f"{p.bytes_int4_after / p.bytes_bf16_before - 1:+.1%} | {PAPER.get(name, '')} |\n")
+    write("memory.md", text)
+
+
+# --------------------------------------------------------------------------------------------- latency
+CHILD = r"""
+import json, resource, statistics, sys, time
+import numpy as np
+sys.path.insert(0, {root!r})
+from hpedge.backends import ort
+sess = ort.session({path!r}, "cpu")
+feeds = {{k: np.load({npz!r})[k] for k in np.load({npz!r}).files}}
+ort.run(sess, feeds); ort.run(sess, feeds)
+ts = []
+for _ in range({reps}):
+    t = time.perf_counter(); ort.run(sess, feeds); ts.append(time.perf_counter() - t)
+print(json.dumps({{"median_ms": 1000 * statistics.median(ts), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def time_onnx(path: Path, feeds: dict, reps: int = 7) -> dict:
+    """Median step latency and peak RSS of one ONNX file, in a fresh process (so memory is its own)."""
+    import numpy as np
+
+    npz = Path(tempfile.mkstemp(suffix=".npz")[1])
+    np.savez(npz, **feeds)
+    code = CHILD.format(root=str(ROOT), path=str(path), npz=str(npz), reps=reps)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    npz.unlink()
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _midsize_pipeline(tmp: Path) -> Path:
+    """A random-weight SD3 pipeline whose transformer is big enough that matrix multiplies dominate."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from hpedge.zoo.build import new_pipeline, new_vae
+    from hpedge.zoo.train import write_marker
+
+    torch.manual_seed(0)
+    pipe = new_pipeline("sd3", new_vae())
+    pipe.transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=12,
+                                             attention_head_dim=64, num_attention_heads=8, joint_attention_dim=128,
+                                             caption_projection_dim=512, pooled_projection_dim=128, pos_embed_max_size=32,
+                                             qk_norm="rms_norm")
+    folder = tmp / "midsize-sd3"
+    pipe.save_pretrained(folder)
+    write_marker(folder)
+    (folder / "hpedge_zoo.json").write_text(json.dumps({"max_sequence_length": 16, "resolution": 64}))
+    return folder
+
+
+def latency(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from hpedge.export.pipeline import ExportOptions, export
+    from hpedge.models import adapters
+    from hpedge.models.loading import load_pipeline
+
+    tmp = Path(tempfile.mkdtemp(prefix="hpedge-bench-"))
+    text = header("Transformer step latency and peak memory on ONNX Runtime CPU; end-to-end image latency")
+    text += ("Each ONNX variant runs in its own process: 2 warm-up steps, then the median of 7 steps; peak memory is "
+             "that process's max RSS. 'original' = unpruned model exported fp32; 'pruned' = 25 % of blocks removed "
+             "(later blocks). INT4 = ModelOpt weights; int4_cpu = the same weights as MatMulNBits.\n\n")
+    cases = []
+    mid = _midsize_pipeline(tmp)
+    cases.append(("mid-size SD3 (random weights, d=512, 12 blocks, 64 px)", mid, "6,7,8", "rtn"))
+    for fam in ("sd3", "flux"):
+        src = ROOT / "hpedge" / "zoo" / "models" / f"digits-{fam}"
+        cut = "8,9,10" if fam == "sd3" else "3,9,10"
+        if src.exists():
+            cases.append((f"digits-{fam}", src, cut, "awq_clip"))
+    text += "| model | variant | transformer bytes | step median | peak RSS | latency vs original fp32 |\n|---|---|---|---|---|---|\n"
+    for label, folder, cut, method in cases:
+        pipe = load_pipeline(str(folder))
+        pruned_t, _ = adapters.prune(pipe.transformer, set(int(x) for x in cut.split(",")))
+        pruned_dir = tmp / f"{folder.name}-pruned"
+        pruned = type(pipe)(**{**pipe.components, "transformer": pruned_t})
+        pruned.save_pretrained(pruned_dir)
+        shutil.copy(folder / "hpedge_zoo.json", pruned_dir / "hpedge_zoo.json")
+        opts = dict(target="rtx4090", method=method, calibration_prompts=2, e2e_samples=1, allow_parity_failure=True)
+        p_orig = tmp / f"{folder.name}-pkg-orig"
+        p_pruned = tmp / f"{folder.name}-pkg-pruned"
+        m0 = export(str(folder), p_orig, ExportOptions(**opts))
+        m1 = export(str(pruned_dir), p_pruned, ExportOptions(**opts))
+        spec = m0["components"]["transformer"]["io"]["inputs"]
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for k, v in spec.items():
+            shape = [1] + v["opt"][1:] if k not in ("img_ids", "txt_ids") else v["opt"]
+            feeds[k] = (rng.uniform(0.1, 0.9, size=shape) * (1000 if k == "timestep" and m0["generation"]["timestep_scale"] > 1 else 1)).astype(np.float32) if k == "timestep" else (np.zeros(shape, np.float32) if k.endswith("_ids") else rng.standard_normal(shape).astype(np.float32))
+        base = None
+        for name, pkg, man, var in (("original fp32", p_orig, m0, "fp32"), ("pruned fp32", p_pruned, m1, "fp32"),
+                                    ("pruned INT4 (DequantizeLinear)", p_pruned, m1, "int4"),
+                                    ("pruned INT4 (MatMulNBits, CPU package)", p_pruned, m1, "int4_cpu")):
+            r = time_onnx(pkg / man["components"]["transformer"]["variants"][var], feeds)
+            base = base or r["median_ms"]
+            nbytes = man["components"]["transformer"]["bytes"][var]
+            text += (f"| {label} | {name} | {nbytes / 1e6:.1f} MB | {r['median_ms']:.1f} ms | {r['peak_rss_mb']:.0f} MB | "
+                     f"{r['median_ms'] / base:.2f}x |\n")
+        parity = m1["parity"]
+        text += f"| {label} | parity of the pruned package | | | | {'passed' if parity['passed'] else 'FAILED'} |\n"
+        if folder.name.startswith("digits"):
+            e2e = _e2e(pipe, p_pruned, pruned_dir)
+            text += (f"| {label} | end-to-end image, 16 steps, batch 1: diffusers pipeline (original, torch fp32) "
+                     f"{e2e['pipeline_ms']:.0f} ms vs package (pruned int4_cpu, ORT) {e2e['package_ms']:.0f} ms | | | | "
+                     f"{e2e['package_ms'] / e2e['pipeline_ms']:.2f}x |\n")
+    write("latency.md", text)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _e2e(pipe, pkg_dir: Path, _pruned_dir: Path) -> dict:
+    from hpedge.evaluation.evaluate import generate
+    from hpedge.runtime import Package
+
+    pkg = Package(pkg_dir, variant="int4_cpu", device="cpu")
+    prompt = ["a 3 on the left and a 7 on the right"]
+    generate(pipe, prompt, [0], 16, 1.0)
+    pkg.generate(prompt, seed=0, steps=16)
+    t = time.perf_counter()
+    for i in range(3):
+        generate(pipe, prompt, [i], 16, 1.0)
+    a = (time.perf_counter() - t) / 3
+    t = time.perf_counter()
+    for i in range(3):
+        pkg.generate(prompt, seed=i, steps=16)
+    b = (time.perf_counter() - t) / 3
+    return {"pipeline_ms": 1000 * a, "package_ms": 1000 * b}
+
+
+# --------------------------------------------------------------------------------------------- quality
+def quality(args: argparse.Namespace) -> None:
+    from hpedge.evaluation.evaluate import EvalSettings, evaluate
+    from hpedge.models.loading import load_pipeline
+
+    text = header("GenEval-style scores (500 prompts, guidance 1, 16 steps)")
+    text += "| model | overall | single | position | two_digits | counting | size | held-out phrasings | Frechet |\n|---|---|---|---|---|---|---|---|---|\n"
+    models = args.models or ["zoo:digits-sd3", "zoo:digits-flux"]
+    for m in models:
+        r = evaluate(load_pipeline(m), m, EvalSettings(per_category=100))[0]
+        c = r.categories
+        text += (f"| {m} | {r.overall:.3f} | {c['single']:.2f} | {c['position']:.2f} | {c['two_digits']:.2f} | "
+                 f"{c['counting']:.2f} | {c['size']:.2f} | {r.heldout_phrasings:.2f} | {r.frechet_distance:.1f} |\n")
+    write(args.out or "quality.md", text)
+
+
+# --------------------------------------------------------------------------------------------- ablation
+def ablation(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from hpedge.compress.distill import DistillSettings
+    from hpedge.compress.pipeline import CompressOptions, compress
+    from hpedge.compress.plan import Budget
+    from hpedge.models import adapters
+    from hpedge.models.loading import load_pipeline
+
+    model = f"zoo:digits-{args.family}"
+    tmp = Path(tempfile.mkdtemp(prefix="hpedge-ablation-"))
+    pipe = load_pipeline(model)
+    n = len(adapters.blocks(pipe.transformer))
+    k = max(1, round(0.25 * n))
+    # HP run first: its analysis is reused by every variant that needs an importance table
+    runs: list[tuple[str, dict]] = []
+
+    def run(label: str, budget: Budget, importance: str | None, pwp: bool, sgd: str) -> dict:
+        ds = DistillSettings(steps=args.steps, pwp=pwp, sgd=sgd, seed=0)
+        out = tmp / label.replace(" ", "_").replace("/", "-")
+        t = time.time()
+        rep = compress(model, out, CompressOptions(budget, importance, 0.5, ds, eval_per_category=args.per_category))
+        rep["wall"] = time.time() - t
+        runs.append((label, rep))
+        return rep
+
+    hp = run("HierarchicalPrune (HPP + PWP + SGDistill)", Budget(remove_fraction=0.25), None, True, "continuous")
+    imp_path = tmp / "importance.json"
+    shutil.copy(tmp / "HierarchicalPrune_(HPP_+_PWP_+_SGDistill)" / "hpedge_importance.json", imp_path)
+    cut = ",".join(map(str, hp["removed_blocks"])) + ","
+    run("HP without PWP", Budget(remove_blocks=cut), str(imp_path), False, "continuous")
+    run("HP without SGDistill", Budget(remove_blocks=cut), str(imp_path), True, "off")
+    run("HP with the reference's binary SGDistill", Budget(remove_blocks=cut), str(imp_path), True, "binary")
+    last = [i for i in range(n) if not (args.family == "sd3" and i == n - 1)][-k:]
+    run("naive last-N removal", Budget(remove_blocks=",".join(map(str, last)) + ","), None, False, "off")
+    even = sorted({int(round(x)) for x in np.linspace(1, n - 2, k)})
+    run("evenly spaced removal", Budget(remove_blocks=",".join(map(str, even)) + ","), None, False, "off")
+    norms = {r.index: float(sum(p.detach().abs().mean() for p in r.module.parameters())) for r in adapters.blocks(pipe.transformer)}
+    cands = [i for i in range(n) if not (args.family == "sd3" and i == n - 1)]
+    mag = sorted(sorted(cands, key=norms.get)[:k])
+    run("magnitude-based block ranking", Budget(remove_blocks=",".join(map(str, mag)) + ","), None, False, "off")
+    teacher = hp["scores"]["teacher"]
+    text = header(f"HierarchicalPrune vs baselines on {model} ({k} of {n} blocks removed, {args.steps} distillation steps each)")
+    text += (f"Teacher: overall {teacher['overall']:.3f}, Frechet {teacher['frechet_distance']:.1f} "
+             f"({args.per_category * 5} prompts per evaluation). Baselines use plain output+feature KD (no PWP, no SGDistill).\n\n")
+    text += "| method | removed blocks | kept params | overall | vs teacher | two_digits | Frechet | distill time |\n|---|---|---|---|---|---|---|---|\n"
+    for label, rep in runs:
+        s = rep["scores"]["student"]
+        text += (f"| {label} | {rep['removed_blocks']} | {rep['params']['kept_ratio']:.1%} | {s['overall']:.3f} | "
+                 f"{rep['scores']['student_over_teacher']:.1%} | {s['categories']['two_digits']:.2f} | {s['frechet_distance']:.1f} | "
+                 f"{rep['distill_seconds']:.0f} s |\n")
+    write(f"ablation-{args.family}.md", text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("memory")
+    sub.add_parser("latency")
+    q = sub.add_parser("quality")
+    q.add_argument("models", nargs="*")
+    q.add_argument("--out")
+    a = sub.add_parser("ablation")
+    a.add_argument("--family", choices=["sd3", "flux"], default="sd3")
+    a.add_argument("--steps", type=int, default=400)
+    a.add_argument("--per-category", type=int, default=60)
+    args = ap.parse_args()
+    {"memory": memory, "latency": latency, "quality": quality, "ablation": ablation}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
