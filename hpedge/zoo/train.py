@@ -93,7 +93,7 @@ def train_vae(out: Path, steps: int, seed: int) -> dict:
     return {"steps": steps, "latent_mean": mean, "latent_std": std, "reconstruction_mse": rec_mse}
 
 
-def train_pipeline(family: str, out: Path, steps: int, seed: int, batch_size: int) -> dict:
+def train_pipeline(family: str, out: Path, steps: int, seed: int, batch_size: int, init_from: Path | None = None) -> dict:
     import copy
 
     import torch
@@ -106,7 +106,14 @@ def train_pipeline(family: str, out: Path, steps: int, seed: int, batch_size: in
     rng = np.random.default_rng(seed)
     vae = AutoencoderKL.from_pretrained(out / "vae")
     vae.requires_grad_(False)
-    pipe = new_pipeline(family, vae)
+    if init_from is not None:  # continue training a saved pipeline (a second, recorded stage)
+        from hpedge.models.loading import load_pipeline
+
+        pipe = load_pipeline(str(init_from))
+        pipe.vae = vae
+        rng = np.random.default_rng(seed + 1)
+    else:
+        pipe = new_pipeline(family, vae)
     text_encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None)) if m is not None]
     trainable = [pipe.transformer, *text_encoders]
     params = [p for m in trainable for p in m.parameters()]
@@ -164,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--init-from", type=Path, default=None, help="continue training this pipeline folder")
     args = ap.parse_args(argv)
     import torch
 
@@ -182,12 +190,19 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "vae":
             info = train_vae(args.out, steps, args.seed)
         else:
-            info = train_pipeline(stage, args.out, steps, args.seed, args.batch_size)
-        info.update(seconds=round(time.time() - t, 1), seed=args.seed, threads=torch.get_num_threads(),
-                    command=f"python -m hpedge.zoo.train {stage} --steps {steps} --seed {args.seed}")
+            info = train_pipeline(stage, args.out, steps, args.seed, args.batch_size, args.init_from)
+        cmd = f"python -m hpedge.zoo.train {stage} --steps {steps} --seed {args.seed}"
+        if args.init_from is not None:
+            cmd += f" --init-from {args.init_from}"
+        info.update(seconds=round(time.time() - t, 1), seed=args.seed, threads=torch.get_num_threads(), command=cmd)
         print(stage, info, flush=True)
         record = json.loads(record_path.read_text()) if record_path.exists() else {}
-        record[stage] = info
+        key = stage if args.init_from is None else f"{stage}-continued"
+        record.setdefault(key, [] if args.init_from is not None else None)
+        if args.init_from is not None:
+            record[key].append(info)
+        else:
+            record[key] = info
         record_path.write_text(json.dumps(record, indent=2) + "\n")
 
 
