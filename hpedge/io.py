@@ -13,9 +13,12 @@ from hpedge.errors import HpedgeError
 
 
 def _check_parent(path: Path) -> None:
+    """Create the parent folder if needed; a clear error when the location is not writable."""
     parent = path.resolve().parent
-    if not parent.exists():
-        raise HpedgeError(f"cannot write {path}: folder {parent} does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HpedgeError(f"cannot write {path}: cannot create folder {parent} ({e.strerror})") from None
     if not os.access(parent, os.W_OK):
         raise HpedgeError(f"cannot write {path}: folder {parent} is not writable")
 

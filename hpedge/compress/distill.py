@@ -327,8 +327,9 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
                         terms.append(_rel_mse(s_ctx, t_ctx))
                 l_feat = torch.stack(terms).mean()
             loss = s.lambda_out * l_out + s.lambda_feat * l_feat
-            if not torch.isfinite(loss):
-                raise HpedgeError(f"distillation diverged at step {state.step} (loss {float(loss)}); lower --lr")
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise HpedgeError(f"distillation diverged at step {state.step} (loss {loss_value}); lower --lr")
             opt.zero_grad()
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(trainable_params, 1.0)
@@ -336,9 +337,9 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
             state.step += 1
             state.seconds = time.time() - t0
             if state.step % 10 == 0 or state.step == s.steps:
-                state.losses.append([state.step, float(loss), float(l_out), float(l_feat)])
+                state.losses.append([state.step, loss_value, float(l_out.detach()), float(l_feat.detach())])
             if progress:
-                progress("distilling", state.step, s.steps, {"loss": float(loss)})
+                progress("distilling", state.step, s.steps, {"loss": loss_value})
             if accelerator.is_main_process and (state.step % s.checkpoint_every == 0 or state.step == s.steps):
                 _save_checkpoint(ckdir, unwrapped, opt, state, s.keep_checkpoints)
     finally:

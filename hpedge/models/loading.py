@@ -64,8 +64,20 @@ def _family_of_folder(path: Path) -> str:
     return PIPELINE_CLASSES[cls]
 
 
+def _quiet_loaders() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def load_pipeline(ref: ModelRef | str, dtype: str = "float32") -> Any:
     import torch
+
+    _quiet_loaders()
 
     if isinstance(ref, str):
         ref = resolve(ref)
@@ -76,7 +88,7 @@ def load_pipeline(ref: ModelRef | str, dtype: str = "float32") -> Any:
     else:
         from diffusers import FluxPipeline as cls
     try:
-        pipe = cls.from_pretrained(ref.path, torch_dtype=getattr(torch, dtype), use_safetensors=True)
+        pipe = cls.from_pretrained(ref.path, dtype=getattr(torch, dtype), use_safetensors=True)
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HpedgeError(f"could not load pipeline {ref.path}: {first}") from None
@@ -98,7 +110,7 @@ def load_transformer(ref: ModelRef | str) -> Any:
 
     try:
         return transformer_class(ref.family).from_pretrained(
-            ref.path, subfolder="transformer", torch_dtype=torch.float32, use_safetensors=True
+            ref.path, subfolder="transformer", dtype=torch.float32, use_safetensors=True
         )
     except (OSError, ValueError) as e:
         raise HpedgeError(f"could not load the transformer of {ref.path}: {str(e).splitlines()[0]}") from None
