@@ -134,7 +134,7 @@ def latency(args: argparse.Namespace) -> None:
     cases = []
     mid = _midsize_pipeline(tmp)
     cases.append(("mid-size SD3 (random weights, d=512, 12 blocks, 64 px)", mid, "6,7,8", "rtn"))
-    for fam in ("sd3", "flux"):
+    for fam in args.families:
         src = ROOT / "hpedge" / "zoo" / "models" / f"digits-{fam}"
         cut = "8,9,10" if fam == "sd3" else "3,9,10"
         if src.exists():
@@ -301,7 +301,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("memory")
-    sub.add_parser("latency")
+    lat = sub.add_parser("latency")
+    lat.add_argument("--families", nargs="*", default=["sd3", "flux"], help="digits models to include")
     q = sub.add_parser("quality")
     q.add_argument("models", nargs="*")
     q.add_argument("--out")

@@ -108,6 +108,9 @@ class _Reader:
     def __len__(self) -> int:
         return len(self.feeds)
 
+    def __iter__(self):  # type: ignore[no-untyped-def]  # awq_clip iterates, rtn calls get_next
+        return iter(self.feeds)
+
 
 def quantize_int4(fp32_path: Path, out_path: Path, calibration: list[dict[str, np.ndarray]], method: str = "awq_clip",
                   block_size: int = 128, protect: list[str] | None = None) -> QuantReport:
