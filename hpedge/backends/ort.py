@@ -49,7 +49,11 @@ def _cuda_device_present() -> bool:
 
 def run(sess: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     names = {i.name for i in sess.get_inputs()}
-    return sess.run(None, {k: v for k, v in feeds.items() if k in names})
+    try:
+        return sess.run(None, {k: v for k, v in feeds.items() if k in names})
+    except Exception as e:
+        msg = " ".join(str(e).split())[:300]
+        raise HpedgeError(f"ONNX Runtime failed to run the model: {msg}") from None
 
 
 def input_names(sess: Any) -> list[str]:

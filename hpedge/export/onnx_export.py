@@ -166,7 +166,8 @@ def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str
     if exporter == "auto":
         exporter = "legacy" if family == "sd3" else "dynamo"
     wrapper = _transformer_wrapper(transformer)
-    sample = spec.sample("opt")
+    # torch.export specialises dimensions of size 1, so the dynamo exporter traces the largest shapes
+    sample = spec.sample("max" if exporter == "dynamo" else "opt")
     names = list(spec.inputs)
     args = tuple(torch.from_numpy(sample[n]) for n in names)
     dynamic_shapes = None
@@ -186,11 +187,42 @@ def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str
             dynamic_shapes = ({0: b, 1: n}, {0: b}, {0: b}, {0: b}, {0: n}, None)
     if exporter not in ("legacy", "dynamo"):
         raise HpedgeError(f"unknown exporter {exporter!r} (auto, legacy, dynamo)")
+    original_rope = None
+    if family == "flux":  # diffusers computes FLUX's rotary tables in float64; ORT CPU has no float64 Cos/Sin
+        original_rope = transformer.pos_embed
+        transformer.pos_embed = _Float32Rope(original_rope.theta, original_rope.axes_dim)
     try:
         _export(wrapper, args, path, names, spec.outputs, spec.dynamic_axes, exporter, dynamic_shapes)
     except Exception as e:  # exporter failures are user-facing: say which part and why, in one line
         raise HpedgeError(f"ONNX export of the transformer failed ({exporter} exporter): {str(e).splitlines()[0][:200]}") from None
+    finally:
+        if original_rope is not None:
+            transformer.pos_embed = original_rope
     return exporter
+
+
+def _rope_module() -> Any:
+    import torch
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    class Float32Rope(torch.nn.Module):
+        """FLUX's rotary position tables computed in float32 (what TensorRT and ORT run)."""
+
+        def __init__(self, theta: int, axes_dim: list[int]) -> None:
+            super().__init__()
+            self.theta, self.axes_dim = theta, axes_dim
+
+        def forward(self, ids):  # type: ignore[no-untyped-def]
+            pos = ids.float()
+            outs = [get_1d_rotary_pos_embed(self.axes_dim[i], pos[:, i], theta=self.theta, repeat_interleave_real=True,
+                                            use_real=True, freqs_dtype=torch.float32) for i in range(ids.shape[-1])]
+            return torch.cat([c for c, _ in outs], dim=-1), torch.cat([s for _, s in outs], dim=-1)
+
+    return Float32Rope
+
+
+def _Float32Rope(theta: int, axes_dim: list[int]) -> Any:  # noqa: N802
+    return _rope_module()(theta, axes_dim)
 
 
 class _SD3Text:
