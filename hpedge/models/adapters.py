@@ -80,8 +80,12 @@ def numel(module: Any) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def int4_bytes(module: Any, block_size: int = INT4_BLOCK, other_bytes: int = 2) -> int:
-    """Bytes with INT4 linear weights (one fp16 scale per block) and ``other_bytes`` for the rest.
+def int4_bytes(module: Any, block_size: int = INT4_BLOCK, other_bytes: int = 2, scale_bytes: int = 2) -> int:
+    """Bytes with INT4 linear weights (one ``scale_bytes`` scale per block) and ``other_bytes`` for the rest.
+
+    Defaults describe a TensorRT deployment (fp16 scales, bf16 elsewhere); the CPU ONNX export keeps
+    fp32 scales and fp32 elsewhere (``scale_bytes=4, other_bytes=4``), and a test checks this formula
+    against the exported file's weights.
 
     Linear weights whose input dimension is not a multiple of ``block_size`` stay in 16 bits; this is
     the same rule the ONNX INT4 export applies, so estimates and exported sizes agree.
@@ -93,7 +97,7 @@ def int4_bytes(module: Any, block_size: int = INT4_BLOCK, other_bytes: int = 2) 
     for m in module.modules():
         if isinstance(m, nn.Linear) and m.in_features % block_size == 0:
             w = m.weight
-            total += w.numel() // 2 + (w.numel() // block_size) * 2
+            total += w.numel() // 2 + (w.numel() // block_size) * scale_bytes
             seen.add(id(w))
     for p in module.parameters():
         if id(p) not in seen:

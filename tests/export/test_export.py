@@ -140,3 +140,17 @@ def test_parity_failure_writes_no_package(random_sd3, tmp_path) -> None:
     assert e.value.exit_code == HpedgeError.CHECK_FAILED
     assert not out.exists() and (tmp_path / "pkg.parity.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pkg")]
+
+
+def test_int4_size_formula_matches_the_exported_weights(sd3_package, random_sd3) -> None:
+    """The planner's INT4 formula, with the export's precisions, equals the INT4 ONNX weights (+ buffers)."""
+    import onnx
+
+    from hpedge.models.adapters import int4_bytes
+    from hpedge.models.loading import load_transformer
+
+    model = onnx.load(str(sd3_package / "transformer" / "int4" / "model.onnx"))
+    size = {1: 4.0, 22: 0.5, 7: 8.0, 6: 4.0}
+    weights = sum(size.get(i.data_type, 4.0) * int(np.prod(i.dims or [1])) for i in model.graph.initializer)
+    formula = int4_bytes(load_transformer(str(random_sd3)), other_bytes=4, scale_bytes=4)
+    assert abs(weights - formula) / formula < 0.05, (weights, formula)
