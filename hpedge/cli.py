@@ -13,7 +13,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from hpedge.errors import HpedgeError
 
@@ -284,8 +284,8 @@ def targets() -> None:
     """List the built-in device profiles."""
     from hpedge.targets import all_profiles
 
-    t = Table("device", "sm", "memory", "precisions", "resolution", "batch", "engine built on")
-    t.columns.insert(0, __import__("rich.table", fromlist=["Column"]).Column("name", no_wrap=True))
+    t = Table(Column("name", no_wrap=True), "device", "sm", "memory", "precisions", "resolution", "batch",
+              "engine built on")
     for p in all_profiles():
         t.add_row(p.name, p.display_name, p.compute_capability, f"{p.memory_gb:g} GB{' shared' if p.shared_memory else ''}",
                   ",".join(p.precisions), f"{p.resolution.min}-{p.resolution.max}", f"{p.batch.min}-{p.batch.max}", p.build_on)

@@ -353,6 +353,3 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
         student.disable_gradient_checkpointing()
     return student, state, weights
 
-
-def steps_for_minutes(minutes: float, seconds_per_step: float) -> int:
-    return max(1, int(math.floor(minutes * 60 / seconds_per_step)))

@@ -201,7 +201,7 @@ def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str
     return exporter
 
 
-def _rope_module() -> Any:
+def _Float32Rope(theta: int, axes_dim: list[int]) -> Any:  # noqa: N802 - builds a module lazily (torch import)
     import torch
     from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
@@ -218,11 +218,7 @@ def _rope_module() -> Any:
                                             use_real=True, freqs_dtype=torch.float32) for i in range(ids.shape[-1])]
             return torch.cat([c for c, _ in outs], dim=-1), torch.cat([s for _, s in outs], dim=-1)
 
-    return Float32Rope
-
-
-def _Float32Rope(theta: int, axes_dim: list[int]) -> Any:  # noqa: N802
-    return _rope_module()(theta, axes_dim)
+    return Float32Rope(theta, axes_dim)
 
 
 class _SD3Text:

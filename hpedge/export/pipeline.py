@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -227,7 +226,9 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         engine: dict[str, Any] = {"status": "pending", "reason": engine_reason}
         if build_now:
             say("building TensorRT engine")
-            onnx_sha = __import__("hpedge.runtime", fromlist=["sha256"]).sha256(int4)
+            from hpedge.runtime import sha256
+
+            onnx_sha = sha256(int4)
             av = trt.availability(profile.compute_capability)
             settings = {"opt_level": profile.builder_optimization_level, "workspace_gb": profile.workspace_gb,
                         "shapes": spec.to_dict()["inputs"], "strongly_typed": True}
@@ -306,13 +307,11 @@ def _e2e_check(pipe: Any, root: Path, prompts: list[str], steps: int, min_psnr: 
     """Full generations: original pipeline vs packaged components (int4_cpu), same prompts and noise."""
     import torch
 
-    from hpedge.evaluation.evaluate import generate
     from hpedge.export.parity import quality
     from hpedge.runtime import Package
 
     pkg = Package(root, variant="int4_cpu", device="cpu")
     lat = pkg.initial_latents(len(prompts), seed=5)
-    kw: dict[str, Any] = {}
     if family_of(pipe) == "flux":
         from hpedge.runtime import pack
 
@@ -322,7 +321,7 @@ def _e2e_check(pipe: Any, root: Path, prompts: list[str], steps: int, min_psnr: 
     with torch.no_grad():
         gen_kw: dict[str, Any] = dict(num_inference_steps=steps, height=pkg.manifest["generation"]["resolution"],
                                       width=pkg.manifest["generation"]["resolution"], output_type="np",
-                                      latents=lat_in, max_sequence_length=MAX_SEQUENCE_LENGTH, **kw)
+                                      latents=lat_in, max_sequence_length=MAX_SEQUENCE_LENGTH)
         if family_of(pipe) == "sd3":
             gen_kw["guidance_scale"] = 1.0
         ref = np.asarray(pipe(prompts, **gen_kw).images)
@@ -330,7 +329,6 @@ def _e2e_check(pipe: Any, root: Path, prompts: list[str], steps: int, min_psnr: 
     got = pkg.generate(prompts, steps=steps, latents=lat)
     q = [quality(r, g) for r, g in zip(ref, got)]
     psnr = min(x["psnr_db"] for x in q)
-    del generate
     return Check("end-to-end images: package (int4_cpu) vs original pipeline", psnr >= min_psnr,
                  {"min_psnr_db": psnr, "mean_psnr_db": float(np.mean([x["psnr_db"] for x in q]))}, {"min_psnr_db": min_psnr})
 
@@ -394,7 +392,7 @@ def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
     return result
 
 
-def build(package: Path, engine: str = "require") -> dict[str, Any]:
+def build(package: Path) -> dict[str, Any]:
     """``hpedge build PACKAGE``: build the pending TensorRT engine on this (matching) GPU."""
     from hpedge.export import trt
     from hpedge.export.package import finalize_manifest
@@ -418,6 +416,3 @@ def build(package: Path, engine: str = "require") -> dict[str, Any]:
     manifest["engine"] = {"status": "built", "cache_key": key, "compute_capability": av.compute_capability, **facts}
     return finalize_manifest(package, manifest)
 
-
-def remove_partial(out: Path) -> None:
-    shutil.rmtree(out, ignore_errors=True)
