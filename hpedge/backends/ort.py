@@ -60,6 +60,10 @@ def input_names(sess: Any) -> list[str]:
     return [i.name for i in sess.get_inputs()]
 
 
+def output_names(sess: Any) -> list[str]:
+    return [o.name for o in sess.get_outputs()]
+
+
 def version() -> str:
     import onnxruntime as ort
 

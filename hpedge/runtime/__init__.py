@@ -144,20 +144,52 @@ class Package:
         pe, pooled = ort.run(self._session(self.manifest["components"]["text"]["file"]), self.tokenize(prompts))
         return pe, pooled
 
+    def transformer_feeds(self, latents: np.ndarray, sigma: np.ndarray, pe: np.ndarray,
+                          pooled: np.ndarray) -> dict[str, np.ndarray]:
+        """The transformer model's inputs for unpacked latents (B, C, h, w) at noise levels ``sigma`` (B,)."""
+        t = (sigma * self.manifest["generation"]["timestep_scale"]).astype(np.float32)
+        b, c, h, w = latents.shape
+        if self.family == "sd3":
+            return {"hidden_states": latents, "encoder_hidden_states": pe, "pooled_projections": pooled, "timestep": t}
+        return {"hidden_states": pack(latents), "encoder_hidden_states": pe, "pooled_projections": pooled,
+                "timestep": t, "img_ids": img_ids(h, w), "txt_ids": np.zeros((pe.shape[1], 3), np.float32)}
+
     def transformer(self, latents: np.ndarray, sigma: np.ndarray, pe: np.ndarray, pooled: np.ndarray) -> np.ndarray:
         """Velocity for unpacked latents (B, C, h, w) at noise levels ``sigma`` (B,)."""
         from hpedge.backends import ort
 
-        gen = self.manifest["generation"]
-        t = (sigma * gen["timestep_scale"]).astype(np.float32)
-        b, c, h, w = latents.shape
-        if self.family == "sd3":
-            feeds = {"hidden_states": latents, "encoder_hidden_states": pe, "pooled_projections": pooled, "timestep": t}
-        else:
-            feeds = {"hidden_states": pack(latents), "encoder_hidden_states": pe, "pooled_projections": pooled,
-                     "timestep": t, "img_ids": img_ids(h, w), "txt_ids": np.zeros((pe.shape[1], 3), np.float32)}
+        h, w = latents.shape[2:]
+        feeds = self.transformer_feeds(latents, sigma, pe, pooled)
         out = ort.run(self._session(self.variants[self.variant]), feeds)[0]
         return out if self.family == "sd3" else unpack(out, h, w)
+
+    def save_step(self, out: str | Path, prompt: str, seed: int = 0, sigma: float = 1.0,
+                  overwrite: bool = False) -> Path:
+        """Write one transformer step's inputs and this runtime's output for the C++ samples.
+
+        ``out/step.txt`` names the model (relative to the package) and every tensor as
+        ``input|output NAME float32 NDIM DIMS... FILE``; the tensors are raw little-endian float32.
+        """
+        from hpedge.backends import ort
+        from hpedge.io import atomic_dir
+
+        pe, pooled = self.encode([prompt])
+        feeds = self.transformer_feeds(self.initial_latents(1, seed), np.full(1, sigma, np.float32), pe, pooled)
+        rel = self.variants[self.variant]
+        sess = self._session(rel)
+        feeds = {k: np.ascontiguousarray(v, np.float32) for k, v in feeds.items() if k in ort.input_names(sess)}
+        outputs = dict(zip(ort.output_names(sess), ort.run(sess, feeds)))
+        lines = [f"# hpedge transformer step: prompt {prompt!r}, seed {seed}, sigma {sigma}, variant {self.variant}",
+                 f"model {rel}"]
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            for kind, tensors in (("input", feeds), ("output", outputs)):
+                for i, (name, arr) in enumerate(tensors.items()):
+                    arr = np.ascontiguousarray(arr, dtype="<f4")
+                    fname = f"{kind}_{i}.bin"
+                    arr.tofile(tmp / fname)
+                    lines.append(f"{kind} {name} float32 {arr.ndim} {' '.join(map(str, arr.shape))} {fname}")
+            (tmp / "step.txt").write_text("\n".join(lines) + "\n")
+        return Path(out)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         from hpedge.backends import ort

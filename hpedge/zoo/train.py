@@ -93,7 +93,9 @@ def train_vae(out: Path, steps: int, seed: int) -> dict:
     return {"steps": steps, "latent_mean": mean, "latent_std": std, "reconstruction_mse": rec_mse}
 
 
-def train_pipeline(family: str, out: Path, steps: int, seed: int, batch_size: int, init_from: Path | None = None) -> dict:
+def train_pipeline(
+    family: str, out: Path, steps: int, seed: int, batch_size: int, init_from: Path | None = None, lr: float = 1e-3, cosine: bool = False
+) -> dict:
     import copy
 
     import torch
@@ -118,8 +120,13 @@ def train_pipeline(family: str, out: Path, steps: int, seed: int, batch_size: in
     trainable = [pipe.transformer, *text_encoders]
     params = [p for m in trainable for p in m.parameters()]
     ema = [copy.deepcopy(m).requires_grad_(False) for m in trainable]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    def lr_factor(s: int) -> float:  # 100 warm-up steps, then constant or cosine down to 0
+        warm = min(1.0, (s + 1) / 100)
+        return warm * (0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))) if cosine else 1.0)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     losses = []
     t0 = time.time()
@@ -151,7 +158,7 @@ def train_pipeline(family: str, out: Path, steps: int, seed: int, batch_size: in
     pipe.to(torch.float16)  # committed weights are fp16 to keep the repository small
     pipe.save_pretrained(out / f"digits-{family}")
     write_marker(out / f"digits-{family}")
-    return {"steps": steps, "batch_size": batch_size, "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "cosine": cosine, "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
 
 
 def write_marker(folder: Path) -> None:
@@ -171,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the sd3/flux stages")
+    ap.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0 (default: constant)")
     ap.add_argument("--init-from", type=Path, default=None, help="continue training this pipeline folder")
     args = ap.parse_args(argv)
     import torch
@@ -190,8 +199,10 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "vae":
             info = train_vae(args.out, steps, args.seed)
         else:
-            info = train_pipeline(stage, args.out, steps, args.seed, args.batch_size, args.init_from)
+            info = train_pipeline(stage, args.out, steps, args.seed, args.batch_size, args.init_from, args.lr, args.cosine)
         cmd = f"python -m hpedge.zoo.train {stage} --steps {steps} --seed {args.seed}"
+        if stage in ("sd3", "flux"):
+            cmd += f" --batch-size {args.batch_size} --lr {args.lr}" + (" --cosine" if args.cosine else "")
         if args.init_from is not None:
             cmd += f" --init-from {args.init_from}"
         info.update(seconds=round(time.time() - t, 1), seed=args.seed, threads=torch.get_num_threads(), command=cmd)
