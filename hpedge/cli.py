@@ -300,6 +300,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
            engine: Annotated[str, typer.Option(help="auto | require | skip")] = "auto",
            method: Annotated[str, typer.Option(help="INT4 method: awq_clip | rtn")] = "awq_clip",
            exporter: Annotated[str, typer.Option(help="ONNX exporter: auto | legacy | dynamo")] = "auto",
+           cpu_kernel: Annotated[str, typer.Option(help="CPU variant of the INT4 transformer: int8 (int8 GEMM after load) | nbits (MatMulNBits)")] = "int8",
            calibration_prompts: Annotated[int, typer.Option(help="prompts for calibration (and as many held out for parity)")] = 8,
            protect: Annotated[Optional[list[str]], typer.Option(help="regex of layers kept in full precision (repeatable)")] = None,
            allow_parity_failure: Annotated[bool, typer.Option(help="write the package even if parity fails (recorded in the manifest)")] = False,
@@ -308,7 +309,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
     """ONNX + INT4 AWQ + TensorRT engine (or on-device build) + Polygraphy parity -> a self-describing package."""
     from hpedge.export.pipeline import ExportOptions, export as run
 
-    opts = ExportOptions(target=target, engine=engine, method=method, exporter=exporter,
+    opts = ExportOptions(target=target, engine=engine, method=method, exporter=exporter, cpu_kernel=cpu_kernel,
                          calibration_prompts=calibration_prompts, allow_parity_failure=allow_parity_failure,
                          archive=archive, overwrite=overwrite, protect=list(protect or []))
     with err_console.status("export") as status:

@@ -3,7 +3,8 @@
 1. transformer -> ONNX fp32 (dynamic shapes covering the profile), verified against PyTorch on fresh
    inputs before anything else runs; text encoding and VAE decoder -> ONNX;
 2. calibration inputs captured from real denoising runs of the pipeline (never random data);
-3. INT4 AWQ (ModelOpt) + an exact MatMulNBits variant for ONNX Runtime's CPU provider;
+3. INT4 AWQ (ModelOpt) + a CPU variant of the same INT4 weights for ONNX Runtime's CPU provider (int8 GEMM
+   after load, or MatMulNBits);
 4. TensorRT engine (``--engine auto|require|skip``), or marked for an on-device ``hpedge build``;
 5. parity (Polygraphy) on held-out captured inputs + an end-to-end image check; it gates packaging;
 6. manifest with sha256 of every file; the package directory is written atomically.
@@ -41,6 +42,7 @@ class ExportOptions:
     overwrite: bool = False
     protect: list[str] = field(default_factory=list)
     e2e_samples: int = 4
+    cpu_kernel: str = "int8"  # int8 | nbits (see hpedge.export.cpu_int4)
 
 
 def _marker(path: Path | None) -> dict[str, Any]:
@@ -169,13 +171,15 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
 
     from hpedge.export import parity as par
     from hpedge.export import trt
-    from hpedge.export.cpu_int4 import convert
+    from hpedge.export.cpu_int4 import KERNELS, convert
     from hpedge.export.package import finalize_manifest, write_archive
     from hpedge.export.quantize import quantize_int4
     from hpedge.io import _check_parent
     from hpedge.models.loading import load_pipeline, resolve
 
     say = progress or (lambda _s: None)
+    if opts.cpu_kernel not in KERNELS:
+        raise HpedgeError(f"--cpu-kernel must be one of {', '.join(KERNELS)}, got {opts.cpu_kernel!r}")
     profile = load_profile(opts.target)
     if "int4" not in profile.precisions:
         raise HpedgeError(f"target {profile.name} cannot run INT4 weights (precisions: {', '.join(profile.precisions)})")
@@ -215,7 +219,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         int4 = tmp / "transformer" / "int4" / "model.onnx"
         qrep = quantize_int4(fp32, int4, calib, opts.method, 128, opts.protect)
         int4_cpu = tmp / "transformer" / "int4_cpu" / "model.onnx"
-        n_nbits = convert(int4, int4_cpu)
+        n_cpu = convert(int4, int4_cpu, opts.cpu_kernel)
 
         say("exporting text encoders and VAE decoder")
         ox.export_text(pipe, tmp / "text" / "model.onnx", MAX_SEQUENCE_LENGTH)
@@ -248,7 +252,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         report.checks.append(par.compare_quality("transformer int4 (DequantizeLinear) vs PyTorch", ref_out,
                                                  par.outputs_of(par.run_onnxrt(int4, held, "onnxrt-int4")),
                                                  p.int4_min_cosine, p.int4_min_psnr_db))
-        report.checks.append(par.compare_quality("transformer int4_cpu (MatMulNBits) vs PyTorch", ref_out,
+        report.checks.append(par.compare_quality(f"transformer int4_cpu ({opts.cpu_kernel}) vs PyTorch", ref_out,
                                                  par.outputs_of(par.run_onnxrt(int4_cpu, held, "onnxrt-int4-cpu")),
                                                  p.int4_min_cosine, p.int4_min_psnr_db))
         if engine["status"] == "built":
@@ -278,7 +282,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
                 "vae_decoder": {"file": "vae_decoder/model.onnx", "precision": "fp32"},
             },
             "generation": gen,
-            "int4": {**{k: v for k, v in qrep.to_dict().items() if k != "layer_error"}, "matmulnbits_converted": n_nbits,
+            "int4": {**{k: v for k, v in qrep.to_dict().items() if k != "layer_error"}, "cpu_kernel": opts.cpu_kernel, "cpu_converted": n_cpu,
                      "report": "quant_report.json"},
             "engine": engine,
             "tools": _versions(),

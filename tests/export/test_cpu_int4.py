@@ -1,0 +1,67 @@
+"""The CPU variants of the INT4 transformer keep ModelOpt's 4-bit weights and compute the same product."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpedge.export.cpu_int4 import convert
+
+K, N, BLOCK = 256, 64, 128
+
+
+def _dq_matmul_model(path: Path, rng: np.random.Generator) -> None:
+    """x[2, 5, K] @ DequantizeLinear(int4 [K, N], scale [K/128, N]) -- ModelOpt's layout."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    q = rng.integers(-8, 8, size=(K, N)).astype(np.int8)
+    scale = (rng.random((K // BLOCK, N)) * 0.05 + 0.01).astype(np.float32)
+    w = helper.make_tensor("w_i4", TensorProto.INT4, [K, N], q.flatten().tolist())
+    nodes = [helper.make_node("DequantizeLinear", ["w_i4", "w_scale"], ["w"], axis=0, block_size=BLOCK),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, N])],
+                              [w, numpy_helper.from_array(scale, "w_scale")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("kernel", ["int8", "nbits"])
+def test_cpu_variant_matches_the_int4_graph(tmp_path: Path, kernel: str) -> None:
+    import onnx
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(0)
+    src, dst = tmp_path / "int4.onnx", tmp_path / f"{kernel}.onnx"
+    _dq_matmul_model(src, rng)
+    assert convert(src, dst, kernel) == 1
+    model = onnx.load(str(dst))
+    ops = {n.op_type for n in model.graph.node}
+    assert ("DynamicQuantizeMatMul" if kernel == "int8" else "MatMulNBits") in ops
+    assert "DequantizeLinear" not in ops
+    # the file keeps 4-bit weights: nothing of K*N elements is stored wider than 4 bits
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) >= K * N:
+            assert init.data_type in (TensorProto.INT4, TensorProto.UINT8) and len(init.raw_data or b"") <= K * N // 2 + 8
+    x = rng.standard_normal((2, 5, K)).astype(np.float32)
+    ref, got = _run(src, x), _run(dst, x)
+    cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    if kernel == "nbits":
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    else:  # int8 weights per channel + uint8 activations per tensor: close, not exact
+        assert cos > 0.999, cos
+        assert not np.allclose(got, ref, rtol=1e-6, atol=1e-6)  # it really is the quantized kernel
+
+
+def test_unknown_kernel(tmp_path: Path) -> None:
+    _dq_matmul_model(tmp_path / "int4.onnx", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="unknown CPU INT4 kernel"):
+        convert(tmp_path / "int4.onnx", tmp_path / "x.onnx", "fp8")
