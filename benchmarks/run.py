@@ -82,8 +82,9 @@ ort.run(sess, feeds); ort.run(sess, feeds)
 ts = []
 for _ in range({reps}):
     t = time.perf_counter(); ort.run(sess, feeds); ts.append(time.perf_counter() - t)
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))  # this process only
-print(json.dumps({{"median_ms": 1000 * statistics.median(ts), "peak_rss_mb": hwm / 1024}}))
+status = {{l.split(":")[0]: int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(("VmHWM", "VmRSS"))}}
+print(json.dumps({{"median_ms": 1000 * statistics.median(ts), "peak_rss_mb": status["VmHWM"] / 1024,  # this process only
+                  "rss_mb": status["VmRSS"] / 1024}}))
 """
 
 
@@ -132,7 +133,8 @@ def latency(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hpedge-bench-"))
     text = header("Transformer step latency and peak memory on ONNX Runtime CPU; end-to-end image latency")
     text += ("Each ONNX variant runs in its own process: 2 warm-up steps, then the median of 7 steps; peak memory is "
-             "that process's VmHWM (ru_maxrss would include the parent's peak, which Linux carries across exec). 'original' = unpruned model exported fp32; 'pruned' = 25 % of blocks removed "
+             "that process's VmHWM, session creation included (ru_maxrss would include the parent's peak, which Linux carries across exec); "
+             "steady RSS = VmRSS after the timed steps. 'original' = unpruned model exported fp32; 'pruned' = 25 % of blocks removed "
              "(later blocks). INT4 = ModelOpt weights (file bytes); int4_cpu = the same INT4 weights, expanded by ONNX Runtime's "
              "constant folding to per-channel int8 when the session starts and run by its int8 GEMM (DynamicQuantizeMatMul); "
              "MatMulNBits = the same nibbles on ORT's 4-bit kernel.\n\n")
@@ -144,7 +146,7 @@ def latency(args: argparse.Namespace) -> None:
         cut = "8,9,10" if fam == "sd3" else "3,9,10"
         if src.exists():
             cases.append((f"digits-{fam}", src, cut, "awq_clip"))
-    text += "| model | variant | transformer bytes | step median | peak RSS | latency vs original fp32 |\n|---|---|---|---|---|---|\n"
+    text += "| model | variant | transformer bytes | step median | peak RSS | steady RSS | latency vs original fp32 |\n|---|---|---|---|---|---|---|\n"
     for label, folder, cut, method in cases:
         pipe = load_pipeline(str(folder))
         pruned_t, _ = adapters.prune(pipe.transformer, set(int(x) for x in cut.split(",")))
@@ -176,13 +178,13 @@ def latency(args: argparse.Namespace) -> None:
             r = time_onnx(path, feeds)
             base = base or r["median_ms"]
             text += (f"| {label} | {name} | {nbytes / 1e6:.1f} MB | {r['median_ms']:.1f} ms | {r['peak_rss_mb']:.0f} MB | "
-                     f"{r['median_ms'] / base:.2f}x |\n")
+                     f"{r['rss_mb']:.0f} MB | {r['median_ms'] / base:.2f}x |\n")
         parity = m1["parity"]
-        text += f"| {label} | parity of the pruned package | | | | {'passed' if parity['passed'] else 'FAILED'} |\n"
+        text += f"| {label} | parity of the pruned package | | | | | {'passed' if parity['passed'] else 'FAILED'} |\n"
         if folder.name.startswith("digits"):
             e2e = _e2e(pipe, p_pruned, pruned_dir)
             text += (f"| {label} | end-to-end image, 16 steps, batch 1: diffusers pipeline (original, torch fp32) "
-                     f"{e2e['pipeline_ms']:.0f} ms vs package (pruned int4_cpu, ORT) {e2e['package_ms']:.0f} ms | | | | "
+                     f"{e2e['pipeline_ms']:.0f} ms vs package (pruned int4_cpu, ORT) {e2e['package_ms']:.0f} ms | | | | | "
                      f"{e2e['package_ms'] / e2e['pipeline_ms']:.2f}x |\n")
     write("latency.md", text)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -256,8 +258,11 @@ def blocks(args: argparse.Namespace) -> None:
 def ablation(args: argparse.Namespace) -> None:
     import numpy as np
 
+    from dataclasses import asdict
+
     from hpedge.compress.distill import DistillSettings
     from hpedge.compress.pipeline import CompressOptions, compress
+    from hpedge.evaluation.evaluate import EvalSettings, evaluate
     from hpedge.compress.plan import Budget
     from hpedge.models import adapters
     from hpedge.models.loading import load_pipeline
@@ -270,13 +275,19 @@ def ablation(args: argparse.Namespace) -> None:
     # HP run first: its analysis is reused by every variant that needs an importance table
     runs: list[tuple[str, dict]] = []
 
+    es = EvalSettings(per_category=args.per_category)
+    teacher = asdict(evaluate(pipe, model, es)[0])  # once: every variant starts from the same teacher
+
     def run(label: str, budget: Budget, importance: str | None, pwp: bool, sgd: str) -> dict:
         ds = DistillSettings(steps=args.steps, pwp=pwp, sgd=sgd, seed=0)
         out = tmp / label.replace(" ", "_").replace("/", "-")
         t = time.time()
-        rep = compress(model, out, CompressOptions(budget, importance, 0.5, ds, eval_per_category=args.per_category))
+        rep = compress(model, out, CompressOptions(budget, importance, 0.5, ds, eval_per_category=0))
+        student = asdict(evaluate(load_pipeline(str(out)), str(out), es)[0])
+        rep["scores"] = {"teacher": teacher, "student": student, "student_over_teacher": student["overall"] / teacher["overall"]}
         rep["wall"] = time.time() - t
         runs.append((label, rep))
+        print(f"{label}: {student['overall']:.3f} ({rep['scores']['student_over_teacher']:.1%} of the teacher)", flush=True)
         return rep
 
     hp = run("HierarchicalPrune (HPP + PWP + SGDistill)", Budget(remove_fraction=0.25), None, True, "continuous")
@@ -294,7 +305,6 @@ def ablation(args: argparse.Namespace) -> None:
     cands = [i for i in range(n) if not (args.family == "sd3" and i == n - 1)]
     mag = sorted(sorted(cands, key=norms.get)[:k])
     run("magnitude-based block ranking", Budget(remove_blocks=",".join(map(str, mag)) + ","), None, False, "off")
-    teacher = hp["scores"]["teacher"]
     text = header(f"HierarchicalPrune vs baselines on {model} ({k} of {n} blocks removed, {args.steps} distillation steps each)")
     text += (f"Teacher: overall {teacher['overall']:.3f}, Frechet {teacher['frechet_distance']:.1f} "
              f"({args.per_category * 5} prompts per evaluation). Baselines use plain output+feature KD (no PWP, no SGDistill).\n\n")

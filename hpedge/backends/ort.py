@@ -32,9 +32,30 @@ def session(path: str | Path, device: str = "auto", threads: int | None = None) 
     if threads:
         opts.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:
         raise HpedgeError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+    _return_freed_memory()
+    return sess
+
+
+def _return_freed_memory() -> None:
+    """Give memory freed during session creation back to the OS.
+
+    Constant folding (the int8 CPU variant expands its INT4 weights when the session starts) frees
+    several bytes per parameter that glibc would otherwise keep in the process. Other C libraries
+    have no ``malloc_trim``; nothing to do there.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
 
 
 def _cuda_device_present() -> bool:

@@ -6,13 +6,14 @@ than fp32 (it dequantizes every weight on every call). Two kernels are offered; 
 here and the package's parity gate judges either result:
 
 ``int8`` (default)
-    Each weight stays INT4 in the file. A small constant subgraph (Cast int4 -> float, times the block
-    scales, per-output-channel absmax / 127, Round, Clip, Cast int8) turns it into an int8 weight with
-    one scale per output channel; ONNX Runtime's constant folding evaluates it once when the session is
+    Each weight stays INT4 in the file. A small constant subgraph (Cast int4 -> float, times a
+    per-(block, channel) ratio of scales, QuantizeLinear to int8) turns it into an int8 weight with one
+    scale per output channel; ONNX Runtime's constant folding evaluates it once when the session is
     created, so at run time the MatMul is ``com.microsoft.DynamicQuantizeMatMul``: activations quantized
     per tensor to uint8 on the fly, an int8 GEMM (VNNI / AMX kernels). Disk and download size are those
-    of INT4; resident weights are int8 (half of INT4's compression in RAM). The requantization adds an
-    error of at most absmax/254 per weight, about 1/18 of INT4's own block step.
+    of INT4; resident weights are int8. Folding briefly holds fp32 copies of the weights (about 10 bytes
+    per parameter at session start; glibc keeps that memory unless trimmed, which the hpedge runtime
+    does). The requantization error is at most half a step of the channel's largest block scale / 16.
 ``nbits``
     ``com.microsoft.MatMulNBits`` with the very same nibbles, exact: ModelOpt's weights are signed int4
     with zero point 0 (w * s); MatMulNBits stores unsigned nibbles with an implicit zero point of 8.
@@ -77,10 +78,8 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
     drop: set[str] = set()
     converted = 0
     if kernel == "int8":
-        new_inits += [numpy_helper.from_array(np.array([0], np.int64), "hpedge_axis0"),
-                      numpy_helper.from_array(np.array(1e-12, np.float32), "hpedge_eps"),
-                      numpy_helper.from_array(np.array(127.0, np.float32), "hpedge_127"),
-                      numpy_helper.from_array(np.array(-127.0, np.float32), "hpedge_minus127")]
+        new_inits += [numpy_helper.from_array(np.array(1.0, np.float32), "hpedge_one"),
+                      numpy_helper.from_array(np.array(0, np.int8), "hpedge_zero8")]
     for node in model.graph.node:
         if not (node.op_type == "MatMul" and node.input[1] in dq_by_out and consumers.get(node.input[1]) == 1):
             new_nodes.append(node)
@@ -98,25 +97,26 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
                                               name=node.name + "_nbits", domain="com.microsoft", K=k, N=n, bits=4,
                                               block_size=block, accuracy_level=accuracy_level))
         else:
+            # int8 weight = round(q * s_block / S_channel) with S_channel = max over blocks of s * 8 / 127, so
+            # |q * s / S| <= 127 needs no clipping. Only the small ratio table is precomputed here; the
+            # nibbles stay the file's INT4 tensor (same bytes, viewed as [K/block, block, N]).
+            w4 = onnx.TensorProto()
+            w4.CopyFrom(inits[wname])
             p = (node.name or wname) + "_w8"
-            new_inits += [numpy_helper.from_array(np.array([k // block, block, n], np.int64), p + "_blocks"),
-                          numpy_helper.from_array(np.array([k // block, 1, n], np.int64), p + "_scales"),
+            w4.name = p + "_int4"
+            del w4.dims[:]
+            w4.dims.extend([k // block, block, n])
+            scale = numpy_helper.to_array(inits[sname]).astype(np.float32)  # [K/block, N]
+            s_chan = np.maximum(scale.max(axis=0) * 8.0 / 127.0, np.float32(1e-12)).astype(np.float32)
+            ratio = (scale / s_chan).astype(np.float32).reshape(k // block, 1, n)
+            new_inits += [w4, numpy_helper.from_array(ratio, p + "_ratio"), numpy_helper.from_array(s_chan, p + "_scale"),
                           numpy_helper.from_array(np.array([k, n], np.int64), p + "_kn"),
                           numpy_helper.from_array(np.zeros(n, np.int8), p + "_zero")]
-            new_nodes += [  # constant subgraph, folded once at session creation
-                helper.make_node("Cast", [wname], [p + "_i4f"], to=TensorProto.FLOAT),
-                helper.make_node("Reshape", [p + "_i4f", p + "_blocks"], [p + "_i4f3"]),
-                helper.make_node("Reshape", [sname, p + "_scales"], [p + "_s3"]),
-                helper.make_node("Mul", [p + "_i4f3", p + "_s3"], [p + "_wf3"]),
-                helper.make_node("Reshape", [p + "_wf3", p + "_kn"], [p + "_wf"]),
-                helper.make_node("Abs", [p + "_wf"], [p + "_abs"]),
-                helper.make_node("ReduceMax", [p + "_abs", "hpedge_axis0"], [p + "_amax"], keepdims=0),
-                helper.make_node("Max", [p + "_amax", "hpedge_eps"], [p + "_amax_eps"]),
-                helper.make_node("Div", [p + "_amax_eps", "hpedge_127"], [p + "_scale"]),
-                helper.make_node("Div", [p + "_wf", p + "_scale"], [p + "_q"]),
-                helper.make_node("Round", [p + "_q"], [p + "_qr"]),
-                helper.make_node("Clip", [p + "_qr", "hpedge_minus127", "hpedge_127"], [p + "_qc"]),
-                helper.make_node("Cast", [p + "_qc"], [p + "_int8"], to=TensorProto.INT8),
+            new_nodes += [  # constant subgraph, folded once when the session is created
+                helper.make_node("Cast", [w4.name], [p + "_f"], to=TensorProto.FLOAT),
+                helper.make_node("Mul", [p + "_f", p + "_ratio"], [p + "_fr"]),
+                helper.make_node("QuantizeLinear", [p + "_fr", "hpedge_one", "hpedge_zero8"], [p + "_q3"]),
+                helper.make_node("Reshape", [p + "_q3", p + "_kn"], [p + "_int8"]),
                 helper.make_node("DynamicQuantizeMatMul", [node.input[0], p + "_int8", p + "_scale", p + "_zero"],
                                  list(node.output), name=(node.name or wname) + "_int8", domain="com.microsoft"),
             ]

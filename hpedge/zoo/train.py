@@ -6,6 +6,11 @@ Stages (each can be run alone): ``judge`` (digit classifier), ``vae`` (shared 32
 autoencoder), ``sd3`` and ``flux`` (transformer and text encoders trained jointly with rectified flow
 as in SD3: x_t = (1 - s) x0 + s e, target e - x0, s logit-normal, 10 % empty prompts, EMA).
 Everything is seeded; the record of times and settings goes to ``train_record.json``.
+
+The committed pipelines had a second stage that continues from the first with a cosine-decayed
+learning rate (recorded under ``sd3-continued`` / ``flux-continued``):
+
+    python -m hpedge.zoo.train sd3 --init-from hpedge/zoo/models/digits-sd3 --steps 1300 --batch-size 64 --lr 5e-4 --cosine
 """
 
 from __future__ import annotations

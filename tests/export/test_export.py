@@ -123,6 +123,8 @@ def test_export_errors(random_sd3, tmp_path) -> None:
     (tmp_path / "noint4.json").write_text(json.dumps(prof))
     assert "cannot run INT4" in err(str(random_sd3), "--target", str(tmp_path / "noint4.json"), "-o", str(tmp_path / "c"))
     assert "not a diffusers pipeline" in err(str(tmp_path), "--target", "rtx4090", "-o", str(tmp_path / "d"))
+    assert "--cpu-kernel must be one of int8, nbits" in err(str(random_sd3), "--target", "rtx4090", "-o",
+                                                           str(tmp_path / "d"), "--cpu-kernel", "fp8")
     (tmp_path / "afile").write_text("x")
     assert "cannot write" in err(str(random_sd3), "--target", "rtx4090", "-o", str(tmp_path / "afile" / "pkg"))
     for name in "abcd":
