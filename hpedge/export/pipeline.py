@@ -173,7 +173,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
     from hpedge.export import trt
     from hpedge.export.cpu_int4 import KERNELS, convert
     from hpedge.export.package import finalize_manifest, write_archive
-    from hpedge.export.quantize import quantize_int4
+    from hpedge.export.quantize import quantize_int4, store_floats_fp16
     from hpedge.io import _check_parent
     from hpedge.models.loading import load_pipeline, resolve
 
@@ -220,6 +220,8 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         qrep = quantize_int4(fp32, int4, calib, opts.method, 128, opts.protect)
         int4_cpu = tmp / "transformer" / "int4_cpu" / "model.onnx"
         n_cpu = convert(int4, int4_cpu, opts.cpu_kernel)
+        store_floats_fp16(int4)  # 4-bit weights, 16-bit rest (DequantizeLinear scales stay fp32 for TensorRT)
+        store_floats_fp16(int4_cpu, keep_dq_scales=False)
 
         say("exporting text encoders and VAE decoder")
         ox.export_text(pipe, tmp / "text" / "model.onnx", MAX_SEQUENCE_LENGTH)

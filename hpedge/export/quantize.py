@@ -182,3 +182,37 @@ def layer_errors(fp32_model: Any, int4_model: Any) -> dict[str, float]:
         if w.shape == deq.shape:
             out[wname] = float(np.linalg.norm(w - deq) / (np.linalg.norm(w) + 1e-12))
     return out
+
+
+def store_floats_fp16(path: Path, keep_dq_scales: bool = True, min_elements: int = 256) -> int:
+    """Store the float32 weights that stay unquantized (position tables, norms, biases, and unless
+    ``keep_dq_scales`` the DequantizeLinear scales) as fp16 followed by a ``Cast`` to fp32, in place.
+
+    Compute stays fp32 (ONNX Runtime folds the Cast once at session start; TensorRT folds constant
+    casts), while the file holds what the planner's size formula assumes: 4-bit weights, 16-bit rest.
+    DequantizeLinear scales are kept fp32 by default because TensorRT wants them as plain constants.
+    Tensors outside the fp16 range or with fewer than ``min_elements`` values are left as they are.
+    Returns the number of tensors stored as fp16.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path), load_external_data=True)
+    skip = {n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear" and len(n.input) > 1} if keep_dq_scales else set()
+    graph_inputs = {i.name for i in model.graph.input}
+    casts = []
+    for init in model.graph.initializer:
+        if (init.data_type != TensorProto.FLOAT or int(np.prod(init.dims or [1])) < min_elements
+                or init.name in skip or init.name in graph_inputs):
+            continue
+        arr = numpy_helper.to_array(init)
+        if not np.all(np.isfinite(arr)) or float(np.abs(arr).max()) >= 65504.0:
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(arr.astype(np.float16), name + "_fp16"))
+        casts.append(helper.make_node("Cast", [name + "_fp16"], [name], to=TensorProto.FLOAT, name=name + "_to_fp32"))
+    for i, node in enumerate(casts):
+        model.graph.node.insert(i, node)
+    big = model.ByteSize() > 2_000_000_000
+    onnx.save_model(model, str(path), save_as_external_data=big, location=Path(path).name + ".data")
+    return len(casts)

@@ -65,3 +65,23 @@ def test_unknown_kernel(tmp_path: Path) -> None:
     _dq_matmul_model(tmp_path / "int4.onnx", np.random.default_rng(0))
     with pytest.raises(ValueError, match="unknown CPU INT4 kernel"):
         convert(tmp_path / "int4.onnx", tmp_path / "x.onnx", "fp8")
+
+
+def test_store_floats_fp16_keeps_fp32_compute(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto
+
+    from hpedge.export.quantize import store_floats_fp16
+
+    rng = np.random.default_rng(1)
+    src = tmp_path / "int4.onnx"
+    _dq_matmul_model(src, rng)
+    x = rng.standard_normal((2, 5, K)).astype(np.float32)
+    ref = _run(src, x)
+    assert store_floats_fp16(src, keep_dq_scales=True, min_elements=1) == 0  # the only float is a DQ scale
+    assert store_floats_fp16(src, keep_dq_scales=False, min_elements=1) == 1
+    types = {i.name: i.data_type for i in onnx.load(str(src)).graph.initializer}
+    assert types["w_scale_fp16"] == TensorProto.FLOAT16 and "w_scale" not in types
+    got = _run(src, x)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3 * float(np.abs(ref).max()))

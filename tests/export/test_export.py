@@ -152,7 +152,8 @@ def test_int4_size_formula_matches_the_exported_weights(sd3_package, random_sd3)
     from hpedge.models.loading import load_transformer
 
     model = onnx.load(str(sd3_package / "transformer" / "int4" / "model.onnx"))
-    size = {1: 4.0, 22: 0.5, 7: 8.0, 6: 4.0}
+    size = {1: 4.0, 10: 2.0, 22: 0.5, 7: 8.0, 6: 4.0}
     weights = sum(size.get(i.data_type, 4.0) * int(np.prod(i.dims or [1])) for i in model.graph.initializer)
-    formula = int4_bytes(load_transformer(str(random_sd3)), other_bytes=4, scale_bytes=4)
+    # unquantized weights are stored fp16 (store_floats_fp16), DequantizeLinear scales fp32
+    formula = int4_bytes(load_transformer(str(random_sd3)), other_bytes=2, scale_bytes=4)
     assert abs(weights - formula) / formula < 0.05, (weights, formula)
