@@ -121,11 +121,7 @@ int run(int argc, char** argv) {
     }
     float* data = nullptr;
     check(api->GetTensorMutableData(out.get(), reinterpret_cast<void**>(&data)), "GetTensorMutableData");
-    hpedge::Diff d = hpedge::compare(data, ref);
-    const bool match = d.max_abs <= atol;
-    ok = ok && match;
-    std::printf("%s: max |C++ - Python| = %.3g (max |ref| %.3g, atol %.3g) %s\n", ref.name.c_str(), d.max_abs,
-                d.max_ref, atol, match ? "MATCH" : "MISMATCH");
+    ok = hpedge::report("C++", data, ref, atol) && ok;
   }
   std::printf("onnxruntime %s, model %s\n", OrtGetApiBase()->GetVersionString(), step.model.c_str());
   return ok ? 0 : 1;
@@ -133,11 +129,4 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return 2;
-  }
-}
+int main(int argc, char** argv) { return hpedge::guarded_main(run, argc, argv); }

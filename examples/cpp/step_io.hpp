@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <fstream>
 #include <sstream>
@@ -89,6 +90,26 @@ inline Diff compare(const float* got, const Tensor& ref) {
     d.max_ref = std::max(d.max_ref, std::fabs(static_cast<double>(ref.data[i])));
   }
   return d;
+}
+
+// Prints one output's comparison ("MATCH"/"MISMATCH") and returns whether it is within atol.
+inline bool report(const char* backend, const float* got, const Tensor& ref, double atol) {
+  Diff d = compare(got, ref);
+  const bool match = d.max_abs <= atol;
+  std::printf("%s: max |%s - Python| = %.3g (max |ref| %.3g, atol %.3g) %s\n", ref.name.c_str(), backend, d.max_abs,
+              d.max_ref, atol, match ? "MATCH" : "MISMATCH");
+  return match;
+}
+
+// main() of a sample: exit 2 with one line on any error.
+template <typename Run>
+int guarded_main(Run run, int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  }
 }
 
 }  // namespace hpedge

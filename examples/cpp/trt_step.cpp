@@ -108,11 +108,7 @@ int run(int argc, char** argv) {
     } else {
       cuda_check(cudaMemcpy(host.data(), buffer->ptr, n * 4, cudaMemcpyDeviceToHost), "cudaMemcpy D2H");
     }
-    hpedge::Diff d = hpedge::compare(host.data(), ref);
-    const bool match = d.max_abs <= atol;
-    ok = ok && match;
-    std::printf("%s: max |TensorRT - Python| = %.3g (max |ref| %.3g, atol %.3g) %s\n", ref.name.c_str(),
-                d.max_abs, d.max_ref, atol, match ? "MATCH" : "MISMATCH");
+    ok = hpedge::report("TensorRT", host.data(), ref, atol) && ok;
   }
   cudaStreamDestroy(stream);
   return ok ? 0 : 1;
@@ -120,11 +116,4 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return 2;
-  }
-}
+int main(int argc, char** argv) { return hpedge::guarded_main(run, argc, argv); }

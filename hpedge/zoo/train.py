@@ -155,7 +155,7 @@ def train_pipeline(
             for e, m in zip(ema, trainable):
                 for pe, pm in zip(e.parameters(), m.parameters()):
                     pe.lerp_(pm, 0.005)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 100 == 0 or step == steps - 1:
             print(f"[{family}] step {step} loss {np.mean(losses[-100:]):.4f} {time.time() - t0:.0f}s", flush=True)
     for e, m in zip(ema, trainable):
