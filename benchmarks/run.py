@@ -166,7 +166,7 @@ def latency(args: argparse.Namespace) -> None:
             shape = [1] + v["opt"][1:] if k not in ("img_ids", "txt_ids") else v["opt"]
             feeds[k] = (rng.uniform(0.1, 0.9, size=shape) * (1000 if k == "timestep" and m0["generation"]["timestep_scale"] > 1 else 1)).astype(np.float32) if k == "timestep" else (np.zeros(shape, np.float32) if k.endswith("_ids") else rng.standard_normal(shape).astype(np.float32))
         base = None
-        nbits = tmp / f"{folder.name}-nbits" / "model.onnx"  # the alternative CPU kernel, same weights
+        nbits = tmp / f"{folder.name}-nbits" / "model.onnx"  # what --cpu-kernel nbits would package
         convert_cpu(p_pruned / m1["components"]["transformer"]["variants"]["int4"], nbits, "nbits")
         variants = [("original fp32", p_orig / m0["components"]["transformer"]["variants"]["fp32"],
                      m0["components"]["transformer"]["bytes"]["fp32"])]
@@ -262,8 +262,8 @@ def ablation(args: argparse.Namespace) -> None:
 
     from hpedge.compress.distill import DistillSettings
     from hpedge.compress.pipeline import CompressOptions, compress
-    from hpedge.evaluation.evaluate import EvalSettings, evaluate
     from hpedge.compress.plan import Budget
+    from hpedge.evaluation.evaluate import EvalSettings, evaluate
     from hpedge.models import adapters
     from hpedge.models.loading import load_pipeline
 

@@ -59,10 +59,13 @@ def _int4_dq_nodes(model: Any) -> dict[str, tuple[Any, int]]:
 def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_level: int = 4) -> int:
     """Write the CPU variant of ``int4_path`` with ``kernel``; returns the number of converted MatMuls.
 
+    The remaining float32 weights are stored fp16 (with a Cast to fp32) as in the INT4 file.
     ``accuracy_level`` applies to ``nbits`` only (4: int8 activations, 0: fp32 compute).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+
+    from hpedge.export.quantize import floats_to_fp16
 
     if kernel not in KERNELS:
         raise ValueError(f"unknown CPU INT4 kernel {kernel!r} (choose from {', '.join(KERNELS)})")
@@ -132,6 +135,7 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
     model.graph.initializer.extend(keep)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    floats_to_fp16(model, keep_dq_scales=False)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     big = model.ByteSize() > 2_000_000_000
     onnx.save_model(model, str(out_path), save_as_external_data=big, location=out_path.name + ".data")

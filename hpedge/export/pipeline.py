@@ -168,7 +168,6 @@ def _tokenizer_entries(pipe: Any, root: Path) -> dict[str, Any]:
 
 
 def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-
     from hpedge.export import parity as par
     from hpedge.export import trt
     from hpedge.export.cpu_int4 import KERNELS, convert
@@ -219,9 +218,8 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         int4 = tmp / "transformer" / "int4" / "model.onnx"
         qrep = quantize_int4(fp32, int4, calib, opts.method, 128, opts.protect)
         int4_cpu = tmp / "transformer" / "int4_cpu" / "model.onnx"
-        n_cpu = convert(int4, int4_cpu, opts.cpu_kernel)
+        n_cpu = convert(int4, int4_cpu, opts.cpu_kernel)  # reads int4's fp32 scales: before the next line
         store_floats_fp16(int4)  # 4-bit weights, 16-bit rest (DequantizeLinear scales stay fp32 for TensorRT)
-        store_floats_fp16(int4_cpu, keep_dq_scales=False)
 
         say("exporting text encoders and VAE decoder")
         ox.export_text(pipe, tmp / "text" / "model.onnx", MAX_SEQUENCE_LENGTH)

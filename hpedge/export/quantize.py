@@ -185,8 +185,19 @@ def layer_errors(fp32_model: Any, int4_model: Any) -> dict[str, float]:
 
 
 def store_floats_fp16(path: Path, keep_dq_scales: bool = True, min_elements: int = 256) -> int:
+    """:func:`floats_to_fp16` on an ONNX file, in place; returns the number of tensors stored as fp16."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=True)
+    n = floats_to_fp16(model, keep_dq_scales, min_elements)
+    big = model.ByteSize() > 2_000_000_000
+    onnx.save_model(model, str(path), save_as_external_data=big, location=Path(path).name + ".data")
+    return n
+
+
+def floats_to_fp16(model: Any, keep_dq_scales: bool = True, min_elements: int = 256) -> int:
     """Store the float32 weights that stay unquantized (position tables, norms, biases, and unless
-    ``keep_dq_scales`` the DequantizeLinear scales) as fp16 followed by a ``Cast`` to fp32, in place.
+    ``keep_dq_scales`` the DequantizeLinear scales) as fp16 followed by a ``Cast`` to fp32.
 
     Compute stays fp32 (ONNX Runtime folds the Cast once at session start; TensorRT folds constant
     casts), while the file holds what the planner's size formula assumes: 4-bit weights, 16-bit rest.
@@ -194,10 +205,8 @@ def store_floats_fp16(path: Path, keep_dq_scales: bool = True, min_elements: int
     Tensors outside the fp16 range or with fewer than ``min_elements`` values are left as they are.
     Returns the number of tensors stored as fp16.
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load(str(path), load_external_data=True)
     skip = {n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear" and len(n.input) > 1} if keep_dq_scales else set()
     graph_inputs = {i.name for i in model.graph.input}
     casts = []
@@ -213,6 +222,4 @@ def store_floats_fp16(path: Path, keep_dq_scales: bool = True, min_elements: int
         casts.append(helper.make_node("Cast", [name + "_fp16"], [name], to=TensorProto.FLOAT, name=name + "_to_fp32"))
     for i, node in enumerate(casts):
         model.graph.node.insert(i, node)
-    big = model.ByteSize() > 2_000_000_000
-    onnx.save_model(model, str(path), save_as_external_data=big, location=Path(path).name + ".data")
     return len(casts)
