@@ -181,6 +181,11 @@ def latency(args: argparse.Namespace) -> None:
                      f"{r['rss_mb']:.0f} MB | {r['median_ms'] / base:.2f}x |\n")
         parity = m1["parity"]
         text += f"| {label} | parity of the pruned package | | | | | {'passed' if parity['passed'] else 'FAILED'} |\n"
+        bf16 = 2 * sum(v.numel() for v in pipe.transformer.state_dict().values())  # the original's safetensors in bf16
+        text += (f"| {label} | bytes vs the original transformer in bf16 ({bf16 / 1e6:.1f} MB, its state dict): "
+                 + ", ".join(f"{short} {nbytes / bf16:.3f}x" for short, (_, _, nbytes) in zip(("pruned fp32", "int4 (TensorRT input)",
+                                                                                          "int4_cpu", "nbits"), variants[1:]))
+                 + " | | | | | |\n")
         if folder.name.startswith("digits"):
             e2e = _e2e(pipe, p_pruned, pruned_dir)
             text += (f"| {label} | end-to-end image, 16 steps, batch 1: diffusers pipeline (original, torch fp32) "

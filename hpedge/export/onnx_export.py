@@ -191,6 +191,7 @@ def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str
     if family == "flux":  # diffusers computes FLUX's rotary tables in float64; ORT CPU has no float64 Cos/Sin
         original_rope = transformer.pos_embed
         transformer.pos_embed = _Float32Rope(original_rope.theta, original_rope.axes_dim)
+    restore_table = _factor_position_table(transformer.pos_embed) if family == "sd3" else None
     try:
         _export(wrapper, args, path, names, spec.outputs, spec.dynamic_axes, exporter, dynamic_shapes)
     except Exception as e:  # exporter failures are user-facing: say which part and why, in one line
@@ -198,7 +199,63 @@ def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str
     finally:
         if original_rope is not None:
             transformer.pos_embed = original_rope
+        if restore_table is not None:
+            restore_table()
     return exporter
+
+
+def separable_factors(table: Any) -> tuple[Any, Any] | None:
+    """``(rows, cols)`` with ``table[i, j] == rows[i] + cols[j]`` exactly, or None if ``table`` (G, G, D) is not so.
+
+    SD3's 2-D sin-cos table concatenates an embedding of the column with one of the row, so every
+    channel depends on one axis only: two (G, D) tables hold it exactly (the other axis' channels are 0,
+    and x + 0 == x in floating point).
+    """
+    import torch
+
+    by_col = (table == table[:1]).all(dim=(0, 1))  # channel constant along rows -> depends on the column only
+    by_row = (table == table[:, :1]).all(dim=(0, 1))
+    if not bool((by_col | by_row).all()):
+        return None
+    rows = torch.where(by_col, torch.zeros_like(table[:, 0]), table[:, 0])
+    cols = torch.where(by_col, table[0], torch.zeros_like(table[0]))
+    if not torch.equal(rows[:, None] + cols[None], table):
+        return None
+    return rows, cols
+
+
+def _factor_position_table(patch_embed: Any) -> Any:
+    """Export SD3's (max, max, D) position table as two (max, D) factors; returns an undo function or None.
+
+    At SD3.5 Large scale the table is 192 x 192 x 2432 values (179 MB in fp16), while the crop that a
+    step uses is rebuilt from the factors with one broadcast add, bit for bit the same numbers.
+    """
+    import torch
+
+    size = getattr(patch_embed, "pos_embed_max_size", None)
+    table = getattr(patch_embed, "pos_embed", None)
+    if not size or table is None:
+        return None
+    factors = separable_factors(table.reshape(size, size, -1))
+    if factors is None:  # not a sin-cos table (a user's own); export it as it is
+        return None
+    rows, cols = factors
+    patch = patch_embed.patch_size
+
+    def cropped_pos_embed(height: int, width: int) -> Any:  # same crop arithmetic as diffusers' PatchEmbed
+        h, w = height // patch, width // patch
+        top, left = (size - h) // 2, (size - w) // 2
+        grid = rows[top : top + h][:, None] + cols[left : left + w][None]
+        return grid.reshape(1, -1, grid.shape[-1])
+
+    patch_embed.cropped_pos_embed = cropped_pos_embed
+    patch_embed.pos_embed = torch.zeros(1, dtype=table.dtype)  # unused while exporting; keeps the file free of it
+
+    def undo() -> None:
+        del patch_embed.cropped_pos_embed
+        patch_embed.pos_embed = table
+
+    return undo
 
 
 def _Float32Rope(theta: int, axes_dim: list[int]) -> Any:  # noqa: N802 - builds a module lazily (torch import)

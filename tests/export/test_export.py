@@ -157,3 +157,33 @@ def test_int4_size_formula_matches_the_exported_weights(sd3_package, random_sd3)
     # unquantized weights are stored fp16 (store_floats_fp16), DequantizeLinear scales fp32
     formula = int4_bytes(load_transformer(str(random_sd3)), other_bytes=2, scale_bytes=4)
     assert abs(weights - formula) / formula < 0.05, (weights, formula)
+
+
+def test_position_table_is_exported_as_two_exact_factors(sd3_package, random_sd3) -> None:
+    """SD3's (max, max, D) sin-cos table leaves the file; its two (max, D) factors rebuild it bit for bit."""
+    import onnx
+    import torch
+
+    from hpedge.export.onnx_export import separable_factors
+    from hpedge.models.loading import load_transformer
+
+    t = load_transformer(str(random_sd3))
+    size = t.config.pos_embed_max_size
+    table = t.pos_embed.pos_embed.reshape(size, size, -1)
+    rows, cols = separable_factors(table)
+    assert torch.equal(rows[:, None] + cols[None], table)
+    assert separable_factors(torch.randn(size, size, table.shape[-1])) is None  # a user's own table stays whole
+    from onnx import numpy_helper
+
+    def holds(arrays, x) -> bool:  # fp32 files keep it as is, the INT4 file as fp16
+        return any(np.allclose(a.reshape(x.shape).astype(np.float32), x, atol=1e-3)
+                   for a in arrays if a.size == x.size)
+
+    for variant in ("fp32", "int4"):
+        model = onnx.load(str(sd3_package / "transformer" / variant / "model.onnx"))
+        tensors = [*model.graph.initializer, *(a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value")]
+        arrays = [numpy_helper.to_array(i) for i in tensors if i.data_type in (1, 10)]  # initializers and Constant nodes
+        assert not holds(arrays, table.numpy()), variant
+        assert holds(arrays, rows.numpy()) and holds(arrays, cols.numpy()), variant  # the factors are there instead
+    # the exported transformer (parity-checked against torch) is unchanged and torch's model is restored
+    assert t.pos_embed.cropped_pos_embed.__func__ is type(t.pos_embed).cropped_pos_embed
