@@ -99,7 +99,8 @@ def train_vae(out: Path, steps: int, seed: int) -> dict:
 
 
 def train_pipeline(
-    family: str, out: Path, steps: int, seed: int, batch_size: int, init_from: Path | None = None, lr: float = 1e-3, cosine: bool = False
+    family: str, out: Path, steps: int, seed: int, batch_size: int, init_from: Path | None = None, lr: float = 1e-3, cosine: bool = False,
+    model_guidance: float = 0.0,
 ) -> dict:
     import copy
 
@@ -145,7 +146,14 @@ def train_pipeline(
         noise = torch.randn_like(x0)
         s = sigma[:, None, None, None]
         xt = (1 - s) * x0 + s * noise
-        loss = torch.nn.functional.mse_loss(predict(pipe.transformer, xt, sigma, cond), noise - x0)
+        pred = predict(pipe.transformer, xt, sigma, cond)
+        target = noise - x0
+        if model_guidance > 0:  # model guidance: learn the guided velocity, so sampling at guidance 1 is guided
+            with torch.no_grad():
+                uncond = predict(pipe.transformer, xt, sigma, encode(pipe, [""] * batch_size))
+            prompted = torch.tensor([t != "" for t in texts], dtype=x0.dtype)[:, None, None, None]
+            target = target + model_guidance * prompted * (pred.detach() - uncond)
+        loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -163,7 +171,7 @@ def train_pipeline(
     pipe.to(torch.float16)  # committed weights are fp16 to keep the repository small
     pipe.save_pretrained(out / f"digits-{family}")
     write_marker(out / f"digits-{family}")
-    return {"steps": steps, "batch_size": batch_size, "lr": lr, "cosine": cosine, "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "cosine": cosine, "model_guidance": model_guidance, "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
 
 
 def write_marker(folder: Path) -> None:
@@ -186,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the sd3/flux stages")
     ap.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0 (default: constant)")
     ap.add_argument("--init-from", type=Path, default=None, help="continue training this pipeline folder")
+    ap.add_argument("--model-guidance", type=float, default=0.0,
+                    help="w in [0, 1): train towards v + w * sg(v(c) - v(empty)); sampling at guidance 1 then behaves "
+                         "like classifier-free guidance 1 / (1 - w)")
     args = ap.parse_args(argv)
     import torch
 
@@ -204,10 +215,14 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "vae":
             info = train_vae(args.out, steps, args.seed)
         else:
-            info = train_pipeline(stage, args.out, steps, args.seed, args.batch_size, args.init_from, args.lr, args.cosine)
+            if not 0.0 <= args.model_guidance < 1.0:
+                raise SystemExit("--model-guidance must be in [0, 1) (the guided target has no fixed point at 1 or above)")
+            info = train_pipeline(stage, args.out, steps, args.seed, args.batch_size, args.init_from, args.lr, args.cosine,
+                                  args.model_guidance)
         cmd = f"python -m hpedge.zoo.train {stage} --steps {steps} --seed {args.seed}"
         if stage in ("sd3", "flux"):
             cmd += f" --batch-size {args.batch_size} --lr {args.lr}" + (" --cosine" if args.cosine else "")
+            cmd += f" --model-guidance {args.model_guidance}" if args.model_guidance else ""
         if args.init_from is not None:
             cmd += f" --init-from {args.init_from}"
         info.update(seconds=round(time.time() - t, 1), seed=args.seed, threads=torch.get_num_threads(), command=cmd)

@@ -20,3 +20,21 @@ def test_short_training_runs_are_reproducible(tmp_path) -> None:
     assert a.keys() == b.keys() and len(a) > 50
     assert all((a[k] == b[k]).all() for k in a)
     assert (tmp_path / "a" / "digits-flux" / "hpedge_zoo.json").exists()
+
+
+def test_model_guidance_changes_the_target_and_is_recorded(tmp_path) -> None:
+    import json
+
+    import pytest
+
+    for run, extra in (("plain", []), ("guided", ["--model-guidance", "0.5"])):
+        out = tmp_path / run
+        train.main(["vae", "--steps", "2", "--out", str(out)])
+        train.main(["flux", "--steps", "2", "--batch-size", "4", "--out", str(out), *extra])
+    plain, guided = _weights(tmp_path / "plain" / "digits-flux"), _weights(tmp_path / "guided" / "digits-flux")
+    assert plain.keys() == guided.keys()
+    assert any(not (plain[k] == guided[k]).all() for k in plain)  # same seed and data, different target
+    record = json.loads((tmp_path / "guided" / "train_record.json").read_text())
+    assert record["flux"]["model_guidance"] == 0.5 and "--model-guidance 0.5" in record["flux"]["command"]
+    with pytest.raises(SystemExit, match="model-guidance"):
+        train.main(["flux", "--steps", "1", "--out", str(tmp_path / "plain"), "--model-guidance", "1.0"])
