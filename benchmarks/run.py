@@ -185,7 +185,7 @@ def latency(args: argparse.Namespace) -> None:
         text += f"| {label} | parity of the pruned package | | | | | {'passed' if parity['passed'] else 'FAILED'} |\n"
         bf16 = 2 * sum(v.numel() for v in pipe.transformer.state_dict().values())  # the original's safetensors in bf16
         text += (f"| {label} | bytes vs the original transformer in bf16 ({bf16 / 1e6:.1f} MB, its state dict): "
-                 + ", ".join(f"{short} {nbytes / bf16:.3f}x" for short, (_, _, nbytes) in zip(("pruned fp32", "int4 (TensorRT input)",
+                 + ", ".join(f"{short} {nbytes / bf16:.4f}x" for short, (_, _, nbytes) in zip(("pruned fp32", "int4 (TensorRT input)",
                                                                                           "int4_cpu", "nbits"), variants[1:]))
                  + " | | | | | |\n")
         if folder.name.startswith("digits"):
