@@ -170,13 +170,15 @@ def latency(args: argparse.Namespace) -> None:
         base = None
         nbits = tmp / f"{folder.name}-nbits" / "model.onnx"  # what --cpu-kernel nbits would package
         convert_cpu(p_pruned / m1["components"]["transformer"]["variants"]["int4"], nbits, "nbits")
-        variants = [("original fp32", p_orig / m0["components"]["transformer"]["variants"]["fp32"],
+        # (row label, short label, ONNX file, bytes)
+        variants = [("original fp32", "original fp32", p_orig / m0["components"]["transformer"]["variants"]["fp32"],
                      m0["components"]["transformer"]["bytes"]["fp32"])]
-        variants += [(name, p_pruned / m1["components"]["transformer"]["variants"][var], m1["components"]["transformer"]["bytes"][var])
-                     for name, var in (("pruned fp32", "fp32"), ("pruned INT4 (DequantizeLinear, the TensorRT input)", "int4"),
-                                       ("pruned INT4, int4_cpu: int8 GEMM after load (CPU package)", "int4_cpu"))]
-        variants.append(("pruned INT4, MatMulNBits (--cpu-kernel nbits)", nbits, size_of(nbits)))
-        for name, path, nbytes in variants:
+        variants += [(name, short, p_pruned / m1["components"]["transformer"]["variants"][var], m1["components"]["transformer"]["bytes"][var])
+                     for name, short, var in (("pruned fp32", "pruned fp32", "fp32"),
+                                              ("pruned INT4 (DequantizeLinear, the TensorRT input)", "int4 (TensorRT input)", "int4"),
+                                              ("pruned INT4, int4_cpu: int8 GEMM after load (CPU package)", "int4_cpu", "int4_cpu"))]
+        variants.append(("pruned INT4, MatMulNBits (--cpu-kernel nbits)", "nbits", nbits, size_of(nbits)))
+        for name, _, path, nbytes in variants:
             r = time_onnx(path, feeds)
             base = base or r["median_ms"]
             text += (f"| {label} | {name} | {nbytes / 1e6:.1f} MB | {r['median_ms']:.1f} ms | {r['peak_rss_mb']:.0f} MB | "
@@ -185,8 +187,7 @@ def latency(args: argparse.Namespace) -> None:
         text += f"| {label} | parity of the pruned package | | | | | {'passed' if parity['passed'] else 'FAILED'} |\n"
         bf16 = 2 * sum(v.numel() for v in pipe.transformer.state_dict().values())  # the original's safetensors in bf16
         text += (f"| {label} | bytes vs the original transformer in bf16 ({bf16 / 1e6:.1f} MB, its state dict): "
-                 + ", ".join(f"{short} {nbytes / bf16:.4f}x" for short, (_, _, nbytes) in zip(("pruned fp32", "int4 (TensorRT input)",
-                                                                                          "int4_cpu", "nbits"), variants[1:]))
+                 + ", ".join(f"{short} {nbytes / bf16:.4f}x" for _, short, _, nbytes in variants[1:])
                  + " | | | | | |\n")
         if folder.name.startswith("digits"):
             e2e = _e2e(pipe, p_pruned, pruned_dir)

@@ -187,20 +187,23 @@ def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str
             dynamic_shapes = ({0: b, 1: n}, {0: b}, {0: b}, {0: b}, {0: n}, None)
     if exporter not in ("legacy", "dynamo"):
         raise HpedgeError(f"unknown exporter {exporter!r} (auto, legacy, dynamo)")
-    original_rope = None
+    undo: Any = None  # export-only changes to the position embedding, undone afterwards
     if family == "flux":  # diffusers computes FLUX's rotary tables in float64; ORT CPU has no float64 Cos/Sin
         original_rope = transformer.pos_embed
         transformer.pos_embed = _Float32Rope(original_rope.theta, original_rope.axes_dim)
-    restore_table = _factor_position_table(transformer.pos_embed) if family == "sd3" else None
+
+        def undo() -> None:
+            transformer.pos_embed = original_rope
+
+    else:
+        undo = _factor_position_table(transformer.pos_embed)
     try:
         _export(wrapper, args, path, names, spec.outputs, spec.dynamic_axes, exporter, dynamic_shapes)
     except Exception as e:  # exporter failures are user-facing: say which part and why, in one line
         raise HpedgeError(f"ONNX export of the transformer failed ({exporter} exporter): {str(e).splitlines()[0][:200]}") from None
     finally:
-        if original_rope is not None:
-            transformer.pos_embed = original_rope
-        if restore_table is not None:
-            restore_table()
+        if undo is not None:
+            undo()
     return exporter
 
 

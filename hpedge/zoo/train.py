@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="w in [0, 1): train towards v + w * sg(v(c) - v(empty)); sampling at guidance 1 then behaves "
                          "like classifier-free guidance 1 / (1 - w)")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.model_guidance < 1.0:  # checked before any stage of "all" starts
+        raise SystemExit("--model-guidance must be in [0, 1) (the guided target has no fixed point at 1 or above)")
     import torch
 
     if args.threads:
@@ -222,8 +224,6 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "vae":
             info = train_vae(args.out, steps, args.seed)
         else:
-            if not 0.0 <= args.model_guidance < 1.0:
-                raise SystemExit("--model-guidance must be in [0, 1) (the guided target has no fixed point at 1 or above)")
             info = train_pipeline(stage, args.out, steps, args.seed, args.batch_size, args.init_from, args.lr, args.cosine,
                                   args.model_guidance)
         cmd = f"python -m hpedge.zoo.train {stage} --steps {steps} --seed {args.seed}"
