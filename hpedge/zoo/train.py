@@ -7,12 +7,18 @@ autoencoder), ``sd3`` and ``flux`` (transformer and text encoders trained jointl
 as in SD3: x_t = (1 - s) x0 + s e, target e - x0, s logit-normal, 10 % empty prompts, EMA).
 Everything is seeded; the record of times and settings goes to ``train_record.json``.
 
-The committed pipelines had two more stages, each continuing from the previous one with a
+The committed pipelines had three more stages, each continuing from the previous one with a
 cosine-decayed learning rate (recorded under ``sd3-continued`` / ``flux-continued``):
 
     python -m hpedge.zoo.train sd3 --init-from hpedge/zoo/models/digits-sd3 --steps 1300 --batch-size 64 --lr 5e-4 --cosine
     python -m hpedge.zoo.train sd3 --init-from hpedge/zoo/models/digits-sd3 --steps 800 --batch-size 64 --lr 5e-4 --cosine \
         --model-guidance 0.6
+    python -m hpedge.zoo.train sd3 --init-from hpedge/zoo/models/digits-sd3 --steps 800 --batch-size 64 --lr 3e-4 --cosine \
+        --model-guidance 0.6 --seed 1 --category-weights two_digits=3,size=2
+    (flux: --category-weights two_digits=4,counting=2,size=2)
+
+The last one draws the weak categories more often (``--category-weights``) and uses seed 1, so its
+prompts and noise differ from the earlier continued stages (which all used seed 0).
 
 The last one trains with *model guidance*: the target becomes ``v + w * sg(v(c) - v(empty))`` (sg = no
 gradient, the model's own current predictions), whose fixed point is the classifier-free-guided
@@ -29,12 +35,33 @@ from pathlib import Path
 
 import numpy as np
 
-from hpedge.zoo.digits import sample_prompt, render
+from hpedge.zoo.digits import CATEGORIES, render, sample_prompt
 
 
-def _canvases(rng, n, split="train"):
-    prompts = [sample_prompt(rng) for _ in range(n)]
+def _canvases(rng, n, split="train", category_weights: dict[str, float] | None = None):
+    if category_weights is None:  # uniform over categories (the draw every earlier stage used)
+        prompts = [sample_prompt(rng) for _ in range(n)]
+    else:
+        p = np.array([category_weights.get(c, 1.0) for c in CATEGORIES], dtype=np.float64)
+        prompts = [sample_prompt(rng, category=CATEGORIES[int(rng.choice(len(CATEGORIES), p=p / p.sum()))]) for _ in range(n)]
     return prompts, np.stack([render(p.items, rng, split) for p in prompts])
+
+
+def parse_category_weights(text: str) -> dict[str, float]:
+    """``"two_digits=3,size=2"`` -> weights per category (unnamed categories keep weight 1)."""
+    weights: dict[str, float] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or name not in CATEGORIES:
+            raise SystemExit(f"--category-weights: expected CATEGORY=WEIGHT with CATEGORY one of {', '.join(CATEGORIES)}, got {part!r}")
+        try:
+            w = float(value)
+        except ValueError:
+            raise SystemExit(f"--category-weights: {value!r} is not a number") from None
+        if not w > 0:
+            raise SystemExit(f"--category-weights: weight of {name} must be > 0, got {value}")
+        weights[name] = w
+    return weights
 
 
 def train_judge(out: Path, steps: int, seed: int) -> dict:
@@ -107,7 +134,7 @@ def train_vae(out: Path, steps: int, seed: int) -> dict:
 
 def train_pipeline(
     family: str, out: Path, steps: int, seed: int, batch_size: int, init_from: Path | None = None, lr: float = 1e-3, cosine: bool = False,
-    model_guidance: float = 0.0,
+    model_guidance: float = 0.0, category_weights: dict[str, float] | None = None,
 ) -> dict:
     import copy
 
@@ -144,7 +171,7 @@ def train_pipeline(
     losses = []
     t0 = time.time()
     for step in range(steps):
-        prompts, c = _canvases(rng, batch_size)
+        prompts, c = _canvases(rng, batch_size, category_weights=category_weights)
         texts = [p.text if rng.random() > 0.1 else "" for p in prompts]
         with torch.no_grad():
             x0 = (vae.encode(torch.from_numpy(c)[:, None] * 2 - 1).latent_dist.sample() - shift) * scale
@@ -178,7 +205,8 @@ def train_pipeline(
     pipe.to(torch.float16)  # committed weights are fp16 to keep the repository small
     pipe.save_pretrained(out / f"digits-{family}")
     write_marker(out / f"digits-{family}")
-    return {"steps": steps, "batch_size": batch_size, "lr": lr, "cosine": cosine, "model_guidance": model_guidance, "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "cosine": cosine, "model_guidance": model_guidance,
+            "category_weights": category_weights, "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
 
 
 def write_marker(folder: Path) -> None:
@@ -204,7 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-guidance", type=float, default=0.0,
                     help="w in [0, 1): train towards v + w * sg(v(c) - v(empty)); sampling at guidance 1 then behaves "
                          "like classifier-free guidance 1 / (1 - w)")
+    ap.add_argument("--category-weights", default=None,
+                    help="draw training prompts with these relative category weights, e.g. two_digits=3,size=2 "
+                         "(default: uniform)")
     args = ap.parse_args(argv)
+    category_weights = parse_category_weights(args.category_weights) if args.category_weights else None
     if not 0.0 <= args.model_guidance < 1.0:  # checked before any stage of "all" starts
         raise SystemExit("--model-guidance must be in [0, 1) (the guided target has no fixed point at 1 or above)")
     import torch
@@ -225,11 +257,12 @@ def main(argv: list[str] | None = None) -> None:
             info = train_vae(args.out, steps, args.seed)
         else:
             info = train_pipeline(stage, args.out, steps, args.seed, args.batch_size, args.init_from, args.lr, args.cosine,
-                                  args.model_guidance)
+                                  args.model_guidance, category_weights)
         cmd = f"python -m hpedge.zoo.train {stage} --steps {steps} --seed {args.seed}"
         if stage in ("sd3", "flux"):
             cmd += f" --batch-size {args.batch_size} --lr {args.lr}" + (" --cosine" if args.cosine else "")
             cmd += f" --model-guidance {args.model_guidance}" if args.model_guidance else ""
+            cmd += f" --category-weights {args.category_weights}" if category_weights else ""
         if args.init_from is not None:
             cmd += f" --init-from {args.init_from}"
         info.update(seconds=round(time.time() - t, 1), seed=args.seed, threads=torch.get_num_threads(), command=cmd)

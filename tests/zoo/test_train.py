@@ -38,3 +38,17 @@ def test_model_guidance_changes_the_target_and_is_recorded(tmp_path) -> None:
     assert record["flux"]["model_guidance"] == 0.5 and "--model-guidance 0.5" in record["flux"]["command"]
     with pytest.raises(SystemExit, match="model-guidance"):
         train.main(["flux", "--steps", "1", "--out", str(tmp_path / "plain"), "--model-guidance", "1.0"])
+
+
+def test_category_weights_skew_the_prompt_draw_and_bad_weights_are_refused() -> None:
+    import numpy as np
+    import pytest
+
+    prompts, canvases = train._canvases(np.random.default_rng(0), 200, category_weights=train.parse_category_weights("two_digits=8"))
+    share = sum(p.category == "two_digits" for p in prompts) / len(prompts)
+    assert 0.55 < share < 0.85 and canvases.shape == (200, 32, 32)  # 8 / 12 expected, uniform would give 0.2
+    uniform, _ = train._canvases(np.random.default_rng(0), 200)
+    assert sum(p.category == "two_digits" for p in uniform) / 200 < 0.35
+    for bad in ("colour=2", "size", "size=abc", "size=0"):
+        with pytest.raises(SystemExit, match="category-weights"):
+            train.parse_category_weights(bad)
