@@ -17,10 +17,10 @@ cosine-decayed learning rate (recorded under ``sd3-continued`` / ``flux-continue
         --model-guidance 0.6 --seed 1 --category-weights two_digits=3,size=2
     (flux: --category-weights two_digits=4,counting=2,size=2)
 
-The last one draws the weak categories more often (``--category-weights``) and uses seed 1, so its
+The fourth draws the weak categories more often (``--category-weights``) and uses seed 1, so its
 prompts and noise differ from the earlier continued stages (which all used seed 0).
 
-The last one trains with *model guidance*: the target becomes ``v + w * sg(v(c) - v(empty))`` (sg = no
+The last two train with *model guidance*: the target becomes ``v + w * sg(v(c) - v(empty))`` (sg = no
 gradient, the model's own current predictions), whose fixed point is the classifier-free-guided
 velocity at scale ``1 / (1 - w)`` (2.5 here). Sampling at guidance 1 is then guided, at the price of
 some diversity (a higher Frechet distance), as with guidance-distilled checkpoints such as FLUX.1-dev.
