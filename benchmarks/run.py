@@ -3,7 +3,7 @@
     python benchmarks/run.py memory            # real-scale memory table (planner) vs the paper
     python benchmarks/run.py latency           # ORT CPU step latency / peak memory, e2e latency
     python benchmarks/run.py quality           # eval of the zoo models and their compressed students
-    python benchmarks/run.py ablation --family sd3 --steps 400
+    python benchmarks/run.py ablation --family sd3 --steps 600 --lr 1e-3
                                                # HierarchicalPrune vs baselines and ablations
     python benchmarks/run.py runtime-env PKG --python VENV/bin/python
                                                # two-digit prompts from a package in a runtime-only env
@@ -34,7 +34,8 @@ def header(title: str) -> str:
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"# {title}\n\n- command: `{' '.join(['python', *sys.argv])}`\n- machine: {cpu}, {os.cpu_count()} cores, "
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    return (f"# {title}\n\n- command: `{threads}{' '.join(['python', *sys.argv])}`\n- machine: {cpu}, {os.cpu_count()} cores, "
             f"{platform.system()} {platform.machine()}\n- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
 
 
@@ -287,7 +288,7 @@ def ablation(args: argparse.Namespace) -> None:
     teacher = asdict(evaluate(pipe, model, es)[0])  # once: every variant starts from the same teacher
 
     def run(label: str, budget: Budget, importance: str | None, pwp: bool, sgd: str) -> dict:
-        ds = DistillSettings(steps=args.steps, pwp=pwp, sgd=sgd, seed=0)
+        ds = DistillSettings(steps=args.steps, lr=args.lr, pwp=pwp, sgd=sgd, seed=0)
         out = tmp / label.replace(" ", "_").replace("/", "-")
         t = time.time()
         rep = compress(model, out, CompressOptions(budget, importance, 0.5, ds, eval_per_category=0))
@@ -313,7 +314,7 @@ def ablation(args: argparse.Namespace) -> None:
     cands = [i for i in range(n) if not (args.family == "sd3" and i == n - 1)]
     mag = sorted(sorted(cands, key=norms.get)[:k])
     run("magnitude-based block ranking", Budget(remove_blocks=",".join(map(str, mag)) + ","), None, False, "off")
-    text = header(f"HierarchicalPrune vs baselines on {model} ({k} of {n} blocks removed, {args.steps} distillation steps each)")
+    text = header(f"HierarchicalPrune vs baselines on {model} ({k} of {n} blocks removed, {args.steps} distillation steps at lr {args.lr:g} each)")
     text += (f"Teacher: overall {teacher['overall']:.3f}, Frechet {teacher['frechet_distance']:.1f} "
              f"({args.per_category * 5} prompts per evaluation). Baselines use plain output+feature KD (no PWP, no SGDistill).\n\n")
     text += "| method | removed blocks | kept params | overall | vs teacher | two_digits | Frechet | distill time |\n|---|---|---|---|---|---|---|---|\n"
@@ -394,7 +395,8 @@ def main() -> None:
     b.add_argument("--per-category", type=int, default=40)
     a = sub.add_parser("ablation")
     a.add_argument("--family", choices=["sd3", "flux"], default="sd3")
-    a.add_argument("--steps", type=int, default=400)
+    a.add_argument("--steps", type=int, default=600)
+    a.add_argument("--lr", type=float, default=3e-4, help="distillation learning rate, the same for every row")
     a.add_argument("--per-category", type=int, default=60)
     e = sub.add_parser("runtime-env")
     e.add_argument("package", type=Path)

@@ -4,10 +4,13 @@
   input embedders, are frozen.
 * Sensitivity-Guided Distillation (SGDistill): each trainable block gets an update weight (a learning
   rate multiplier) that decreases with its sensitivity. Sensitivity is the block's harm in the
-  contribution analysis (how much removing it distorts the original model's output); within the
-  trainable blocks it is min-max normalised to s in [0, 1] and the weight is
-  ``w = w_min + (1 - w_min) * (1 - s)`` (continuous, default), or, reproducing the reference's binary
-  rule, 0 for the more sensitive half and 1 for the rest (``binary``).
+  contribution analysis (how much removing it distorts the original model's output), divided by the
+  largest block harm of the whole model: s in [0, 1] (negative harm counts as 0), and the weight is
+  ``w = w_min + (1 - w_min) * (1 - s)`` (continuous, default). Normalising by the whole model, not
+  min-max over the trainable blocks, keeps a block's weight a function of its own sensitivity: with
+  min-max the most sensitive trainable block always sat at ``w_min``, however mildly sensitive it
+  was. ``binary`` reproduces the reference's rule: 0 for the more sensitive half of the trainable
+  blocks and 1 for the rest.
 * Loss: lambda_out * weighted MSE(student output, teacher output) + lambda_feat * mean over kept
   blocks of MSE(student block k, teacher block kept[k]) / Var(teacher block), both streams; SD3-style
   logit-normal timestep sampling and ``compute_loss_weighting_for_sd3`` weighting.
@@ -76,13 +79,13 @@ def update_weights(kept: list[int], first_removed: int, harm: dict[int, float] |
     if harm is None:
         raise HpedgeError("SGDistill needs block sensitivities: provide an importance table or pass --sgd off")
     vals = np.array([harm.get(b, 0.0) for b in trainable])
-    lo, hi = float(vals.min()), float(vals.max())
-    norm = (vals - lo) / (hi - lo) if hi > lo else np.zeros_like(vals)
     if s.sgd == "continuous":
+        scale = max(max(harm.values(), default=0.0), 0.0)
+        norm = np.clip(vals / scale, 0.0, 1.0) if scale > 0 else np.zeros_like(vals)
         for b, v in zip(trainable, norm):
             weights[b] = s.sgd_min_weight + (1 - s.sgd_min_weight) * (1 - float(v))
     elif s.sgd == "binary":
-        order = np.argsort(-norm)
+        order = np.argsort(-vals)
         for rank, j in enumerate(order):
             weights[trainable[j]] = 0.0 if rank < len(trainable) // 2 else 1.0
     else:

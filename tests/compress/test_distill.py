@@ -18,12 +18,19 @@ def test_pwp_freezes_blocks_before_first_removed_position() -> None:
 
 def test_sgdistill_weight_decreases_with_sensitivity() -> None:
     kept = [0, 1, 5, 6, 9, 11]
-    harm = {5: 0.1, 6: 0.4, 9: 0.2, 11: 0.9}
+    harm = {0: 2.0, 1: 1.0, 5: 0.1, 6: 0.4, 9: 0.2, 11: 0.9, 3: -0.05}
     w = update_weights(kept, 2, harm, DistillSettings(sgd="continuous", sgd_min_weight=0.1))
     assert w[0] == w[1] == 0.0
     order = sorted((5, 6, 9, 11), key=harm.get)
     assert [w[b] for b in order] == sorted([w[b] for b in order], reverse=True)
-    assert w[5] == pytest.approx(1.0) and w[11] == pytest.approx(0.1)
+    # s = harm / the model's largest harm (2.0): w = 0.1 + 0.9 * (1 - s)
+    assert w[5] == pytest.approx(0.1 + 0.9 * 0.95) and w[11] == pytest.approx(0.1 + 0.9 * 0.55)
+    # a block's weight is its own: it does not move when other blocks join or leave the trainable set
+    w2 = update_weights([0, 1, 6, 11], 2, harm, DistillSettings(sgd="continuous", sgd_min_weight=0.1))
+    assert w2[6] == pytest.approx(w[6]) and w2[11] == pytest.approx(w[11])
+    # the most harmful block of the model gets the floor; a harmless (negative-harm) block gets 1
+    w3 = update_weights([0, 3], 0, harm, DistillSettings(sgd="continuous", sgd_min_weight=0.1, pwp=False))
+    assert w3[0] == pytest.approx(0.1) and w3[3] == pytest.approx(1.0)
     wb = update_weights(kept, 2, harm, DistillSettings(sgd="binary"))
     assert wb[11] == wb[6] == 0.0 and wb[5] == wb[9] == 1.0
 
