@@ -80,7 +80,7 @@ def update_weights(kept: list[int], first_removed: int, harm: dict[int, float] |
         raise HpedgeError("SGDistill needs block sensitivities: provide an importance table or pass --sgd off")
     vals = np.array([harm.get(b, 0.0) for b in trainable])
     if s.sgd == "continuous":
-        scale = max(max(harm.values(), default=0.0), 0.0)
+        scale = max([*harm.values(), 0.0])  # the model's largest block harm
         norm = np.clip(vals / scale, 0.0, 1.0) if scale > 0 else np.zeros_like(vals)
         for b, v in zip(trainable, norm):
             weights[b] = s.sgd_min_weight + (1 - s.sgd_min_weight) * (1 - float(v))
