@@ -5,6 +5,8 @@
     python benchmarks/run.py quality           # eval of the zoo models and their compressed students
     python benchmarks/run.py ablation --family sd3 --steps 600 --lr 1e-3
                                                # HierarchicalPrune vs baselines and ablations
+    python benchmarks/run.py ratio zoo:digits-sd3 out/digits-sd3-hp
+                                               # student/teacher eval ratio, 500 prompts, paired interval
     python benchmarks/run.py runtime-env PKG --python VENV/bin/python
                                                # two-digit prompts from a package in a runtime-only env
 
@@ -272,7 +274,7 @@ def ablation(args: argparse.Namespace) -> None:
     from hpedge.compress.distill import DistillSettings
     from hpedge.compress.pipeline import CompressOptions, compress
     from hpedge.compress.plan import Budget
-    from hpedge.evaluation.evaluate import EvalSettings, evaluate
+    from hpedge.evaluation.evaluate import EvalSettings, evaluate, paired_ratio
     from hpedge.models import adapters
     from hpedge.models.loading import load_pipeline
 
@@ -293,7 +295,8 @@ def ablation(args: argparse.Namespace) -> None:
         t = time.time()
         rep = compress(model, out, CompressOptions(budget, importance, 0.5, ds, eval_per_category=0))
         student = asdict(evaluate(load_pipeline(str(out)), str(out), es)[0])
-        rep["scores"] = {"teacher": teacher, "student": student, "student_over_teacher": student["overall"] / teacher["overall"]}
+        rep["scores"] = {"teacher": teacher, "student": student, "student_over_teacher": student["overall"] / teacher["overall"],
+                         "paired": paired_ratio(teacher, student)}
         rep["wall"] = time.time() - t
         runs.append((label, rep))
         print(f"{label}: {student['overall']:.3f} ({rep['scores']['student_over_teacher']:.1%} of the teacher)", flush=True)
@@ -317,13 +320,46 @@ def ablation(args: argparse.Namespace) -> None:
     text = header(f"HierarchicalPrune vs baselines on {model} ({k} of {n} blocks removed, {args.steps} distillation steps at lr {args.lr:g} each)")
     text += (f"Teacher: overall {teacher['overall']:.3f}, Frechet {teacher['frechet_distance']:.1f} "
              f"({args.per_category * 5} prompts per evaluation). Baselines use plain output+feature KD (no PWP, no SGDistill).\n\n")
-    text += "| method | removed blocks | kept params | overall | vs teacher | two_digits | Frechet | distill time |\n|---|---|---|---|---|---|---|---|\n"
+    text += ("| method | removed blocks | kept params | overall | vs teacher | paired 95 % interval | two_digits | Frechet | distill time |\n"
+             "|---|---|---|---|---|---|---|---|---|\n")
     for label, rep in runs:
         s = rep["scores"]["student"]
+        ci = rep["scores"]["paired"]["ci95"]
         text += (f"| {label} | {rep['removed_blocks']} | {rep['params']['kept_ratio']:.1%} | {s['overall']:.3f} | "
-                 f"{rep['scores']['student_over_teacher']:.1%} | {s['categories']['two_digits']:.2f} | {s['frechet_distance']:.1f} | "
+                 f"{rep['scores']['student_over_teacher']:.1%} | {ci[0]:.1%}-{ci[1]:.1%} | {s['categories']['two_digits']:.2f} | "
+                 f"{s['frechet_distance']:.1f} | "
                  f"{rep['distill_seconds']:.0f} s |\n")
     write(f"ablation-{args.family}.md", text)
+
+
+# --------------------------------------------------------------------------------------------- ratio
+def ratio(args: argparse.Namespace) -> None:
+    """Teacher and student evaluated side by side (same prompts, same seeds), ratio with a paired interval."""
+    from dataclasses import asdict
+
+    from hpedge.evaluation.evaluate import EvalSettings, evaluate, paired_ratio
+    from hpedge.models.loading import load_pipeline
+
+    es = EvalSettings(per_category=args.per_category)
+    res = {}
+    for role, m in (("teacher", args.teacher), ("student", args.student)):
+        t = time.time()
+        res[role] = asdict(evaluate(load_pipeline(m), m, es)[0])
+        print(f"{role} {m}: {res[role]['overall']:.3f} ({time.time() - t:.0f} s)", flush=True)
+    pr = paired_ratio(res["teacher"], res["student"])
+    name = args.name or Path(args.student).name
+    text = header(f"Student vs teacher, {es.per_category * 5} prompts, guidance {es.guidance:g}, {es.steps} steps")
+    text += ("| model | overall | single | position | two_digits | counting | size | held-out phrasings | Frechet |\n"
+             "|---|---|---|---|---|---|---|---|---|\n")
+    for role in ("teacher", "student"):
+        r, c = res[role], res[role]["categories"]
+        text += (f"| {role}: {r['model']} | {r['overall']:.3f} | {c['single']:.2f} | {c['position']:.2f} | {c['two_digits']:.2f} | "
+                 f"{c['counting']:.2f} | {c['size']:.2f} | {r['heldout_phrasings']:.2f} | {r['frechet_distance']:.1f} |\n")
+    text += (f"\nstudent / teacher = **{pr['ratio']:.1%}**, paired bootstrap 95 % interval {pr['ci95'][0]:.1%}-{pr['ci95'][1]:.1%} "
+             f"({pr['n_boot']} resamples of the {pr['samples']} prompts); prompts only the teacher got right: "
+             f"{pr['teacher_only_correct']}, only the student: {pr['student_only_correct']}.\n")
+    write(f"ratio-{name}.md", text)
+    (RESULTS / f"ratio-{name}.json").write_text(json.dumps({**res, "paired": pr}, indent=2))
 
 
 # --------------------------------------------------------------------------------------------- runtime-env
@@ -398,6 +434,11 @@ def main() -> None:
     a.add_argument("--steps", type=int, default=600)
     a.add_argument("--lr", type=float, default=3e-4, help="distillation learning rate, the same for every row")
     a.add_argument("--per-category", type=int, default=60)
+    r = sub.add_parser("ratio")
+    r.add_argument("teacher", help="pipeline folder or zoo:NAME")
+    r.add_argument("student", help="pipeline folder")
+    r.add_argument("--per-category", type=int, default=100, help="prompts per category (100 = the 500-prompt benchmark)")
+    r.add_argument("--name", help="results file stem (default: the student folder's name)")
     e = sub.add_parser("runtime-env")
     e.add_argument("package", type=Path)
     e.add_argument("--python", required=True, help="python of an environment with only the runtime installed")
@@ -405,7 +446,7 @@ def main() -> None:
     e.add_argument("--variant", default="int4_cpu")
     args = ap.parse_args()
     {"memory": memory, "latency": latency, "quality": quality, "blocks": blocks, "ablation": ablation,
-     "runtime-env": runtime_env}[args.cmd](args)
+     "runtime-env": runtime_env, "ratio": ratio}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -244,7 +244,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
              mixed_precision: Annotated[str, typer.Option(help="no | bf16 | fp16")] = "no",
              gradient_checkpointing: Annotated[bool, typer.Option()] = False,
              seed: Annotated[int, typer.Option()] = 0,
-             eval_per_category: Annotated[int, typer.Option(help="prompts per category for before/after scores (0 = skip)")] = 40,
+             eval_per_category: Annotated[int, typer.Option(help="prompts per category for the before/after scores (100 = the 500 prompts of `hpedge eval`; 0 = skip)")] = 100,
              resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
              overwrite: Annotated[bool, typer.Option(help="replace OUT and any earlier work")] = False) -> None:
     """HierarchicalPrune: analyse, plan, prune, distil (PWP + SGDistill) and write a stock diffusers pipeline."""
@@ -273,9 +273,11 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
     console.print(f"removed blocks {report['removed_blocks']}; kept {report['params']['kept_ratio']:.1%} of parameters")
     sc = report["scores"]
     if sc:
+        ci = sc["paired"]["ci95"] if sc.get("paired") else None
+        interval = f", paired 95 % interval {ci[0]:.1%}-{ci[1]:.1%}" if ci else ""
         console.print(f"eval overall: teacher {sc['teacher']['overall']:.3f}, student {sc['student']['overall']:.3f} "
-                      f"({sc['student_over_teacher']:.1%} of teacher); Frechet {sc['teacher']['frechet_distance']:.1f} "
-                      f"-> {sc['student']['frechet_distance']:.1f}")
+                      f"({sc['student_over_teacher']:.1%} of teacher{interval}, {sc['student']['samples']} prompts); "
+                      f"Frechet {sc['teacher']['frechet_distance']:.1f} -> {sc['student']['frechet_distance']:.1f}")
     console.print(f"wrote {output}")
 
 

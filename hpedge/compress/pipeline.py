@@ -39,7 +39,7 @@ class CompressOptions:
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     resume: bool = False
     overwrite: bool = False
-    eval_per_category: int = 40
+    eval_per_category: int = 100  # 500 prompts, the `hpedge eval` benchmark setting
     grid_samples: int = 16
 
 
@@ -133,7 +133,7 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     # 6. scores, grid, report; OUT written atomically
     scores: dict[str, Any] = {}
     if evaluator == "digits" and opts.eval_per_category > 0:
-        from hpedge.evaluation.evaluate import EvalSettings, evaluate
+        from hpedge.evaluation.evaluate import EvalSettings, evaluate, paired_ratio
 
         es = EvalSettings(per_category=opts.eval_per_category)
         say("evaluating teacher", 0, 2)
@@ -141,7 +141,8 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
         say("evaluating student", 1, 2)
         s_res = evaluate(student_pipe, str(out), es)[0]
         scores = {"teacher": asdict(t_res), "student": asdict(s_res),
-                  "student_over_teacher": s_res.overall / t_res.overall if t_res.overall else float("nan")}
+                  "student_over_teacher": s_res.overall / t_res.overall if t_res.overall else float("nan"),
+                  "paired": paired_ratio(t_res, s_res) if t_res.overall else None}
     report = {
         "format": "hpedge-compress/1",
         "source": model,

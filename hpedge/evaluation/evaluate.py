@@ -40,6 +40,7 @@ class EvalResult:
     samples: int
     settings: dict[str, Any] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
+    correct: list[int] = field(default_factory=list)  # per prompt (eval_prompts order): 1 = judged correct
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -121,7 +122,38 @@ def score(canv: np.ndarray, prompts: list[Prompt], model_name: str, s: EvalSetti
         samples=len(prompts),
         settings=asdict(s),
         failures=dict(sorted(failures.items(), key=lambda kv: -kv[1])[:10]),
+        correct=[int(v) for v in ok],
     )
+
+
+def paired_ratio(teacher: EvalResult | dict[str, Any], student: EvalResult | dict[str, Any], n_boot: int = 10_000,
+                 seed: int = 0) -> dict[str, Any]:
+    """Student/teacher overall-score ratio with a paired bootstrap 95 % interval.
+
+    Both results must come from the same prompts and sampling seeds (same ``settings``); each bootstrap
+    draw resamples prompts, keeping a prompt's teacher and student verdicts together, so the interval
+    reflects how much the ratio depends on which prompts happened to be drawn.
+    """
+    from hpedge.errors import HpedgeError
+
+    t = asdict(teacher) if isinstance(teacher, EvalResult) else teacher
+    s = asdict(student) if isinstance(student, EvalResult) else student
+    if t.get("settings") != s.get("settings"):
+        raise HpedgeError(f"teacher and student were evaluated with different settings: {t.get('settings')} vs {s.get('settings')}")
+    tc, sc = np.asarray(t.get("correct") or [], dtype=float), np.asarray(s.get("correct") or [], dtype=float)
+    if len(tc) == 0 or len(tc) != len(sc):
+        raise HpedgeError("a paired ratio needs per-prompt verdicts ('correct') of equal length in both results; "
+                          "re-run `hpedge eval` (results written by earlier hpedge versions lack them)")
+    if tc.sum() == 0:
+        raise HpedgeError("the teacher judged no prompt correct: the ratio is undefined")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(tc), size=(n_boot, len(tc)))
+    tb = tc[idx].sum(1)
+    ratios = np.where(tb > 0, sc[idx].sum(1) / np.maximum(tb, 1), np.nan)
+    lo, hi = np.nanpercentile(ratios, [2.5, 97.5])
+    return {"ratio": float(sc.sum() / tc.sum()), "ci95": [float(lo), float(hi)], "samples": len(tc),
+            "n_boot": n_boot, "student_only_correct": int(((sc == 1) & (tc == 0)).sum()),
+            "teacher_only_correct": int(((tc == 1) & (sc == 0)).sum())}
 
 
 from hpedge.evaluation.image import save_grid  # noqa: E402
