@@ -7,6 +7,7 @@
                                                # HierarchicalPrune vs baselines and ablations
     python benchmarks/run.py ratio zoo:digits-sd3 out/digits-sd3-hp
                                                # student/teacher eval ratio, 500 prompts, paired interval
+    python benchmarks/run.py binding           # does the text conditioning say which digit is on which side?
     python benchmarks/run.py runtime-env PKG --python VENV/bin/python
                                                # two-digit prompts from a package in a runtime-only env
 
@@ -221,18 +222,27 @@ def _e2e(pipe, pkg_dir: Path, _pruned_dir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- quality
+SCORES_HEAD = ("| model | overall | single | position | two_digits | counting | size | held-out phrasings | Frechet |\n"
+               "|---|---|---|---|---|---|---|---|---|\n")
+
+
+def scores_row(label: str, r: dict) -> str:
+    """One row of SCORES_HEAD from an ``EvalResult`` as a dict."""
+    c = r["categories"]
+    return (f"| {label} | {r['overall']:.3f} | {c['single']:.2f} | {c['position']:.2f} | {c['two_digits']:.2f} | "
+            f"{c['counting']:.2f} | {c['size']:.2f} | {r['heldout_phrasings']:.2f} | {r['frechet_distance']:.1f} |\n")
+
+
 def quality(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
     from hpedge.evaluation.evaluate import EvalSettings, evaluate
     from hpedge.models.loading import load_pipeline
 
-    text = header("GenEval-style scores (500 prompts, guidance 1, 16 steps)")
-    text += "| model | overall | single | position | two_digits | counting | size | held-out phrasings | Frechet |\n|---|---|---|---|---|---|---|---|---|\n"
+    text = header("GenEval-style scores (500 prompts, guidance 1, 16 steps)") + SCORES_HEAD
     models = args.models or ["zoo:digits-sd3", "zoo:digits-flux"]
     for m in models:
-        r = evaluate(load_pipeline(m), m, EvalSettings(per_category=100))[0]
-        c = r.categories
-        text += (f"| {m} | {r.overall:.3f} | {c['single']:.2f} | {c['position']:.2f} | {c['two_digits']:.2f} | "
-                 f"{c['counting']:.2f} | {c['size']:.2f} | {r.heldout_phrasings:.2f} | {r.frechet_distance:.1f} |\n")
+        text += scores_row(m, asdict(evaluate(load_pipeline(m), m, EvalSettings(per_category=100))[0]))
     write(args.out or "quality.md", text)
 
 
@@ -348,18 +358,49 @@ def ratio(args: argparse.Namespace) -> None:
         print(f"{role} {m}: {res[role]['overall']:.3f} ({time.time() - t:.0f} s)", flush=True)
     pr = paired_ratio(res["teacher"], res["student"])
     name = args.name or Path(args.student).name
-    text = header(f"Student vs teacher, {es.per_category * 5} prompts, guidance {es.guidance:g}, {es.steps} steps")
-    text += ("| model | overall | single | position | two_digits | counting | size | held-out phrasings | Frechet |\n"
-             "|---|---|---|---|---|---|---|---|---|\n")
+    text = header(f"Student vs teacher, {es.per_category * 5} prompts, guidance {es.guidance:g}, {es.steps} steps") + SCORES_HEAD
     for role in ("teacher", "student"):
-        r, c = res[role], res[role]["categories"]
-        text += (f"| {role}: {r['model']} | {r['overall']:.3f} | {c['single']:.2f} | {c['position']:.2f} | {c['two_digits']:.2f} | "
-                 f"{c['counting']:.2f} | {c['size']:.2f} | {r['heldout_phrasings']:.2f} | {r['frechet_distance']:.1f} |\n")
+        text += scores_row(f"{role}: {res[role]['model']}", res[role])
     text += (f"\nstudent / teacher = **{pr['ratio']:.1%}**, paired bootstrap 95 % interval {pr['ci95'][0]:.1%}-{pr['ci95'][1]:.1%} "
              f"({pr['n_boot']} resamples of the {pr['samples']} prompts); prompts only the teacher got right: "
              f"{pr['teacher_only_correct']}, only the student: {pr['student_only_correct']}.\n")
     write(f"ratio-{name}.md", text)
     (RESULTS / f"ratio-{name}.json").write_text(json.dumps({**res, "paired": pr}, indent=2))
+
+
+# --------------------------------------------------------------------------------------------- binding
+BINDING_PROMPTS = {"a": "a 3 on the left and a 7 on the right", "swap": "a 7 on the left and a 3 on the right",
+                   "change": "a 3 on the left and a 3 on the right"}
+
+
+def binding(_args: argparse.Namespace) -> None:
+    """How far the text conditioning moves when two digits swap sides vs when one digit changes."""
+    import torch
+
+    from hpedge.models.denoise import MAX_SEQUENCE_LENGTH
+    from hpedge.models.loading import load_pipeline
+
+    def rel(u, v) -> float:
+        return float((u - v).norm() / u.norm())
+
+    text = header("Text conditioning: relative change (|e(x) - e(a)| / |e(a)|) when the digits swap sides or one changes")
+    text += "".join(f"- {k}: \"{v}\"\n" for k, v in BINDING_PROMPTS.items())
+    text += "\n| model | sequence: swap | sequence: change | pooled: swap | pooled: change |\n|---|---|---|---|---|\n"
+    for fam in ("sd3", "flux"):
+        pipe = load_pipeline(f"zoo:digits-{fam}")
+        emb = {}
+        with torch.no_grad():
+            for k, x in BINDING_PROMPTS.items():
+                if fam == "sd3":  # (prompt_embeds, negative, pooled, negative pooled)
+                    e = pipe.encode_prompt(x, x, x, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH)
+                    emb[k] = (e[0], e[2])
+                else:  # (prompt_embeds = T5 sequence, pooled = CLIP, text_ids)
+                    e = pipe.encode_prompt(x, prompt_2=x, max_sequence_length=MAX_SEQUENCE_LENGTH)
+                    emb[k] = (e[0], e[1])
+        a = emb["a"]
+        text += (f"| zoo:digits-{fam} | {rel(a[0], emb['swap'][0]):.3f} | {rel(a[0], emb['change'][0]):.3f} | "
+                 f"{rel(a[1], emb['swap'][1]):.3f} | {rel(a[1], emb['change'][1]):.3f} |\n")
+    write("binding.md", text)
 
 
 # --------------------------------------------------------------------------------------------- runtime-env
@@ -434,6 +475,7 @@ def main() -> None:
     a.add_argument("--steps", type=int, default=600)
     a.add_argument("--lr", type=float, default=3e-4, help="distillation learning rate, the same for every row")
     a.add_argument("--per-category", type=int, default=60)
+    sub.add_parser("binding")
     r = sub.add_parser("ratio")
     r.add_argument("teacher", help="pipeline folder or zoo:NAME")
     r.add_argument("student", help="pipeline folder")
@@ -446,7 +488,7 @@ def main() -> None:
     e.add_argument("--variant", default="int4_cpu")
     args = ap.parse_args()
     {"memory": memory, "latency": latency, "quality": quality, "blocks": blocks, "ablation": ablation,
-     "runtime-env": runtime_env, "ratio": ratio}[args.cmd](args)
+     "runtime-env": runtime_env, "ratio": ratio, "binding": binding}[args.cmd](args)
 
 
 if __name__ == "__main__":

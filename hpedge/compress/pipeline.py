@@ -140,9 +140,9 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
         t_res = evaluate(teacher_pipe, model, es)[0]
         say("evaluating student", 1, 2)
         s_res = evaluate(student_pipe, str(out), es)[0]
+        paired = paired_ratio(t_res, s_res) if t_res.overall else None
         scores = {"teacher": asdict(t_res), "student": asdict(s_res),
-                  "student_over_teacher": s_res.overall / t_res.overall if t_res.overall else float("nan"),
-                  "paired": paired_ratio(t_res, s_res) if t_res.overall else None}
+                  "student_over_teacher": paired["ratio"] if paired else float("nan"), "paired": paired}
     report = {
         "format": "hpedge-compress/1",
         "source": model,

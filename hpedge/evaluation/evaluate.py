@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from hpedge.errors import HpedgeError
 from hpedge.zoo.digits import CATEGORIES, Prompt, eval_prompts, render
 
 JUDGE_WEIGHTS = Path(__file__).resolve().parent.parent / "zoo" / "models" / "judge" / "digit-classifier.safetensors"
@@ -134,8 +135,6 @@ def paired_ratio(teacher: EvalResult | dict[str, Any], student: EvalResult | dic
     draw resamples prompts, keeping a prompt's teacher and student verdicts together, so the interval
     reflects how much the ratio depends on which prompts happened to be drawn.
     """
-    from hpedge.errors import HpedgeError
-
     t = asdict(teacher) if isinstance(teacher, EvalResult) else teacher
     s = asdict(student) if isinstance(student, EvalResult) else student
     if t.get("settings") != s.get("settings"):
