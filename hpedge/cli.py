@@ -119,7 +119,7 @@ def generate(model: Annotated[str, typer.Argument(help="package folder, pipeline
              seed: Annotated[int, typer.Option()] = 0,
              steps: Annotated[int, typer.Option()] = 16,
              guidance: Annotated[float, typer.Option(help="pipelines only: classifier-free guidance")] = 1.0,
-             variant: Annotated[str, typer.Option(help="packages only: auto | fp32 | int4 | int4_cpu")] = "auto",
+             variant: Annotated[str, typer.Option(help="packages only: auto | int4 | int4_cpu | fp32 (if exported with --fp32-reference)")] = "auto",
              device: Annotated[str, typer.Option(help="packages only: auto | cpu | cuda")] = "auto") -> None:
     """Generate one image with a package (runtime only: no torch) or a diffusers pipeline."""
     from hpedge.evaluation.image import save_grid
@@ -303,6 +303,8 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
            method: Annotated[str, typer.Option(help="INT4 method: awq_clip | rtn")] = "awq_clip",
            exporter: Annotated[str, typer.Option(help="ONNX exporter: auto | legacy | dynamo")] = "auto",
            cpu_kernel: Annotated[str, typer.Option(help="CPU variant of the INT4 transformer: int8 (int8 GEMM after load) | nbits (MatMulNBits)")] = "int8",
+           compute: Annotated[str, typer.Option(help="precision the TensorRT-input INT4 graph computes in: fp16 | fp32 (the CPU variant is fp32)")] = "fp16",
+           fp32_reference: Annotated[bool, typer.Option(help="also ship the fp32 transformer (larger than the original's bf16 weights; for debugging, `--variant fp32`)")] = False,
            calibration_prompts: Annotated[int, typer.Option(help="prompts for calibration (and as many held out for parity)")] = 8,
            protect: Annotated[Optional[list[str]], typer.Option(help="regex of layers kept in full precision (repeatable)")] = None,
            allow_parity_failure: Annotated[bool, typer.Option(help="write the package even if parity fails (recorded in the manifest)")] = False,
@@ -311,14 +313,17 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
     """ONNX + INT4 AWQ + TensorRT engine (or on-device build) + Polygraphy parity -> a self-describing package."""
     from hpedge.export.pipeline import ExportOptions, export as run
 
-    opts = ExportOptions(target=target, engine=engine, method=method, exporter=exporter, cpu_kernel=cpu_kernel,
+    opts = ExportOptions(target=target, engine=engine, method=method, exporter=exporter, cpu_kernel=cpu_kernel, compute=compute,
+                         fp32_reference=fp32_reference,
                          calibration_prompts=calibration_prompts, allow_parity_failure=allow_parity_failure,
                          archive=archive, overwrite=overwrite, protect=list(protect or []))
     with err_console.status("export") as status:
         m = run(model, output, opts, progress=lambda s: status.update(s))
-    b = m["components"]["transformer"]["bytes"]
-    console.print(f"transformer: fp32 {b['fp32'] / 1e6:.1f} MB, int4 {b['int4'] / 1e6:.1f} MB "
-                  f"({b['int4'] / b['fp32']:.2f}x); {len(m['int4']['excluded'])} layers kept in fp32")
+    b, fp32_bytes = m["components"]["transformer"]["bytes"], m["components"]["transformer"]["fp32_bytes"]
+    console.print(f"transformer: fp32 export {fp32_bytes / 1e6:.1f} MB{'' if 'fp32' in b else ' (not shipped)'}, "
+                  f"int4 ({m['int4']['compute']} compute) {b['int4'] / 1e6:.1f} MB ({b['int4'] / fp32_bytes:.2f}x), "
+                  f"int4_cpu {b['int4_cpu'] / 1e6:.1f} MB; "
+                  f"{len(m['int4']['excluded'])} layers not quantized")
     console.print(f"parity: {'passed' if m['parity']['passed'] else '[bold red]FAILED (overridden)[/]'}")
     if m["engine"]["status"] != "built":
         console.print(f"[yellow]notice:[/] TensorRT engine {m['engine']['status']}: {m['engine']['reason']}")

@@ -72,6 +72,9 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
     model = onnx.load(str(int4_path), load_external_data=True)
     inits = {i.name: i for i in model.graph.initializer}
     dq_by_out = _int4_dq_nodes(model)
+    if any(inits[dq.input[1]].data_type != TensorProto.FLOAT for dq, _ in dq_by_out.values()):
+        raise ValueError(f"{int4_path} is not an fp32-compute INT4 graph (its DequantizeLinear scales are not float32); "
+                         "the CPU variant is made from ModelOpt's quantization of the fp32 export")
     consumers: dict[str, int] = {}
     for node in model.graph.node:
         for i in node.input:

@@ -56,10 +56,16 @@ class IOSpec:
                 "outputs": self.outputs, "dtypes": self.dtypes}
 
 
+COMPUTE_DTYPES = ("fp32", "fp16")
+
+
 def _transformer_wrapper(transformer: Any) -> Any:
+    """Positional float32 inputs and output whatever the transformer's own dtype: an fp16 transformer
+    gets Casts at the graph's edges, so every variant of a package has the same float32 interface."""
     import torch
 
     family = family_of(transformer)
+    dt = next(transformer.parameters()).dtype
 
     class SD3(torch.nn.Module):
         def __init__(self) -> None:
@@ -67,8 +73,9 @@ def _transformer_wrapper(transformer: Any) -> Any:
             self.m = transformer
 
         def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):  # type: ignore[no-untyped-def]
-            return self.m(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                          pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+            return self.m(hidden_states=hidden_states.to(dt), encoder_hidden_states=encoder_hidden_states.to(dt),
+                          pooled_projections=pooled_projections.to(dt), timestep=timestep,
+                          return_dict=False)[0].float()
 
     class Flux(torch.nn.Module):
         def __init__(self) -> None:
@@ -76,9 +83,9 @@ def _transformer_wrapper(transformer: Any) -> Any:
             self.m = transformer
 
         def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids):  # type: ignore[no-untyped-def]
-            return self.m(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                          pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids,
-                          txt_ids=txt_ids, return_dict=False)[0]
+            return self.m(hidden_states=hidden_states.to(dt), encoder_hidden_states=encoder_hidden_states.to(dt),
+                          pooled_projections=pooled_projections.to(dt), timestep=timestep, img_ids=img_ids,
+                          txt_ids=txt_ids, return_dict=False)[0].float()
 
     return (SD3() if family == "sd3" else Flux()).eval()
 
@@ -159,9 +166,22 @@ def _export(module: Any, args: tuple[Any, ...], path: Path, names: list[str], ou
     _save(proto, path)
 
 
-def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str = "auto") -> str:
+def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str = "auto", dtype: str = "fp32") -> str:
+    """Export ``transformer`` to ``path``; ``dtype`` is the precision the graph computes in.
+
+    ``fp16`` exports an fp16 copy (the caller's model is not changed): weights and activations fp16,
+    with the casts diffusers itself does (e.g. RMSNorm's variance in fp32), and float32 graph inputs
+    and output. That is the graph a strongly typed TensorRT engine should be built from: TensorRT then
+    runs fp16 kernels because the graph says so, not because of a builder flag.
+    """
+    import copy
+
     import torch
 
+    if dtype not in COMPUTE_DTYPES:
+        raise HpedgeError(f"unknown compute dtype {dtype!r} for the transformer export (choose from {', '.join(COMPUTE_DTYPES)})")
+    if dtype == "fp16":
+        transformer = copy.deepcopy(transformer).to(torch.float16)
     family = family_of(transformer)
     if exporter == "auto":
         exporter = "legacy" if family == "sd3" else "dynamo"

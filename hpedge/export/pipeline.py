@@ -3,8 +3,10 @@
 1. transformer -> ONNX fp32 (dynamic shapes covering the profile), verified against PyTorch on fresh
    inputs before anything else runs; text encoding and VAE decoder -> ONNX;
 2. calibration inputs captured from real denoising runs of the pipeline (never random data);
-3. INT4 AWQ (ModelOpt) + a CPU variant of the same INT4 weights for ONNX Runtime's CPU provider (int8 GEMM
-   after load, or MatMulNBits);
+3. INT4 AWQ (ModelOpt): ``int4``, the TensorRT input, is a second export of the transformer that computes
+   in ``--compute`` (fp16 by default; the engine is strongly typed, so the graph's types are the engine's
+   precisions) quantized by ModelOpt; ``int4_cpu`` is ModelOpt's quantization of the fp32 graph turned into
+   a form ONNX Runtime's CPU provider runs fast (int8 GEMM after load, or MatMulNBits);
 4. TensorRT engine (``--engine auto|require|skip``), or marked for an on-device ``hpedge build``;
 5. parity (Polygraphy) on held-out captured inputs + an end-to-end image check; it gates packaging;
 6. manifest with sha256 of every file; the package directory is written atomically.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +46,8 @@ class ExportOptions:
     protect: list[str] = field(default_factory=list)
     e2e_samples: int = 4
     cpu_kernel: str = "int8"  # int8 | nbits (see hpedge.export.cpu_int4)
+    compute: str = "fp16"  # what the TensorRT-input INT4 graph computes in: fp16 | fp32 (int4_cpu is always fp32)
+    fp32_reference: bool = False  # also ship the fp32 transformer (1.5x the original's bf16 bytes; for debugging)
 
 
 def _marker(path: Path | None) -> dict[str, Any]:
@@ -128,6 +133,34 @@ def _torch_outputs(pipe: Any, feeds: list[dict[str, np.ndarray]]) -> list[np.nda
     return outs
 
 
+REFERENCE_SAMPLES = 2
+
+
+def _save_reference(path: Path, feeds: list[dict[str, np.ndarray]], outputs: list[np.ndarray]) -> dict[str, Any]:
+    """Held-out transformer inputs and PyTorch's outputs for them, as safetensors (``{i}/{input}``, ``{i}/out``)."""
+    from safetensors.numpy import save_file
+
+    tensors = {f"{i}/{k}": np.ascontiguousarray(v) for i, f in enumerate(feeds) for k, v in f.items()}
+    tensors.update({f"{i}/out": np.ascontiguousarray(o) for i, o in enumerate(outputs)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return {"file": str(path.relative_to(path.parents[1])), "samples": len(feeds),
+            "what": "held-out transformer inputs captured from real denoising runs and the PyTorch model's outputs"}
+
+
+def load_reference(package: Path, manifest: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+    ref = manifest["components"]["transformer"].get("reference")
+    if not ref:
+        raise HpedgeError(f"{package} has no parity reference (written by an older hpedge); export it again",
+                          HpedgeError.CHECK_FAILED)
+    from safetensors.numpy import load_file
+
+    t = load_file(str(package / ref["file"]))
+    feeds = [{k.split("/", 1)[1]: v for k, v in t.items() if k.startswith(f"{i}/") and not k.endswith("/out")}
+             for i in range(ref["samples"])]
+    return feeds, [t[f"{i}/out"] for i in range(ref["samples"])]
+
+
 def _input_order(pipe: Any) -> list[str]:
     base = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
     return base if family_of(pipe) == "sd3" else base + ["img_ids", "txt_ids"]
@@ -182,8 +215,10 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
     profile = load_profile(opts.target)
     if "int4" not in profile.precisions:
         raise HpedgeError(f"target {profile.name} cannot run INT4 weights (precisions: {', '.join(profile.precisions)})")
-    if not {"fp16", "fp32"} & set(profile.precisions):
-        raise HpedgeError(f"target {profile.name} supports neither fp16 nor fp32 for the non-quantized parts")
+    if opts.compute not in ox.COMPUTE_DTYPES:
+        raise HpedgeError(f"--compute must be one of {', '.join(ox.COMPUTE_DTYPES)}, got {opts.compute!r}")
+    if opts.compute not in profile.precisions:
+        raise HpedgeError(f"target {profile.name} cannot compute in {opts.compute} (precisions: {', '.join(profile.precisions)})")
     _check_parent(out)
     if out.exists() and not opts.overwrite:
         raise HpedgeError(f"{out} already exists; pass --overwrite to replace it")
@@ -200,10 +235,12 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
     report_path = out.resolve().parent / f"{out.name}.parity.json"
 
     with atomic_dir(out, overwrite=opts.overwrite) as tmp:
+        work = tmp / ".work"  # intermediate files, removed before the manifest is written
         say("exporting transformer (fp32 ONNX)")
-        fp32 = tmp / "transformer" / "fp32" / "model.onnx"
+        fp32 = (tmp / "transformer" if opts.fp32_reference else work) / "fp32" / "model.onnx"
         exporter = ox.export_transformer(pipe.transformer, spec, fp32, opts.exporter)
         fresh = _verify_fp32(pipe, fp32, spec, profile)
+        fp32_bytes = ox.size_of(fp32)
 
         say("capturing calibration inputs from real denoising runs")
         from hpedge.compress.analyze import calibration, evaluator_of
@@ -214,12 +251,21 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         calib = capture_inputs(pipe, prompts[:half], opts.steps, res[1], names, seed=1)
         held = capture_inputs(pipe, prompts[half:], opts.steps, res[1], names, seed=2)
 
-        say(f"INT4 quantization ({opts.method}, ModelOpt)")
+        # Two INT4 variants. int4 is what TensorRT builds from: its engine is strongly typed, so the graph's
+        # own types decide the kernels, and the graph computes in opts.compute (fp16: ModelOpt then writes
+        # fp16 scales). int4_cpu (ONNX Runtime CPU) computes in fp32 and comes from an fp32 quantization.
+        say(f"INT4 quantization ({opts.method}, ModelOpt, fp32 graph)")
         int4 = tmp / "transformer" / "int4" / "model.onnx"
-        qrep = quantize_int4(fp32, int4, calib, opts.method, 128, opts.protect)
         int4_cpu = tmp / "transformer" / "int4_cpu" / "model.onnx"
-        n_cpu = convert(int4, int4_cpu, opts.cpu_kernel)  # reads int4's fp32 scales: before the next line
-        store_floats_fp16(int4)  # 4-bit weights, 16-bit rest (DequantizeLinear scales stay fp32 for TensorRT)
+        q32 = int4 if opts.compute == "fp32" else work / "int4_fp32" / "model.onnx"
+        qrep = qrep_fp32 = quantize_int4(fp32, q32, calib, opts.method, 128, opts.protect)
+        n_cpu = convert(q32, int4_cpu, opts.cpu_kernel)  # reads the fp32 scales: before store_floats_fp16
+        if opts.compute == "fp16":
+            say("exporting transformer (fp16 ONNX) and INT4 quantization of it (ModelOpt)")
+            fp16 = work / "fp16" / "model.onnx"
+            ox.export_transformer(pipe.transformer, spec, fp16, opts.exporter, dtype="fp16")
+            qrep = quantize_int4(fp16, int4, calib, opts.method, 128, opts.protect)
+        store_floats_fp16(int4)  # 4-bit weights, 16-bit rest (an fp32 graph keeps its DequantizeLinear scales fp32)
 
         say("exporting text encoders and VAE decoder")
         ox.export_text(pipe, tmp / "text" / "model.onnx", MAX_SEQUENCE_LENGTH)
@@ -249,7 +295,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         ref_out = _torch_outputs(pipe, held)
         p = profile.parity
         report.checks.append(par.compare_fp32(ref_out, par.run_onnxrt(fp32, held, "onnxrt-fp32"), "out", p.fp32_atol, p.fp32_rtol))
-        report.checks.append(par.compare_quality("transformer int4 (DequantizeLinear) vs PyTorch", ref_out,
+        report.checks.append(par.compare_quality(f"transformer int4 (DequantizeLinear, {opts.compute} compute) vs PyTorch", ref_out,
                                                  par.outputs_of(par.run_onnxrt(int4, held, "onnxrt-int4")),
                                                  p.int4_min_cosine, p.int4_min_psnr_db))
         report.checks.append(par.compare_quality(f"transformer int4_cpu ({opts.cpu_kernel}) vs PyTorch", ref_out,
@@ -259,6 +305,10 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
             report.checks.append(par.compare_quality("TensorRT int4 engine vs PyTorch", ref_out,
                                                      par.outputs_of(par.run_trt(tmp / "engines" / engine["file"], held, "trt")),
                                                      p.int4_min_cosine, p.int4_min_psnr_db))
+        # what `hpedge check` compares against later: held-out captured inputs and PyTorch's outputs
+        reference = _save_reference(tmp / "parity" / "reference.safetensors", held[:REFERENCE_SAMPLES], ref_out[:REFERENCE_SAMPLES])
+        shutil.rmtree(work, ignore_errors=True)
+        variants = {v: f"transformer/{v}/model.onnx" for v in ("fp32", "int4", "int4_cpu") if (tmp / "transformer" / v).exists()}
         gen = {
             "family": family_of(pipe), "resolution": res[1], "resolution_range": list(res),
             "latent_channels": pipe.transformer.config.in_channels // (1 if family_of(pipe) == "sd3" else 4),
@@ -274,20 +324,21 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
             "target": profile.to_dict(),
             "components": {
                 "text": {"file": "text/model.onnx", "precision": "fp32"},
-                "transformer": {"variants": {"fp32": "transformer/fp32/model.onnx", "int4": "transformer/int4/model.onnx",
-                                             "int4_cpu": "transformer/int4_cpu/model.onnx"},
-                                "io": spec.to_dict(), "exporter": exporter, "fresh_input_max_abs_error": fresh,
-                                "bytes": {v: ox.size_of(tmp / f) for v, f in (("fp32", "transformer/fp32/model.onnx"),
-                                          ("int4", "transformer/int4/model.onnx"), ("int4_cpu", "transformer/int4_cpu/model.onnx"))}},
+                "transformer": {"variants": variants, "io": spec.to_dict(), "exporter": exporter,
+                                "fresh_input_max_abs_error": fresh, "fp32_bytes": fp32_bytes,
+                                "bytes": {v: ox.size_of(tmp / f) for v, f in variants.items()},
+                                "reference": reference},
                 "vae_decoder": {"file": "vae_decoder/model.onnx", "precision": "fp32"},
             },
             "generation": gen,
-            "int4": {**{k: v for k, v in qrep.to_dict().items() if k != "layer_error"}, "cpu_kernel": opts.cpu_kernel, "cpu_converted": n_cpu,
-                     "report": "quant_report.json"},
+            "int4": {**{k: v for k, v in qrep.to_dict().items() if k != "layer_error"}, "compute": opts.compute,
+                     "cpu_kernel": opts.cpu_kernel, "cpu_converted": n_cpu, "report": "quant_report.json"},
             "engine": engine,
             "tools": _versions(),
         }
-        (tmp / "quant_report.json").write_text(json.dumps(qrep.to_dict(), indent=2))
+        (tmp / "quant_report.json").write_text(json.dumps(
+            {**qrep.to_dict(), "compute": opts.compute,
+             **({"int4_cpu_source": qrep_fp32.to_dict()} if qrep_fp32 is not qrep else {})}, indent=2))
         finalize_manifest(tmp, manifest)  # the runtime verifies files, so finish once before the e2e check
         say("end-to-end check through the packaged components")
         report.checks.append(_e2e_check(pipe, tmp, prompts[half:][: opts.e2e_samples], opts.steps, p.e2e_min_psnr_db))
@@ -351,11 +402,12 @@ def _versions() -> dict[str, str]:
 
 
 def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
-    """``hpedge check``: verify checksums and the manifest, then rerun parity on fresh inputs.
+    """``hpedge check``: verify checksums and the manifest, then rerun parity.
 
-    Parity is rerun without the original model: ONNX Runtime fp32 is the reference for the INT4
-    variants (cosine/PSNR limits from the manifest's profile), and the packaged pipeline must produce
-    finite images in [0, 1].
+    Parity is rerun without the original model: every transformer variant in the package runs on the
+    held-out inputs stored at export time and is compared with the PyTorch outputs stored next to them
+    (cosine/PSNR limits from the manifest's profile for INT4, atol/rtol for fp32), and the packaged
+    pipeline must produce finite images in [0, 1].
     """
     from hpedge.export import parity as par
     from hpedge.runtime import Package
@@ -364,27 +416,19 @@ def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {"package": str(package), "files": len(pkg.manifest["files"]), "checks": []}
     if not rerun_parity:
         return result
-    io = pkg.manifest["components"]["transformer"]["io"]["inputs"]
-    rng = np.random.default_rng(123)
-    feeds = []
-    for _ in range(2):
-        f = {}
-        for name, shapes in io.items():
-            shape = shapes["opt"]
-            if name == "timestep":
-                f[name] = (rng.uniform(0.1, 0.9, size=shape) * pkg.manifest["generation"]["timestep_scale"]).astype(np.float32)
-            elif name in ("img_ids", "txt_ids"):
-                f[name] = np.zeros(shape, np.float32)
-            else:
-                f[name] = rng.standard_normal(shape).astype(np.float32)
-        feeds.append(f)
+    feeds, ref = load_reference(package, pkg.manifest)
     variants = pkg.manifest["components"]["transformer"]["variants"]
-    ref = par.outputs_of(par.run_onnxrt(package / variants["fp32"], feeds, "fp32"))
     lim = pkg.manifest["target"]["parity"]
-    for v in ("int4", "int4_cpu"):
+    for v in variants:
         outs = par.outputs_of(par.run_onnxrt(package / variants[v], feeds, v))
-        c = par.compare_quality(f"{v} vs fp32 (ONNX Runtime)", ref, outs, lim["int4_min_cosine"], lim["int4_min_psnr_db"])
-        result["checks"].append(asdict(c))
+        if v == "fp32":
+            ok = all(np.allclose(o, r, atol=lim["fp32_atol"], rtol=lim["fp32_rtol"]) for o, r in zip(outs, ref))
+            err = max(float(np.abs(o - r).max()) for o, r in zip(outs, ref))
+            result["checks"].append(asdict(Check("fp32 vs PyTorch (stored reference)", ok, {"max_abs": err},
+                                                 {"atol": lim["fp32_atol"], "rtol": lim["fp32_rtol"]})))
+        else:
+            c = par.compare_quality(f"{v} vs PyTorch (stored reference)", ref, outs, lim["int4_min_cosine"], lim["int4_min_psnr_db"])
+            result["checks"].append(asdict(c))
     img = pkg.generate(["a 3 on the left and a 7 on the right"] if pkg.manifest["source"].get("evaluator") == "digits"
                        else ["a photo of a cat"], seed=0, steps=4)
     ok = bool(np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1)
@@ -413,10 +457,22 @@ def build(package: Path) -> dict[str, Any]:
     settings = {"opt_level": prof["builder_optimization_level"], "workspace_gb": prof["workspace_gb"], "shapes": io,
                 "strongly_typed": True}
     key = trt.cache_key(sha256(int4), settings, av.version, av.compute_capability)
-    facts = trt.build_engine(int4, package / "engines" / f"transformer_int4-{key}.plan", shapes,
-                             prof["builder_optimization_level"], int(prof["workspace_gb"] * 2**30),
+    engine = package / "engines" / f"transformer_int4-{key}.plan"
+    facts = trt.build_engine(int4, engine, shapes, prof["builder_optimization_level"], int(prof["workspace_gb"] * 2**30),
                              package / "engines" / "timing.cache")
+    # the engine joins the package only if it matches the PyTorch reference stored at export time
+    from hpedge.export import parity as par
+
+    feeds, ref = load_reference(package, pkg.manifest)
+    lim = prof["parity"]
+    c = par.compare_quality("TensorRT int4 engine vs PyTorch (stored reference)", ref,
+                            par.outputs_of(par.run_trt(engine, feeds, "trt")), lim["int4_min_cosine"], lim["int4_min_psnr_db"])
+    if not c.passed:
+        engine.unlink()
+        raise HpedgeError(f"the engine built but failed parity, not added to the package: {c.metrics} vs {c.limits}",
+                          HpedgeError.CHECK_FAILED)
     manifest = {k: v for k, v in pkg.manifest.items() if k not in ("files", "manifest_sha256")}
-    manifest["engine"] = {"status": "built", "cache_key": key, "compute_capability": av.compute_capability, **facts}
+    manifest["engine"] = {"status": "built", "cache_key": key, "compute_capability": av.compute_capability, **facts,
+                          "parity": {"passed": True, **c.metrics}}
     return finalize_manifest(package, manifest)
 

@@ -112,8 +112,10 @@ class _Reader:
         return iter(self.feeds)
 
 
-def quantize_int4(fp32_path: Path, out_path: Path, calibration: list[dict[str, np.ndarray]], method: str = "awq_clip",
+def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, np.ndarray]], method: str = "awq_clip",
                   block_size: int = 128, protect: list[str] | None = None) -> QuantReport:
+    """INT4 weight-only quantization of ``onnx_path`` (an fp32 or fp16 export); ModelOpt writes each
+    DequantizeLinear scale in its weight's type, so an fp16 graph gets fp16 scales."""
     import onnx
 
     if method not in METHODS:
@@ -124,7 +126,7 @@ def quantize_int4(fp32_path: Path, out_path: Path, calibration: list[dict[str, n
     except ImportError as e:
         raise HpedgeError(f"ModelOpt is not installed ({e}); install hpedge[export]") from None
     t0 = time.time()
-    model = onnx.load(str(fp32_path), load_external_data=True)
+    model = onnx.load(str(onnx_path), load_external_data=True)
     gemm_to_matmul(model)
     quantizable, excluded = plan_exclusions(model, block_size, protect or [])
     if not quantizable:

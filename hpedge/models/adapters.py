@@ -83,9 +83,9 @@ def numel(module: Any) -> int:
 def int4_bytes(module: Any, block_size: int = INT4_BLOCK, other_bytes: int = 2, scale_bytes: int = 2) -> int:
     """Bytes with INT4 linear weights (one ``scale_bytes`` scale per block) and ``other_bytes`` for the rest.
 
-    Defaults describe a TensorRT deployment (fp16 scales, bf16 elsewhere); the exported INT4 ONNX file
-    stores fp32 DequantizeLinear scales and fp16 elsewhere (``scale_bytes=4, other_bytes=2``), and a
-    test checks this formula against that file's weights.
+    Defaults describe a TensorRT deployment (fp16 scales, 16 bits elsewhere), which is what the
+    package's TensorRT-input INT4 file (``--compute fp16``) stores; a test checks this formula against
+    that file's weights.
 
     Linear weights whose input dimension is not a multiple of ``block_size`` stay in 16 bits; this is
     the same rule the ONNX INT4 export applies, so estimates and exported sizes agree.

@@ -61,10 +61,21 @@ def test_cpu_variant_matches_the_int4_graph(tmp_path: Path, kernel: str) -> None
         assert not np.allclose(got, ref, rtol=1e-6, atol=1e-6)  # it really is the quantized kernel
 
 
-def test_unknown_kernel(tmp_path: Path) -> None:
+def test_unknown_kernel_and_fp16_graph_are_refused(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
     _dq_matmul_model(tmp_path / "int4.onnx", np.random.default_rng(0))
     with pytest.raises(ValueError, match="unknown CPU INT4 kernel"):
         convert(tmp_path / "int4.onnx", tmp_path / "x.onnx", "fp8")
+    model = onnx.load(str(tmp_path / "int4.onnx"))  # the TensorRT input of an fp16-compute export
+    scale = next(i for i in model.graph.initializer if i.name == "w_scale")
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale).astype(np.float16), "w_scale"))
+    assert scale.data_type == TensorProto.FLOAT16
+    onnx.save(model, str(tmp_path / "int4_fp16.onnx"))
+    with pytest.raises(ValueError, match="not an fp32-compute INT4 graph"):
+        convert(tmp_path / "int4_fp16.onnx", tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_store_floats_fp16_keeps_fp32_compute(tmp_path: Path) -> None:

@@ -23,21 +23,60 @@ def test_package_contents(sd3_package) -> None:
     assert m["parity"]["passed"] and not m["parity"]["overridden"]
     assert m["engine"]["status"] == "pending" and "hpedge build" in m["engine"]["reason"]
     b = m["components"]["transformer"]["bytes"]
-    assert b["int4"] <= 0.3 * b["fp32"]
+    assert set(b) == {"int4", "int4_cpu"}  # the fp32 export is not shipped unless asked for
+    assert b["int4"] <= 0.3 * m["components"]["transformer"]["fp32_bytes"]
     assert len(m["int4"]["quantized"]) > 50
     assert all("multiple of the block size" in r or "pattern" in r for r in m["int4"]["excluded"].values())
     q = json.loads((sd3_package / "quant_report.json").read_text())
     assert q["layer_error"] and max(q["layer_error"].values()) < 0.3
-    assert set(m["files"]) >= {"transformer/fp32/model.onnx", "transformer/int4/model.onnx", "text/model.onnx",
-                               "vae_decoder/model.onnx", "parity.json", "quant_report.json"}
+    assert set(m["files"]) >= {"transformer/int4/model.onnx", "transformer/int4_cpu/model.onnx", "text/model.onnx",
+                               "vae_decoder/model.onnx", "parity.json", "quant_report.json", "parity/reference.safetensors"}
+    assert not [f for f in m["files"] if f.startswith(("transformer/fp32", ".work"))]
+    assert not (sd3_package / ".work").exists() and not (sd3_package / "transformer" / "fp32").exists()
     io = m["components"]["transformer"]["io"]["inputs"]
     assert io["hidden_states"]["min"][0] == 1 and io["hidden_states"]["max"][0] == 4  # rtx4090 batch range
+    assert m["int4"]["compute"] == "fp16" and q["compute"] == "fp16" and q["int4_cpu_source"]["quantized"]
+
+
+def test_tensorrt_input_computes_in_fp16_with_float32_io(sd3_package) -> None:
+    """The engine is strongly typed, so the int4 graph's types are what TensorRT runs: fp16 GEMMs and fp16
+    scales, behind the same float32 inputs and output as every other variant."""
+    import onnx
+    from onnx import TensorProto
+
+    def types(variant: str):
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(sd3_package / "transformer" / variant / "model.onnx")))
+        g = model.graph
+        elem = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+        inits = {i.name: i.data_type for i in g.initializer}
+        mm = [elem.get(n.output[0]) for n in g.node if n.op_type == "MatMul"]
+        scales = [inits[n.input[1]] for n in g.node if n.op_type == "DequantizeLinear" and n.input[1] in inits]
+        io = [elem[v.name] for v in [*g.input, *g.output]]
+        return mm, scales, io
+
+    mm, scales, io = types("int4")
+    assert len(mm) > 50 and set(mm) == {TensorProto.FLOAT16}
+    assert len(scales) > 50 and set(scales) == {TensorProto.FLOAT16}
+    assert set(io) == {TensorProto.FLOAT}
+
+
+def test_fp32_reference_is_shipped_on_request(random_sd3, tmp_path) -> None:
+    out = tmp_path / "pkg"
+    m = export(str(random_sd3), out, ExportOptions(target="rtx4090", method="rtn", calibration_prompts=1, e2e_samples=1,
+                                                  compute="fp32", fp32_reference=True))
+    assert set(m["components"]["transformer"]["variants"]) == {"fp32", "int4", "int4_cpu"}
+    assert m["components"]["transformer"]["bytes"]["fp32"] == m["components"]["transformer"]["fp32_bytes"]
+    assert m["int4"]["compute"] == "fp32" and not (out / ".work").exists()
+    r = check(out)
+    assert [c["name"].split()[0] for c in r["checks"][:3]] == ["fp32", "int4", "int4_cpu"] and r["passed"]
 
 
 def test_check_passes_then_detects_tampering(sd3_package, tmp_path) -> None:
     import shutil
 
-    assert check(sd3_package)["passed"]
+    r = check(sd3_package)
+    assert r["passed"] and [c["name"] for c in r["checks"][:2]] == ["int4 vs PyTorch (stored reference)",
+                                                                    "int4_cpu vs PyTorch (stored reference)"]
     pkg = tmp_path / "p"
     shutil.copytree(sd3_package, pkg)
     assert runner.invoke(app, ["check", str(pkg)]).exit_code == 0
@@ -64,8 +103,8 @@ def test_onnx_files_load_without_hpedge(sd3_package) -> None:
         "    s = ort.InferenceSession(p, providers=['CPUExecutionProvider'])\n"
         "    print(p, [i.name for i in s.get_inputs()])\n"
     )
-    files = [str(sd3_package / f) for f in ("transformer/fp32/model.onnx", "transformer/int4/model.onnx",
-                                             "transformer/int4_cpu/model.onnx", "text/model.onnx", "vae_decoder/model.onnx")]
+    files = [str(sd3_package / f) for f in ("transformer/int4_cpu/model.onnx", "transformer/int4/model.onnx",
+                                             "text/model.onnx", "vae_decoder/model.onnx")]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-I", "-c", code, *files], capture_output=True, text=True, env=env, cwd="/")
     assert r.returncode == 0, r.stderr
@@ -125,6 +164,11 @@ def test_export_errors(random_sd3, tmp_path) -> None:
     assert "not a diffusers pipeline" in err(str(tmp_path), "--target", "rtx4090", "-o", str(tmp_path / "d"))
     assert "--cpu-kernel must be one of int8, nbits" in err(str(random_sd3), "--target", "rtx4090", "-o",
                                                            str(tmp_path / "d"), "--cpu-kernel", "fp8")
+    assert "--compute must be one of fp32, fp16" in err(str(random_sd3), "--target", "rtx4090", "-o", str(tmp_path / "d"),
+                                                       "--compute", "bf16")
+    prof["precisions"] = ["fp32", "int4"]
+    (tmp_path / "nofp16.json").write_text(json.dumps(prof))
+    assert "cannot compute in fp16" in err(str(random_sd3), "--target", str(tmp_path / "nofp16.json"), "-o", str(tmp_path / "d"))
     (tmp_path / "afile").write_text("x")
     assert "cannot write" in err(str(random_sd3), "--target", "rtx4090", "-o", str(tmp_path / "afile" / "pkg"))
     for name in "abcd":
@@ -154,8 +198,8 @@ def test_int4_size_formula_matches_the_exported_weights(sd3_package, random_sd3)
     model = onnx.load(str(sd3_package / "transformer" / "int4" / "model.onnx"))
     size = {1: 4.0, 10: 2.0, 22: 0.5, 7: 8.0, 6: 4.0}
     weights = sum(size.get(i.data_type, 4.0) * int(np.prod(i.dims or [1])) for i in model.graph.initializer)
-    # unquantized weights are stored fp16 (store_floats_fp16), DequantizeLinear scales fp32
-    formula = int4_bytes(load_transformer(str(random_sd3)), other_bytes=2, scale_bytes=4)
+    # the TensorRT input computes in fp16: unquantized weights and DequantizeLinear scales are fp16
+    formula = int4_bytes(load_transformer(str(random_sd3)), other_bytes=2, scale_bytes=2)
     assert abs(weights - formula) / formula < 0.05, (weights, formula)
 
 
@@ -175,15 +219,23 @@ def test_position_table_is_exported_as_two_exact_factors(sd3_package, random_sd3
     assert separable_factors(torch.randn(size, size, table.shape[-1])) is None  # a user's own table stays whole
     from onnx import numpy_helper
 
-    def holds(arrays, x) -> bool:  # fp32 files keep it as is, the INT4 file as fp16
+    def holds(arrays, x) -> bool:  # fp32-compute files keep it as is, the INT4 file (fp16 compute) as fp16
         return any(np.allclose(a.reshape(x.shape).astype(np.float32), x, atol=1e-3)
                    for a in arrays if a.size == x.size)
 
-    for variant in ("fp32", "int4"):
+    def factor_pair(arrays, x) -> bool:  # two (max, D) tensors whose broadcast sum is the table
+        f = [a.reshape(x.shape[1:]).astype(np.float32) for a in arrays if a.size == x.shape[0] * x.shape[2]]
+        return any(np.allclose(a[:, None] + b[None], x, atol=1e-3) for a in f for b in f)
+
+    for variant in ("int4_cpu", "int4"):
         model = onnx.load(str(sd3_package / "transformer" / variant / "model.onnx"))
         tensors = [*model.graph.initializer, *(a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value")]
         arrays = [numpy_helper.to_array(i) for i in tensors if i.data_type in (1, 10)]  # initializers and Constant nodes
         assert not holds(arrays, table.numpy()), variant
-        assert holds(arrays, rows.numpy()) and holds(arrays, cols.numpy()), variant  # the factors are there instead
+        assert factor_pair(arrays, table.numpy()), variant  # the factors are there instead
+    fp32 = onnx.load(str(sd3_package / "transformer" / "int4_cpu" / "model.onnx"))  # exactly torch's factors in fp32
+    arrays = [numpy_helper.to_array(a.t) for n in fp32.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    assert holds(arrays, rows.numpy()) and holds(arrays, cols.numpy())
+    # (in fp16 the lowest frequencies round to constants, so the fp16 split can differ; its sum cannot)
     # the exported transformer (parity-checked against torch) is unchanged and torch's model is restored
     assert t.pos_embed.cropped_pos_embed.__func__ is type(t.pos_embed).cropped_pos_embed
