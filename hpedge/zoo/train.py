@@ -134,7 +134,7 @@ def train_vae(out: Path, steps: int, seed: int) -> dict:
 
 def train_pipeline(
     family: str, out: Path, steps: int, seed: int, batch_size: int, init_from: Path | None = None, lr: float = 1e-3, cosine: bool = False,
-    model_guidance: float = 0.0, category_weights: dict[str, float] | None = None,
+    model_guidance: float = 0.0, category_weights: dict[str, float] | None = None, drop_pooled: float = 0.0,
 ) -> dict:
     import copy
 
@@ -168,6 +168,7 @@ def train_pipeline(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    drop_rng = np.random.default_rng([seed, 1])  # its own stream: the prompts and noise do not change with drop_pooled
     losses = []
     t0 = time.time()
     for step in range(steps):
@@ -176,6 +177,11 @@ def train_pipeline(
         with torch.no_grad():
             x0 = (vae.encode(torch.from_numpy(c)[:, None] * 2 - 1).latent_dist.sample() - shift) * scale
         cond = encode(pipe, texts)
+        if drop_pooled > 0:  # the empty prompt's pooled vector for some samples: the sequence must carry the prompt
+            drop = torch.from_numpy(drop_rng.random(batch_size) < drop_pooled)[:, None]
+            with torch.no_grad():
+                empty = encode(pipe, [""]).pooled
+            cond.pooled = torch.where(drop, empty.expand_as(cond.pooled), cond.pooled)
         sigma = torch.sigmoid(torch.randn(batch_size))
         noise = torch.randn_like(x0)
         s = sigma[:, None, None, None]
@@ -206,7 +212,7 @@ def train_pipeline(
     pipe.save_pretrained(out / f"digits-{family}")
     write_marker(out / f"digits-{family}")
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "cosine": cosine, "model_guidance": model_guidance,
-            "category_weights": category_weights, "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
+            "category_weights": category_weights, **({"drop_pooled": drop_pooled} if drop_pooled else {}), "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
 
 
 def write_marker(folder: Path) -> None:
@@ -235,7 +241,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--category-weights", default=None,
                     help="draw training prompts with these relative category weights, e.g. two_digits=3,size=2 "
                          "(default: uniform)")
+    ap.add_argument("--drop-pooled", type=float, default=0.0,
+                    help="probability of replacing a training prompt's pooled text vector by the empty prompt's "
+                         "(its token sequence then has to carry the prompt)")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.drop_pooled < 1.0:
+        raise SystemExit("--drop-pooled must be in [0, 1)")
     category_weights = parse_category_weights(args.category_weights) if args.category_weights else None
     if not 0.0 <= args.model_guidance < 1.0:  # checked before any stage of "all" starts
         raise SystemExit("--model-guidance must be in [0, 1) (the guided target has no fixed point at 1 or above)")
@@ -257,12 +268,13 @@ def main(argv: list[str] | None = None) -> None:
             info = train_vae(args.out, steps, args.seed)
         else:
             info = train_pipeline(stage, args.out, steps, args.seed, args.batch_size, args.init_from, args.lr, args.cosine,
-                                  args.model_guidance, category_weights)
+                                  args.model_guidance, category_weights, args.drop_pooled)
         cmd = f"python -m hpedge.zoo.train {stage} --steps {steps} --seed {args.seed}"
         if stage in ("sd3", "flux"):
             cmd += f" --batch-size {args.batch_size} --lr {args.lr}" + (" --cosine" if args.cosine else "")
             cmd += f" --model-guidance {args.model_guidance}" if args.model_guidance else ""
             cmd += f" --category-weights {args.category_weights}" if category_weights else ""
+            cmd += f" --drop-pooled {args.drop_pooled}" if args.drop_pooled else ""
         if args.init_from is not None:
             cmd += f" --init-from {args.init_from}"
         info.update(seconds=round(time.time() - t, 1), seed=args.seed, threads=torch.get_num_threads(), command=cmd)

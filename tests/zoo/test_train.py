@@ -52,3 +52,21 @@ def test_category_weights_skew_the_prompt_draw_and_bad_weights_are_refused() -> 
     for bad in ("colour=2", "size", "size=abc", "size=0"):
         with pytest.raises(SystemExit, match="category-weights"):
             train.parse_category_weights(bad)
+
+
+def test_drop_pooled_changes_only_the_pooled_input_and_is_recorded(tmp_path) -> None:
+    import json
+
+    import pytest
+
+    for run, extra in (("plain", []), ("dropped", ["--drop-pooled", "0.5"])):
+        out = tmp_path / run
+        train.main(["vae", "--steps", "2", "--out", str(out)])
+        train.main(["flux", "--steps", "2", "--batch-size", "4", "--out", str(out), *extra])
+    plain, dropped = _weights(tmp_path / "plain" / "digits-flux"), _weights(tmp_path / "dropped" / "digits-flux")
+    assert plain.keys() == dropped.keys()
+    assert any(not (plain[k] == dropped[k]).all() for k in plain)  # same prompts and noise, some pooled vectors replaced
+    record = json.loads((tmp_path / "dropped" / "train_record.json").read_text())
+    assert record["flux"]["drop_pooled"] == 0.5 and "--drop-pooled 0.5" in record["flux"]["command"]
+    with pytest.raises(SystemExit, match="drop-pooled"):
+        train.main(["flux", "--steps", "1", "--out", str(tmp_path / "plain"), "--drop-pooled", "1.0"])
