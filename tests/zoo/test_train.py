@@ -22,17 +22,23 @@ def test_short_training_runs_are_reproducible(tmp_path) -> None:
     assert (tmp_path / "a" / "digits-flux" / "hpedge_zoo.json").exists()
 
 
+def _plain_and(tmp_path, name: str, extra: list[str]):
+    """Two 2-step FLUX trainings with the same seed, without and with ``extra``; their weights."""
+    for run, args in (("plain", []), (name, extra)):
+        out = tmp_path / run
+        train.main(["vae", "--steps", "2", "--out", str(out)])
+        train.main(["flux", "--steps", "2", "--batch-size", "4", "--out", str(out), *args])
+    plain, other = _weights(tmp_path / "plain" / "digits-flux"), _weights(tmp_path / name / "digits-flux")
+    assert plain.keys() == other.keys()
+    return plain, other
+
+
 def test_model_guidance_changes_the_target_and_is_recorded(tmp_path) -> None:
     import json
 
     import pytest
 
-    for run, extra in (("plain", []), ("guided", ["--model-guidance", "0.5"])):
-        out = tmp_path / run
-        train.main(["vae", "--steps", "2", "--out", str(out)])
-        train.main(["flux", "--steps", "2", "--batch-size", "4", "--out", str(out), *extra])
-    plain, guided = _weights(tmp_path / "plain" / "digits-flux"), _weights(tmp_path / "guided" / "digits-flux")
-    assert plain.keys() == guided.keys()
+    plain, guided = _plain_and(tmp_path, "guided", ["--model-guidance", "0.5"])
     assert any(not (plain[k] == guided[k]).all() for k in plain)  # same seed and data, different target
     record = json.loads((tmp_path / "guided" / "train_record.json").read_text())
     assert record["flux"]["model_guidance"] == 0.5 and "--model-guidance 0.5" in record["flux"]["command"]
@@ -59,12 +65,7 @@ def test_drop_pooled_changes_only_the_pooled_input_and_is_recorded(tmp_path) -> 
 
     import pytest
 
-    for run, extra in (("plain", []), ("dropped", ["--drop-pooled", "0.5"])):
-        out = tmp_path / run
-        train.main(["vae", "--steps", "2", "--out", str(out)])
-        train.main(["flux", "--steps", "2", "--batch-size", "4", "--out", str(out), *extra])
-    plain, dropped = _weights(tmp_path / "plain" / "digits-flux"), _weights(tmp_path / "dropped" / "digits-flux")
-    assert plain.keys() == dropped.keys()
+    plain, dropped = _plain_and(tmp_path, "dropped", ["--drop-pooled", "0.5"])
     assert any(not (plain[k] == dropped[k]).all() for k in plain)  # same prompts and noise, some pooled vectors replaced
     record = json.loads((tmp_path / "dropped" / "train_record.json").read_text())
     assert record["flux"]["drop_pooled"] == 0.5 and "--drop-pooled 0.5" in record["flux"]["command"]
