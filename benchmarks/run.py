@@ -313,8 +313,8 @@ def ablation(args: argparse.Namespace) -> None:
         t = time.time()
         rep = compress(model, out, CompressOptions(budget, importance, 0.5, ds, eval_per_category=0))
         student = asdict(evaluate(load_pipeline(str(out)), str(out), es)[0])
-        rep["scores"] = {"teacher": teacher, "student": student, "student_over_teacher": student["overall"] / teacher["overall"],
-                         "paired": paired_ratio(teacher, student)}
+        paired = paired_ratio(teacher, student)
+        rep["scores"] = {"teacher": teacher, "student": student, "student_over_teacher": paired["ratio"], "paired": paired}
         rep["wall"] = time.time() - t
         runs.append((label, rep))
         print(f"{label}: {student['overall']:.3f} ({rep['scores']['student_over_teacher']:.1%} of the teacher)", flush=True)

@@ -85,7 +85,8 @@ def reference_results(reference: list[np.ndarray], output_name: str) -> Any:
     return RunResults([("pytorch", [IterationResult({output_name: r}, runner_name="pytorch") for r in reference])])
 
 
-def compare_fp32(reference: list[np.ndarray], results: Any, output_name: str, atol: float, rtol: float) -> Check:
+def compare_fp32(reference: list[np.ndarray], results: Any, output_name: str, atol: float, rtol: float,
+                 name: str = "transformer fp32: ONNX Runtime vs PyTorch") -> Check:
     """Element-wise comparison through Polygraphy's Comparator.compare_accuracy."""
     from polygraphy.comparator import Comparator, RunResults
 
@@ -102,7 +103,7 @@ def compare_fp32(reference: list[np.ndarray], results: Any, output_name: str, at
     passed = bool(acc)
     outs = outputs_of(results)
     err = max(float(np.abs(r - o).max()) for r, o in zip(reference, outs))
-    return Check("transformer fp32: ONNX Runtime vs PyTorch", passed, {"max_abs": err}, {"atol": atol, "rtol": rtol})
+    return Check(name, passed, {"max_abs": err}, {"atol": atol, "rtol": rtol})
 
 
 def compare_quality(name: str, reference: list[np.ndarray], outs: list[np.ndarray], min_cosine: float,

@@ -419,16 +419,13 @@ def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
     feeds, ref = load_reference(package, pkg.manifest)
     variants = pkg.manifest["components"]["transformer"]["variants"]
     lim = pkg.manifest["target"]["parity"]
+    output = pkg.manifest["components"]["transformer"]["io"]["outputs"][0]
     for v in variants:
-        outs = par.outputs_of(par.run_onnxrt(package / variants[v], feeds, v))
-        if v == "fp32":
-            ok = all(np.allclose(o, r, atol=lim["fp32_atol"], rtol=lim["fp32_rtol"]) for o, r in zip(outs, ref))
-            err = max(float(np.abs(o - r).max()) for o, r in zip(outs, ref))
-            result["checks"].append(asdict(Check("fp32 vs PyTorch (stored reference)", ok, {"max_abs": err},
-                                                 {"atol": lim["fp32_atol"], "rtol": lim["fp32_rtol"]})))
-        else:
-            c = par.compare_quality(f"{v} vs PyTorch (stored reference)", ref, outs, lim["int4_min_cosine"], lim["int4_min_psnr_db"])
-            result["checks"].append(asdict(c))
+        results = par.run_onnxrt(package / variants[v], feeds, v)
+        name = f"{v} vs PyTorch (stored reference)"
+        c = (par.compare_fp32(ref, results, output, lim["fp32_atol"], lim["fp32_rtol"], name) if v == "fp32" else
+             par.compare_quality(name, ref, par.outputs_of(results), lim["int4_min_cosine"], lim["int4_min_psnr_db"]))
+        result["checks"].append(asdict(c))
     img = pkg.generate(["a 3 on the left and a 7 on the right"] if pkg.manifest["source"].get("evaluator") == "digits"
                        else ["a photo of a cat"], seed=0, steps=4)
     ok = bool(np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1)
