@@ -10,6 +10,9 @@
     python benchmarks/run.py binding           # does the text conditioning say which digit is on which side?
     python benchmarks/run.py runtime-env PKG --python VENV/bin/python
                                                # two-digit prompts from a package in a runtime-only env
+    python benchmarks/run.py gpu               # real-scale SD3.5-Large step in PyTorch on a CUDA GPU (bf16, pruned, INT4)
+    python benchmarks/run.py retrain --family sd3 --work DIR [--device cuda]
+                                               # replay the zoo model's recorded training commands
 
 Results go to benchmarks/results/*.md (machine, date and the exact command at the top of each file).
 """
@@ -52,16 +55,19 @@ def write(name: str, text: str) -> None:
 PAPER = {"sd3.5-large": "15.8 GB -> 3.2 GB (-80.4 %)", "flux.1-schnell": "-77.5 % .. -80.4 % (with INT4)"}
 
 
+REAL_SCALE_CUTS = [("sd3.5-large", "25-29,31-35", "reference HierarchicalPrune cut"),
+                   ("sd3.5-large-turbo", "25-29,31-35", "reference cut (same architecture)"),
+                   ("sd3.5-medium", "15-20,", "6 later blocks (25 %)"),
+                   ("flux.1-schnell", "13-18,45-55", "6 double + 11 single later blocks"),
+                   ("flux.1-dev", "13-18,45-55", "6 double + 11 single later blocks")]
+
+
 def memory(_args: argparse.Namespace) -> None:
     from hpedge.compress.plan import Budget, make_plan
     from hpedge.models.adapters import describe
     from hpedge.models.architectures import build_on_meta
 
-    rows = [("sd3.5-large", "25-29,31-35", "reference HierarchicalPrune cut"),
-            ("sd3.5-large-turbo", "25-29,31-35", "reference cut (same architecture)"),
-            ("sd3.5-medium", "15-20,", "6 later blocks (25 %)"),
-            ("flux.1-schnell", "13-18,45-55", "6 double + 11 single later blocks"),
-            ("flux.1-dev", "13-18,45-55", "6 double + 11 single later blocks")]
+    rows = REAL_SCALE_CUTS
     text = header("Real-scale transformer memory (meta-device build, planner arithmetic)")
     text += ("INT4 = linear weights with input dim divisible by 128 in 4 bits + one fp16 scale per 128; everything "
              "else bf16. Same formula as the digits export (see latency.md for measured file sizes).\n\n")
@@ -466,6 +472,190 @@ def runtime_env(args: argparse.Namespace) -> None:
     write("runtime-env.md", text)
 
 
+# --------------------------------------------------------------------------------------------- gpu
+def _int4_weight_only(model, group: int = 128) -> tuple[int, float]:
+    """Replace every nn.Linear whose input dim is a multiple of ``group`` by a weight-only INT4 module
+    (symmetric round-to-nearest, one bf16 scale per ``group`` inputs, two nibbles per byte; the same
+    layers and the same byte formula as the planner's INT4 column). Returns the number replaced and the
+    relative error of the quantized weights, |W - W_q| / |W| over all of them."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Int4Linear(nn.Module):
+        def __init__(self, lin: nn.Linear):
+            super().__init__()
+            out_f, in_f = lin.weight.shape
+            w = lin.weight.detach().float().view(out_f, in_f // group, group)
+            scale = (w.abs().amax(-1, keepdim=True) / 7).clamp(min=1e-12)
+            q = (torch.clamp(torch.round(w / scale), -8, 7) + 8).to(torch.uint8).view(out_f, in_f)
+            self.register_buffer("packed", q[:, 0::2] | (q[:, 1::2] << 4))
+            sq[0] += float(((q.view_as(w).float() - 8) * scale - w).square().sum())
+            sq[1] += float(w.square().sum())
+            self.register_buffer("scale", scale.squeeze(-1).to(torch.bfloat16))
+            self.bias = lin.bias
+            self.shape = (out_f, in_f)
+
+        def forward(self, x):  # dequantize to bf16, then the ordinary GEMM (PyTorch has no fused INT4 GEMM for large M)
+            out_f, in_f = self.shape
+            q = torch.stack((self.packed & 15, self.packed >> 4), -1).view(out_f, in_f // group, group)
+            w = ((q.to(torch.bfloat16) - 8) * self.scale[..., None]).view(out_f, in_f)
+            return F.linear(x, w, self.bias)
+
+    n, sq = 0, [0.0, 0.0]
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.in_features % group == 0:
+                setattr(parent, name, Int4Linear(child))
+                n += 1
+    return n, (sq[0] / sq[1]) ** 0.5 if sq[1] else 0.0
+
+
+def gpu(args: argparse.Namespace) -> None:
+    """Real-scale SD3 transformer step on a CUDA GPU in PyTorch, random weights: bf16 original vs pruned vs
+    pruned with INT4 weight-only linears. Step latency (CUDA events, median) and peak allocated memory."""
+    import statistics
+
+    import torch
+
+    from hpedge.compress.plan import Budget, make_plan, parse_blocks
+    from hpedge.models import adapters
+    from hpedge.models.architectures import ARCHITECTURES, build_on_meta
+
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/run.py gpu needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    family, _ = ARCHITECTURES[args.arch]
+    if family != "sd3":
+        raise SystemExit(f"benchmarks/run.py gpu times SD3-family architectures only; {args.arch} is {family}")
+    cut = args.cut or {n: c for n, c, _ in REAL_SCALE_CUTS}[args.arch]
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+
+    model = build_on_meta(args.arch)
+    plan = make_plan(model, Budget(remove_blocks=cut))
+    real_buffers = {n: b.clone() for n, b in model.named_buffers() if not b.is_meta}  # e.g. the sin-cos position table
+    model = model.to(torch.bfloat16).to_empty(device=dev)  # (in place: no other reference may keep it alive)
+    with torch.no_grad():
+        for n, p in model.named_parameters():  # random weights, scaled so activations stay finite through every block
+            if p.ndim >= 2:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+            elif "norm" in n and n.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+        for n, b in model.named_buffers():
+            b.copy_(real_buffers[n]) if n in real_buffers else b.normal_(0.0, 0.02)
+    model.eval()
+    c = model.config
+    side = args.resolution // 8  # VAE latent
+    b = args.batch
+    inputs = {"hidden_states": torch.randn(b, c.in_channels, side, side, device=dev, dtype=torch.bfloat16),
+              "encoder_hidden_states": torch.randn(b, args.text_tokens, c.joint_attention_dim, device=dev, dtype=torch.bfloat16),
+              "pooled_projections": torch.randn(b, c.pooled_projection_dim, device=dev, dtype=torch.bfloat16),
+              "timestep": torch.full((b,), 500.0, device=dev)}
+
+    def weight_bytes(m) -> int:  # parameters and the INT4 buffers; not the sin-cos position table (a constant)
+        return sum(t.numel() * t.element_size() for n, t in (*m.named_parameters(), *m.named_buffers()) if not n.endswith(".pos_embed"))
+
+    table = sum(t.numel() * t.element_size() for n, t in model.named_buffers() if n.endswith(".pos_embed"))
+
+    def run(m) -> dict:
+        with torch.inference_mode():
+            for _ in range(3):
+                m(**inputs, return_dict=False)
+            torch.cuda.synchronize()
+            if torch.cuda.memory_allocated() > weight_bytes(m) + table + 2**30:  # inputs are a few MB
+                raise SystemExit("more than this model is allocated on the GPU (another reference keeps an earlier "
+                                 "model alive): the peak column would be wrong")
+            torch.cuda.reset_peak_memory_stats()
+            ts = []
+            for _ in range(args.reps):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                out = m(**inputs, return_dict=False)[0]
+                e.record()
+                torch.cuda.synchronize()
+                ts.append(s.elapsed_time(e))
+        if not torch.isfinite(out).all():
+            raise SystemExit("non-finite transformer output: the random initialisation is off, no numbers written")
+        return {"ms": statistics.median(ts), "spread": (min(ts), max(ts)), "weights": weight_bytes(m),
+                "peak": torch.cuda.max_memory_allocated(), "out": out.float()}
+
+
+    rows = [("original bf16", run(model))]
+    pruned, _ = adapters.prune(model, parse_blocks(cut))
+    del model
+    torch.cuda.empty_cache()
+    rows.append(("pruned bf16", run(pruned)))
+    n_int4, w_err = _int4_weight_only(pruned)
+    torch.cuda.empty_cache()
+    rows.append(("pruned, INT4 weight-only", run(pruned)))
+    ref = rows[1][1]["out"]
+    err = float((rows[2][1]["out"] - ref).norm() / ref.norm())
+
+    name = torch.cuda.get_device_name(dev)
+    text = header(f"Real-scale {args.arch} transformer step on {name}, PyTorch, random weights")
+    text += (f"- GPU: **{name}** ({torch.cuda.get_device_properties(dev).total_memory / 2**30:.0f} GiB), torch {torch.__version__}, "
+             f"CUDA {torch.version.cuda}\n"
+             f"- one transformer step at {args.resolution}x{args.resolution} (latent {side}x{side}, {(side // 2) ** 2} image tokens), "
+             f"{args.text_tokens} text tokens, batch {b} (a classifier-free-guidance pair); 3 warm-up steps, then the median "
+             f"(min-max) of {args.reps} steps timed with CUDA events; peak = torch.cuda.max_memory_allocated during the timed steps "
+             "(weights + activations)\n"
+             f"- pruned: blocks {cut} removed ({plan.kept_ratio:.1%} of the parameters kept), as `hpedge compress` would cut it; "
+             f"random weights (N(0, 1/fan_in)), so the numbers are speed and memory only, not quality\n"
+             f"- INT4 weight-only: the {n_int4} linear layers whose input dim is a multiple of 128 hold 4-bit weights (symmetric "
+             "round-to-nearest, one bf16 scale per 128 inputs; the planner's INT4 layers) and are dequantized to bf16 for the ordinary "
+             "GEMM at every call. PyTorch has no fused INT4 GEMM for this many tokens, so this row shows the memory a weight-only "
+             "INT4 transformer needs, not the speed of an INT4 engine (that is TensorRT's job; no TensorRT here). Weight relative "
+             f"error {w_err:.3f}; transformer output vs the pruned bf16 output on the same inputs {err:.3f} (random weights, "
+             "whose errors compound through the blocks unlike trained ones: a sanity check, not quality; the digits packages' "
+             "parity in latency.md is the quality check).\n"
+             f"- weights = parameters (and the INT4 weights and scales); the sin-cos position table ({table / 1e9:.2f} GB, a "
+             "constant buffer) is in the peak but not in the weights column, as in the planner\n"
+             f"- planner (`python benchmarks/run.py memory`): original bf16 {plan.bytes_bf16_before / 1e9:.2f} GB, pruned bf16 "
+             f"{plan.bytes_bf16_after / 1e9:.2f} GB, pruned INT4 {plan.bytes_int4_after / 1e9:.2f} GB\n\n")
+    text += "| variant | weights on the GPU | peak memory (step) | step latency | latency vs original | peak vs original |\n|---|---|---|---|---|---|\n"
+    base = rows[0][1]
+    for label, r in rows:
+        text += (f"| {label} | {r['weights'] / 1e9:.2f} GB | {r['peak'] / 1e9:.2f} GB | {r['ms']:.1f} ms ({r['spread'][0]:.1f}-"
+                 f"{r['spread'][1]:.1f}) | {r['ms'] / base['ms']:.2f}x | {r['peak'] / base['peak']:.2f}x |\n")
+    write(args.results_name or f"gpu-{args.arch}.md", text)
+
+
+# --------------------------------------------------------------------------------------------- retrain
+def retrain(args: argparse.Namespace) -> None:
+    """Replay the recorded training commands of a zoo model (train_record.json) into a work folder, starting
+    from the committed VAE; score the result against the committed model with `run.py ratio`."""
+    import shlex
+
+    zoo = ROOT / "hpedge" / "zoo" / "models"
+    record = json.loads((zoo / "train_record.json").read_text())
+    fam = args.family
+    commands = [record[fam]["command"], *(r["command"] for r in record.get(f"{fam}-continued", []))]
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "vae").exists():
+        shutil.copytree(zoo / "vae", work / "vae")
+    progress = work / f"retrain-{fam}.json"  # stages already replayed into this folder (a replay can be resumed)
+    log = json.loads(progress.read_text())["stages"] if progress.exists() else []
+    t_start = time.time()
+    for cmd in commands[len(log):]:
+        if args.max_seconds and time.time() - t_start > args.max_seconds:
+            print(f"stopping after {len(log)} of {len(commands)} stages (--max-seconds); run again to resume", flush=True)
+            return
+        argv = shlex.split(cmd)[3:]  # drop "python -m hpedge.zoo.train"
+        if "--init-from" in argv:
+            argv[argv.index("--init-from") + 1] = str(work / f"digits-{fam}")
+        argv += ["--out", str(work), "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
+        t = time.time()
+        print("$ python -m hpedge.zoo.train " + " ".join(argv), flush=True)
+        subprocess.run([sys.executable, "-m", "hpedge.zoo.train", *argv], check=True, cwd=ROOT)
+        log.append({"recorded": cmd, "replayed": " ".join(argv), "seconds": round(time.time() - t, 1), "device": args.device})
+        progress.write_text(json.dumps({"stages": log}, indent=2) + "\n")
+    print(f"retrained digits-{fam} in {sum(x['seconds'] for x in log):.0f} s -> {work / f'digits-{fam}'}; score it with: "
+          f"python benchmarks/run.py ratio zoo:digits-{fam} {work / f'digits-{fam}'} --name retrain-digits-{fam}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -494,8 +684,22 @@ def main() -> None:
     e.add_argument("--python", required=True, help="python of an environment with only the runtime installed")
     e.add_argument("--n", type=int, default=20, help="two_digits prompts (the eval set's first N)")
     e.add_argument("--variant", default="int4_cpu")
+    g = sub.add_parser("gpu")
+    g.add_argument("--arch", default="sd3.5-large", help="an SD3-family architecture name (see hpedge info)")
+    g.add_argument("--cut", help="blocks to remove (default: the memory table's cut for --arch)")
+    g.add_argument("--resolution", type=int, default=1024)
+    g.add_argument("--text-tokens", type=int, default=333, help="77 CLIP + 256 T5 tokens, as the SD3 pipeline")
+    g.add_argument("--batch", type=int, default=2)
+    g.add_argument("--reps", type=int, default=10)
+    g.add_argument("--results-name", help="results file name (default gpu-ARCH.md)")
+    t = sub.add_parser("retrain")
+    t.add_argument("--family", choices=["sd3", "flux"], required=True)
+    t.add_argument("--work", type=Path, required=True, help="folder for the retrained pipeline")
+    t.add_argument("--device", default="cpu", help="torch device of the training stages (cuda on a GPU machine)")
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--max-seconds", type=float, default=None, help="start no further stage after this long (resume later)")
     args = ap.parse_args()
-    {"memory": memory, "latency": latency, "quality": quality, "blocks": blocks, "ablation": ablation,
+    {"gpu": gpu, "retrain": retrain, "memory": memory, "latency": latency, "quality": quality, "blocks": blocks, "ablation": ablation,
      "runtime-env": runtime_env, "ratio": ratio, "binding": binding}[args.cmd](args)
 
 

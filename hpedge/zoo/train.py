@@ -135,6 +135,7 @@ def train_vae(out: Path, steps: int, seed: int) -> dict:
 def train_pipeline(
     family: str, out: Path, steps: int, seed: int, batch_size: int, init_from: Path | None = None, lr: float = 1e-3, cosine: bool = False,
     model_guidance: float = 0.0, category_weights: dict[str, float] | None = None, drop_pooled: float = 0.0,
+    device: str = "cpu",
 ) -> dict:
     import copy
 
@@ -156,7 +157,11 @@ def train_pipeline(
         rng = np.random.default_rng(seed + 1)
     else:
         pipe = new_pipeline(family, vae)
+    dev = torch.device(device)
+    vae.to(dev)
     text_encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None)) if m is not None]
+    for m in (pipe.transformer, *text_encoders):
+        m.to(dev)
     trainable = [pipe.transformer, *text_encoders]
     params = [p for m in trainable for p in m.parameters()]
     ema = [copy.deepcopy(m).requires_grad_(False) for m in trainable]
@@ -174,16 +179,18 @@ def train_pipeline(
     for step in range(steps):
         prompts, c = _canvases(rng, batch_size, category_weights=category_weights)
         texts = [p.text if rng.random() > 0.1 else "" for p in prompts]
+        # Every random draw comes from the CPU generators (torch's default one and rng), also when training on
+        # a GPU: the same seed gives the same prompts, latent samples, noise levels and noise on any device.
         with torch.no_grad():
-            x0 = (vae.encode(torch.from_numpy(c)[:, None] * 2 - 1).latent_dist.sample() - shift) * scale
+            x0 = (latent_sample(vae.encode(torch.from_numpy(c)[:, None].to(dev) * 2 - 1).latent_dist) - shift) * scale
         cond = encode(pipe, texts)
         if drop_pooled > 0:  # the empty prompt's pooled vector for some samples: the sequence must carry the prompt
-            drop = torch.from_numpy(drop_rng.random(batch_size) < drop_pooled)[:, None]
+            drop = torch.from_numpy(drop_rng.random(batch_size) < drop_pooled)[:, None].to(dev)
             with torch.no_grad():
                 empty = encode(pipe, [""]).pooled
             cond.pooled = torch.where(drop, empty.expand_as(cond.pooled), cond.pooled)
-        sigma = torch.sigmoid(torch.randn(batch_size))
-        noise = torch.randn_like(x0)
+        sigma = torch.sigmoid(torch.randn(batch_size)).to(dev)
+        noise = flow_noise(x0)
         s = sigma[:, None, None, None]
         xt = (1 - s) * x0 + s * noise
         pred = predict(pipe.transformer, xt, sigma, cond)
@@ -191,7 +198,7 @@ def train_pipeline(
         if model_guidance > 0:  # model guidance: learn the guided velocity, so sampling at guidance 1 is guided
             with torch.no_grad():
                 uncond = predict(pipe.transformer, xt, sigma, encode(pipe, [""] * batch_size))
-            prompted = torch.tensor([t != "" for t in texts], dtype=x0.dtype)[:, None, None, None]
+            prompted = torch.tensor([t != "" for t in texts], dtype=x0.dtype, device=dev)[:, None, None, None]
             target = target + model_guidance * prompted * (pred.detach() - uncond)
         loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad()
@@ -208,11 +215,35 @@ def train_pipeline(
             print(f"[{family}] step {step} loss {np.mean(losses[-100:]):.4f} {time.time() - t0:.0f}s", flush=True)
     for e, m in zip(ema, trainable):
         m.load_state_dict(e.state_dict())
-    pipe.to(torch.float16)  # committed weights are fp16 to keep the repository small
+    pipe.to("cpu", torch.float16)  # committed weights are fp16 to keep the repository small
     pipe.save_pretrained(out / f"digits-{family}")
     write_marker(out / f"digits-{family}")
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "cosine": cosine, "model_guidance": model_guidance,
-            "category_weights": category_weights, **({"drop_pooled": drop_pooled} if drop_pooled else {}), "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
+            "category_weights": category_weights, **({"drop_pooled": drop_pooled} if drop_pooled else {}),
+            **({"device": _device_name(dev)} if dev.type != "cpu" else {}), "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
+
+
+def latent_sample(post):  # post: the VAE's DiagonalGaussianDistribution
+    """``post.sample()`` with the noise drawn by torch's CPU generator, then moved to the posterior's device."""
+    import torch
+
+    eps = torch.randn(post.mean.shape, dtype=post.mean.dtype).to(post.mean.device)
+    return post.mean + post.std * eps
+
+
+def flow_noise(x0):
+    """The flow-matching noise for latents ``x0``, drawn by torch's CPU generator as the committed models' was:
+    ``randn_like`` of the VAE latent on the CPU, which is channels-last there (so the values fill NHWC order)."""
+    import torch
+
+    n, ch, h, w = x0.shape
+    return torch.empty(n, h, w, ch, dtype=x0.dtype).permute(0, 3, 1, 2).normal_().to(x0.device)
+
+
+def _device_name(dev) -> str:
+    import torch
+
+    return f"{dev.type}: {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else str(dev)
 
 
 def write_marker(folder: Path) -> None:
@@ -241,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--category-weights", default=None,
                     help="draw training prompts with these relative category weights, e.g. two_digits=3,size=2 "
                          "(default: uniform)")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device of the sd3/flux stages (e.g. cuda); the random draws stay on the CPU, so a seed "
+                         "gives the same data on any device (the arithmetic, and so the weights, differ slightly)")
     ap.add_argument("--drop-pooled", type=float, default=0.0,
                     help="probability of replacing a training prompt's pooled text vector by the empty prompt's "
                          "(its token sequence then has to carry the prompt)")
@@ -252,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--model-guidance must be in [0, 1) (the guided target has no fixed point at 1 or above)")
     import torch
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA GPU here (torch {torch.__version__})")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -268,13 +304,14 @@ def main(argv: list[str] | None = None) -> None:
             info = train_vae(args.out, steps, args.seed)
         else:
             info = train_pipeline(stage, args.out, steps, args.seed, args.batch_size, args.init_from, args.lr, args.cosine,
-                                  args.model_guidance, category_weights, args.drop_pooled)
+                                  args.model_guidance, category_weights, args.drop_pooled, args.device)
         cmd = f"python -m hpedge.zoo.train {stage} --steps {steps} --seed {args.seed}"
         if stage in ("sd3", "flux"):
             cmd += f" --batch-size {args.batch_size} --lr {args.lr}" + (" --cosine" if args.cosine else "")
             cmd += f" --model-guidance {args.model_guidance}" if args.model_guidance else ""
             cmd += f" --category-weights {args.category_weights}" if category_weights else ""
             cmd += f" --drop-pooled {args.drop_pooled}" if args.drop_pooled else ""
+            cmd += f" --device {args.device}" if args.device != "cpu" else ""
         if args.init_from is not None:
             cmd += f" --init-from {args.init_from}"
         info.update(seconds=round(time.time() - t, 1), seed=args.seed, threads=torch.get_num_threads(), command=cmd)

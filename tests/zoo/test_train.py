@@ -71,3 +71,37 @@ def test_drop_pooled_changes_only_the_pooled_input_and_is_recorded(tmp_path) -> 
     assert record["flux"]["drop_pooled"] == 0.5 and "--drop-pooled 0.5" in record["flux"]["command"]
     with pytest.raises(SystemExit, match="drop-pooled"):
         train.main(["flux", "--steps", "1", "--out", str(tmp_path / "plain"), "--drop-pooled", "1.0"])
+
+
+def test_random_draws_match_the_committed_recipe_on_any_device() -> None:
+    """The committed models drew latent samples with ``latent_dist.sample()`` and the flow noise with
+    ``randn_like`` of the latent, on the CPU. Training now draws both on the CPU explicitly and moves them to
+    ``--device``: the same numbers, so a GPU replay of the recorded commands sees the committed models' data."""
+    import numpy as np
+    import torch
+
+    from hpedge.zoo.build import new_vae
+
+    torch.manual_seed(0)
+    vae = new_vae()
+    _, c = train._canvases(np.random.default_rng(0), 3)
+    x = torch.from_numpy(c)[:, None] * 2 - 1
+    with torch.no_grad():
+        post = vae.encode(x).latent_dist
+        torch.manual_seed(1)
+        old = post.sample()
+        old_noise = torch.randn_like(old)
+        torch.manual_seed(1)
+        new = train.latent_sample(post)
+        new_noise = train.flow_noise(new)
+    assert old.shape == new_noise.shape and torch.equal(old, new) and torch.equal(old_noise, new_noise)
+
+
+def test_a_cuda_device_without_a_gpu_is_refused(tmp_path) -> None:
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible here, so --device cuda is valid")
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        train.main(["flux", "--steps", "1", "--out", str(tmp_path), "--device", "cuda"])

@@ -1,0 +1,62 @@
+"""benchmarks/run.py helpers whose output is recorded in results files: checked on the CPU."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("hpedge_benchmarks_run", ROOT / "benchmarks" / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_int4_weight_only_stores_the_planners_bytes_and_dequantizes_exactly(bench) -> None:
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from hpedge.models.adapters import int4_bytes
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=32,
+                                  num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128,
+                                  pooled_projection_dim=64, pos_embed_max_size=16).to(torch.bfloat16)
+    planned = int4_bytes(model)  # the planner's INT4 formula (bf16 scales and everything else 16-bit)
+    lin = model.transformer_blocks[0].attn.to_q
+    w = lin.weight.detach().float().view(lin.out_features, -1, 128)
+    scale = (w.abs().amax(-1, keepdim=True) / 7).to(torch.bfloat16).float()
+    expected = (torch.clamp(torch.round(w / (w.abs().amax(-1, keepdim=True) / 7)), -8, 7) * scale).view(lin.out_features, -1)
+    n, err = bench._int4_weight_only(model)
+    stored = sum(t.numel() * t.element_size() for name, t in (*model.named_parameters(), *model.named_buffers()) if name != "pos_embed.pos_embed")
+    assert n > 0 and stored == planned
+    assert 0.02 < err < 0.2  # 4-bit round-to-nearest of random weights: a few percent, not zero
+    x = torch.randn(3, w.shape[1] * 128, dtype=torch.bfloat16)
+    q = model.transformer_blocks[0].attn.to_q
+    assert type(q).__name__ == "Int4Linear"
+    ref = x.float() @ expected.T + q.bias.float()
+    assert torch.allclose(q(x).float(), ref, atol=0.05, rtol=0.02)
+
+
+def test_retrain_replays_the_recorded_commands_into_the_work_folder_and_resumes(bench, tmp_path, monkeypatch) -> None:
+    import argparse
+
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append(cmd[3:]))
+    args = argparse.Namespace(family="sd3", work=tmp_path / "w", device="cuda", threads=2, max_seconds=None)
+    bench.retrain(args)
+    record = json.loads((ROOT / "hpedge" / "zoo" / "models" / "train_record.json").read_text())
+    assert len(calls) == 1 + len(record["sd3-continued"]) and calls[0][:5] == ["sd3", "--steps", "1800", "--seed", "0"]
+    for argv in calls:
+        assert argv[-6:] == ["--out", str(tmp_path / "w"), "--device", "cuda", "--threads", "2"]
+    assert all(argv[argv.index("--init-from") + 1] == str(tmp_path / "w" / "digits-sd3") for argv in calls[1:])
+    assert (tmp_path / "w" / "vae" / "config.json").exists()
+    calls.clear()
+    bench.retrain(args)  # every stage is in the progress file: nothing is replayed again
+    assert calls == [] and sys.executable
