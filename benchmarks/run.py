@@ -10,6 +10,7 @@
     python benchmarks/run.py binding           # does the text conditioning say which digit is on which side?
     python benchmarks/run.py runtime-env PKG --python VENV/bin/python
                                                # two-digit prompts from a package in a runtime-only env
+    python benchmarks/run.py text-paths        # FLUX: eval with the pooled vector or the T5 sequence emptied
     python benchmarks/run.py gpu               # real-scale SD3.5-Large step in PyTorch on a CUDA GPU (bf16, pruned, INT4)
     python benchmarks/run.py retrain --family sd3 --work DIR [--device cuda]
                                                # replay the zoo model's recorded training commands
@@ -417,6 +418,49 @@ def binding(_args: argparse.Namespace) -> None:
     write("binding.md", text)
 
 
+def text_paths(args: argparse.Namespace) -> None:
+    """Which text path carries what in a FLUX pipeline: the eval benchmark sampled with the pooled CLIP vector,
+    or the T5 sequence, replaced by the empty prompt's (at inference only)."""
+    from dataclasses import asdict
+
+    import torch
+
+    from hpedge.evaluation.evaluate import EvalSettings, evaluate
+    from hpedge.models.denoise import MAX_SEQUENCE_LENGTH, family_of
+    from hpedge.models.loading import load_pipeline
+
+    es = EvalSettings(per_category=args.per_category)
+    text = header(f"FLUX text paths: eval ({es.per_category * 5} prompts, guidance {es.guidance:g}) with one conditioning path "
+                  "replaced by the empty prompt's")
+    text += ("'empty pooled': the pooled CLIP vector of every prompt replaced by the empty prompt's, so the prompt reaches the "
+             "model only through the T5 sequence; 'empty sequence': the T5 sequence replaced instead, so only the pooled vector "
+             "carries it. Chance for `single` is about 0.1.\n\n" + SCORES_HEAD)
+    out = {}
+    for m in args.models:
+        pipe = load_pipeline(m)
+        if family_of(pipe) != "flux":
+            raise SystemExit(f"{m}: text-paths probes FLUX pipelines (pooled CLIP vector + T5 sequence)")
+        encode_prompt = pipe.encode_prompt
+        with torch.no_grad():
+            empty_seq, empty_pooled, _ = encode_prompt("", prompt_2="", max_sequence_length=MAX_SEQUENCE_LENGTH)
+        for mode in ("normal", "empty pooled", "empty sequence"):
+            def patched(prompt, prompt_2=None, _mode=mode, _enc=encode_prompt, _seq=empty_seq, _pooled=empty_pooled, **kw):
+                seq, pooled, ids = _enc(prompt, prompt_2=prompt_2, **kw)
+                if _mode == "empty pooled":
+                    pooled = _pooled.expand_as(pooled).clone()
+                elif _mode == "empty sequence":
+                    seq = _seq.expand_as(seq).clone()
+                return seq, pooled, ids
+
+            pipe.encode_prompt = patched
+            r = asdict(evaluate(pipe, f"{m} ({mode})", es)[0])
+            out[r["model"]] = r
+            text += scores_row(r["model"], r)
+            print(r["model"], r["overall"], flush=True)
+    write("text-paths.md", text)
+    (RESULTS / "text-paths.json").write_text(json.dumps(out, indent=2))
+
+
 # --------------------------------------------------------------------------------------------- runtime-env
 RUNTIME_CHILD = """
 import sys, json, numpy as np
@@ -674,6 +718,9 @@ def main() -> None:
     a.add_argument("--lr", type=float, default=3e-4, help="distillation learning rate, the same for every row")
     a.add_argument("--per-category", type=int, default=60)
     sub.add_parser("binding")
+    tp = sub.add_parser("text-paths")
+    tp.add_argument("models", nargs="*", default=["zoo:digits-flux"], help="FLUX pipeline folders or zoo names")
+    tp.add_argument("--per-category", type=int, default=100)
     r = sub.add_parser("ratio")
     r.add_argument("teacher", help="pipeline folder or zoo:NAME")
     r.add_argument("student", help="pipeline folder")
@@ -699,7 +746,7 @@ def main() -> None:
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--max-seconds", type=float, default=None, help="start no further stage after this long (resume later)")
     args = ap.parse_args()
-    {"gpu": gpu, "retrain": retrain, "memory": memory, "latency": latency, "quality": quality, "blocks": blocks, "ablation": ablation,
+    {"gpu": gpu, "retrain": retrain, "text-paths": text_paths, "memory": memory, "latency": latency, "quality": quality, "blocks": blocks, "ablation": ablation,
      "runtime-env": runtime_env, "ratio": ratio, "binding": binding}[args.cmd](args)
 
 
