@@ -543,8 +543,8 @@ def _int4_weight_only(model, group: int = 128) -> tuple[int, float]:
             scale = (w.abs().amax(-1, keepdim=True) / 7).clamp(min=1e-12)
             q = (torch.clamp(torch.round(w / scale), -8, 7) + 8).to(torch.uint8).view(out_f, in_f)
             self.register_buffer("packed", q[:, 0::2] | (q[:, 1::2] << 4))
-            sq[0] += float(((q.view_as(w).float() - 8) * scale - w).square().sum())
-            sq[1] += float(w.square().sum())
+            self.squared_error = float(((q.view_as(w).float() - 8) * scale - w).square().sum())
+            self.squared_norm = float(w.square().sum())
             self.register_buffer("scale", scale.squeeze(-1).to(torch.bfloat16))
             self.bias = lin.bias
             self.shape = (out_f, in_f)
@@ -555,13 +555,14 @@ def _int4_weight_only(model, group: int = 128) -> tuple[int, float]:
             w = ((q.to(torch.bfloat16) - 8) * self.scale[..., None]).view(out_f, in_f)
             return F.linear(x, w, self.bias)
 
-    n, sq = 0, [0.0, 0.0]
+    done = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.in_features % group == 0:
-                setattr(parent, name, Int4Linear(child))
-                n += 1
-    return n, (sq[0] / sq[1]) ** 0.5 if sq[1] else 0.0
+                done.append(Int4Linear(child))
+                setattr(parent, name, done[-1])
+    norm = sum(m.squared_norm for m in done)
+    return len(done), (sum(m.squared_error for m in done) / norm) ** 0.5 if norm else 0.0
 
 
 def gpu(args: argparse.Namespace) -> None:
@@ -633,7 +634,6 @@ def gpu(args: argparse.Namespace) -> None:
             raise SystemExit("non-finite transformer output: the random initialisation is off, no numbers written")
         return {"ms": statistics.median(ts), "spread": (min(ts), max(ts)), "weights": weight_bytes(m),
                 "peak": torch.cuda.max_memory_allocated(), "out": out.float()}
-
 
     rows = [("original bf16", run(model))]
     pruned, _ = adapters.prune(model, parse_blocks(cut))
