@@ -684,7 +684,8 @@ def retrain(args: argparse.Namespace) -> None:
     zoo = ROOT / "hpedge" / "zoo" / "models"
     record = json.loads((zoo / "train_record.json").read_text())
     fam = args.family
-    commands = [record[fam]["command"], *(r["command"] for r in record.get(f"{fam}-continued", []))]
+    pretrain = [record[f"{fam}-t5"]["command"]] if f"{fam}-t5" in record else []  # the text encoder's own stage first
+    commands = [*pretrain, record[fam]["command"], *(r["command"] for r in record.get(f"{fam}-continued", []))]
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "vae").exists():
@@ -699,6 +700,8 @@ def retrain(args: argparse.Namespace) -> None:
         argv = shlex.split(cmd)[3:]  # drop "python -m hpedge.zoo.train"
         if "--init-from" in argv:
             argv[argv.index("--init-from") + 1] = str(work / f"digits-{fam}")
+        if "--t5-from" in argv:
+            argv[argv.index("--t5-from") + 1] = str(work / f"t5-{fam}")
         argv += ["--out", str(work), "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
         t = time.time()
         print("$ python -m hpedge.zoo.train " + " ".join(argv), flush=True)

@@ -132,10 +132,106 @@ def train_vae(out: Path, steps: int, seed: int) -> dict:
     return {"steps": steps, "latent_mean": mean, "latent_std": std, "reconstruction_mse": rec_mse}
 
 
+SLOTS = ("left", "center", "right")
+SLOT_SIZES = ("none", "small", "medium", "big")
+
+
+def slot_labels(items) -> tuple[list[int], list[int]]:
+    """Per canvas slot (left, center, right): the digit (10 = empty) and the size index (0 = empty)."""
+    digits, sizes = [10] * len(SLOTS), [0] * len(SLOTS)
+    for it in items:
+        digits[SLOTS.index(it.slot)] = it.digit
+        sizes[SLOTS.index(it.slot)] = SLOT_SIZES.index(it.size)
+    return digits, sizes
+
+
+def t5_readout(d_model: int):  # -> torch.nn.Module
+    """Reads T5 token outputs as an unordered set, as a FLUX transformer does (its text tokens all share position
+    0): one learned query per canvas slot attends over all tokens (padding included, as the pipeline passes them),
+    then predicts the slot's digit (11 classes with "empty") and size (4 classes)."""
+    import torch
+
+    class Readout(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query = torch.nn.Parameter(torch.randn(len(SLOTS), d_model) * d_model**-0.5)
+            self.key = torch.nn.Linear(d_model, d_model)
+            self.value = torch.nn.Linear(d_model, d_model)
+            self.out = torch.nn.Linear(d_model, 11 + len(SLOT_SIZES))
+
+        def forward(self, h):  # (batch, tokens, d) -> (batch, slots, 15)
+            att = torch.softmax(torch.einsum("sd,btd->bst", self.query, self.key(h)) / d_model**0.5, -1)
+            return self.out(torch.einsum("bst,btd->bsd", att, self.value(h)))
+
+    return Readout()
+
+
+def train_t5(family: str, out: Path, steps: int, seed: int, batch_size: int = 128) -> dict:
+    """Pre-train the family's T5 encoder so that its tokens carry their context (stage ``flux-t5``).
+
+    Stand-in for language pre-training: the real pipelines use a frozen, pre-trained T5-XXL whose tokens know
+    their neighbours. A 2-layer T5 trained only through the diffusion loss does not learn that (the same word at
+    two places comes out nearly equal, benchmarks/results/binding.md), and FLUX, which gives every text token the
+    same position, then reads the prompt as a bag of words and cannot put a digit on its side. The objective:
+    from the tokens read as an unordered set (``t5_readout``), name each canvas slot's digit and size. Training
+    phrasings only; the held-out phrasings are scored, never trained on. The readout is discarded.
+    """
+    import torch
+    from transformers import T5EncoderModel
+
+    from hpedge.models.denoise import MAX_SEQUENCE_LENGTH
+    from hpedge.zoo.build import FLUX_TRANSFORMER, SD3_TRANSFORMER, _t5_config
+    from hpedge.zoo.text import t5_tokenizer
+
+    d_model = (FLUX_TRANSFORMER if family == "flux" else SD3_TRANSFORMER)["joint_attention_dim"]
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tok = t5_tokenizer()
+    t5 = T5EncoderModel(_t5_config(d_model))
+    head = t5_readout(d_model)
+
+    def batch(n: int, heldout: bool = False):
+        prompts = [sample_prompt(rng, heldout=heldout) for _ in range(n)]
+        keep = [heldout or rng.random() > 0.1 for _ in prompts]  # 10 % empty prompts, as in the diffusion stages
+        ids = tok([p.text if k else "" for p, k in zip(prompts, keep)], padding="max_length", max_length=MAX_SEQUENCE_LENGTH,
+                  truncation=True, return_tensors="pt").input_ids
+        labels = [slot_labels(p.items if k else ()) for p, k in zip(prompts, keep)]
+        cats = [p.category if k else "empty" for p, k in zip(prompts, keep)]
+        return ids, torch.tensor([lb[0] for lb in labels]), torch.tensor([lb[1] for lb in labels]), cats
+
+    def logits_loss(ids, digits, sizes):
+        o = head(t5(ids).last_hidden_state)
+        loss = torch.nn.functional.cross_entropy(o[..., :11].flatten(0, 1), digits.flatten())
+        loss = loss + torch.nn.functional.cross_entropy(o[..., 11:].flatten(0, 1), sizes.flatten())
+        return o, loss
+
+    opt = torch.optim.AdamW([*t5.parameters(), *head.parameters()], 1e-3)
+    t0 = time.time()
+    for step in range(steps):
+        ids, digits, sizes, _ = batch(batch_size)
+        _, loss = logits_loss(ids, digits, sizes)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == steps - 1:
+            print(f"[{family}-t5] step {step} loss {float(loss.detach()):.4f} {time.time() - t0:.0f}s", flush=True)
+    t5.eval()
+    accuracy = {}
+    with torch.no_grad():
+        for split in ("train", "heldout"):
+            ids, digits, sizes, cats = batch(2000, heldout=split == "heldout")
+            o, _ = logits_loss(ids, digits, sizes)
+            ok = ((o[..., :11].argmax(-1) == digits).all(-1) & (o[..., 11:].argmax(-1) == sizes).all(-1)).numpy()
+            cats_a = np.array(cats)
+            accuracy[split] = {c: round(float(ok[cats_a == c].mean()), 3) for c in CATEGORIES}
+    t5.save_pretrained(out / f"t5-{family}")
+    return {"steps": steps, "batch_size": batch_size, "slot_accuracy": accuracy, "seconds": time.time() - t0}
+
+
 def train_pipeline(
     family: str, out: Path, steps: int, seed: int, batch_size: int, init_from: Path | None = None, lr: float = 1e-3, cosine: bool = False,
     model_guidance: float = 0.0, category_weights: dict[str, float] | None = None, drop_pooled: float = 0.0,
-    device: str = "cpu",
+    device: str = "cpu", t5_from: Path | None = None, freeze_t5: bool = False,
 ) -> dict:
     import copy
 
@@ -157,12 +253,22 @@ def train_pipeline(
         rng = np.random.default_rng(seed + 1)
     else:
         pipe = new_pipeline(family, vae)
+    t5_attr = "text_encoder_3" if family == "sd3" else "text_encoder_2"
+    if t5_from is not None:  # a pre-trained T5 (stage flux-t5) instead of the random one
+        from transformers import T5EncoderModel
+
+        if init_from is not None:
+            raise SystemExit("--t5-from starts a new pipeline's T5; a continued stage (--init-from) keeps its pipeline's T5")
+        setattr(pipe, t5_attr, T5EncoderModel.from_pretrained(t5_from, torch_dtype=torch.float32))
     dev = torch.device(device)
     vae.to(dev)
     text_encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None)) if m is not None]
     for m in (pipe.transformer, *text_encoders):
         m.to(dev)
-    trainable = [pipe.transformer, *text_encoders]
+    t5 = getattr(pipe, t5_attr)
+    if freeze_t5:  # as in the real pipelines' training: the T5 encoder gets no updates
+        t5.requires_grad_(False)
+    trainable = [pipe.transformer, *(m for m in text_encoders if not (freeze_t5 and m is t5))]
     params = [p for m in trainable for p in m.parameters()]
     ema = [copy.deepcopy(m).requires_grad_(False) for m in trainable]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -220,7 +326,8 @@ def train_pipeline(
     write_marker(out / f"digits-{family}")
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "cosine": cosine, "model_guidance": model_guidance,
             "category_weights": category_weights, **({"drop_pooled": drop_pooled} if drop_pooled else {}),
-            **({"device": _device_name(dev)} if dev.type != "cpu" else {}), "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
+            **({"device": _device_name(dev)} if dev.type != "cpu" else {}), **({"t5_from": str(t5_from)} if t5_from else {}),
+            **({"freeze_t5": True} if freeze_t5 else {}), "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
 
 
 def latent_sample(post):  # post: the VAE's DiagonalGaussianDistribution
@@ -257,7 +364,7 @@ def write_marker(folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["all", "judge", "vae", "sd3", "flux"])
+    ap.add_argument("stage", choices=["all", "judge", "vae", "flux-t5", "sd3", "flux"])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "models")
     ap.add_argument("--steps", type=int, default=None, help="training steps (stage default if omitted)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -278,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--drop-pooled", type=float, default=0.0,
                     help="probability of replacing a training prompt's pooled text vector by the empty prompt's "
                          "(its token sequence then has to carry the prompt)")
+    ap.add_argument("--t5-from", type=Path, default=None,
+                    help="start the new pipeline's T5 encoder from this pre-trained one (stage flux-t5 writes OUT/t5-flux)")
+    ap.add_argument("--freeze-t5", action="store_true", help="the T5 encoder gets no updates (as in the real pipelines' training)")
     args = ap.parse_args(argv)
     if not 0.0 <= args.drop_pooled < 1.0:
         raise SystemExit("--drop-pooled must be in [0, 1)")
@@ -293,8 +403,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     record_path = args.out / "train_record.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    defaults = {"judge": 1500, "vae": 500, "sd3": 1800, "flux": 1800}
-    stages = ["judge", "vae", "sd3", "flux"] if args.stage == "all" else [args.stage]
+    defaults = {"judge": 1500, "vae": 500, "flux-t5": 1000, "sd3": 1800, "flux": 1800}
+    stages = ["judge", "vae", "flux-t5", "sd3", "flux"] if args.stage == "all" else [args.stage]
     for stage in stages:
         steps = args.steps or defaults[stage]
         t = time.time()
@@ -302,9 +412,13 @@ def main(argv: list[str] | None = None) -> None:
             info = train_judge(args.out, steps, args.seed)
         elif stage == "vae":
             info = train_vae(args.out, steps, args.seed)
+        elif stage == "flux-t5":
+            info = train_t5("flux", args.out, steps, args.seed)
         else:
+            if args.stage == "all" and stage == "flux":  # the recipe: FLUX starts from the pre-trained, frozen T5
+                args.t5_from, args.freeze_t5 = args.out / "t5-flux", True
             info = train_pipeline(stage, args.out, steps, args.seed, args.batch_size, args.init_from, args.lr, args.cosine,
-                                  args.model_guidance, category_weights, args.drop_pooled, args.device)
+                                  args.model_guidance, category_weights, args.drop_pooled, args.device, args.t5_from, args.freeze_t5)
         cmd = f"python -m hpedge.zoo.train {stage} --steps {steps} --seed {args.seed}"
         if stage in ("sd3", "flux"):
             cmd += f" --batch-size {args.batch_size} --lr {args.lr}" + (" --cosine" if args.cosine else "")
@@ -312,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd += f" --category-weights {args.category_weights}" if category_weights else ""
             cmd += f" --drop-pooled {args.drop_pooled}" if args.drop_pooled else ""
             cmd += f" --device {args.device}" if args.device != "cpu" else ""
+            cmd += f" --t5-from {args.t5_from}" if args.t5_from else ""
+            cmd += " --freeze-t5" if args.freeze_t5 else ""
         if args.init_from is not None:
             cmd += f" --init-from {args.init_from}"
         info.update(seconds=round(time.time() - t, 1), seed=args.seed, threads=torch.get_num_threads(), command=cmd)

@@ -59,3 +59,16 @@ def test_retrain_replays_the_recorded_commands_into_the_work_folder_and_resumes(
     calls.clear()
     bench.retrain(args)  # every stage is in the progress file: nothing is replayed again
     assert calls == []
+
+
+def test_retrain_of_flux_pretrains_its_t5_first_and_points_the_first_stage_at_it(bench, tmp_path, monkeypatch) -> None:
+    import argparse
+
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append(cmd[3:]))
+    bench.retrain(argparse.Namespace(family="flux", work=tmp_path / "w", device="cpu", threads=None, max_seconds=None))
+    record = json.loads((ROOT / "hpedge" / "zoo" / "models" / "train_record.json").read_text())
+    assert len(calls) == 2 + len(record["flux-continued"])
+    assert calls[0][0] == "flux-t5" and calls[1][0] == "flux"
+    assert calls[1][calls[1].index("--t5-from") + 1] == str(tmp_path / "w" / "t5-flux") and "--freeze-t5" in calls[1]
+    assert all("--freeze-t5" in argv for argv in calls[2:])  # the T5 stays frozen in every continued stage
