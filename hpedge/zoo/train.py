@@ -3,24 +3,29 @@
     python -m hpedge.zoo.train all --out hpedge/zoo/models
 
 Stages (each can be run alone): ``judge`` (digit classifier), ``vae`` (shared 32x32 <-> 16x16x4
-autoencoder), ``sd3`` and ``flux`` (transformer and text encoders trained jointly with rectified flow
-as in SD3: x_t = (1 - s) x0 + s e, target e - x0, s logit-normal, 10 % empty prompts, EMA).
+autoencoder), ``flux-t5`` (pre-training of FLUX's T5 encoder, see ``train_t5``), ``sd3`` and ``flux``
+(transformer and text encoders trained jointly with rectified flow as in SD3: x_t = (1 - s) x0 + s e,
+target e - x0, s logit-normal, 10 % empty prompts, EMA; FLUX starts from the pre-trained T5 and keeps it
+frozen, ``--t5-from OUT/t5-flux --freeze-t5``, as the real pipelines keep their pre-trained T5 frozen).
 Everything is seeded; the record of times and settings goes to ``train_record.json``.
 
-The committed pipelines had three more stages, each continuing from the previous one with a
-cosine-decayed learning rate (recorded under ``sd3-continued`` / ``flux-continued``):
+The committed pipelines had four more stages, each continuing from the previous one with a
+cosine-decayed learning rate (recorded under ``sd3-continued`` / ``flux-continued``, FLUX's with
+``--freeze-t5``):
 
     python -m hpedge.zoo.train sd3 --init-from hpedge/zoo/models/digits-sd3 --steps 1300 --batch-size 64 --lr 5e-4 --cosine
     python -m hpedge.zoo.train sd3 --init-from hpedge/zoo/models/digits-sd3 --steps 800 --batch-size 64 --lr 5e-4 --cosine \
         --model-guidance 0.6
     python -m hpedge.zoo.train sd3 --init-from hpedge/zoo/models/digits-sd3 --steps 800 --batch-size 64 --lr 3e-4 --cosine \
         --model-guidance 0.6 --seed 1 --category-weights two_digits=3,size=2
+    python -m hpedge.zoo.train sd3 --init-from hpedge/zoo/models/digits-sd3 --steps 1600 --batch-size 64 --lr 3e-4 --cosine \
+        --model-guidance 0.6 --seed 2 --category-weights two_digits=3,size=2
     (flux: --category-weights two_digits=4,counting=2,size=2)
 
-The fourth draws the weak categories more often (``--category-weights``) and uses seed 1, so its
+The last two draw the weak categories more often (``--category-weights``) and use seeds 1 and 2, so their
 prompts and noise differ from the earlier continued stages (which all used seed 0).
 
-The last two train with *model guidance*: the target becomes ``v + w * sg(v(c) - v(empty))`` (sg = no
+The last three train with *model guidance*: the target becomes ``v + w * sg(v(c) - v(empty))`` (sg = no
 gradient, the model's own current predictions), whose fixed point is the classifier-free-guided
 velocity at scale ``1 / (1 - w)`` (2.5 here). Sampling at guidance 1 is then guided, at the price of
 some diversity (a higher Frechet distance), as with guidance-distilled checkpoints such as FLUX.1-dev.
