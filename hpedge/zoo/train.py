@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpedge.zoo.digits import CATEGORIES, render, sample_prompt
+from hpedge.zoo.digits import CATEGORIES, SIZES, render, sample_prompt
 
 
 def _canvases(rng, n, split="train", category_weights: dict[str, float] | None = None):
@@ -138,7 +138,7 @@ def train_vae(out: Path, steps: int, seed: int) -> dict:
 
 
 SLOTS = ("left", "center", "right")
-SLOT_SIZES = ("none", "small", "medium", "big")
+SLOT_SIZES = ("none", *SIZES)
 
 
 def slot_labels(items) -> tuple[list[int], list[int]]:
@@ -171,8 +171,8 @@ def t5_readout(d_model: int):  # -> torch.nn.Module
     return Readout()
 
 
-def train_t5(family: str, out: Path, steps: int, seed: int, batch_size: int = 128) -> dict:
-    """Pre-train the family's T5 encoder so that its tokens carry their context (stage ``flux-t5``).
+def train_t5(out: Path, steps: int, seed: int, batch_size: int = 128) -> dict:
+    """Pre-train FLUX's T5 encoder so that its tokens carry their context (stage ``flux-t5``).
 
     Stand-in for language pre-training: the real pipelines use a frozen, pre-trained T5-XXL whose tokens know
     their neighbours. A 2-layer T5 trained only through the diffusion loss does not learn that (the same word at
@@ -185,10 +185,10 @@ def train_t5(family: str, out: Path, steps: int, seed: int, batch_size: int = 12
     from transformers import T5EncoderModel
 
     from hpedge.models.denoise import MAX_SEQUENCE_LENGTH
-    from hpedge.zoo.build import FLUX_TRANSFORMER, SD3_TRANSFORMER, _t5_config
+    from hpedge.zoo.build import FLUX_TRANSFORMER, _t5_config
     from hpedge.zoo.text import t5_tokenizer
 
-    d_model = (FLUX_TRANSFORMER if family == "flux" else SD3_TRANSFORMER)["joint_attention_dim"]
+    d_model = FLUX_TRANSFORMER["joint_attention_dim"]
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     tok = t5_tokenizer()
@@ -219,7 +219,7 @@ def train_t5(family: str, out: Path, steps: int, seed: int, batch_size: int = 12
         loss.backward()
         opt.step()
         if step % 200 == 0 or step == steps - 1:
-            print(f"[{family}-t5] step {step} loss {float(loss.detach()):.4f} {time.time() - t0:.0f}s", flush=True)
+            print(f"[flux-t5] step {step} loss {float(loss.detach()):.4f} {time.time() - t0:.0f}s", flush=True)
     t5.eval()
     accuracy = {}
     with torch.no_grad():
@@ -229,7 +229,7 @@ def train_t5(family: str, out: Path, steps: int, seed: int, batch_size: int = 12
             ok = ((o[..., :11].argmax(-1) == digits).all(-1) & (o[..., 11:].argmax(-1) == sizes).all(-1)).numpy()
             cats_a = np.array(cats)
             accuracy[split] = {c: round(float(ok[cats_a == c].mean()), 3) for c in CATEGORIES}
-    t5.save_pretrained(out / f"t5-{family}")
+    t5.save_pretrained(out / "t5-flux")
     return {"steps": steps, "batch_size": batch_size, "slot_accuracy": accuracy, "seconds": time.time() - t0}
 
 
@@ -262,8 +262,6 @@ def train_pipeline(
     if t5_from is not None:  # a pre-trained T5 (stage flux-t5) instead of the random one
         from transformers import T5EncoderModel
 
-        if init_from is not None:
-            raise SystemExit("--t5-from starts a new pipeline's T5; a continued stage (--init-from) keeps its pipeline's T5")
         setattr(pipe, t5_attr, T5EncoderModel.from_pretrained(t5_from, torch_dtype=torch.float32))
     dev = torch.device(device)
     vae.to(dev)
@@ -394,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="start the new pipeline's T5 encoder from this pre-trained one (stage flux-t5 writes OUT/t5-flux)")
     ap.add_argument("--freeze-t5", action="store_true", help="the T5 encoder gets no updates (as in the real pipelines' training)")
     args = ap.parse_args(argv)
+    if args.t5_from is not None and args.init_from is not None:
+        raise SystemExit("--t5-from starts a new pipeline's T5; a continued stage (--init-from) keeps its pipeline's T5")
     if not 0.0 <= args.drop_pooled < 1.0:
         raise SystemExit("--drop-pooled must be in [0, 1)")
     category_weights = parse_category_weights(args.category_weights) if args.category_weights else None
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "vae":
             info = train_vae(args.out, steps, args.seed)
         elif stage == "flux-t5":
-            info = train_t5("flux", args.out, steps, args.seed)
+            info = train_t5(args.out, steps, args.seed)
         else:
             if args.stage == "all" and stage == "flux":  # the recipe: FLUX starts from the pre-trained, frozen T5
                 args.t5_from, args.freeze_t5 = args.out / "t5-flux", True
