@@ -297,8 +297,9 @@ def ablation(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from hpedge.compress.distill import DistillSettings
-    from hpedge.compress.pipeline import CompressOptions, compress
+    from hpedge.compress.pipeline import CompressOptions, compress, work_dir
     from hpedge.compress.plan import Budget
+    from hpedge.errors import HpedgeError
     from hpedge.evaluation.evaluate import EvalSettings, evaluate, paired_ratio
     from hpedge.models import adapters
     from hpedge.models.loading import load_pipeline
@@ -310,15 +311,22 @@ def ablation(args: argparse.Namespace) -> None:
     k = max(1, round(0.25 * n))
     # HP run first: its analysis is reused by every variant that needs an importance table
     runs: list[tuple[str, dict]] = []
+    refused: list[tuple[str, object, str]] = []  # (label, removed blocks, the refusal)
 
     es = EvalSettings(per_category=args.per_category)
     teacher = asdict(evaluate(pipe, model, es)[0])  # once: every variant starts from the same teacher
 
-    def run(label: str, budget: Budget, importance: str | None, pwp: bool, sgd: str) -> dict:
+    def run(label: str, budget: Budget, importance: str | None, pwp: bool, sgd: str) -> dict | None:
         ds = DistillSettings(steps=args.steps, lr=args.lr, pwp=pwp, sgd=sgd, seed=0)
         out = tmp / label.replace(" ", "_").replace("/", "-")
         t = time.time()
-        rep = compress(model, out, CompressOptions(budget, importance, 0.5, ds, eval_per_category=0))
+        try:
+            rep = compress(model, out, CompressOptions(budget, importance, 0.5, ds, eval_per_category=0))
+        except HpedgeError as e:  # e.g. PWP refusing a cut that would freeze every kept block: a row that says so
+            print(f"{label}: refused: {e}", flush=True)
+            plan = work_dir(out) / "plan.json"
+            refused.append((label, json.loads(plan.read_text())["remove"] if plan.exists() else budget.remove_blocks, str(e)))
+            return None
         student = asdict(evaluate(load_pipeline(str(out)), str(out), es)[0])
         paired = paired_ratio(teacher, student)
         rep["scores"] = {"teacher": teacher, "student": student, "student_over_teacher": paired["ratio"], "paired": paired}
@@ -327,10 +335,17 @@ def ablation(args: argparse.Namespace) -> None:
         print(f"{label}: {student['overall']:.3f} ({rep['scores']['student_over_teacher']:.1%} of the teacher)", flush=True)
         return rep
 
-    hp = run("HierarchicalPrune (HPP + PWP + SGDistill)", Budget(remove_fraction=0.25), None, True, "continuous")
+    hp_label = "HierarchicalPrune (HPP + PWP + SGDistill)"
+    hp_out = tmp / hp_label.replace(" ", "_").replace("/", "-")
     imp_path = tmp / "importance.json"
-    shutil.copy(tmp / "HierarchicalPrune_(HPP_+_PWP_+_SGDistill)" / "hpedge_importance.json", imp_path)
-    cut = ",".join(map(str, hp["removed_blocks"])) + ","
+    hp = run(hp_label, Budget(remove_fraction=0.25), None, True, "continuous")
+    if hp is not None:
+        shutil.copy(hp_out / "hpedge_importance.json", imp_path)
+        removed = hp["removed_blocks"]
+    else:  # refused after its analysis and plan (kept in its work folder): the variants still use them
+        shutil.copy(work_dir(hp_out) / "importance.json", imp_path)
+        removed = json.loads((work_dir(hp_out) / "plan.json").read_text())["remove"]
+    cut = ",".join(map(str, removed)) + ","
     run("HP without PWP", Budget(remove_blocks=cut), str(imp_path), False, "continuous")
     run("HP without SGDistill", Budget(remove_blocks=cut), str(imp_path), True, "off")
     run("HP with the reference's binary SGDistill", Budget(remove_blocks=cut), str(imp_path), True, "binary")
@@ -354,6 +369,10 @@ def ablation(args: argparse.Namespace) -> None:
                  f"{rep['scores']['student_over_teacher']:.1%} | {ci[0]:.1%}-{ci[1]:.1%} | {s['categories']['two_digits']:.2f} | "
                  f"{s['frechet_distance']:.1f} | "
                  f"{rep['distill_seconds']:.0f} s |\n")
+    for label, cut_of_row, _ in refused:
+        text += f"| {label} | {cut_of_row} | - | refused | - | - | - | - | - |\n"
+    if refused:
+        text += "\n" + "".join(f"- {label}: refused by `hpedge compress`: {why}\n" for label, _, why in refused)
     write(f"ablation-{args.family}.md", text)
 
 

@@ -65,6 +65,24 @@ class TrainState:
     seconds: float = 0.0
 
 
+def check_pwp_leaves_a_block(remove: list[int], num_blocks: int, s: DistillSettings) -> None:
+    """Refuse a distillation in which PWP would freeze every kept block.
+
+    PWP freezes each kept block before the first removed position. When the cut is the last blocks of the
+    model (HPP's choice whenever the final blocks matter least), no kept block sits after it, and only the
+    output layers (norm_out, proj_out) would be distilled: the run would cost its full time for a student
+    that is the truncated teacher with a retuned output head. Said as one error instead of done silently.
+    """
+    if not s.pwp or s.steps == 0 or not remove:
+        return
+    if sorted(remove) == list(range(min(remove), num_blocks)):
+        raise HpedgeError(
+            f"PWP would freeze every kept block: the cut removes the last {len(remove)} blocks ({min(remove)}-{num_blocks - 1}), "
+            "so no kept block sits after the first removed position and only the output layers would be distilled; "
+            "pass --no-pwp (SGDistill still scales each block's updates by its sensitivity) or choose a cut that keeps a "
+            "later block (--remove-blocks); with the same OUT add --resume to reuse the contribution analysis")
+
+
 def update_weights(kept: list[int], first_removed: int, harm: dict[int, float] | None, s: DistillSettings
                    ) -> dict[int, float]:
     """Per kept block (original index): its update weight in [0, 1] (0 = frozen)."""

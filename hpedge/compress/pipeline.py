@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from hpedge.compress.analyze import AnalysisSettings, analyze, calibration, evaluator_of, heatmap
-from hpedge.compress.distill import DistillSettings, distill
+from hpedge.compress.distill import DistillSettings, check_pwp_leaves_a_block, distill
 from hpedge.compress.importance import Importance, load as load_importance
 from hpedge.compress.plan import Budget, Plan, make_plan
 from hpedge.errors import HpedgeError
@@ -118,6 +118,7 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
                               "use the same budget to --resume, or --overwrite to start over")
     else:
         plan_file.write_text(json.dumps(plan.to_dict(), indent=2))
+    check_pwp_leaves_a_block(plan.remove, plan.num_blocks, opts.distill)  # before the teacher samples its pool
 
     # 3. prune physically, 4-5. distil with PWP + SGDistill
     student, kept = adapters.prune(teacher_pipe.transformer, plan.remove)

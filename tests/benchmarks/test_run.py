@@ -72,3 +72,45 @@ def test_retrain_of_flux_pretrains_its_t5_first_and_points_the_first_stage_at_it
     assert calls[0][0] == "flux-t5" and calls[1][0] == "flux"
     assert calls[1][calls[1].index("--t5-from") + 1] == str(tmp_path / "w" / "t5-flux") and "--freeze-t5" in calls[1]
     assert all("--freeze-t5" in argv for argv in calls[2:])  # the T5 stays frozen in every continued stage
+
+
+def test_ablation_records_refused_rows_and_runs_the_other_variants_on_hps_analysis(bench, tmp_path, monkeypatch) -> None:
+    """FLUX's committed teacher: HPP cuts the last blocks and PWP refuses; the table says so and goes on."""
+    from dataclasses import dataclass, field
+
+    import hpedge.compress.pipeline as cp
+    import hpedge.evaluation.evaluate as ev
+    from hpedge.models import loading
+
+    @dataclass
+    class Result:
+        overall: float = 0.9
+        frechet_distance: float = 300.0
+        categories: dict = field(default_factory=lambda: {"two_digits": 0.7})
+
+    calls = []
+
+    def fake_compress(model, out, opts):  # the real order: analysis and plan written, then the PWP check
+        calls.append((opts.budget.remove_blocks, opts.importance, opts.distill.pwp))
+        removed = [9, 10, 11] if opts.budget.remove_fraction else [int(b) for b in opts.budget.remove_blocks.strip(",").split(",")]
+        cp.work_dir(out).mkdir(parents=True)
+        if opts.importance is None:
+            (cp.work_dir(out) / "importance.json").write_text('{"entries": "the analysis"}')
+        (cp.work_dir(out) / "plan.json").write_text(json.dumps({"remove": removed}))
+        cp.check_pwp_leaves_a_block(removed, 12, opts.distill)
+        return {"removed_blocks": removed, "params": {"kept_ratio": 0.8}, "distill_seconds": 1.0}
+
+    real_load = loading.load_pipeline
+    monkeypatch.setattr(cp, "compress", fake_compress)
+    monkeypatch.setattr(ev, "evaluate", lambda pipe, name, es: (Result(),))
+    monkeypatch.setattr(ev, "paired_ratio", lambda t, s: {"ratio": 1.0, "ci95": [0.98, 1.02]})
+    monkeypatch.setattr(loading, "load_pipeline", lambda m: real_load(m) if m.startswith("zoo:") else None)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    bench.ablation(bench.argparse.Namespace(family="flux", steps=2, lr=1e-3, per_category=1))
+    text = (tmp_path / "ablation-flux.md").read_text()
+    for label in ("HierarchicalPrune (HPP + PWP + SGDistill)", "HP without SGDistill", "HP with the reference's binary SGDistill"):
+        assert f"| {label} | [9, 10, 11] | - | refused |" in text and f"- {label}: refused by `hpedge compress`: PWP would" in text
+    assert "| HP without PWP | [9, 10, 11] | 80.0% | 0.900 | 100.0% |" in text
+    # every HP variant ran on the refused run's cut and its analysis; the baselines on their own cuts
+    assert [c[0] for c in calls[1:4]] == ["9,10,11,"] * 3 and all(c[1] is not None for c in calls[1:4])
+    assert len(calls) == 7 and text.count("refused |") == 3

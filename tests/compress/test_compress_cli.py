@@ -52,3 +52,16 @@ def test_interrupted_run_leaves_no_out_and_resumes(random_sd3, tmp_path, monkeyp
     assert json.loads((out / "hpedge_compress.json").read_text())["kept_blocks"] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 11]
     r = runner.invoke(app, ["compress", str(random_sd3), "-o", str(tmp_path / "x"), "--remove-blocks", "11,"])
     assert r.exit_code == 2 and "context_pre_only" in r.output
+
+
+def test_a_suffix_cut_with_pwp_is_refused_before_distilling_and_no_pwp_resumes_it(random_flux, tmp_path) -> None:
+    out = tmp_path / "small"
+    args = ["compress", str(random_flux), "-o", str(out), "--remove-blocks", "10,11", "--sgd", "off",
+            "--steps", "2", "--batch-size", "2", "--eval-per-category", "0"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "PWP would freeze every kept block" in r.output and "Traceback" not in r.output
+    assert not out.exists() and not (work_dir(out) / "checkpoints").exists()  # refused before any distillation
+    r = runner.invoke(app, args + ["--no-pwp", "--resume"])  # what the message advises
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "hpedge_compress.json").read_text())
+    assert report["frozen_blocks_pwp"] == [] and report["update_weights"]["9"] == 1.0

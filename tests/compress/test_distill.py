@@ -3,7 +3,13 @@ import json
 import pytest
 import torch
 
-from hpedge.compress.distill import DistillSettings, distill, latest_checkpoint, update_weights
+from hpedge.compress.distill import (
+    DistillSettings,
+    check_pwp_leaves_a_block,
+    distill,
+    latest_checkpoint,
+    update_weights,
+)
 from hpedge.errors import HpedgeError
 from hpedge.models import adapters
 from hpedge.models.loading import load_pipeline
@@ -14,6 +20,14 @@ def test_pwp_freezes_blocks_before_first_removed_position() -> None:
     w = update_weights(kept, first_removed=4, harm=None, s=DistillSettings(sgd="off"))
     assert [w[b] for b in (0, 1, 2, 3)] == [0.0] * 4
     assert all(w[b] == 1.0 for b in (5, 6, 9, 11))
+
+
+def test_pwp_refuses_a_cut_that_leaves_no_kept_block_after_it() -> None:
+    with pytest.raises(HpedgeError, match="PWP would freeze every kept block.*--no-pwp"):
+        check_pwp_leaves_a_block([11, 9, 10], 12, DistillSettings())
+    check_pwp_leaves_a_block([8, 9, 11], 12, DistillSettings())  # block 10 is kept after the first removed one
+    check_pwp_leaves_a_block([9, 10, 11], 12, DistillSettings(pwp=False))
+    check_pwp_leaves_a_block([9, 10, 11], 12, DistillSettings(steps=0))  # nothing is distilled
 
 
 def test_sgdistill_weight_decreases_with_sensitivity() -> None:
