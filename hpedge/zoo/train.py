@@ -405,6 +405,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--device {args.device}: torch sees no CUDA GPU here (torch {torch.__version__})")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.stage in ("sd3", "flux") and not (args.out / "vae" / "config.json").exists():
+        raise SystemExit(f"{args.out / 'vae'}: no VAE there; the {args.stage} stage encodes its canvases with OUT's VAE: "
+                         f"train it first (python -m hpedge.zoo.train vae --out {args.out}) or copy hpedge/zoo/models/vae")
     args.out.mkdir(parents=True, exist_ok=True)
     record_path = args.out / "train_record.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}

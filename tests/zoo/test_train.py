@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from hpedge.zoo import train
@@ -36,7 +37,6 @@ def _plain_and(tmp_path, name: str, extra: list[str]):
 def test_model_guidance_changes_the_target_and_is_recorded(tmp_path) -> None:
     import json
 
-    import pytest
 
     plain, guided = _plain_and(tmp_path, "guided", ["--model-guidance", "0.5"])
     assert any(not (plain[k] == guided[k]).all() for k in plain)  # same seed and data, different target
@@ -48,7 +48,6 @@ def test_model_guidance_changes_the_target_and_is_recorded(tmp_path) -> None:
 
 def test_category_weights_skew_the_prompt_draw_and_bad_weights_are_refused() -> None:
     import numpy as np
-    import pytest
 
     prompts, canvases = train._canvases(np.random.default_rng(0), 200, category_weights=train.parse_category_weights("two_digits=8"))
     share = sum(p.category == "two_digits" for p in prompts) / len(prompts)
@@ -63,7 +62,6 @@ def test_category_weights_skew_the_prompt_draw_and_bad_weights_are_refused() -> 
 def test_drop_pooled_changes_only_the_pooled_input_and_is_recorded(tmp_path) -> None:
     import json
 
-    import pytest
 
     plain, dropped = _plain_and(tmp_path, "dropped", ["--drop-pooled", "0.5"])
     assert any(not (plain[k] == dropped[k]).all() for k in plain)  # same prompts and noise, some pooled vectors replaced
@@ -98,7 +96,6 @@ def test_random_draws_match_the_committed_recipe_on_any_device() -> None:
 
 
 def test_a_cuda_device_without_a_gpu_is_refused(tmp_path) -> None:
-    import pytest
     import torch
 
     if torch.cuda.is_available():
@@ -107,12 +104,17 @@ def test_a_cuda_device_without_a_gpu_is_refused(tmp_path) -> None:
         train.main(["flux", "--steps", "1", "--out", str(tmp_path), "--device", "cuda"])
 
 
+def test_a_pipeline_stage_without_a_vae_in_out_is_refused(tmp_path) -> None:
+    with pytest.raises(SystemExit, match="no VAE there.*vae --out"):
+        train.main(["sd3", "--steps", "1", "--out", str(tmp_path / "fresh")])
+    assert not (tmp_path / "fresh").exists()  # refused before anything is written
+
+
 def test_t5_pretraining_teaches_slot_binding_and_a_frozen_t5_is_kept_exactly(tmp_path) -> None:
     """Stage flux-t5 pre-trains the T5 so that an order-free readout of its tokens names each slot's digit; a
     FLUX stage started from it with --freeze-t5 changes everything but the T5, and records both flags."""
     import json
 
-    import pytest
 
     out = tmp_path / "t"
     train.main(["flux-t5", "--steps", "1000", "--out", str(out)])
