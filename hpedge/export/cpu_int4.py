@@ -13,7 +13,13 @@ here and the package's parity gate judges either result:
     per tensor to uint8 on the fly, an int8 GEMM (VNNI / AMX kernels). Disk and download size are those
     of INT4; resident weights are int8. Folding briefly holds fp32 copies of the weights (about 10 bytes
     per parameter at session start; glibc keeps that memory unless trimmed, which the hpedge runtime
-    does). The requantization error is at most half a step of the channel's largest block scale / 16.
+    does). The int8 weights use 7 bits, |w| <= 64 with one step = the channel's largest block scale / 8
+    (the int4 values of that block map exactly; other blocks round by at most half a step): on x86 CPUs
+    with AVX2 but without VNNI, ONNX Runtime's uint8 x int8 GEMM adds pairs of products in 16 bits
+    (``vpmaddubsw``), which saturates above 32767; 2 * 255 * 64 = 32640 cannot. With the full range
+    (|w| <= 127) the product was wrong on such a CPU (AMD EPYC, AVX2 only: cosine 0.9957 against the
+    INT4 graph on the unit test's layer, 0.99994 with 7 bits); this is ONNX Runtime's documented
+    ``reduce_range`` advice for non-VNNI CPUs, applied to the weights.
 ``nbits``
     ``com.microsoft.MatMulNBits`` with the very same nibbles, exact: ModelOpt's weights are signed int4
     with zero point 0 (w * s); MatMulNBits stores unsigned nibbles with an implicit zero point of 8.
@@ -103,8 +109,9 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
                                               name=node.name + "_nbits", domain="com.microsoft", K=k, N=n, bits=4,
                                               block_size=block, accuracy_level=accuracy_level))
         else:
-            # int8 weight = round(q * s_block / S_channel) with S_channel = max over blocks of s * 8 / 127, so
-            # |q * s / S| <= 127 needs no clipping. Only the small ratio table is precomputed here; the
+            # int8 weight = round(q * s_block / S_channel) with S_channel = (max over blocks of s) / 8, so
+            # |q * s / S| <= 64 (7 bits, exact for the channel's largest-scale block): see the module's
+            # docstring for why not the full int8 range. Only the small ratio table is precomputed here; the
             # nibbles stay the file's INT4 tensor (same bytes, viewed as [K/block, block, N]).
             w4 = onnx.TensorProto()
             w4.CopyFrom(inits[wname])
@@ -113,7 +120,7 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
             del w4.dims[:]
             w4.dims.extend([k // block, block, n])
             scale = numpy_helper.to_array(inits[sname]).astype(np.float32)  # [K/block, N]
-            s_chan = np.maximum(scale.max(axis=0) * 8.0 / 127.0, np.float32(1e-12)).astype(np.float32)
+            s_chan = np.maximum(scale.max(axis=0) / 8.0, np.float32(1e-12)).astype(np.float32)
             ratio = (scale / s_chan).astype(np.float32).reshape(k // block, 1, n)
             new_inits += [w4, numpy_helper.from_array(ratio, p + "_ratio"), numpy_helper.from_array(s_chan, p + "_scale"),
                           numpy_helper.from_array(np.array([k, n], np.int64), p + "_kn"),

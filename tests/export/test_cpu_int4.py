@@ -56,8 +56,9 @@ def test_cpu_variant_matches_the_int4_graph(tmp_path: Path, kernel: str) -> None
     cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
     if kernel == "nbits":
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-    else:  # int8 weights per channel + uint8 activations per tensor: close, not exact
-        assert cos > 0.999, cos
+    else:  # int8 weights per channel + uint8 activations per tensor: close, not exact. The bound holds on
+        # any x86 CPU only because the weights keep 7 bits: with 8, AVX2-only CPUs saturate (0.9957 measured)
+        assert cos > 0.9999, cos
         assert not np.allclose(got, ref, rtol=1e-6, atol=1e-6)  # it really is the quantized kernel
 
 
