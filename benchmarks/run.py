@@ -717,6 +717,9 @@ def retrain(args: argparse.Namespace) -> None:
             print(f"stopping after {len(log)} of {len(commands)} stages (--max-seconds); run again to resume", flush=True)
             return
         argv = shlex.split(cmd)[3:]  # drop "python -m hpedge.zoo.train"
+        if "--device" in argv:  # the recorded device (cuda for the GPU stages) gives way to this replay's --device
+            i = argv.index("--device")
+            del argv[i:i + 2]
         if "--init-from" in argv:
             argv[argv.index("--init-from") + 1] = str(work / f"digits-{fam}")
         if "--t5-from" in argv:

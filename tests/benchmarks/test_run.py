@@ -54,6 +54,7 @@ def test_retrain_replays_the_recorded_commands_into_the_work_folder_and_resumes(
     assert len(calls) == 1 + len(record["sd3-continued"]) and calls[0][:5] == ["sd3", "--steps", "1800", "--seed", "0"]
     for argv in calls:
         assert argv[-6:] == ["--out", str(tmp_path / "w"), "--device", "cuda", "--threads", "2"]
+        assert argv.count("--device") == 1  # a recorded --device is replaced, not repeated
     assert all(argv[argv.index("--init-from") + 1] == str(tmp_path / "w" / "digits-sd3") for argv in calls[1:])
     assert (tmp_path / "w" / "vae" / "config.json").exists()
     calls.clear()
@@ -72,6 +73,8 @@ def test_retrain_of_flux_pretrains_its_t5_first_and_points_the_first_stage_at_it
     assert calls[0][0] == "flux-t5" and calls[1][0] == "flux"
     assert calls[1][calls[1].index("--t5-from") + 1] == str(tmp_path / "w" / "t5-flux") and "--freeze-t5" in calls[1]
     assert all("--freeze-t5" in argv for argv in calls[2:])  # the T5 stays frozen in every continued stage
+    # the stages recorded on the GPU (--device cuda) replay on this run's device, named once
+    assert all(argv[argv.index("--device") + 1] == "cpu" and argv.count("--device") == 1 for argv in calls)
 
 
 def test_ablation_records_refused_rows_and_runs_the_other_variants_on_hps_analysis(bench, tmp_path, monkeypatch) -> None:
