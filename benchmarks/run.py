@@ -703,14 +703,24 @@ def retrain(args: argparse.Namespace) -> None:
     zoo = ROOT / "hpedge" / "zoo" / "models"
     record = json.loads((zoo / "train_record.json").read_text())
     fam = args.family
-    pretrain = [record[f"{fam}-t5"]["command"]] if f"{fam}-t5" in record else []  # the text encoder's own stage first
+    # FLUX's pre-trained, frozen T5 is, like the VAE, an input taken from the committed files unless --retrain-t5:
+    # its stage is bit-reproducible on one kind of CPU only (benchmarks/results/experiment-t5-float64.md)
+    retrain_t5 = f"{fam}-t5" in record and args.retrain_t5
+    pretrain = [record[f"{fam}-t5"]["command"]] if retrain_t5 else []
     commands = [*pretrain, record[fam]["command"], *(r["command"] for r in record.get(f"{fam}-continued", []))]
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    progress = work / f"retrain-{fam}.json"  # stages already replayed into this folder (a replay can be resumed)
+    t5 = "retrained" if retrain_t5 else "committed" if f"{fam}-t5" in record else None
+    done = json.loads(progress.read_text()) if progress.exists() else {"stages": [], "t5": t5}
+    if done.get("t5") != t5 and done["stages"]:
+        raise SystemExit(f"{work}: a replay with the {done.get('t5')} T5 is under way there; resume it the same way "
+                         f"({'with' if done.get('t5') == 'retrained' else 'without'} --retrain-t5) or use another --work")
     if not (work / "vae").exists():
         shutil.copytree(zoo / "vae", work / "vae")
-    progress = work / f"retrain-{fam}.json"  # stages already replayed into this folder (a replay can be resumed)
-    log = json.loads(progress.read_text())["stages"] if progress.exists() else []
+    if t5 == "committed" and not (work / f"t5-{fam}").exists():
+        shutil.copytree(zoo / f"t5-{fam}", work / f"t5-{fam}")
+    log = done["stages"]
     t_start = time.time()
     for cmd in commands[len(log):]:
         if args.max_seconds and time.time() - t_start > args.max_seconds:
@@ -729,7 +739,7 @@ def retrain(args: argparse.Namespace) -> None:
         print("$ python -m hpedge.zoo.train " + " ".join(argv), flush=True)
         subprocess.run([sys.executable, "-m", "hpedge.zoo.train", *argv], check=True, cwd=ROOT)
         log.append({"recorded": cmd, "replayed": " ".join(argv), "seconds": round(time.time() - t, 1), "device": args.device})
-        progress.write_text(json.dumps({"stages": log}, indent=2) + "\n")
+        progress.write_text(json.dumps({"stages": log, "t5": t5}, indent=2) + "\n")
     print(f"retrained digits-{fam} in {sum(x['seconds'] for x in log):.0f} s -> {work / f'digits-{fam}'}; score it with: "
           f"python benchmarks/run.py ratio zoo:digits-{fam} {work / f'digits-{fam}'} --name retrain-digits-{fam}")
 
@@ -776,6 +786,9 @@ def main() -> None:
     t = sub.add_parser("retrain")
     t.add_argument("--family", choices=["sd3", "flux"], required=True)
     t.add_argument("--work", type=Path, required=True, help="folder for the retrained pipeline")
+    t.add_argument("--retrain-t5", action="store_true",
+                   help="flux: replay the T5 pre-training stage too (default: start from the committed T5, as from the "
+                        "committed VAE; the stage's result depends on the CPU kind)")
     t.add_argument("--device", default="cpu", help="torch device of the training stages (cuda on a GPU machine)")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--max-seconds", type=float, default=None, help="start no further stage after this long (resume later)")

@@ -48,7 +48,7 @@ def test_retrain_replays_the_recorded_commands_into_the_work_folder_and_resumes(
 
     calls = []
     monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append(cmd[3:]))
-    args = argparse.Namespace(family="sd3", work=tmp_path / "w", device="cuda", threads=2, max_seconds=None)
+    args = argparse.Namespace(family="sd3", work=tmp_path / "w", device="cuda", threads=2, max_seconds=None, retrain_t5=False)
     bench.retrain(args)
     record = json.loads((ROOT / "hpedge" / "zoo" / "models" / "train_record.json").read_text())
     assert len(calls) == 1 + len(record["sd3-continued"]) and calls[0][:5] == ["sd3", "--steps", "1800", "--seed", "0"]
@@ -62,12 +62,22 @@ def test_retrain_replays_the_recorded_commands_into_the_work_folder_and_resumes(
     assert calls == []
 
 
-def test_retrain_of_flux_pretrains_its_t5_first_and_points_the_first_stage_at_it(bench, tmp_path, monkeypatch) -> None:
+def test_retrain_of_flux_starts_from_the_committed_t5_unless_asked_and_refuses_mixing(bench, tmp_path, monkeypatch) -> None:
     import argparse
 
     calls = []
     monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append(cmd[3:]))
-    bench.retrain(argparse.Namespace(family="flux", work=tmp_path / "w", device="cpu", threads=None, max_seconds=None))
+    ns = argparse.Namespace(family="flux", work=tmp_path / "c", device="cpu", threads=None, max_seconds=None, retrain_t5=False)
+    bench.retrain(ns)
+    zoo = ROOT / "hpedge" / "zoo" / "models"
+    record = json.loads((zoo / "train_record.json").read_text())
+    assert len(calls) == 1 + len(record["flux-continued"]) and calls[0][0] == "flux"  # no T5 stage
+    assert calls[0][calls[0].index("--t5-from") + 1] == str(tmp_path / "c" / "t5-flux")
+    assert (tmp_path / "c" / "t5-flux" / "model.safetensors").read_bytes() == (zoo / "t5-flux" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="committed T5 is under way.*without --retrain-t5"):
+        bench.retrain(argparse.Namespace(**{**vars(ns), "retrain_t5": True}))
+    calls.clear()
+    bench.retrain(argparse.Namespace(family="flux", work=tmp_path / "w", device="cpu", threads=None, max_seconds=None, retrain_t5=True))
     record = json.loads((ROOT / "hpedge" / "zoo" / "models" / "train_record.json").read_text())
     assert len(calls) == 2 + len(record["flux-continued"])
     assert calls[0][0] == "flux-t5" and calls[1][0] == "flux"
