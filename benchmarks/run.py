@@ -705,13 +705,17 @@ def retrain(args: argparse.Namespace) -> None:
     fam = args.family
     # FLUX's pre-trained, frozen T5 is, like the VAE, an input taken from the committed files unless --retrain-t5:
     # its stage is bit-reproducible on one kind of CPU only (benchmarks/results/experiment-t5-float64.md)
-    retrain_t5 = f"{fam}-t5" in record and args.retrain_t5
-    pretrain = [record[f"{fam}-t5"]["command"]] if retrain_t5 else []
+    if f"{fam}-t5" not in record:
+        if args.retrain_t5:
+            raise SystemExit(f"--retrain-t5: digits-{fam} has no separate T5 stage (its T5 trains with the pipeline)")
+        t5 = None
+    else:
+        t5 = "retrained" if args.retrain_t5 else "committed"
+    pretrain = [record[f"{fam}-t5"]["command"]] if t5 == "retrained" else []
     commands = [*pretrain, record[fam]["command"], *(r["command"] for r in record.get(f"{fam}-continued", []))]
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     progress = work / f"retrain-{fam}.json"  # stages already replayed into this folder (a replay can be resumed)
-    t5 = "retrained" if retrain_t5 else "committed" if f"{fam}-t5" in record else None
     done = json.loads(progress.read_text()) if progress.exists() else {"stages": [], "t5": t5}
     if done.get("t5") != t5 and done["stages"]:
         raise SystemExit(f"{work}: a replay with the {done.get('t5')} T5 is under way there; resume it the same way "

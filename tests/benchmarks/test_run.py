@@ -60,6 +60,8 @@ def test_retrain_replays_the_recorded_commands_into_the_work_folder_and_resumes(
     calls.clear()
     bench.retrain(args)  # every stage is in the progress file: nothing is replayed again
     assert calls == []
+    with pytest.raises(SystemExit, match="no separate T5 stage"):  # sd3's T5 trains with the pipeline
+        bench.retrain(argparse.Namespace(**{**vars(args), "retrain_t5": True}))
 
 
 def test_retrain_of_flux_starts_from_the_committed_t5_unless_asked_and_refuses_mixing(bench, tmp_path, monkeypatch) -> None:
