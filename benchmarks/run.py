@@ -377,6 +377,21 @@ def ablation(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------- ratio
+# A retrain reproduces a committed model when each of its scores is within these of the committed one's (500 prompts:
+# one overall score has about 0.015 of binomial noise, each 100-prompt category about 0.05).
+RETRAIN_TOLERANCE = {"overall": 0.02, "category": 0.10, "frechet_distance": 10.0}
+
+
+def tolerance_rows(committed: dict, retrained: dict) -> list[dict]:
+    """Each score of a retrained model against the committed model's, with the stated tolerance and a verdict."""
+    pairs = [("overall", committed["overall"], retrained["overall"], RETRAIN_TOLERANCE["overall"])]
+    pairs += [(c, v, retrained["categories"][c], RETRAIN_TOLERANCE["category"]) for c, v in committed["categories"].items()]
+    pairs.append(("frechet_distance", committed["frechet_distance"], retrained["frechet_distance"], RETRAIN_TOLERANCE["frechet_distance"]))
+    # scores are rounded to 3 decimals in the results, so compare the rounded difference (0.12 - 0.02 is not 0.1 in floats)
+    return [{"score": n, "committed": a, "retrained": b, "difference": round(b - a, 3), "tolerance": tol,
+             "within": abs(round(b - a, 3)) <= tol} for n, a, b, tol in pairs]
+
+
 def ratio(args: argparse.Namespace) -> None:
     """Teacher and student evaluated side by side (same prompts, same seeds), ratio with a paired interval."""
     from dataclasses import asdict
@@ -398,8 +413,20 @@ def ratio(args: argparse.Namespace) -> None:
     text += (f"\nstudent / teacher = **{pr['ratio']:.1%}**, paired bootstrap 95 % interval {pr['ci95'][0]:.1%}-{pr['ci95'][1]:.1%} "
              f"({pr['n_boot']} resamples of the {pr['samples']} prompts); prompts only the teacher got right: "
              f"{pr['teacher_only_correct']}, only the student: {pr['student_only_correct']}.\n")
+    out = {**res, "paired": pr}
+    if args.tolerance:  # the student is a retrain of the teacher: is each score within the stated tolerance?
+        rows = tolerance_rows(res["teacher"], res["student"])
+        within = all(r["within"] for r in rows)
+        text += ("\nRetrain against the committed model, tolerance `RETRAIN_TOLERANCE` in benchmarks/run.py: "
+                 f"**{'within' if within else 'OUTSIDE'}**.\n\n| score | committed | retrained | difference | tolerance | within |\n"
+                 "|---|---|---|---|---|---|\n")
+        text += "".join(f"| {r['score']} | {r['committed']:.3f} | {r['retrained']:.3f} | {r['difference']:+.3f} | "
+                        f"+-{r['tolerance']:g} | {'yes' if r['within'] else '**no**'} |\n" for r in rows)
+        out["tolerance"] = {"within": within, "rows": rows}
+        print(f"retrain {'within' if within else 'OUTSIDE'} the stated tolerance: "
+              + ", ".join(f"{r['score']} {r['difference']:+.3f}" for r in rows if not r["within"]), flush=True)
     write(f"ratio-{name}.md", text)
-    (RESULTS / f"ratio-{name}.json").write_text(json.dumps({**res, "paired": pr}, indent=2))
+    (RESULTS / f"ratio-{name}.json").write_text(json.dumps(out, indent=2))
 
 
 # --------------------------------------------------------------------------------------------- binding
@@ -745,7 +772,7 @@ def retrain(args: argparse.Namespace) -> None:
         log.append({"recorded": cmd, "replayed": " ".join(argv), "seconds": round(time.time() - t, 1), "device": args.device})
         progress.write_text(json.dumps({"stages": log, "t5": t5}, indent=2) + "\n")
     print(f"retrained digits-{fam} in {sum(x['seconds'] for x in log):.0f} s -> {work / f'digits-{fam}'}; score it with: "
-          f"python benchmarks/run.py ratio zoo:digits-{fam} {work / f'digits-{fam}'} --name retrain-digits-{fam}")
+          f"python benchmarks/run.py ratio zoo:digits-{fam} {work / f'digits-{fam}'} --name retrain-digits-{fam} --tolerance")
 
 
 def main() -> None:
@@ -774,6 +801,8 @@ def main() -> None:
     r.add_argument("student", help="pipeline folder")
     r.add_argument("--per-category", type=int, default=100, help="prompts per category (100 = the 500-prompt benchmark)")
     r.add_argument("--name", help="results file stem (default: the student folder's name)")
+    r.add_argument("--tolerance", action="store_true",
+                   help="the student is a retrain of the teacher: check each score against RETRAIN_TOLERANCE")
     e = sub.add_parser("runtime-env")
     e.add_argument("package", type=Path)
     e.add_argument("--python", required=True, help="python of an environment with only the runtime installed")

@@ -129,3 +129,29 @@ def test_ablation_records_refused_rows_and_runs_the_other_variants_on_hps_analys
     # every HP variant ran on the refused run's cut and its analysis; the baselines on their own cuts
     assert [c[0] for c in calls[1:4]] == ["9,10,11,"] * 3 and all(c[1] is not None for c in calls[1:4])
     assert len(calls) == 7 and text.count("refused |") == 3
+
+
+def test_ratio_tolerance_names_the_scores_outside_it_from_the_recorded_flux_retrain(bench, tmp_path, monkeypatch) -> None:
+    import argparse
+
+    import hpedge.evaluation.evaluate as ev
+    from hpedge.models import loading
+
+    # the eleventh session's FLUX replay, judged by hand then: overall -0.024 and size -0.12 outside, the rest within
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "ratio-retrain-t5-digits-flux.json").read_text())
+    results = {m: ev.EvalResult(**recorded[role]) for role, m in (("teacher", "T"), ("student", "S"))}
+    monkeypatch.setattr(loading, "load_pipeline", lambda m: m)
+    monkeypatch.setattr(ev, "evaluate", lambda pipe, m, es: (results[m], None, None))
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    bench.ratio(argparse.Namespace(teacher="T", student="S", per_category=100, name="r", tolerance=True))
+    out = json.loads((tmp_path / "ratio-r.json").read_text())["tolerance"]
+    assert out["within"] is False
+    assert [r["score"] for r in out["rows"] if not r["within"]] == ["overall", "size"]
+    assert {r["score"]: r["difference"] for r in out["rows"]}["size"] == -0.12
+    assert "**OUTSIDE**" in (tmp_path / "ratio-r.md").read_text()
+    # a difference of exactly the tolerance is within it, though 0.71 - 0.81 is not -0.1 in floats
+    c = {"overall": 0.90, "categories": {"size": 0.81}, "frechet_distance": 300.0}
+    r = {"overall": 0.88, "categories": {"size": 0.71}, "frechet_distance": 310.0}
+    assert all(row["within"] for row in bench.tolerance_rows(c, r))
+    r["frechet_distance"] = 310.5
+    assert [row["score"] for row in bench.tolerance_rows(c, r) if not row["within"]] == ["frechet_distance"]
