@@ -149,6 +149,8 @@ def test_ratio_tolerance_names_the_scores_outside_it_from_the_recorded_flux_retr
     assert [r["score"] for r in out["rows"] if not r["within"]] == ["overall", "size"]
     assert {r["score"]: r["difference"] for r in out["rows"]}["size"] == -0.12
     assert "**OUTSIDE**" in (tmp_path / "ratio-r.md").read_text()
+    with pytest.raises(SystemExit, match="500-prompt"):  # the tolerance is not for a smaller, noisier prompt set
+        bench.ratio(argparse.Namespace(teacher="T", student="S", per_category=40, name="r", tolerance=True))
     # a difference of exactly the tolerance is within it, though 0.71 - 0.81 is not -0.1 in floats
     c = {"overall": 0.90, "categories": {"size": 0.81}, "frechet_distance": 300.0}
     r = {"overall": 0.88, "categories": {"size": 0.71}, "frechet_distance": 310.0}
