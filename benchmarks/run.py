@@ -392,6 +392,22 @@ def tolerance_rows(committed: dict, retrained: dict) -> list[dict]:
              "within": abs(round(b - a, 3)) <= tol} for n, a, b, tol in pairs]
 
 
+def phrasing_split(result: dict) -> dict[str, dict[str, list[int]]]:
+    """Correct / total per category, apart for the seen and the held-out phrasings (from the per-prompt verdicts)."""
+    from hpedge.zoo.digits import eval_prompts
+
+    st = result["settings"]
+    prompts = eval_prompts(st["per_category"], seed=st["prompt_seed"])
+    if len(prompts) != len(result["correct"]):
+        raise SystemExit(f"{result['model']}: {len(result['correct'])} verdicts for {len(prompts)} prompts")
+    out: dict[str, dict[str, list[int]]] = {}
+    for p, ok in zip(prompts, result["correct"]):
+        cell = out.setdefault(p.category, {"seen": [0, 0], "heldout": [0, 0]})["heldout" if p.heldout else "seen"]
+        cell[0] += ok
+        cell[1] += 1
+    return out
+
+
 def ratio(args: argparse.Namespace) -> None:
     """Teacher and student evaluated side by side (same prompts, same seeds), ratio with a paired interval."""
     from dataclasses import asdict
@@ -415,7 +431,11 @@ def ratio(args: argparse.Namespace) -> None:
     text += (f"\nstudent / teacher = **{pr['ratio']:.1%}**, paired bootstrap 95 % interval {pr['ci95'][0]:.1%}-{pr['ci95'][1]:.1%} "
              f"({pr['n_boot']} resamples of the {pr['samples']} prompts); prompts only the teacher got right: "
              f"{pr['teacher_only_correct']}, only the student: {pr['student_only_correct']}.\n")
-    out = {**res, "paired": pr}
+    split = {role: phrasing_split(res[role]) for role in ("teacher", "student")}
+    text += "\nCorrect per category, seen / held-out phrasings (teacher -> student):\n\n| category | seen | held-out |\n|---|---|---|\n"
+    text += "".join(f"| {c} | " + " | ".join(f"{t[k][0]}/{t[k][1]} -> {split['student'][c][k][0]}/{split['student'][c][k][1]}"
+                                           for k in ("seen", "heldout")) + " |\n" for c, t in split["teacher"].items())
+    out = {**res, "paired": pr, "phrasings": split}
     if args.tolerance:  # the student is a retrain of the teacher: is each score within the stated tolerance?
         rows = tolerance_rows(res["teacher"], res["student"])
         within = all(r["within"] for r in rows)
