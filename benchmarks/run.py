@@ -7,6 +7,8 @@
                                                # HierarchicalPrune vs baselines and ablations
     python benchmarks/run.py ratio zoo:digits-sd3 out/digits-sd3-hp
                                                # student/teacher eval ratio, 500 prompts, paired interval
+    python benchmarks/run.py weights zoo:digits-sd3 DIR/digits-sd3 --name NAME
+                                               # relative weight distance per component (a retrain vs the committed)
     python benchmarks/run.py binding           # does the text conditioning say which digit is on which side?
     python benchmarks/run.py runtime-env PKG --python VENV/bin/python
                                                # two-digit prompts from a package in a runtime-only env
@@ -451,6 +453,43 @@ def ratio(args: argparse.Namespace) -> None:
     (RESULTS / f"ratio-{name}.json").write_text(json.dumps(out, indent=2))
 
 
+def weight_distance(a: Path, b: Path) -> list[dict]:
+    """Per trained component of two pipeline folders: relative L2 distance ||b - a|| / ||a|| over all its tensors
+    (computed in float64 from the stored safetensors), and how many tensors are bit-identical."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    rows = []
+    for comp in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        files_a, files_b = sorted((a / comp).glob("*.safetensors")), sorted((b / comp).glob("*.safetensors"))
+        if not files_a and not files_b:
+            continue
+        if [f.name for f in files_a] != [f.name for f in files_b]:
+            raise SystemExit(f"{comp}: {a} and {b} do not hold the same weight files")
+        ta = {k: v for f in files_a for k, v in load_file(f).items()}
+        tb = {k: v for f in files_b for k, v in load_file(f).items()}
+        if ta.keys() != tb.keys() or any(ta[k].shape != tb[k].shape for k in ta):
+            raise SystemExit(f"{comp}: {a} and {b} are not the same architecture (tensor names or shapes differ)")
+        diff = sum(float(((tb[k].astype(np.float64) - ta[k].astype(np.float64)) ** 2).sum()) for k in ta)
+        norm = sum(float((ta[k].astype(np.float64) ** 2).sum()) for k in ta)
+        rows.append({"component": comp, "tensors": len(ta), "identical": sum(np.array_equal(ta[k], tb[k]) for k in ta),
+                     "relative_l2": (diff / norm) ** 0.5 if norm else float(diff > 0)})
+    return rows
+
+
+def weights(args: argparse.Namespace) -> None:
+    """How far apart two pipelines of one architecture are in weight space (e.g. a retrain and the committed model)."""
+    from hpedge.models.loading import resolve
+
+    a, b = resolve(args.a).path, resolve(args.b).path
+    rows = weight_distance(a, b)
+    text = header(f"Weight distance, {args.a} -> {args.b}") + (
+        "Relative L2 distance ||B - A|| / ||A|| over all tensors of each component (the stored weights, in float64).\n\n"
+        "| component | tensors | bit-identical | relative L2 |\n|---|---|---|---|\n")
+    text += "".join(f"| {r['component']} | {r['tensors']} | {r['identical']} | {r['relative_l2']:.4f} |\n" for r in rows)
+    write(f"weights-{args.name}.md", text)
+
+
 # --------------------------------------------------------------------------------------------- binding
 BINDING_PROMPTS = {"a": "a 3 on the left and a 7 on the right", "swap": "a 7 on the left and a 3 on the right",
                    "change": "a 3 on the left and a 3 on the right"}
@@ -825,6 +864,10 @@ def main() -> None:
     r.add_argument("--name", help="results file stem (default: the student folder's name)")
     r.add_argument("--tolerance", action="store_true",
                    help="the student is a retrain of the teacher: check each score against RETRAIN_TOLERANCE")
+    w = sub.add_parser("weights")
+    w.add_argument("a", help="pipeline folder or zoo:NAME (the reference)")
+    w.add_argument("b", help="pipeline folder or zoo:NAME of the same architecture")
+    w.add_argument("--name", required=True, help="results file stem: weights-NAME.md")
     e = sub.add_parser("runtime-env")
     e.add_argument("package", type=Path)
     e.add_argument("--python", required=True, help="python of an environment with only the runtime installed")
@@ -849,7 +892,7 @@ def main() -> None:
     t.add_argument("--max-seconds", type=float, default=None, help="start no further stage after this long (resume later)")
     args = ap.parse_args()
     {"gpu": gpu, "retrain": retrain, "text-paths": text_paths, "memory": memory, "latency": latency, "quality": quality, "blocks": blocks, "ablation": ablation,
-     "runtime-env": runtime_env, "ratio": ratio, "binding": binding}[args.cmd](args)
+     "runtime-env": runtime_env, "ratio": ratio, "weights": weights, "binding": binding}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -165,3 +165,29 @@ def test_phrasing_split_of_the_recorded_sd3_retrain_puts_its_gap_in_held_out_cou
     assert sum(v["seen"][1] + v["heldout"][1] for v in t.values()) == 500
     assert t["counting"]["heldout"] == [24, 25] and s["counting"]["heldout"] == [10, 25]
     assert sum(v["seen"][0] for v in t.values()) == round(recorded["teacher"]["seen_phrasings"] * 375)
+
+
+def test_weight_distance_is_the_relative_l2_per_component_and_refuses_other_architectures(bench, tmp_path) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    ref = {"transformer": {"w": rng.standard_normal((4, 8)).astype(np.float16), "b": np.ones(8, np.float16)},
+           "text_encoder": {"e": rng.standard_normal((5, 3)).astype(np.float16)}}
+    moved = {c: dict(t) for c, t in ref.items()}
+    moved["transformer"]["w"] = (ref["transformer"]["w"] * np.float16(1.5)).astype(np.float16)  # one tensor moved
+    for folder, comps in (("a", ref), ("b", moved)):
+        for comp, tensors in comps.items():
+            (tmp_path / folder / comp).mkdir(parents=True)
+            save_file(tensors, str(tmp_path / folder / comp / "model.safetensors"))
+    rows = {r["component"]: r for r in bench.weight_distance(tmp_path / "a", tmp_path / "b")}
+    assert set(rows) == {"transformer", "text_encoder"}
+    w = ref["transformer"]["w"].astype(np.float64)
+    d = moved["transformer"]["w"].astype(np.float64) - w
+    expected = np.sqrt((d**2).sum() / ((w**2).sum() + 8))
+    assert rows["transformer"]["identical"] == 1 and rows["transformer"]["tensors"] == 2
+    assert abs(rows["transformer"]["relative_l2"] - expected) < 1e-12 and 0.3 < expected < 0.5
+    assert rows["text_encoder"] == {"component": "text_encoder", "tensors": 1, "identical": 1, "relative_l2": 0.0}
+    save_file({"e": np.zeros((5, 4), np.float16)}, str(tmp_path / "b" / "text_encoder" / "model.safetensors"))
+    with pytest.raises(SystemExit, match="not the same architecture"):
+        bench.weight_distance(tmp_path / "a", tmp_path / "b")
