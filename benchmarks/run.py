@@ -783,35 +783,44 @@ def gpu(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------- retrain
+ZOO = ROOT / "hpedge" / "zoo" / "models"  # the committed models and their train_record.json
+# each family's pre-trained, frozen text encoders: (record key of their stage, folder it writes, pipeline-stage flag)
+PRETRAINED_TEXT = {"flux": ("flux-t5", "t5-flux", "--t5-from"), "sd3": ("sd3-text", "text-sd3", "--text-from")}
+
+
 def retrain(args: argparse.Namespace) -> None:
     """Replay the recorded training commands of a zoo model (train_record.json) into a work folder, starting
-    from the committed VAE; score the result against the committed model with `run.py ratio`."""
+    from the committed VAE and pre-trained text encoders; score the result against the committed model with
+    `run.py ratio`."""
     import shlex
 
-    zoo = ROOT / "hpedge" / "zoo" / "models"
+    zoo = ZOO
     record = json.loads((zoo / "train_record.json").read_text())
     fam = args.family
-    # FLUX's pre-trained, frozen T5 is, like the VAE, an input taken from the committed files unless --retrain-t5:
-    # its stage is bit-reproducible on one kind of CPU only (benchmarks/results/experiment-t5-float64.md)
-    if f"{fam}-t5" not in record:
-        if args.retrain_t5:
-            raise SystemExit(f"--retrain-t5: digits-{fam} has no separate T5 stage (its T5 trains with the pipeline)")
-        t5 = None
+    stage, folder, flag = PRETRAINED_TEXT[fam]
+    # A pre-trained, frozen text encoder is, like the VAE, an input taken from the committed files unless
+    # --retrain-text: its stage is bit-reproducible on one kind of CPU only (benchmarks/results/experiment-t5-float64.md)
+    if stage not in record:
+        if args.retrain_text:
+            raise SystemExit(f"--retrain-text: digits-{fam} has no separate text-encoder stage (its encoders train with "
+                             "the pipeline)")
+        text = None
     else:
-        t5 = "retrained" if args.retrain_t5 else "committed"
-    pretrain = [record[f"{fam}-t5"]["command"]] if t5 == "retrained" else []
+        text = "retrained" if args.retrain_text else "committed"
+    pretrain = [record[stage]["command"]] if text == "retrained" else []
     commands = [*pretrain, record[fam]["command"], *(r["command"] for r in record.get(f"{fam}-continued", []))]
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     progress = work / f"retrain-{fam}.json"  # stages already replayed into this folder (a replay can be resumed)
-    done = json.loads(progress.read_text()) if progress.exists() else {"stages": [], "t5": t5}
-    if done.get("t5") != t5 and done["stages"]:
-        raise SystemExit(f"{work}: a replay with the {done.get('t5')} T5 is under way there; resume it the same way "
-                         f"({'with' if done.get('t5') == 'retrained' else 'without'} --retrain-t5) or use another --work")
+    done = json.loads(progress.read_text()) if progress.exists() else {"stages": [], "text": text}
+    was = done.get("text", done.get("t5"))  # "t5": the key of progress files written before sd3-text existed
+    if was != text and done["stages"]:
+        raise SystemExit(f"{work}: a replay with the {was} text encoders is under way there; resume it the same way "
+                         f"({'with' if was == 'retrained' else 'without'} --retrain-text) or use another --work")
     if not (work / "vae").exists():
         shutil.copytree(zoo / "vae", work / "vae")
-    if t5 == "committed" and not (work / f"t5-{fam}").exists():
-        shutil.copytree(zoo / f"t5-{fam}", work / f"t5-{fam}")
+    if text == "committed" and not (work / folder).exists():
+        shutil.copytree(zoo / folder, work / folder)
     log = done["stages"]
     t_start = time.time()
     for cmd in commands[len(log):]:
@@ -824,14 +833,14 @@ def retrain(args: argparse.Namespace) -> None:
             del argv[i:i + 2]
         if "--init-from" in argv:
             argv[argv.index("--init-from") + 1] = str(work / f"digits-{fam}")
-        if "--t5-from" in argv:
-            argv[argv.index("--t5-from") + 1] = str(work / f"t5-{fam}")
+        if flag in argv:
+            argv[argv.index(flag) + 1] = str(work / folder)
         argv += ["--out", str(work), "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
         t = time.time()
         print("$ python -m hpedge.zoo.train " + " ".join(argv), flush=True)
         subprocess.run([sys.executable, "-m", "hpedge.zoo.train", *argv], check=True, cwd=ROOT)
         log.append({"recorded": cmd, "replayed": " ".join(argv), "seconds": round(time.time() - t, 1), "device": args.device})
-        progress.write_text(json.dumps({"stages": log, "t5": t5}, indent=2) + "\n")
+        progress.write_text(json.dumps({"stages": log, "text": text}, indent=2) + "\n")
     print(f"retrained digits-{fam} in {sum(x['seconds'] for x in log):.0f} s -> {work / f'digits-{fam}'}; score it with: "
           f"python benchmarks/run.py ratio zoo:digits-{fam} {work / f'digits-{fam}'} --name retrain-digits-{fam} --tolerance")
 
@@ -884,9 +893,10 @@ def main() -> None:
     t = sub.add_parser("retrain")
     t.add_argument("--family", choices=["sd3", "flux"], required=True)
     t.add_argument("--work", type=Path, required=True, help="folder for the retrained pipeline")
-    t.add_argument("--retrain-t5", action="store_true",
-                   help="flux: replay the T5 pre-training stage too (default: start from the committed T5, as from the "
-                        "committed VAE; the stage's result depends on the CPU kind)")
+    t.add_argument("--retrain-text", "--retrain-t5", dest="retrain_text", action="store_true",
+                   help="replay the text-encoder pre-training stage too (flux-t5, sd3-text; default: start from the "
+                        "committed pre-trained encoders, as from the committed VAE; that stage's result depends on the "
+                        "CPU kind)")
     t.add_argument("--device", default="cpu", help="torch device of the training stages (cuda on a GPU machine)")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--max-seconds", type=float, default=None, help="start no further stage after this long (resume later)")

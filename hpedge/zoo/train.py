@@ -3,10 +3,13 @@
     python -m hpedge.zoo.train all --out hpedge/zoo/models
 
 Stages (each can be run alone): ``judge`` (digit classifier), ``vae`` (shared 32x32 <-> 16x16x4
-autoencoder), ``flux-t5`` (pre-training of FLUX's T5 encoder, see ``train_t5``), ``sd3`` and ``flux``
-(transformer and text encoders trained jointly with rectified flow as in SD3: x_t = (1 - s) x0 + s e,
-target e - x0, s logit-normal, 10 % empty prompts, EMA; FLUX starts from the pre-trained T5 and keeps it
-frozen, ``--t5-from OUT/t5-flux --freeze-t5``, as the real pipelines keep their pre-trained T5 frozen).
+autoencoder), ``flux-t5`` (pre-training of FLUX's T5 encoder, see ``train_t5``), ``sd3-text`` (pre-training
+of SD3's CLIP-L, CLIP-G and T5 encoders, see ``train_sd3_text``), ``sd3`` and ``flux`` (the transformer,
+and the text encoders not frozen, trained with rectified flow as in SD3: x_t = (1 - s) x0 + s e, target
+e - x0, s logit-normal, 10 % empty prompts, EMA). As the real pipelines keep their pre-trained encoders
+frozen, FLUX starts from the pre-trained T5 and keeps it frozen (``--t5-from OUT/t5-flux --freeze-t5``;
+its CLIP, of which FLUX uses only the pooled vector, trains with it), and SD3 starts from its three
+pre-trained encoders and keeps them all frozen (``--text-from OUT/text-sd3 --freeze-text``).
 Everything is seeded; the record of times and settings goes to ``train_record.json``.
 
 The committed pipelines had four more stages, each continuing from the previous one with a
@@ -20,7 +23,8 @@ cosine-decayed learning rate (recorded under ``sd3-continued`` / ``flux-continue
         --model-guidance 0.6 --seed 1 --category-weights two_digits=3,size=2
     python -m hpedge.zoo.train sd3 --init-from hpedge/zoo/models/digits-sd3 --steps 1600 --batch-size 64 --lr 3e-4 --cosine \
         --model-guidance 0.6 --seed 2 --category-weights two_digits=3,size=2
-    (flux: --category-weights two_digits=4,counting=2,size=2)
+    (flux: --category-weights two_digits=4,counting=2,size=2; every continued stage with --freeze-t5 (flux) or
+    --freeze-text (sd3))
 
 The last two draw the weak categories more often (``--category-weights``) and use seeds 1 and 2, so their
 prompts and noise differ from the earlier continued stages (which all used seed 0).
@@ -150,10 +154,10 @@ def slot_labels(items) -> tuple[list[int], list[int]]:
     return digits, sizes
 
 
-def t5_readout(d_model: int):  # -> torch.nn.Module
-    """Reads T5 token outputs as an unordered set, as a FLUX transformer does (its text tokens all share position
-    0): one learned query per canvas slot attends over all tokens (padding included, as the pipeline passes them),
-    then predicts the slot's digit (11 classes with "empty") and size (4 classes)."""
+def slot_readout(d_model: int):  # -> torch.nn.Module
+    """Reads text-encoder token outputs as an unordered set, as both transformers do (FLUX gives its text tokens
+    all position 0, SD3 none): one learned query per canvas slot attends over all tokens (padding included, as the
+    pipeline passes them), then predicts the slot's digit (11 classes with "empty") and size (4 classes)."""
     import torch
 
     class Readout(torch.nn.Module):
@@ -171,6 +175,46 @@ def t5_readout(d_model: int):  # -> torch.nn.Module
     return Readout()
 
 
+def _slot_batch(rng, n: int, heldout: bool = False):
+    """n grammar prompts (10 % of the training ones empty, as in the diffusion stages) with each slot's digit and
+    size as targets: (texts, digits (n, 3), sizes (n, 3), categories)."""
+    import torch
+
+    prompts = [sample_prompt(rng, heldout=heldout) for _ in range(n)]
+    keep = [heldout or rng.random() > 0.1 for _ in prompts]
+    texts = [p.text if k else "" for p, k in zip(prompts, keep)]
+    labels = [slot_labels(p.items if k else ()) for p, k in zip(prompts, keep)]
+    cats = [p.category if k else "empty" for p, k in zip(prompts, keep)]
+    return texts, torch.tensor([lb[0] for lb in labels]), torch.tensor([lb[1] for lb in labels]), cats
+
+
+def _slot_loss(o, digits, sizes):  # o: (batch, slots, 15) readout logits
+    import torch
+
+    loss = torch.nn.functional.cross_entropy(o[..., :11].flatten(0, 1), digits.flatten())
+    return loss + torch.nn.functional.cross_entropy(o[..., 11:].flatten(0, 1), sizes.flatten())
+
+
+def _slot_correct(o, digits, sizes):  # per prompt: every slot's digit and size named
+    return ((o[..., :11].argmax(-1) == digits).all(-1) & (o[..., 11:].argmax(-1) == sizes).all(-1)).numpy()
+
+
+def _slot_accuracy(rng, readouts) -> dict:
+    """Fraction of 2000 prompts per split (training / held-out phrasings) and category whose every slot a readout
+    names; ``readouts(texts)`` -> {name: logits}. Returns {readout: {split: {category: accuracy}}}."""
+    import torch
+
+    accuracy: dict = {}
+    with torch.no_grad():
+        for split in ("train", "heldout"):
+            texts, digits, sizes, cats = _slot_batch(rng, 2000, heldout=split == "heldout")
+            cats_a = np.array(cats)
+            for name, o in readouts(texts).items():
+                ok = _slot_correct(o, digits, sizes)
+                accuracy.setdefault(name, {})[split] = {c: round(float(ok[cats_a == c].mean()), 3) for c in CATEGORIES}
+    return accuracy
+
+
 def train_t5(out: Path, steps: int, seed: int, batch_size: int = 128) -> dict:
     """Pre-train FLUX's T5 encoder so that its tokens carry their context (stage ``flux-t5``).
 
@@ -178,7 +222,7 @@ def train_t5(out: Path, steps: int, seed: int, batch_size: int = 128) -> dict:
     their neighbours. A 2-layer T5 trained only through the diffusion loss does not learn that (the same word at
     two places comes out nearly equal, benchmarks/results/binding.md), and FLUX, which gives every text token the
     same position, then reads the prompt as a bag of words and cannot put a digit on its side. The objective:
-    from the tokens read as an unordered set (``t5_readout``), name each canvas slot's digit and size. Training
+    from the tokens read as an unordered set (``slot_readout``), name each canvas slot's digit and size. Training
     phrasings only; the held-out phrasings are scored, never trained on. The readout is discarded.
     """
     import torch
@@ -193,50 +237,94 @@ def train_t5(out: Path, steps: int, seed: int, batch_size: int = 128) -> dict:
     rng = np.random.default_rng(seed)
     tok = t5_tokenizer()
     t5 = T5EncoderModel(_t5_config(d_model))
-    head = t5_readout(d_model)
+    head = slot_readout(d_model)
 
-    def batch(n: int, heldout: bool = False):
-        prompts = [sample_prompt(rng, heldout=heldout) for _ in range(n)]
-        keep = [heldout or rng.random() > 0.1 for _ in prompts]  # 10 % empty prompts, as in the diffusion stages
-        ids = tok([p.text if k else "" for p, k in zip(prompts, keep)], padding="max_length", max_length=MAX_SEQUENCE_LENGTH,
-                  truncation=True, return_tensors="pt").input_ids
-        labels = [slot_labels(p.items if k else ()) for p, k in zip(prompts, keep)]
-        cats = [p.category if k else "empty" for p, k in zip(prompts, keep)]
-        return ids, torch.tensor([lb[0] for lb in labels]), torch.tensor([lb[1] for lb in labels]), cats
-
-    def logits_loss(ids, digits, sizes):
-        o = head(t5(ids).last_hidden_state)
-        loss = torch.nn.functional.cross_entropy(o[..., :11].flatten(0, 1), digits.flatten())
-        loss = loss + torch.nn.functional.cross_entropy(o[..., 11:].flatten(0, 1), sizes.flatten())
-        return o, loss
+    def logits(texts):
+        ids = tok(texts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True, return_tensors="pt").input_ids
+        return head(t5(ids).last_hidden_state)
 
     opt = torch.optim.AdamW([*t5.parameters(), *head.parameters()], 1e-3)
     t0 = time.time()
     for step in range(steps):
-        ids, digits, sizes, _ = batch(batch_size)
-        _, loss = logits_loss(ids, digits, sizes)
+        texts, digits, sizes, _ = _slot_batch(rng, batch_size)
+        loss = _slot_loss(logits(texts), digits, sizes)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 200 == 0 or step == steps - 1:
             print(f"[flux-t5] step {step} loss {float(loss.detach()):.4f} {time.time() - t0:.0f}s", flush=True)
     t5.eval()
-    accuracy = {}
-    with torch.no_grad():
-        for split in ("train", "heldout"):
-            ids, digits, sizes, cats = batch(2000, heldout=split == "heldout")
-            o, _ = logits_loss(ids, digits, sizes)
-            ok = ((o[..., :11].argmax(-1) == digits).all(-1) & (o[..., 11:].argmax(-1) == sizes).all(-1)).numpy()
-            cats_a = np.array(cats)
-            accuracy[split] = {c: round(float(ok[cats_a == c].mean()), 3) for c in CATEGORIES}
+    accuracy = _slot_accuracy(rng, lambda texts: {"t5": logits(texts)})["t5"]
     t5.save_pretrained(out / "t5-flux")
+    return {"steps": steps, "batch_size": batch_size, "slot_accuracy": accuracy, "seconds": time.time() - t0}
+
+
+SD3_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, CLIP-G, T5 stand-ins
+
+
+def train_sd3_text(out: Path, steps: int, seed: int, batch_size: int = 128) -> dict:
+    """Pre-train digits-sd3's three text encoders (stage ``sd3-text``), as ``train_t5`` does FLUX's T5.
+
+    The real SD3 pipelines condition on pre-trained CLIP-L, CLIP-G and T5-XXL, all frozen. Here each encoder learns
+    to carry the prompt in the form the pipeline hands the transformer (``encode``: the CLIPs' penultimate-layer
+    tokens, side by side in the channels, then the T5 tokens, and the two CLIPs' pooled vectors): a set readout
+    (``slot_readout``) per token block and a linear head per pooled vector each name every canvas slot's digit and
+    size; the loss is their sum, so no encoder can leave the prompt to the others. Training phrasings only; the
+    held-out phrasings are scored, never trained on. The readouts are discarded; the encoders are saved under
+    ``OUT/text-sd3/<pipeline component>`` for ``sd3 --text-from OUT/text-sd3 --freeze-text``.
+    """
+    import torch
+
+    from hpedge.models.denoise import MAX_SEQUENCE_LENGTH, encode
+    from hpedge.zoo.build import TEXT_HIDDEN, new_pipeline
+
+    pipe = new_pipeline("sd3", None)  # the encoders initialised exactly as a new digits-sd3's
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n_slot = len(SLOTS) * (11 + len(SLOT_SIZES))
+    t5_dim = pipe.text_encoder_3.config.d_model
+    heads = torch.nn.ModuleDict({
+        "clip_l": slot_readout(TEXT_HIDDEN), "clip_g": slot_readout(TEXT_HIDDEN), "t5": slot_readout(t5_dim),
+        "clip_l_pooled": torch.nn.Linear(TEXT_HIDDEN, n_slot), "clip_g_pooled": torch.nn.Linear(TEXT_HIDDEN, n_slot),
+    })
+    encoders = [getattr(pipe, name) for name in SD3_TEXT_ENCODERS]
+
+    def logits(texts) -> dict:
+        cond = encode(pipe, texts)
+        clip, t5 = cond.prompt_embeds[:, :-MAX_SEQUENCE_LENGTH], cond.prompt_embeds[:, -MAX_SEQUENCE_LENGTH:]
+        b = len(texts)
+        return {
+            "clip_l": heads["clip_l"](clip[..., :TEXT_HIDDEN]), "clip_g": heads["clip_g"](clip[..., TEXT_HIDDEN:2 * TEXT_HIDDEN]),
+            "t5": heads["t5"](t5),
+            "clip_l_pooled": heads["clip_l_pooled"](cond.pooled[:, :TEXT_HIDDEN]).view(b, len(SLOTS), -1),
+            "clip_g_pooled": heads["clip_g_pooled"](cond.pooled[:, TEXT_HIDDEN:]).view(b, len(SLOTS), -1),
+        }
+
+    opt = torch.optim.AdamW([*(p for m in encoders for p in m.parameters()), *heads.parameters()], 1e-3)
+    t0 = time.time()
+    for step in range(steps):
+        texts, digits, sizes, _ = _slot_batch(rng, batch_size)
+        losses = {k: _slot_loss(o, digits, sizes) for k, o in logits(texts).items()}
+        loss = sum(losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == steps - 1:
+            print(f"[sd3-text] step {step} loss {float(loss.detach()):.4f} "
+                  f"({', '.join(f'{k} {float(v.detach()):.3f}' for k, v in losses.items())}) {time.time() - t0:.0f}s", flush=True)
+    for m in encoders:
+        m.eval()
+    accuracy = _slot_accuracy(rng, logits)
+    for name, m in zip(SD3_TEXT_ENCODERS, encoders):
+        m.save_pretrained(out / "text-sd3" / name)
     return {"steps": steps, "batch_size": batch_size, "slot_accuracy": accuracy, "seconds": time.time() - t0}
 
 
 def train_pipeline(
     family: str, out: Path, steps: int, seed: int, batch_size: int, init_from: Path | None = None, lr: float = 1e-3, cosine: bool = False,
     model_guidance: float = 0.0, category_weights: dict[str, float] | None = None, drop_pooled: float = 0.0,
-    device: str = "cpu", t5_from: Path | None = None, freeze_t5: bool = False,
+    device: str = "cpu", t5_from: Path | None = None, freeze_t5: bool = False, text_from: Path | None = None,
+    freeze_text: bool = False,
 ) -> dict:
     import copy
 
@@ -263,6 +351,13 @@ def train_pipeline(
         from transformers import T5EncoderModel
 
         setattr(pipe, t5_attr, T5EncoderModel.from_pretrained(t5_from, torch_dtype=torch.float32))
+    if text_from is not None:  # pre-trained text encoders (stage sd3-text writes OUT/text-sd3) instead of random ones
+        missing = [name for name in SD3_TEXT_ENCODERS if not (text_from / name / "config.json").exists()]
+        if missing:
+            raise SystemExit(f"--text-from {text_from}: no {', '.join(missing)} there (stage sd3-text writes OUT/text-sd3)")
+        for name in SD3_TEXT_ENCODERS:
+            cls = type(getattr(pipe, name))
+            setattr(pipe, name, cls.from_pretrained(text_from / name, torch_dtype=torch.float32))
     dev = torch.device(device)
     vae.to(dev)
     text_encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None)) if m is not None]
@@ -271,7 +366,10 @@ def train_pipeline(
     t5 = getattr(pipe, t5_attr)
     if freeze_t5:  # as in the real pipelines' training: the T5 encoder gets no updates
         t5.requires_grad_(False)
-    trainable = [pipe.transformer, *(m for m in text_encoders if not (freeze_t5 and m is t5))]
+    frozen = text_encoders if freeze_text else [t5] if freeze_t5 else []  # --freeze-text: every text encoder
+    for m in frozen:
+        m.requires_grad_(False)
+    trainable = [pipe.transformer, *(m for m in text_encoders if not any(m is f for f in frozen))]
     params = [p for m in trainable for p in m.parameters()]
     ema = [copy.deepcopy(m).requires_grad_(False) for m in trainable]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -330,7 +428,8 @@ def train_pipeline(
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "cosine": cosine, "model_guidance": model_guidance,
             "category_weights": category_weights, **({"drop_pooled": drop_pooled} if drop_pooled else {}),
             **({"device": _device_name(dev)} if dev.type != "cpu" else {}), **({"t5_from": str(t5_from)} if t5_from else {}),
-            **({"freeze_t5": True} if freeze_t5 else {}), "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
+            **({"freeze_t5": True} if freeze_t5 else {}), **({"text_from": str(text_from)} if text_from else {}),
+            **({"freeze_text": True} if freeze_text else {}), "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
 
 
 def latent_sample(post):  # post: the VAE's DiagonalGaussianDistribution
@@ -367,7 +466,7 @@ def write_marker(folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["all", "judge", "vae", "flux-t5", "sd3", "flux"])
+    ap.add_argument("stage", choices=["all", "judge", "vae", "flux-t5", "sd3-text", "sd3", "flux"])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "models")
     ap.add_argument("--steps", type=int, default=None, help="training steps (stage default if omitted)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -391,9 +490,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--t5-from", type=Path, default=None,
                     help="start the new pipeline's T5 encoder from this pre-trained one (stage flux-t5 writes OUT/t5-flux)")
     ap.add_argument("--freeze-t5", action="store_true", help="the T5 encoder gets no updates (as in the real pipelines' training)")
+    ap.add_argument("--text-from", type=Path, default=None,
+                    help="sd3: start the new pipeline's three text encoders from these pre-trained ones (stage sd3-text "
+                         "writes OUT/text-sd3)")
+    ap.add_argument("--freeze-text", action="store_true",
+                    help="no text encoder gets updates, only the transformer (as the real SD3 pipelines keep CLIP-L/G and "
+                         "T5-XXL frozen)")
     args = ap.parse_args(argv)
     if args.t5_from is not None and args.init_from is not None:
         raise SystemExit("--t5-from starts a new pipeline's T5; a continued stage (--init-from) keeps its pipeline's T5")
+    if args.text_from is not None and args.init_from is not None:
+        raise SystemExit("--text-from starts a new pipeline's text encoders; a continued stage (--init-from) keeps its "
+                         "pipeline's")
+    if args.text_from is not None and args.stage != "sd3":
+        raise SystemExit("--text-from is for the sd3 stage (FLUX's pre-trained T5 comes with --t5-from)")
     if not 0.0 <= args.drop_pooled < 1.0:
         raise SystemExit("--drop-pooled must be in [0, 1)")
     category_weights = parse_category_weights(args.category_weights) if args.category_weights else None
@@ -411,8 +521,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     record_path = args.out / "train_record.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    defaults = {"judge": 1500, "vae": 500, "flux-t5": 1000, "sd3": 1800, "flux": 1800}
-    stages = ["judge", "vae", "flux-t5", "sd3", "flux"] if args.stage == "all" else [args.stage]
+    defaults = {"judge": 1500, "vae": 500, "flux-t5": 1000, "sd3-text": 1000, "sd3": 1800, "flux": 1800}
+    stages = ["judge", "vae", "flux-t5", "sd3-text", "sd3", "flux"] if args.stage == "all" else [args.stage]
     for stage in stages:
         steps = args.steps or defaults[stage]
         t = time.time()
@@ -422,11 +532,18 @@ def main(argv: list[str] | None = None) -> None:
             info = train_vae(args.out, steps, args.seed)
         elif stage == "flux-t5":
             info = train_t5(args.out, steps, args.seed)
+        elif stage == "sd3-text":
+            info = train_sd3_text(args.out, steps, args.seed)
         else:
-            if args.stage == "all" and stage == "flux":  # the recipe: FLUX starts from the pre-trained, frozen T5
-                args.t5_from, args.freeze_t5 = args.out / "t5-flux", True
+            if args.stage == "all":  # the recipe: each pipeline starts from its pre-trained text encoders, frozen
+                if stage == "sd3":
+                    args.text_from, args.freeze_text = args.out / "text-sd3", True
+                else:
+                    args.text_from, args.freeze_text = None, False
+                    args.t5_from, args.freeze_t5 = args.out / "t5-flux", True
             info = train_pipeline(stage, args.out, steps, args.seed, args.batch_size, args.init_from, args.lr, args.cosine,
-                                  args.model_guidance, category_weights, args.drop_pooled, args.device, args.t5_from, args.freeze_t5)
+                                  args.model_guidance, category_weights, args.drop_pooled, args.device, args.t5_from, args.freeze_t5,
+                                  args.text_from, args.freeze_text)
         cmd = f"python -m hpedge.zoo.train {stage} --steps {steps} --seed {args.seed}"
         if stage in ("sd3", "flux"):
             cmd += f" --batch-size {args.batch_size} --lr {args.lr}" + (" --cosine" if args.cosine else "")
@@ -436,6 +553,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd += f" --device {args.device}" if args.device != "cpu" else ""
             cmd += f" --t5-from {args.t5_from}" if args.t5_from else ""
             cmd += " --freeze-t5" if args.freeze_t5 else ""
+            cmd += f" --text-from {args.text_from}" if args.text_from else ""
+            cmd += " --freeze-text" if args.freeze_text else ""
         if args.init_from is not None:
             cmd += f" --init-from {args.init_from}"
         info.update(seconds=round(time.time() - t, 1), seed=args.seed, threads=torch.get_num_threads(), command=cmd)

@@ -48,7 +48,7 @@ def test_retrain_replays_the_recorded_commands_into_the_work_folder_and_resumes(
 
     calls = []
     monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append(cmd[3:]))
-    args = argparse.Namespace(family="sd3", work=tmp_path / "w", device="cuda", threads=2, max_seconds=None, retrain_t5=False)
+    args = argparse.Namespace(family="sd3", work=tmp_path / "w", device="cuda", threads=2, max_seconds=None, retrain_text=False)
     bench.retrain(args)
     record = json.loads((ROOT / "hpedge" / "zoo" / "models" / "train_record.json").read_text())
     assert len(calls) == 1 + len(record["sd3-continued"]) and calls[0][:5] == ["sd3", "--steps", "1800", "--seed", "0"]
@@ -60,8 +60,8 @@ def test_retrain_replays_the_recorded_commands_into_the_work_folder_and_resumes(
     calls.clear()
     bench.retrain(args)  # every stage is in the progress file: nothing is replayed again
     assert calls == []
-    with pytest.raises(SystemExit, match="no separate T5 stage"):  # sd3's T5 trains with the pipeline
-        bench.retrain(argparse.Namespace(**{**vars(args), "retrain_t5": True}))
+    with pytest.raises(SystemExit, match="no separate text-encoder stage"):  # sd3's T5 trains with the pipeline
+        bench.retrain(argparse.Namespace(**{**vars(args), "retrain_text": True}))
 
 
 def test_retrain_of_flux_starts_from_the_committed_t5_unless_asked_and_refuses_mixing(bench, tmp_path, monkeypatch) -> None:
@@ -69,17 +69,17 @@ def test_retrain_of_flux_starts_from_the_committed_t5_unless_asked_and_refuses_m
 
     calls = []
     monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append(cmd[3:]))
-    ns = argparse.Namespace(family="flux", work=tmp_path / "c", device="cpu", threads=None, max_seconds=None, retrain_t5=False)
+    ns = argparse.Namespace(family="flux", work=tmp_path / "c", device="cpu", threads=None, max_seconds=None, retrain_text=False)
     bench.retrain(ns)
     zoo = ROOT / "hpedge" / "zoo" / "models"
     record = json.loads((zoo / "train_record.json").read_text())
     assert len(calls) == 1 + len(record["flux-continued"]) and calls[0][0] == "flux"  # no T5 stage
     assert calls[0][calls[0].index("--t5-from") + 1] == str(tmp_path / "c" / "t5-flux")
     assert (tmp_path / "c" / "t5-flux" / "model.safetensors").read_bytes() == (zoo / "t5-flux" / "model.safetensors").read_bytes()
-    with pytest.raises(SystemExit, match="committed T5 is under way.*without --retrain-t5"):
-        bench.retrain(argparse.Namespace(**{**vars(ns), "retrain_t5": True}))
+    with pytest.raises(SystemExit, match="committed text encoders is under way.*without --retrain-text"):
+        bench.retrain(argparse.Namespace(**{**vars(ns), "retrain_text": True}))
     calls.clear()
-    bench.retrain(argparse.Namespace(family="flux", work=tmp_path / "w", device="cpu", threads=None, max_seconds=None, retrain_t5=True))
+    bench.retrain(argparse.Namespace(family="flux", work=tmp_path / "w", device="cpu", threads=None, max_seconds=None, retrain_text=True))
     record = json.loads((ROOT / "hpedge" / "zoo" / "models" / "train_record.json").read_text())
     assert len(calls) == 2 + len(record["flux-continued"])
     assert calls[0][0] == "flux-t5" and calls[1][0] == "flux"
@@ -87,6 +87,40 @@ def test_retrain_of_flux_starts_from_the_committed_t5_unless_asked_and_refuses_m
     assert all("--freeze-t5" in argv for argv in calls[2:])  # the T5 stays frozen in every continued stage
     # the stages recorded on the GPU (--device cuda) replay on this run's device, named once
     assert all(argv[argv.index("--device") + 1] == "cpu" and argv.count("--device") == 1 for argv in calls)
+
+
+def test_retrain_of_sd3_with_a_text_stage_starts_from_the_committed_encoders_and_keeps_them_frozen(bench, tmp_path, monkeypatch) -> None:
+    """A record with an sd3-text stage (the recipe with pre-trained, frozen encoders), in a stand-in zoo: the replay
+    copies the committed text-sd3 and points --text-from at the copy; --retrain-text replays sd3-text first."""
+    import argparse
+
+    zoo = tmp_path / "zoo"
+    for part in ("vae", "text-sd3/text_encoder", "text-sd3/text_encoder_2", "text-sd3/text_encoder_3"):
+        (zoo / part).mkdir(parents=True)
+        (zoo / part / "config.json").write_text("{}")
+    cont = "python -m hpedge.zoo.train sd3 --steps 3 --seed 1 --freeze-text --init-from hpedge/zoo/models/digits-sd3"
+    (zoo / "train_record.json").write_text(json.dumps({
+        "sd3-text": {"command": "python -m hpedge.zoo.train sd3-text --steps 1000 --seed 0"},
+        "sd3": {"command": "python -m hpedge.zoo.train sd3 --steps 5 --seed 0 --device cuda --text-from hpedge/zoo/models/text-sd3 "
+                           "--freeze-text"},
+        "sd3-continued": [{"command": cont}],
+    }))
+    monkeypatch.setattr(bench, "ZOO", zoo)
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append(cmd[3:]))
+    ns = argparse.Namespace(family="sd3", work=tmp_path / "c", device="cpu", threads=None, max_seconds=None, retrain_text=False)
+    bench.retrain(ns)
+    assert [c[0] for c in calls] == ["sd3", "sd3"]  # no sd3-text stage
+    assert calls[0][calls[0].index("--text-from") + 1] == str(tmp_path / "c" / "text-sd3")
+    assert all("--freeze-text" in c and c[c.index("--device") + 1] == "cpu" for c in calls)
+    assert calls[1][calls[1].index("--init-from") + 1] == str(tmp_path / "c" / "digits-sd3")
+    assert (tmp_path / "c" / "text-sd3" / "text_encoder_3" / "config.json").exists()
+    with pytest.raises(SystemExit, match="committed text encoders is under way.*without --retrain-text"):
+        bench.retrain(argparse.Namespace(**{**vars(ns), "retrain_text": True}))
+    calls.clear()
+    bench.retrain(argparse.Namespace(**{**vars(ns), "work": tmp_path / "w", "retrain_text": True}))
+    assert [c[0] for c in calls] == ["sd3-text", "sd3", "sd3"] and not (tmp_path / "w" / "text-sd3").exists()
+    assert calls[1][calls[1].index("--text-from") + 1] == str(tmp_path / "w" / "text-sd3")  # the replayed encoders
 
 
 def test_ablation_records_refused_rows_and_runs_the_other_variants_on_hps_analysis(bench, tmp_path, monkeypatch) -> None:

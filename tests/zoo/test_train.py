@@ -133,3 +133,41 @@ def test_t5_pretraining_teaches_slot_binding_and_a_frozen_t5_is_kept_exactly(tmp
     assert "--t5-from" in json.loads((out / "train_record.json").read_text())["flux"]["command"]
     with pytest.raises(SystemExit, match="t5-from"):  # a continued stage keeps its own pipeline's T5
         train.main(["flux", "--steps", "1", "--out", str(out), "--init-from", str(out / "digits-flux"), "--t5-from", str(out / "t5-flux")])
+
+
+def test_sd3_text_pretraining_teaches_every_encoder_the_prompt_and_frozen_encoders_are_kept_exactly(tmp_path) -> None:
+    """Stage sd3-text pre-trains CLIP-L, CLIP-G and T5 so that each one's part of the pipeline's conditioning (token
+    block or pooled vector) names every slot; an sd3 stage started from them with --freeze-text changes the
+    transformer only, and records both flags."""
+    import json
+
+    out = tmp_path / "t"
+    train.main(["sd3-text", "--steps", "200", "--out", str(out)])
+    acc = json.loads((out / "train_record.json").read_text())["sd3-text"]["slot_accuracy"]
+    assert set(acc) == {"clip_l", "clip_g", "t5", "clip_l_pooled", "clip_g_pooled"}
+    # after 30 steps no readout names a single prompt's slots (measured: 0.0 everywhere); by 200 each readout names
+    # those of the training phrasings of one digit and of a placed digit (measured: 1.0 for all five)
+    assert all(acc[r]["train"]["single"] > 0.9 and acc[r]["train"]["position"] > 0.9 for r in acc)
+    assert all(set(a["heldout"]) == set(a["train"]) for a in acc.values())  # held-out phrasings scored, never trained on
+    text = _weights(out / "text-sd3")
+    assert {k.split("/")[0] for k in text} == {"text_encoder", "text_encoder_2", "text_encoder_3"}
+    train.main(["vae", "--steps", "2", "--out", str(out)])
+    train.main(["sd3", "--steps", "2", "--batch-size", "4", "--out", str(out), "--text-from", str(out / "text-sd3"), "--freeze-text"])
+    pipe = _weights(out / "digits-sd3")
+    assert all((pipe[k].float() == text[k].half().float()).all() for k in text)  # kept, saved in fp16
+    train.main(["sd3", "--steps", "2", "--batch-size", "4", "--out", str(out), "--freeze-text", "--init-from", str(out / "digits-sd3")])
+    pipe_c = _weights(out / "digits-sd3")
+    moved = {k.split("/")[0] for k in pipe if not (pipe[k] == pipe_c[k]).all()}
+    assert moved == {"transformer"}  # a continued stage with --freeze-text trains the transformer alone
+    record = json.loads((out / "train_record.json").read_text())
+    assert "--text-from" in record["sd3"]["command"] and record["sd3-continued"][0]["command"].count("--freeze-text") == 1
+    with pytest.raises(SystemExit, match="text-from"):  # a continued stage keeps its own pipeline's encoders
+        train.main(["sd3", "--steps", "1", "--out", str(out), "--init-from", str(out / "digits-sd3"), "--text-from", str(out / "text-sd3")])
+    with pytest.raises(SystemExit, match="sd3 stage"):
+        train.main(["flux", "--steps", "1", "--out", str(out), "--text-from", str(out / "text-sd3")])
+    with pytest.raises(SystemExit, match="no text_encoder_3 there"):
+        (out / "partial" / "text_encoder").mkdir(parents=True)
+        (out / "partial" / "text_encoder" / "config.json").write_text("{}")
+        (out / "partial" / "text_encoder_2").mkdir()
+        (out / "partial" / "text_encoder_2" / "config.json").write_text("{}")
+        train.main(["sd3", "--steps", "1", "--out", str(out), "--text-from", str(out / "partial")])
