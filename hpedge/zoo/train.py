@@ -363,10 +363,8 @@ def train_pipeline(
     text_encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None)) if m is not None]
     for m in (pipe.transformer, *text_encoders):
         m.to(dev)
-    t5 = getattr(pipe, t5_attr)
-    if freeze_t5:  # as in the real pipelines' training: the T5 encoder gets no updates
-        t5.requires_grad_(False)
-    frozen = text_encoders if freeze_text else [t5] if freeze_t5 else []  # --freeze-text: every text encoder
+    # as in the real pipelines' training, frozen encoders get no updates: --freeze-text all of them, --freeze-t5 the T5
+    frozen = text_encoders if freeze_text else [getattr(pipe, t5_attr)] if freeze_t5 else []
     for m in frozen:
         m.requires_grad_(False)
     trainable = [pipe.transformer, *(m for m in text_encoders if not any(m is f for f in frozen))]
