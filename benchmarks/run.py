@@ -784,8 +784,9 @@ def gpu(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------------------------- retrain
 ZOO = ROOT / "hpedge" / "zoo" / "models"  # the committed models and their train_record.json
-# each family's pre-trained, frozen text encoders: (record key of their stage, folder it writes, pipeline-stage flag)
-PRETRAINED_TEXT = {"flux": ("flux-t5", "t5-flux", "--t5-from"), "sd3": ("sd3-text", "text-sd3", "--text-from")}
+# each family's pre-trained text encoders: (record key of their stage, the folder it writes); a pipeline stage names
+# them (or one of them: the sd3 recipe takes text-sd3/text_encoder_3) with --t5-from or --text-from
+PRETRAINED_TEXT = {"flux": ("flux-t5", "t5-flux"), "sd3": ("sd3-text", "text-sd3")}
 
 
 def retrain(args: argparse.Namespace) -> None:
@@ -797,7 +798,7 @@ def retrain(args: argparse.Namespace) -> None:
     zoo = ZOO
     record = json.loads((zoo / "train_record.json").read_text())
     fam = args.family
-    stage, folder, flag = PRETRAINED_TEXT[fam]
+    stage, folder = PRETRAINED_TEXT[fam]
     # A pre-trained, frozen text encoder is, like the VAE, an input taken from the committed files unless
     # --retrain-text: its stage is bit-reproducible on one kind of CPU only (benchmarks/results/experiment-t5-float64.md)
     if stage not in record:
@@ -833,8 +834,12 @@ def retrain(args: argparse.Namespace) -> None:
             del argv[i:i + 2]
         if "--init-from" in argv:
             argv[argv.index("--init-from") + 1] = str(work / f"digits-{fam}")
-        if flag in argv:
-            argv[argv.index(flag) + 1] = str(work / folder)
+        for flag in ("--t5-from", "--text-from"):  # the recorded pre-trained encoders -> their copy (or replay) in work
+            if flag in argv:
+                parts = Path(argv[argv.index(flag) + 1]).parts
+                if folder not in parts:
+                    raise SystemExit(f"{cmd}: {flag} names no {folder} folder, the {stage} stage's output")
+                argv[argv.index(flag) + 1] = str(work.joinpath(*parts[parts.index(folder):]))
         argv += ["--out", str(work), "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
         t = time.time()
         print("$ python -m hpedge.zoo.train " + " ".join(argv), flush=True)

@@ -8,8 +8,11 @@ of SD3's CLIP-L, CLIP-G and T5 encoders, see ``train_sd3_text``), ``sd3`` and ``
 and the text encoders not frozen, trained with rectified flow as in SD3: x_t = (1 - s) x0 + s e, target
 e - x0, s logit-normal, 10 % empty prompts, EMA). As the real pipelines keep their pre-trained encoders
 frozen, FLUX starts from the pre-trained T5 and keeps it frozen (``--t5-from OUT/t5-flux --freeze-t5``;
-its CLIP, of which FLUX uses only the pooled vector, trains with it), and SD3 starts from its three
-pre-trained encoders and keeps them all frozen (``--text-from OUT/text-sd3 --freeze-text``).
+its CLIP, of which FLUX uses only the pooled vector, trains with it), and SD3 likewise starts from the T5
+that ``sd3-text`` pre-trained and keeps it frozen (``--t5-from OUT/text-sd3/text_encoder_3 --freeze-t5``;
+its two CLIPs train with it from scratch). Keeping SD3's pre-trained CLIPs frozen too (``--text-from
+OUT/text-sd3 --freeze-text``) was tried: the transformer then reads the prompt from the CLIPs alone, which know
+only the training phrasings (benchmarks/results/experiment-sd3-drop-clip.md).
 Everything is seeded; the record of times and settings goes to ``train_record.json``.
 
 The committed pipelines had four more stages, each continuing from the previous one with a
@@ -23,8 +26,7 @@ cosine-decayed learning rate (recorded under ``sd3-continued`` / ``flux-continue
         --model-guidance 0.6 --seed 1 --category-weights two_digits=3,size=2
     python -m hpedge.zoo.train sd3 --init-from hpedge/zoo/models/digits-sd3 --steps 1600 --batch-size 64 --lr 3e-4 --cosine \
         --model-guidance 0.6 --seed 2 --category-weights two_digits=3,size=2
-    (flux: --category-weights two_digits=4,counting=2,size=2; every continued stage with --freeze-t5 (flux) or
-    --freeze-text (sd3))
+    (flux: --category-weights two_digits=4,counting=2,size=2; every continued stage with --freeze-t5)
 
 The last two draw the weak categories more often (``--category-weights``) and use seeds 1 and 2, so their
 prompts and noise differ from the earlier continued stages (which all used seed 0).
@@ -271,7 +273,8 @@ def train_sd3_text(out: Path, steps: int, seed: int, batch_size: int = 128) -> d
     (``slot_readout``) per token block and a linear head per pooled vector each name every canvas slot's digit and
     size; the loss is their sum, so no encoder can leave the prompt to the others. Training phrasings only; the
     held-out phrasings are scored, never trained on. The readouts are discarded; the encoders are saved under
-    ``OUT/text-sd3/<pipeline component>`` for ``sd3 --text-from OUT/text-sd3 --freeze-text``.
+    ``OUT/text-sd3/<pipeline component>``: the recipe takes the T5 (``sd3 --t5-from OUT/text-sd3/text_encoder_3
+    --freeze-t5``); ``sd3 --text-from OUT/text-sd3 --freeze-text`` takes all three (an experiment).
     """
     import torch
 
@@ -324,7 +327,7 @@ def train_pipeline(
     family: str, out: Path, steps: int, seed: int, batch_size: int, init_from: Path | None = None, lr: float = 1e-3, cosine: bool = False,
     model_guidance: float = 0.0, category_weights: dict[str, float] | None = None, drop_pooled: float = 0.0,
     device: str = "cpu", t5_from: Path | None = None, freeze_t5: bool = False, text_from: Path | None = None,
-    freeze_text: bool = False,
+    freeze_text: bool = False, drop_clip: float = 0.0,
 ) -> dict:
     import copy
 
@@ -347,10 +350,18 @@ def train_pipeline(
     else:
         pipe = new_pipeline(family, vae)
     t5_attr = "text_encoder_3" if family == "sd3" else "text_encoder_2"
-    if t5_from is not None:  # a pre-trained T5 (stage flux-t5) instead of the random one
+    if t5_from is not None:  # a pre-trained T5 (flux-t5's OUT/t5-flux, sd3-text's OUT/text-sd3/text_encoder_3)
         from transformers import T5EncoderModel
 
-        setattr(pipe, t5_attr, T5EncoderModel.from_pretrained(t5_from, torch_dtype=torch.float32))
+        if not (t5_from / "config.json").exists():
+            raise SystemExit(f"--t5-from {t5_from}: no T5 encoder there (flux-t5 writes OUT/t5-flux, sd3-text "
+                             "OUT/text-sd3/text_encoder_3)")
+        t5 = T5EncoderModel.from_pretrained(t5_from, torch_dtype=torch.float32)
+        want = pipe.transformer.config.joint_attention_dim
+        if t5.config.d_model != want:
+            raise SystemExit(f"--t5-from {t5_from}: a T5 of width {t5.config.d_model}, digits-{family} needs {want} "
+                             f"(flux-t5 writes FLUX's, sd3-text SD3's)")
+        setattr(pipe, t5_attr, t5)
     if text_from is not None:  # pre-trained text encoders (stage sd3-text writes OUT/text-sd3) instead of random ones
         missing = [name for name in SD3_TEXT_ENCODERS if not (text_from / name / "config.json").exists()]
         if missing:
@@ -379,6 +390,7 @@ def train_pipeline(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     drop_rng = np.random.default_rng([seed, 1])  # its own stream: the prompts and noise do not change with drop_pooled
+    clip_rng = np.random.default_rng([seed, 2])  # likewise for drop_clip
     losses = []
     t0 = time.time()
     for step in range(steps):
@@ -394,6 +406,11 @@ def train_pipeline(
             with torch.no_grad():
                 empty = encode(pipe, [""]).pooled
             cond.pooled = torch.where(drop, empty.expand_as(cond.pooled), cond.pooled)
+        if drop_clip > 0:  # sd3: both CLIPs' part (their tokens and pooled vector) as for the empty prompt
+            drop = torch.from_numpy(clip_rng.random(batch_size) < drop_clip).to(dev)
+            with torch.no_grad():
+                empty = encode(pipe, [""])
+            cond = without_clip(pipe, cond, empty, drop)
         sigma = torch.sigmoid(torch.randn(batch_size)).to(dev)
         noise = flow_noise(x0)
         s = sigma[:, None, None, None]
@@ -427,7 +444,7 @@ def train_pipeline(
             "category_weights": category_weights, **({"drop_pooled": drop_pooled} if drop_pooled else {}),
             **({"device": _device_name(dev)} if dev.type != "cpu" else {}), **({"t5_from": str(t5_from)} if t5_from else {}),
             **({"freeze_t5": True} if freeze_t5 else {}), **({"text_from": str(text_from)} if text_from else {}),
-            **({"freeze_text": True} if freeze_text else {}), "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
+            **({"freeze_text": True} if freeze_text else {}), **({"drop_clip": drop_clip} if drop_clip else {}), "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - t0}
 
 
 def latent_sample(post):  # post: the VAE's DiagonalGaussianDistribution
@@ -436,6 +453,21 @@ def latent_sample(post):  # post: the VAE's DiagonalGaussianDistribution
 
     eps = torch.randn(post.mean.shape, dtype=post.mean.dtype).to(post.mean.device)
     return post.mean + post.std * eps
+
+
+def without_clip(pipe, cond, empty, drop):
+    """SD3 conditioning ``cond`` whose samples where ``drop`` (bool, one per sample) have the empty prompt's CLIP-L/G
+    part (``empty`` = the encoded empty prompt): the CLIP tokens, which come first in SD3's sequence, and the pooled
+    vector, which is all CLIP. The T5 tokens are kept, so those samples carry their prompt in the T5 tokens alone."""
+    import torch
+
+    from hpedge.models.denoise import Conditioning
+
+    n_clip = pipe.tokenizer_max_length
+    seq = cond.prompt_embeds
+    clip = torch.where(drop[:, None, None], empty.prompt_embeds[:, :n_clip].expand_as(seq[:, :n_clip]), seq[:, :n_clip])
+    pooled = torch.where(drop[:, None], empty.pooled.expand_as(cond.pooled), cond.pooled)
+    return Conditioning(torch.cat([clip, seq[:, n_clip:]], dim=1), pooled)
 
 
 def flow_noise(x0):
@@ -486,7 +518,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="probability of replacing a training prompt's pooled text vector by the empty prompt's "
                          "(its token sequence then has to carry the prompt)")
     ap.add_argument("--t5-from", type=Path, default=None,
-                    help="start the new pipeline's T5 encoder from this pre-trained one (stage flux-t5 writes OUT/t5-flux)")
+                    help="start the new pipeline's T5 encoder from this pre-trained one (stage flux-t5 writes FLUX's to "
+                         "OUT/t5-flux, stage sd3-text SD3's to OUT/text-sd3/text_encoder_3)")
     ap.add_argument("--freeze-t5", action="store_true", help="the T5 encoder gets no updates (as in the real pipelines' training)")
     ap.add_argument("--text-from", type=Path, default=None,
                     help="sd3: start the new pipeline's three text encoders from these pre-trained ones (stage sd3-text "
@@ -494,6 +527,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--freeze-text", action="store_true",
                     help="no text encoder gets updates, only the transformer (as the real SD3 pipelines keep CLIP-L/G and "
                          "T5-XXL frozen)")
+    ap.add_argument("--drop-clip", type=float, default=0.0,
+                    help="sd3: probability of replacing a training prompt's CLIP-L/G conditioning (their tokens and pooled "
+                         "vectors) by the empty prompt's, so that the transformer learns to read the prompt from the T5 "
+                         "tokens alone too (as SD3 was trained with each text encoder dropped at random)")
     args = ap.parse_args(argv)
     if args.t5_from is not None and args.init_from is not None:
         raise SystemExit("--t5-from starts a new pipeline's T5; a continued stage (--init-from) keeps its pipeline's T5")
@@ -504,6 +541,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--text-from is for the sd3 stage (FLUX's pre-trained T5 comes with --t5-from)")
     if not 0.0 <= args.drop_pooled < 1.0:
         raise SystemExit("--drop-pooled must be in [0, 1)")
+    if not 0.0 <= args.drop_clip < 1.0:
+        raise SystemExit("--drop-clip must be in [0, 1)")
+    if args.drop_clip and args.stage != "sd3":
+        raise SystemExit("--drop-clip is for the sd3 stage (SD3's sequence holds CLIP and T5 tokens; FLUX's only T5's)")
     category_weights = parse_category_weights(args.category_weights) if args.category_weights else None
     if not 0.0 <= args.model_guidance < 1.0:  # checked before any stage of "all" starts
         raise SystemExit("--model-guidance must be in [0, 1) (the guided target has no fixed point at 1 or above)")
@@ -533,15 +574,12 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "sd3-text":
             info = train_sd3_text(args.out, steps, args.seed)
         else:
-            if args.stage == "all":  # the recipe: each pipeline starts from its pre-trained text encoders, frozen
-                if stage == "sd3":
-                    args.text_from, args.freeze_text = args.out / "text-sd3", True
-                else:
-                    args.text_from, args.freeze_text = None, False
-                    args.t5_from, args.freeze_t5 = args.out / "t5-flux", True
+            if args.stage == "all":  # the recipe: each pipeline starts from its pre-trained T5, frozen
+                t5 = args.out / "text-sd3" / "text_encoder_3" if stage == "sd3" else args.out / "t5-flux"
+                args.t5_from, args.freeze_t5 = t5, True
             info = train_pipeline(stage, args.out, steps, args.seed, args.batch_size, args.init_from, args.lr, args.cosine,
                                   args.model_guidance, category_weights, args.drop_pooled, args.device, args.t5_from, args.freeze_t5,
-                                  args.text_from, args.freeze_text)
+                                  args.text_from, args.freeze_text, args.drop_clip)
         cmd = f"python -m hpedge.zoo.train {stage} --steps {steps} --seed {args.seed}"
         if stage in ("sd3", "flux"):
             cmd += f" --batch-size {args.batch_size} --lr {args.lr}" + (" --cosine" if args.cosine else "")
@@ -553,6 +591,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd += " --freeze-t5" if args.freeze_t5 else ""
             cmd += f" --text-from {args.text_from}" if args.text_from else ""
             cmd += " --freeze-text" if args.freeze_text else ""
+            cmd += f" --drop-clip {args.drop_clip}" if args.drop_clip else ""
         if args.init_from is not None:
             cmd += f" --init-from {args.init_from}"
         info.update(seconds=round(time.time() - t, 1), seed=args.seed, threads=torch.get_num_threads(), command=cmd)

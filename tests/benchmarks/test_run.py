@@ -90,19 +90,20 @@ def test_retrain_of_flux_starts_from_the_committed_t5_unless_asked_and_refuses_m
 
 
 def test_retrain_of_sd3_with_a_text_stage_starts_from_the_committed_encoders_and_keeps_them_frozen(bench, tmp_path, monkeypatch) -> None:
-    """A record with an sd3-text stage (the recipe with pre-trained, frozen encoders), in a stand-in zoo: the replay
-    copies the committed text-sd3 and points --text-from at the copy; --retrain-text replays sd3-text first."""
+    """A record with an sd3-text stage (the recipe with sd3-text's T5, frozen), in a stand-in zoo: the replay copies
+    the committed text-sd3 and points --t5-from at the copy's T5; --retrain-text replays sd3-text first. A stage that
+    takes all three encoders (--text-from) is pointed at the copy likewise."""
     import argparse
 
     zoo = tmp_path / "zoo"
     for part in ("vae", "text-sd3/text_encoder", "text-sd3/text_encoder_2", "text-sd3/text_encoder_3"):
         (zoo / part).mkdir(parents=True)
         (zoo / part / "config.json").write_text("{}")
-    cont = "python -m hpedge.zoo.train sd3 --steps 3 --seed 1 --freeze-text --init-from hpedge/zoo/models/digits-sd3"
+    cont = "python -m hpedge.zoo.train sd3 --steps 3 --seed 1 --freeze-t5 --init-from hpedge/zoo/models/digits-sd3"
     (zoo / "train_record.json").write_text(json.dumps({
         "sd3-text": {"command": "python -m hpedge.zoo.train sd3-text --steps 1000 --seed 0"},
-        "sd3": {"command": "python -m hpedge.zoo.train sd3 --steps 5 --seed 0 --device cuda --text-from hpedge/zoo/models/text-sd3 "
-                           "--freeze-text"},
+        "sd3": {"command": "python -m hpedge.zoo.train sd3 --steps 5 --seed 0 --device cuda --t5-from "
+                           "hpedge/zoo/models/text-sd3/text_encoder_3 --freeze-t5"},
         "sd3-continued": [{"command": cont}],
     }))
     monkeypatch.setattr(bench, "ZOO", zoo)
@@ -111,8 +112,8 @@ def test_retrain_of_sd3_with_a_text_stage_starts_from_the_committed_encoders_and
     ns = argparse.Namespace(family="sd3", work=tmp_path / "c", device="cpu", threads=None, max_seconds=None, retrain_text=False)
     bench.retrain(ns)
     assert [c[0] for c in calls] == ["sd3", "sd3"]  # no sd3-text stage
-    assert calls[0][calls[0].index("--text-from") + 1] == str(tmp_path / "c" / "text-sd3")
-    assert all("--freeze-text" in c and c[c.index("--device") + 1] == "cpu" for c in calls)
+    assert calls[0][calls[0].index("--t5-from") + 1] == str(tmp_path / "c" / "text-sd3" / "text_encoder_3")
+    assert all("--freeze-t5" in c and c[c.index("--device") + 1] == "cpu" for c in calls)
     assert calls[1][calls[1].index("--init-from") + 1] == str(tmp_path / "c" / "digits-sd3")
     assert (tmp_path / "c" / "text-sd3" / "text_encoder_3" / "config.json").exists()
     with pytest.raises(SystemExit, match="committed text encoders is under way.*without --retrain-text"):
@@ -120,7 +121,17 @@ def test_retrain_of_sd3_with_a_text_stage_starts_from_the_committed_encoders_and
     calls.clear()
     bench.retrain(argparse.Namespace(**{**vars(ns), "work": tmp_path / "w", "retrain_text": True}))
     assert [c[0] for c in calls] == ["sd3-text", "sd3", "sd3"] and not (tmp_path / "w" / "text-sd3").exists()
-    assert calls[1][calls[1].index("--text-from") + 1] == str(tmp_path / "w" / "text-sd3")  # the replayed encoders
+    assert calls[1][calls[1].index("--t5-from") + 1] == str(tmp_path / "w" / "text-sd3" / "text_encoder_3")  # replayed
+    record = json.loads((zoo / "train_record.json").read_text())
+    record["sd3"]["command"] = "python -m hpedge.zoo.train sd3 --steps 5 --seed 0 --text-from hpedge/zoo/models/text-sd3 --freeze-text"
+    (zoo / "train_record.json").write_text(json.dumps(record))
+    calls.clear()
+    bench.retrain(argparse.Namespace(**{**vars(ns), "work": tmp_path / "x"}))
+    assert calls[0][calls[0].index("--text-from") + 1] == str(tmp_path / "x" / "text-sd3")
+    record["sd3"]["command"] = "python -m hpedge.zoo.train sd3 --steps 5 --seed 0 --t5-from somewhere/else --freeze-t5"
+    (zoo / "train_record.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="--t5-from names no text-sd3 folder"):
+        bench.retrain(argparse.Namespace(**{**vars(ns), "work": tmp_path / "y"}))
 
 
 def test_ablation_records_refused_rows_and_runs_the_other_variants_on_hps_analysis(bench, tmp_path, monkeypatch) -> None:

@@ -133,6 +133,10 @@ def test_t5_pretraining_teaches_slot_binding_and_a_frozen_t5_is_kept_exactly(tmp
     assert "--t5-from" in json.loads((out / "train_record.json").read_text())["flux"]["command"]
     with pytest.raises(SystemExit, match="t5-from"):  # a continued stage keeps its own pipeline's T5
         train.main(["flux", "--steps", "1", "--out", str(out), "--init-from", str(out / "digits-flux"), "--t5-from", str(out / "t5-flux")])
+    with pytest.raises(SystemExit, match="a T5 of width 64, digits-sd3 needs 128"):  # FLUX's T5 is not SD3's
+        train.main(["sd3", "--steps", "1", "--out", str(out), "--t5-from", str(out / "t5-flux")])
+    with pytest.raises(SystemExit, match="no T5 encoder there"):
+        train.main(["flux", "--steps", "1", "--out", str(out), "--t5-from", str(out / "vae" / "missing")])
 
 
 def test_sd3_text_pretraining_teaches_every_encoder_the_prompt_and_frozen_encoders_are_kept_exactly(tmp_path) -> None:
@@ -152,6 +156,14 @@ def test_sd3_text_pretraining_teaches_every_encoder_the_prompt_and_frozen_encode
     text = _weights(out / "text-sd3")
     assert {k.split("/")[0] for k in text} == {"text_encoder", "text_encoder_2", "text_encoder_3"}
     train.main(["vae", "--steps", "2", "--out", str(out)])
+    # the recipe: sd3-text's T5, frozen; both CLIPs new (not the pre-trained ones) and trained with the pipeline
+    train.main(["sd3", "--steps", "2", "--batch-size", "4", "--out", str(out), "--t5-from", str(out / "text-sd3" / "text_encoder_3"),
+                "--freeze-t5"])
+    pipe = _weights(out / "digits-sd3")
+    t5 = [k for k in text if k.startswith("text_encoder_3/")]
+    assert t5 and all((pipe[k].float() == text[k].half().float()).all() for k in t5)
+    clip = [k for k in text if not k.startswith("text_encoder_3/") and text[k].dtype.is_floating_point and text[k].numel() > 1000]
+    assert clip and not any((pipe[k].float() == text[k].half().float()).all() for k in clip)
     train.main(["sd3", "--steps", "2", "--batch-size", "4", "--out", str(out), "--text-from", str(out / "text-sd3"), "--freeze-text"])
     pipe = _weights(out / "digits-sd3")
     assert all((pipe[k].float() == text[k].half().float()).all() for k in text)  # kept, saved in fp16
@@ -171,3 +183,39 @@ def test_sd3_text_pretraining_teaches_every_encoder_the_prompt_and_frozen_encode
         (out / "partial" / "text_encoder_2").mkdir()
         (out / "partial" / "text_encoder_2" / "config.json").write_text("{}")
         train.main(["sd3", "--steps", "1", "--out", str(out), "--text-from", str(out / "partial")])
+
+
+def test_drop_clip_replaces_only_the_clip_part_of_the_chosen_samples_and_is_recorded(tmp_path) -> None:
+    """--drop-clip (sd3): the chosen samples get the empty prompt's CLIP tokens and pooled vector, keep their own T5
+    tokens; the others are untouched. The flag changes training, is recorded, and is refused out of range or on flux."""
+    import json
+
+    import torch
+
+    from hpedge.models.denoise import encode
+    from hpedge.models.loading import load_pipeline
+
+    pipe = load_pipeline("zoo:digits-sd3")
+    prompts = ["a 3 on the left", "two 5s", "a big 7"]
+    cond, empty = encode(pipe, prompts), encode(pipe, [""])
+    out = train.without_clip(pipe, cond, empty, torch.tensor([True, False, True]))
+    n = pipe.tokenizer_max_length
+    assert n < cond.prompt_embeds.shape[1]  # CLIP tokens first, then T5 tokens
+    for i in (0, 2):
+        assert (out.prompt_embeds[i, :n] == empty.prompt_embeds[0, :n]).all() and (out.pooled[i] == empty.pooled[0]).all()
+        assert not (out.prompt_embeds[i, :n] == cond.prompt_embeds[i, :n]).all()  # the prompt's CLIP part did differ
+    assert (out.prompt_embeds[:, n:] == cond.prompt_embeds[:, n:]).all()  # every sample keeps its T5 tokens
+    assert (out.prompt_embeds[1] == cond.prompt_embeds[1]).all() and (out.pooled[1] == cond.pooled[1]).all()
+
+    base = tmp_path / "base"
+    train.main(["vae", "--steps", "2", "--out", str(base)])
+    for run, extra in (("plain", []), ("dropped", ["--drop-clip", "0.5"])):
+        train.main(["sd3", "--steps", "2", "--batch-size", "4", "--out", str(base), *extra])
+        (base / "digits-sd3").rename(tmp_path / run)
+    plain, dropped = _weights(tmp_path / "plain"), _weights(tmp_path / "dropped")
+    assert plain.keys() == dropped.keys() and any(not (plain[k] == dropped[k]).all() for k in plain)
+    record = json.loads((base / "train_record.json").read_text())
+    assert record["sd3"]["drop_clip"] == 0.5 and "--drop-clip 0.5" in record["sd3"]["command"]
+    for bad in (["sd3", "--drop-clip", "1.0"], ["flux", "--drop-clip", "0.3"]):
+        with pytest.raises(SystemExit, match="drop-clip"):
+            train.main([*bad, "--steps", "1", "--out", str(base)])
