@@ -12,20 +12,21 @@ import sys
 import torch
 
 from hpedge.evaluation.evaluate import evaluate
+from hpedge.models.denoise import Conditioning
 from hpedge.models.loading import load_pipeline
+from hpedge.zoo.train import without_clip
 
 
 def main(model: str) -> None:
     pipe = load_pipeline(model)
-    encode_prompt, n_clip = pipe.encode_prompt, pipe.tokenizer_max_length
+    encode_prompt = pipe.encode_prompt
 
-    def t5_only(**kw):
-        embeds, neg, _, neg_pooled = encode_prompt(**kw)
-        empty = {**kw, "prompt": [""], "prompt_2": [""], "prompt_3": [""]}
-        e_embeds, _, e_pooled, _ = encode_prompt(**empty)
-        b = embeds.shape[0]
-        embeds = torch.cat([e_embeds[:, :n_clip].expand(b, -1, -1), embeds[:, n_clip:]], dim=1)
-        return embeds, neg, e_pooled.expand(b, -1), neg_pooled
+    def t5_only(**kw):  # the pipeline's own encoding, then the training code's without_clip on every sample
+        embeds, neg, pooled, neg_pooled = encode_prompt(**kw)
+        e_embeds, _, e_pooled, _ = encode_prompt(**{**kw, "prompt": [""], "prompt_2": [""], "prompt_3": [""]})
+        every = torch.ones(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+        cond = without_clip(pipe, Conditioning(embeds, pooled), Conditioning(e_embeds, e_pooled), every)
+        return cond.prompt_embeds, neg, cond.pooled, neg_pooled
 
     pipe.encode_prompt = t5_only
     r, _, _ = evaluate(pipe, model)
