@@ -16,8 +16,8 @@ only the training phrasings (benchmarks/results/experiment-sd3-drop-clip.md).
 Everything is seeded; the record of times and settings goes to ``train_record.json``.
 
 The committed pipelines had four more stages, each continuing from the previous one with a
-cosine-decayed learning rate (recorded under ``sd3-continued`` / ``flux-continued``, FLUX's with
-``--freeze-t5``):
+cosine-decayed learning rate and the T5 still frozen (recorded under ``sd3-continued`` /
+``flux-continued``, each with ``--freeze-t5``):
 
     python -m hpedge.zoo.train sd3 --init-from hpedge/zoo/models/digits-sd3 --steps 1300 --batch-size 64 --lr 5e-4 --cosine
     python -m hpedge.zoo.train sd3 --init-from hpedge/zoo/models/digits-sd3 --steps 800 --batch-size 64 --lr 5e-4 --cosine \
@@ -26,7 +26,7 @@ cosine-decayed learning rate (recorded under ``sd3-continued`` / ``flux-continue
         --model-guidance 0.6 --seed 1 --category-weights two_digits=3,size=2
     python -m hpedge.zoo.train sd3 --init-from hpedge/zoo/models/digits-sd3 --steps 1600 --batch-size 64 --lr 3e-4 --cosine \
         --model-guidance 0.6 --seed 2 --category-weights two_digits=3,size=2
-    (flux: --category-weights two_digits=4,counting=2,size=2; every continued stage with --freeze-t5)
+    (each with --freeze-t5; flux: --category-weights two_digits=4,counting=2,size=2)
 
 The last two draw the weak categories more often (``--category-weights``) and use seeds 1 and 2, so their
 prompts and noise differ from the earlier continued stages (which all used seed 0).

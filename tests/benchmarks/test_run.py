@@ -50,17 +50,23 @@ def test_retrain_replays_the_recorded_commands_into_the_work_folder_and_resumes(
     monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append(cmd[3:]))
     args = argparse.Namespace(family="sd3", work=tmp_path / "w", device="cuda", threads=2, max_seconds=None, retrain_text=False)
     bench.retrain(args)
-    record = json.loads((ROOT / "hpedge" / "zoo" / "models" / "train_record.json").read_text())
+    zoo = ROOT / "hpedge" / "zoo" / "models"
+    record = json.loads((zoo / "train_record.json").read_text())
+    assert "sd3-text" in record  # the committed digits-sd3: sd3-text's T5, frozen; not replayed unless --retrain-text
     assert len(calls) == 1 + len(record["sd3-continued"]) and calls[0][:5] == ["sd3", "--steps", "1800", "--seed", "0"]
     for argv in calls:
         assert argv[-6:] == ["--out", str(tmp_path / "w"), "--device", "cuda", "--threads", "2"]
         assert argv.count("--device") == 1  # a recorded --device is replaced, not repeated
+        assert "--freeze-t5" in argv  # the T5 stays frozen in every stage
+    assert calls[0][calls[0].index("--t5-from") + 1] == str(tmp_path / "w" / "text-sd3" / "text_encoder_3")
     assert all(argv[argv.index("--init-from") + 1] == str(tmp_path / "w" / "digits-sd3") for argv in calls[1:])
     assert (tmp_path / "w" / "vae" / "config.json").exists()
+    t5 = Path("text-sd3", "text_encoder_3", "model.safetensors")
+    assert (tmp_path / "w" / t5).read_bytes() == (zoo / t5).read_bytes()  # the committed T5, copied
     calls.clear()
     bench.retrain(args)  # every stage is in the progress file: nothing is replayed again
     assert calls == []
-    with pytest.raises(SystemExit, match="no separate text-encoder stage"):  # sd3's T5 trains with the pipeline
+    with pytest.raises(SystemExit, match="committed text encoders is under way.*without --retrain-text"):
         bench.retrain(argparse.Namespace(**{**vars(args), "retrain_text": True}))
 
 
