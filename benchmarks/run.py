@@ -802,12 +802,9 @@ def retrain(args: argparse.Namespace) -> None:
     # A pre-trained, frozen text encoder is, like the VAE, an input taken from the committed files unless
     # --retrain-text: its stage is bit-reproducible on one kind of CPU only (benchmarks/results/experiment-t5-float64.md)
     if stage not in record:
-        if args.retrain_text:
-            raise SystemExit(f"--retrain-text: digits-{fam} has no separate text-encoder stage (its encoders train with "
-                             "the pipeline)")
-        text = None
-    else:
-        text = "retrained" if args.retrain_text else "committed"
+        raise SystemExit(f"{zoo / 'train_record.json'}: no {stage} stage, so digits-{fam}'s pre-trained text encoders "
+                         "cannot be replayed or copied")
+    text = "retrained" if args.retrain_text else "committed"
     pretrain = [record[stage]["command"]] if text == "retrained" else []
     commands = [*pretrain, record[fam]["command"], *(r["command"] for r in record.get(f"{fam}-continued", []))]
     work = args.work.resolve()
@@ -818,6 +815,9 @@ def retrain(args: argparse.Namespace) -> None:
     if was != text and done["stages"]:
         raise SystemExit(f"{work}: a replay with the {was} text encoders is under way there; resume it the same way "
                          f"({'with' if was == 'retrained' else 'without'} --retrain-text) or use another --work")
+    if [x["recorded"] for x in done["stages"]] != commands[:len(done["stages"])]:
+        raise SystemExit(f"{work}: the stages replayed there are not the recorded ones now in train_record.json (the "
+                         "committed model changed); use another --work")
     if not (work / "vae").exists():
         shutil.copytree(zoo / "vae", work / "vae")
     if text == "committed" and not (work / folder).exists():

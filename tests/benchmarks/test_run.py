@@ -134,10 +134,16 @@ def test_retrain_of_sd3_with_a_text_stage_starts_from_the_committed_encoders_and
     calls.clear()
     bench.retrain(argparse.Namespace(**{**vars(ns), "work": tmp_path / "x"}))
     assert calls[0][calls[0].index("--text-from") + 1] == str(tmp_path / "x" / "text-sd3")
+    with pytest.raises(SystemExit, match="not the recorded ones"):  # c's stages are of the record before the change
+        bench.retrain(ns)
     record["sd3"]["command"] = "python -m hpedge.zoo.train sd3 --steps 5 --seed 0 --t5-from somewhere/else --freeze-t5"
     (zoo / "train_record.json").write_text(json.dumps(record))
     with pytest.raises(SystemExit, match="--t5-from names no text-sd3 folder"):
         bench.retrain(argparse.Namespace(**{**vars(ns), "work": tmp_path / "y"}))
+    del record["sd3-text"]
+    (zoo / "train_record.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="no sd3-text stage"):
+        bench.retrain(argparse.Namespace(**{**vars(ns), "work": tmp_path / "z"}))
 
 
 def test_ablation_records_refused_rows_and_runs_the_other_variants_on_hps_analysis(bench, tmp_path, monkeypatch) -> None:
