@@ -119,7 +119,7 @@ def generate(model: Annotated[str, typer.Argument(help="package folder, pipeline
              seed: Annotated[int, typer.Option()] = 0,
              steps: Annotated[int, typer.Option()] = 16,
              guidance: Annotated[float, typer.Option(help="pipelines only: classifier-free guidance")] = 1.0,
-             variant: Annotated[str, typer.Option(help="packages only: auto | int4 | int4_cpu | fp32 (if exported with --fp32-reference)")] = "auto",
+             variant: Annotated[str, typer.Option(help="packages only: auto | engine (its TensorRT engines, on a GPU that runs them) | int4 | int4_cpu | fp32 (if exported with --fp32-reference)")] = "auto",
              device: Annotated[str, typer.Option(help="packages only: auto | cpu | cuda")] = "auto") -> None:
     """Generate one image with a package (runtime only: no torch) or a diffusers pipeline."""
     from hpedge.evaluation.image import save_grid
@@ -287,10 +287,12 @@ def targets() -> None:
     from hpedge.targets import all_profiles
 
     t = Table(Column("name", no_wrap=True), "device", "sm", "memory", "precisions", "resolution", "batch",
-              "engine built on")
+              "engine library", "engine built on")
     for p in all_profiles():
+        caps = ",".join("sm_" + c.replace(".", "") for c in p.engine.compute_capabilities)
         t.add_row(p.name, p.display_name, p.compute_capability, f"{p.memory_gb:g} GB{' shared' if p.shared_memory else ''}",
-                  ",".join(p.precisions), f"{p.resolution.min}-{p.resolution.max}", f"{p.batch.min}-{p.batch.max}", p.build_on)
+                  ",".join(p.precisions), f"{p.resolution.min}-{p.resolution.max}", f"{p.batch.min}-{p.batch.max}",
+                  f"{p.engine.library} ({caps})", "any host" if p.build_on == "host" else "the device (hpedge build)")
     console.print(t)
 
 
@@ -299,7 +301,7 @@ def targets() -> None:
 def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or not) or zoo:NAME")],
            target: Annotated[str, typer.Option(help="device profile name (see `hpedge targets`) or JSON file")],
            output: Annotated[Path, typer.Option("-o", "--output", help="package folder to write")],
-           engine: Annotated[str, typer.Option(help="auto | require | skip")] = "auto",
+           engine: Annotated[str, typer.Option(help="TensorRT engines: auto (build where possible) | require (fail if they cannot be built here) | skip")] = "auto",
            method: Annotated[str, typer.Option(help="INT4 method: awq_clip | rtn")] = "awq_clip",
            exporter: Annotated[str, typer.Option(help="ONNX exporter: auto | legacy | dynamo")] = "auto",
            cpu_kernel: Annotated[str, typer.Option(help="CPU variant of the INT4 transformer: int8 (int8 GEMM after load) | nbits (MatMulNBits)")] = "int8",
@@ -310,7 +312,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
            allow_parity_failure: Annotated[bool, typer.Option(help="write the package even if parity fails (recorded in the manifest)")] = False,
            archive: Annotated[bool, typer.Option(help="also write PACKAGE.tar")] = False,
            overwrite: Annotated[bool, typer.Option()] = False) -> None:
-    """ONNX + INT4 AWQ + TensorRT engine (or on-device build) + Polygraphy parity -> a self-describing package."""
+    """ONNX + INT4 AWQ + TensorRT engines (TensorRT-RTX on any host, or an on-device build) + parity -> a self-describing package."""
     from hpedge.export.pipeline import ExportOptions, export as run
 
     opts = ExportOptions(target=target, engine=engine, method=method, exporter=exporter, cpu_kernel=cpu_kernel, compute=compute,
@@ -325,9 +327,22 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
                   f"int4_cpu {b['int4_cpu'] / 1e6:.1f} MB; "
                   f"{len(m['int4']['excluded'])} layers not quantized")
     console.print(f"parity: {'passed' if m['parity']['passed'] else '[bold red]FAILED (overridden)[/]'}")
-    if m["engine"]["status"] != "built":
-        console.print(f"[yellow]notice:[/] TensorRT engine {m['engine']['status']}: {m['engine']['reason']}")
+    _print_engines(m["engines"])
     console.print(f"wrote {output}")
+
+
+def _print_engines(e: dict[str, Any]) -> None:
+    if e["status"] != "built":
+        console.print(f"[yellow]notice:[/] engines {e['status']}: {e['reason']}")
+        return
+    caps = ", ".join("sm_" + c.replace(".", "") for c in e["compute_capabilities"])
+    for name, c in e["components"].items():
+        console.print(f"engine {name}: {c['library']} {c['version']} for {caps}, {c['engine_bytes'] / 1e6:.1f} MB "
+                      f"(ONNX weights {c['onnx_weight_bytes'] / 1e6:.1f} MB), "
+                      + ("from the engine cache" if c["cache"] == "hit" else f"built in {c['build_seconds']:.1f} s"))
+    parity = e.get("parity", {})
+    if parity and not parity.get("run"):
+        console.print(f"engine parity: {parity['reason']}")
 
 
 @command()
@@ -338,17 +353,16 @@ def check(package: Annotated[Path, typer.Argument(help="package folder")],
 
     r = run(package, rerun_parity=not no_parity)
     for c in r.get("checks", []):
-        console.print(f"{'ok  ' if c['passed'] else 'FAIL'} {c['name']}")
+        console.print(f"{'skip' if c.get('skipped') else 'ok  ' if c['passed'] else 'FAIL'} {c['name']}", highlight=False)
     console.print(f"{r['files']} files verified; package OK")
 
 
 @command()
-def build(package: Annotated[Path, typer.Argument(help="package folder whose engine is pending")]) -> None:
-    """Build the package's TensorRT engine on this GPU (the normal path for Jetson boards)."""
+def build(package: Annotated[Path, typer.Argument(help="package folder whose engines are pending")]) -> None:
+    """Build the package's pending engines here (Jetson: on the board with its JetPack TensorRT)."""
     from hpedge.export.pipeline import build as run
 
-    m = run(package)
-    console.print(f"built {m['engine']['file']} (TensorRT {m['engine']['tensorrt']}, sm_{m['engine']['compute_capability']})")
+    _print_engines(run(package)["engines"])
 
 def main() -> None:
     app()

@@ -2,7 +2,13 @@
 
 A profile states what a target can run (compute capability, memory, precisions), the shapes an
 engine must cover (resolution and batch ranges -> TensorRT optimization profiles), how to build
-(optimization level, workspace, on the host or on the device) and the parity tolerances.
+(optimization level, workspace, on the host or on the device), which engine library builds its
+engines for which compute capabilities, and the parity tolerances.
+
+Engine libraries: ``tensorrt_rtx`` (TensorRT for RTX) compiles engines ahead of time on any host, GPU or
+not, for one or several RTX compute capabilities (several = a portable engine), and finishes them just in
+time on the user's card; ``tensorrt`` (standard TensorRT) builds where the library and a GPU of the
+target's architecture are, which for Jetson boards means on the board (``hpedge build``).
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ from typing import Any
 from hpedge.errors import HpedgeError
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
-SCHEMA = "hpedge-profile/1"
+SCHEMA = "hpedge-profile/2"
+ENGINE_LIBRARIES = ("tensorrt_rtx", "tensorrt")
+# compute capabilities TensorRT-RTX 1.7 compiles for (its ComputeCapability enum: SM75 ... SM121)
+RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
 KNOWN_PRECISIONS = {"fp32", "fp16", "bf16", "int8", "int4", "fp8", "fp4"}
 
 
@@ -46,6 +55,16 @@ class Parity:
 
 
 @dataclass(frozen=True)
+class EngineSpec:
+    library: str  # "tensorrt_rtx" | "tensorrt"
+    compute_capabilities: tuple[str, ...]  # more than one: a portable engine (TensorRT-RTX only)
+
+    @property
+    def portable(self) -> bool:
+        return len(self.compute_capabilities) > 1
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     display_name: str
@@ -61,6 +80,7 @@ class Profile:
     build_on: str  # "host" | "device"
     reserve_gb: float  # memory kept free for activations, the runtime and (Jetson) the OS
     parity: Parity
+    engine: EngineSpec
 
     @property
     def sm(self) -> int:
@@ -76,10 +96,14 @@ class Profile:
 def _parse(data: Any, source: str) -> Profile:
     if not isinstance(data, dict):
         raise HpedgeError(f"{source}: a profile must be a JSON object")
+    if data.get("schema") == "hpedge-profile/1":
+        raise HpedgeError(f"{source}: schema hpedge-profile/1 has no engine section; set \"schema\": \"{SCHEMA}\" and add "
+                          '"engine": {"library": "tensorrt_rtx" (RTX cards) or "tensorrt" (Jetson), '
+                          '"compute_capabilities": ["8.9"]}')
     if data.get("schema") != SCHEMA:
         raise HpedgeError(f"{source}: unknown profile schema {data.get('schema')!r} (expected {SCHEMA!r})")
     required = ["name", "display_name", "kind", "compute_capability", "memory_gb", "precisions", "resolution",
-                "batch", "builder_optimization_level", "workspace_gb", "build_on", "reserve_gb", "parity"]
+                "batch", "builder_optimization_level", "workspace_gb", "build_on", "reserve_gb", "parity", "engine"]
     missing = [k for k in required if k not in data]
     if missing:
         raise HpedgeError(f"{source}: profile is missing {', '.join(missing)}")
@@ -94,6 +118,7 @@ def _parse(data: Any, source: str) -> Profile:
         raise HpedgeError(f"{source}: compute_capability must look like '8.9', got {cc!r}")
     if not 0 <= int(data["builder_optimization_level"]) <= 5:
         raise HpedgeError(f"{source}: builder_optimization_level must be 0..5")
+    engine = _parse_engine(data["engine"], source, cc, data["kind"], data["build_on"])
     try:
         parity = Parity(**{k: float(v) for k, v in data["parity"].items()})
     except TypeError as e:
@@ -104,8 +129,30 @@ def _parse(data: Any, source: str) -> Profile:
         precisions=precisions, resolution=Range.parse(data["resolution"], "resolution"),
         batch=Range.parse(data["batch"], "batch"), builder_optimization_level=int(data["builder_optimization_level"]),
         workspace_gb=float(data["workspace_gb"]), build_on=data["build_on"], reserve_gb=float(data["reserve_gb"]),
-        parity=parity,
+        parity=parity, engine=engine,
     )
+
+
+def _parse_engine(d: Any, source: str, cc: str, kind: str, build_on: str) -> EngineSpec:
+    if not isinstance(d, dict) or set(d) != {"library", "compute_capabilities"}:
+        raise HpedgeError(f"{source}: engine must be {{\"library\": ..., \"compute_capabilities\": [...]}}")
+    lib, caps = d["library"], d["compute_capabilities"]
+    if lib not in ENGINE_LIBRARIES:
+        raise HpedgeError(f"{source}: engine.library must be one of {', '.join(ENGINE_LIBRARIES)}, got {lib!r}")
+    if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps) or len(set(caps)) != len(caps):
+        raise HpedgeError(f"{source}: engine.compute_capabilities must be a non-empty list of distinct strings like \"8.9\"")
+    if cc not in caps:
+        raise HpedgeError(f"{source}: engine.compute_capabilities {caps} must include the device's own {cc}")
+    if lib == "tensorrt_rtx":
+        bad = [c for c in caps if c not in RTX_COMPUTE_CAPABILITIES]
+        if bad:
+            raise HpedgeError(f"{source}: TensorRT-RTX cannot target compute capability {bad[0]} "
+                              f"(it supports {', '.join(RTX_COMPUTE_CAPABILITIES)}); Jetson and datacenter GPUs use \"tensorrt\"")
+        if kind != "discrete" or build_on != "host":
+            raise HpedgeError(f"{source}: TensorRT-RTX profiles are discrete RTX cards built on the host (kind discrete, build_on host)")
+    elif len(caps) != 1:
+        raise HpedgeError(f"{source}: standard TensorRT engines are built for one GPU architecture; list only {cc}")
+    return EngineSpec(lib, tuple(caps))
 
 
 def builtin_names() -> list[str]:

@@ -188,6 +188,9 @@ def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str
     wrapper = _transformer_wrapper(transformer)
     # torch.export specialises dimensions of size 1, so the dynamo exporter traces the largest shapes
     sample = spec.sample("max" if exporter == "dynamo" else "opt")
+    if exporter == "dynamo":  # a batch of 1 would be specialised too: trace with at least 2
+        sample = {k: (np.concatenate([v, v]) if spec.dynamic_axes.get(k, {}).get(0) == "batch" and v.shape[0] == 1 else v)
+                  for k, v in sample.items()}
     names = list(spec.inputs)
     args = tuple(torch.from_numpy(sample[n]) for n in names)
     dynamic_shapes = None
@@ -409,3 +412,21 @@ def onnx_files(path: Path) -> list[Path]:
 
 def size_of(path: Path) -> int:
     return sum(os.path.getsize(f) for f in onnx_files(path))
+
+
+def initializer_bytes(path: Path) -> int:
+    """Bytes of an ONNX file's weights (initializers and Constant tensors, external data included) as stored."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def size(t: Any) -> int:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            return int(next((e.value for e in t.external_data if e.key == "length"), 0))
+        return len(t.raw_data) if t.raw_data else t.ByteSize()
+
+    total = sum(size(t) for t in model.graph.initializer)
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            total += sum(size(a.t) for a in n.attribute if a.type == onnx.AttributeProto.TENSOR)
+    return total

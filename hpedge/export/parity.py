@@ -3,7 +3,9 @@
 On captured real inputs: PyTorch (reference) vs ONNX Runtime fp32 (element-wise atol/rtol from the
 profile, through Polygraphy's ``CompareFunc.simple``), vs ONNX Runtime INT4 and TensorRT (judged by
 cosine similarity and PSNR against the reference, since an element-wise tolerance is meaningless for
-4-bit weights), plus an end-to-end image check done by the caller.
+4-bit weights), plus an end-to-end image check done by the caller. Engines run through their own adapters
+(:mod:`hpedge.backends.engines`; Polygraphy's TensorRT runner only knows standard TensorRT) and are judged
+here by the same :func:`compare_quality`.
 """
 
 from __future__ import annotations
@@ -60,16 +62,6 @@ def run_onnxrt(onnx_path: Path, feeds: list[dict[str, np.ndarray]], name: str) -
 
     _quiet()
     runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name=name)
-    return Comparator.run([runner], data_loader=feeds)
-
-
-def run_trt(engine_path: Path, feeds: list[dict[str, np.ndarray]], name: str) -> Any:
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-    from polygraphy.comparator import Comparator
-
-    _quiet()
-    runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))), name=name)
     return Comparator.run([runner], data_loader=feeds)
 
 

@@ -7,7 +7,9 @@
    in ``--compute`` (fp16 by default; the engine is strongly typed, so the graph's types are the engine's
    precisions) quantized by ModelOpt; ``int4_cpu`` is ModelOpt's quantization of the fp32 graph turned into
    a form ONNX Runtime's CPU provider runs fast (int8 GEMM after load, or MatMulNBits);
-4. TensorRT engine (``--engine auto|require|skip``), or marked for an on-device ``hpedge build``;
+4. TensorRT engines for the text encoding, the INT4 transformer and the VAE decoder (``--engine
+   auto|require|skip``): TensorRT-RTX profiles build them here on any host; standard TensorRT profiles
+   (Jetson) plan them for an on-device ``hpedge build`` (see :mod:`hpedge.export.engine_build`);
 5. parity (Polygraphy) on held-out captured inputs + an end-to-end image check; it gates packaging;
 6. manifest with sha256 of every file; the package directory is written atomically.
 """
@@ -73,26 +75,46 @@ def resolution_range(pipe: Any, profile: Profile, marker: dict[str, Any]) -> tup
     return snap(lo), snap(opt), snap(hi)
 
 
-def check_engine_mode(mode: str, profile: Profile) -> tuple[bool, str]:
-    """(build now?, reason) for --engine; raises for an impossible ``require``."""
-    from hpedge.export import trt
+def _plan_engines(pipe: Any, spec: ox.IOSpec, res: tuple[int, int, int], profile: Profile, mode: str,
+                  reason: str) -> dict[str, Any]:
+    """The manifest's ``engines`` section before any build: library, GPUs, and each component's ONNX and shapes."""
+    from hpedge.export import engine_build
 
-    if mode not in ("auto", "require", "skip"):
-        raise HpedgeError(f"--engine must be auto, require or skip, got {mode!r}")
-    if mode == "skip":
-        return False, "engine build skipped (--engine skip)"
-    if profile.build_on == "device":
-        reason = (f"engines for {profile.name} are built on the device itself (its JetPack TensorRT): "
-                  "copy the package there and run `hpedge build PACKAGE`")
-        if mode == "require":
-            raise HpedgeError(f"--engine require: {reason}")
-        return False, reason
-    av = trt.availability(profile.compute_capability)
+    io = spec.to_dict()["inputs"]
+    batch_axes = {k: spec.dynamic_axes.get(k, {}).get(0) == "batch" for k in io}
+    text_lengths = {name: length for name, (_, length) in ox.text_inputs(pipe, MAX_SEQUENCE_LENGTH).items()}
+    latents = tuple(r // pipe.vae_scale_factor for r in res)
+    comps = engine_build.component_plan(family_of(pipe), io, batch_axes, text_lengths,
+                                        int(pipe.vae.config.latent_channels), latents, profile)  # type: ignore[arg-type]
+    section: dict[str, Any] = {
+        "status": "skipped" if mode == "skip" else "pending", "reason": reason, "library": profile.engine.library,
+        "compute_capabilities": list(profile.engine.compute_capabilities), "portable": profile.engine.portable,
+        "components": comps,
+    }
+    note = engine_build.runtime_cache_note(profile.engine.library)
+    if note:
+        section["runtime_cache"] = note
+    return section
+
+
+def _engine_parity(root: Path, engines: dict[str, Any], feeds: list[dict[str, np.ndarray]], ref: list[np.ndarray],
+                   min_cosine: float, min_psnr: float, report: ParityReport | None = None) -> dict[str, Any]:
+    """Run the transformer engine on ``feeds`` against PyTorch's ``ref`` where this machine can run it."""
+    from hpedge.export import engine_build
+    from hpedge.export import parity as par
+
+    av = engine_build.can_run(engines)
     if not av.ok:
-        if mode == "require":
-            raise HpedgeError(f"--engine require: cannot build a TensorRT engine here: {av.reason}")
-        return False, f"{av.reason}; build it on a matching GPU with `hpedge build PACKAGE`"
-    return True, f"TensorRT {av.version} on sm_{av.compute_capability.replace('.', '')}"
+        return {"run": False, "reason": f"built here; not run: {av.reason}"}
+    runner = engine_build.open_runner(root, engines, "transformer")
+    feeds, ref = engine_build.within_batch(engines["components"]["transformer"], feeds, ref)
+    outs = [runner.run(f)[0] for f in feeds]
+    if hasattr(runner, "save_cache"):
+        runner.save_cache()
+    c = par.compare_quality(f"{engines['library']} transformer engine vs PyTorch", ref, outs, min_cosine, min_psnr)
+    if report is not None:
+        report.checks.append(c)
+    return {"run": True, "passed": c.passed, **c.metrics}
 
 
 def capture_inputs(pipe: Any, prompts: list[str], steps: int, res: int, names: list[str], seed: int,
@@ -201,8 +223,8 @@ def _tokenizer_entries(pipe: Any, root: Path) -> dict[str, Any]:
 
 
 def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    from hpedge.export import engine_build
     from hpedge.export import parity as par
-    from hpedge.export import trt
     from hpedge.export.cpu_int4 import KERNELS, convert
     from hpedge.export.package import finalize_manifest, write_archive
     from hpedge.export.quantize import quantize_int4, store_floats_fp16
@@ -222,7 +244,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
     _check_parent(out)
     if out.exists() and not opts.overwrite:
         raise HpedgeError(f"{out} already exists; pass --overwrite to replace it")
-    build_now, engine_reason = check_engine_mode(opts.engine, profile)
+    build_now, engine_reason = engine_build.plan(opts.engine, profile, {"int4", opts.compute})
     ref = resolve(model)
     t0 = time.time()
     say("loading pipeline")
@@ -273,22 +295,10 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         toks = _tokenizer_entries(pipe, tmp)
         pipe.scheduler.save_pretrained(tmp / "scheduler")
 
-        engine: dict[str, Any] = {"status": "pending", "reason": engine_reason}
+        engines = _plan_engines(pipe, spec, res, profile, opts.engine, engine_reason)
         if build_now:
-            say("building TensorRT engine")
-            from hpedge.runtime import sha256
-
-            onnx_sha = sha256(int4)
-            av = trt.availability(profile.compute_capability)
-            settings = {"opt_level": profile.builder_optimization_level, "workspace_gb": profile.workspace_gb,
-                        "shapes": spec.to_dict()["inputs"], "strongly_typed": True}
-            key = trt.cache_key(onnx_sha, settings, av.version, av.compute_capability)
-            facts = trt.build_engine(int4, tmp / "engines" / f"transformer_int4-{key}.plan", spec.inputs,
-                                     profile.builder_optimization_level, int(profile.workspace_gb * 2**30),
-                                     tmp / "engines" / "timing.cache")
-            engine = {"status": "built", "cache_key": key, "compute_capability": av.compute_capability, **facts}
-        elif opts.engine == "skip":
-            engine = {"status": "skipped", "reason": engine_reason}
+            engines["components"] = engine_build.build_all(tmp, engines["components"], profile.to_dict(), say)
+            engines["status"] = "built"
 
         say("parity checks (Polygraphy)")
         report = ParityReport()
@@ -301,10 +311,8 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         report.checks.append(par.compare_quality(f"transformer int4_cpu ({opts.cpu_kernel}) vs PyTorch", ref_out,
                                                  par.outputs_of(par.run_onnxrt(int4_cpu, held, "onnxrt-int4-cpu")),
                                                  p.int4_min_cosine, p.int4_min_psnr_db))
-        if engine["status"] == "built":
-            report.checks.append(par.compare_quality("TensorRT int4 engine vs PyTorch", ref_out,
-                                                     par.outputs_of(par.run_trt(tmp / "engines" / engine["file"], held, "trt")),
-                                                     p.int4_min_cosine, p.int4_min_psnr_db))
+        if engines["status"] == "built":
+            engines["parity"] = _engine_parity(tmp, engines, held, ref_out, p.int4_min_cosine, p.int4_min_psnr_db, report)
         # what `hpedge check` compares against later: held-out captured inputs and PyTorch's outputs
         reference = _save_reference(tmp / "parity" / "reference.safetensors", held[:REFERENCE_SAMPLES], ref_out[:REFERENCE_SAMPLES])
         shutil.rmtree(work, ignore_errors=True)
@@ -333,7 +341,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
             "generation": gen,
             "int4": {**{k: v for k, v in qrep.to_dict().items() if k != "layer_error"}, "compute": opts.compute,
                      "cpu_kernel": opts.cpu_kernel, "cpu_converted": n_cpu, "report": "quant_report.json"},
-            "engine": engine,
+            "engines": engines,
             "tools": _versions(),
         }
         (tmp / "quant_report.json").write_text(json.dumps(
@@ -393,7 +401,7 @@ def _versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for pkg in ("hpedge", "torch", "diffusers", "transformers", "onnx", "onnxruntime-gpu", "onnxruntime",
-                "nvidia-modelopt", "polygraphy", "tensorrt"):
+                "nvidia-modelopt", "polygraphy", "tensorrt", "tensorrt-rtx-cu12"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -426,6 +434,7 @@ def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
         c = (par.compare_fp32(ref, results, output, lim["fp32_atol"], lim["fp32_rtol"], name) if v == "fp32" else
              par.compare_quality(name, ref, par.outputs_of(results), lim["int4_min_cosine"], lim["int4_min_psnr_db"]))
         result["checks"].append(asdict(c))
+    result["checks"].extend(_engine_checks(package, pkg.manifest, feeds, ref))
     img = pkg.generate(["a 3 on the left and a 7 on the right"] if pkg.manifest["source"].get("evaluator") == "digits"
                        else ["a photo of a cat"], seed=0, steps=4)
     ok = bool(np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1)
@@ -437,39 +446,81 @@ def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
     return result
 
 
-def build(package: Path) -> dict[str, Any]:
-    """``hpedge build PACKAGE``: build the pending TensorRT engine on this (matching) GPU."""
-    from hpedge.export import trt
-    from hpedge.export.package import finalize_manifest
-    from hpedge.runtime import Package, sha256
+def _engine_checks(package: Path, manifest: dict[str, Any], feeds: list[dict[str, np.ndarray]],
+                   ref: list[np.ndarray]) -> list[dict[str, Any]]:
+    """Each built engine against the stored references where this machine can run it; a skip that says why elsewhere.
 
-    pkg = Package(package, variant="int4", device="cpu")
-    prof = pkg.manifest["target"]
-    av = trt.availability(prof["compute_capability"])
-    if not av.ok:
-        raise HpedgeError(f"cannot build the engine here: {av.reason}")
-    int4 = package / pkg.manifest["components"]["transformer"]["variants"]["int4"]
-    io = pkg.manifest["components"]["transformer"]["io"]["inputs"]
-    shapes = {k: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"])) for k, v in io.items()}
-    settings = {"opt_level": prof["builder_optimization_level"], "workspace_gb": prof["workspace_gb"], "shapes": io,
-                "strongly_typed": True}
-    key = trt.cache_key(sha256(int4), settings, av.version, av.compute_capability)
-    engine = package / "engines" / f"transformer_int4-{key}.plan"
-    facts = trt.build_engine(int4, engine, shapes, prof["builder_optimization_level"], int(prof["workspace_gb"] * 2**30),
-                             package / "engines" / "timing.cache")
-    # the engine joins the package only if it matches the PyTorch reference stored at export time
+    The transformer engine is compared with the stored PyTorch outputs (profile's INT4 limits); the text and
+    VAE engines with ONNX Runtime running their own ONNX files on the same inputs (cosine >= 0.999).
+    """
+    from hpedge.export import engine_build
     from hpedge.export import parity as par
 
-    feeds, ref = load_reference(package, pkg.manifest)
-    lim = prof["parity"]
-    c = par.compare_quality("TensorRT int4 engine vs PyTorch (stored reference)", ref,
-                            par.outputs_of(par.run_trt(engine, feeds, "trt")), lim["int4_min_cosine"], lim["int4_min_psnr_db"])
-    if not c.passed:
-        engine.unlink()
-        raise HpedgeError(f"the engine built but failed parity, not added to the package: {c.metrics} vs {c.limits}",
-                          HpedgeError.CHECK_FAILED)
-    manifest = {k: v for k, v in pkg.manifest.items() if k not in ("files", "manifest_sha256")}
-    manifest["engine"] = {"status": "built", "cache_key": key, "compute_capability": av.compute_capability, **facts,
-                          "parity": {"passed": True, **c.metrics}}
-    return finalize_manifest(package, manifest)
+    section = manifest.get("engines") or {}
+    if section.get("status") != "built":
+        return [{"name": f"engines {section.get('status', 'absent')}: {section.get('reason', '')}", "passed": True,
+                 "skipped": True}]
+    av = engine_build.can_run(section)
+    caps = ", ".join("sm_" + c.replace(".", "") for c in section["compute_capabilities"])
+    if not av.ok:
+        return [{"name": f"{name} engine ({section['library']}, {caps}): built here; not run: {av.reason}",
+                 "passed": True, "skipped": True} for name in section["components"]]
+    lim = manifest["target"]["parity"]
+    out = []
+    for name, c in section["components"].items():
+        runner = engine_build.open_runner(package, section, name)
+        if name == "transformer":
+            tf, tr = engine_build.within_batch(c, feeds, ref)
+            got = [runner.run(f)[0] for f in tf]
+            chk = par.compare_quality(f"transformer engine ({section['library']}) vs PyTorch (stored reference)", tr, got,
+                                      lim["int4_min_cosine"], lim["int4_min_psnr_db"])
+        else:
+            from hpedge.backends import ort
 
+            sample = {k: _sample_input(k, v["opt"]) for k, v in c["shapes"].items()}
+            want = ort.run(ort.session(package / c["onnx"], "cpu"), sample)
+            chk = par.compare_quality(f"{name} engine ({section['library']}) vs ONNX Runtime", want[:1], runner.run(sample)[:1],
+                                      0.999, 0.0)
+        if hasattr(runner, "save_cache"):
+            runner.save_cache()
+        out.append(asdict(chk))
+    return out
+
+
+def _sample_input(name: str, shape: list[int]) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    if name.endswith("_ids"):
+        return rng.integers(0, 100, size=shape).astype(np.int64)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def build(package: Path) -> dict[str, Any]:
+    """``hpedge build PACKAGE``: build the package's pending engines on this machine (a Jetson board for
+    standard TensorRT; any host for TensorRT-RTX). They join the package only if the transformer engine
+    matches the PyTorch reference stored at export time, where this machine can run it."""
+    from hpedge.export import engine_build
+    from hpedge.export.package import finalize_manifest
+    from hpedge.runtime import Package
+
+    pkg = Package(package, variant="int4", device="cpu")
+    section = pkg.manifest.get("engines")
+    if not section:
+        raise HpedgeError(f"{package} has no engines section (written by an older hpedge); export it again")
+    target = pkg.manifest["target"]
+    av = engine_build.eng.library(section["library"]).build_availability(tuple(section["compute_capabilities"]))
+    if not av.ok:
+        raise HpedgeError(f"cannot build the {section['library']} engines here: {av.reason}")
+    comps = {k: {"onnx": v["onnx"], "shapes": v["shapes"]} for k, v in section["components"].items()}
+    built = engine_build.build_all(package, comps, target)
+    new = {**section, "status": "built", "reason": av.reason, "components": built}
+    feeds, ref = load_reference(package, pkg.manifest)
+    lim = target["parity"]
+    new["parity"] = _engine_parity(package, new, feeds, ref, lim["int4_min_cosine"], lim["int4_min_psnr_db"])
+    if new["parity"].get("run") and not new["parity"]["passed"]:
+        for c in built.values():
+            (package / c["file"]).unlink(missing_ok=True)
+        raise HpedgeError(f"the engines built but the transformer engine failed parity, not added to the package: "
+                          f"{new['parity']}", HpedgeError.CHECK_FAILED)
+    manifest = {k: v for k, v in pkg.manifest.items() if k not in ("files", "manifest_sha256")}
+    manifest["engines"] = new
+    return finalize_manifest(package, manifest)

@@ -1,7 +1,8 @@
 """Run an hpedge package: tokenize -> text encoder -> denoising loop -> VAE decode.
 
-Needs only numpy, ``tokenizers`` and ONNX Runtime (or TensorRT when the package holds engines built
-for this GPU); torch, diffusers and ModelOpt are not imported. The package's manifest and the
+Needs only numpy, ``tokenizers`` and ONNX Runtime; a package whose engines were built runs them instead
+(``variant="engine"``, chosen by ``auto`` on a GPU that can run them: an RTX card for TensorRT-RTX engines,
+the board for Jetson ones), with CuPy for device memory. torch, diffusers and ModelOpt are not imported. The package's manifest and the
 sha256 of every file are verified before any compute.
 """
 
@@ -107,16 +108,55 @@ class Package:
         gen = self.manifest["generation"]
         self.family: str = gen["family"]
         self.variants: dict[str, str] = self.manifest["components"]["transformer"]["variants"]
+        self.engines: dict[str, Any] = self.manifest.get("engines") or {}
         if variant == "auto":
-            variant = "int4_cpu" if "int4_cpu" in self.variants and device != "cuda" else "int4"
-        if variant not in self.variants:
-            raise HpedgeError(f"package has no transformer variant {variant!r} (has: {', '.join(self.variants)})")
+            variant = self._auto_variant(device)
+        if variant == "engine":
+            self._check_engines()
+        elif variant not in self.variants:
+            raise HpedgeError(f"package has no transformer variant {variant!r} (has: {', '.join(self.variants)}"
+                              f"{', engine' if self.engines.get('status') == 'built' else ''})")
         self.variant = variant
         self.device = device
         self._sessions: dict[str, Any] = {}
+        self._runners: dict[str, Any] = {}
         self._toks: dict[str, _Tok] = {}
 
+    def _auto_variant(self, device: str) -> str:
+        if device != "cpu" and self.engines.get("status") == "built":
+            from hpedge.backends import engines
+
+            if engines.can_run(self.engines).ok:
+                return "engine"
+        return "int4_cpu" if "int4_cpu" in self.variants and device != "cuda" else "int4"
+
+    def _check_engines(self) -> None:
+        if self.engines.get("status") != "built":
+            raise HpedgeError(f"this package's engines are {self.engines.get('status', 'absent')}: "
+                              f"{self.engines.get('reason', 'exported without engines')}")
+        from hpedge.backends import engines
+
+        av = engines.can_run(self.engines)
+        if not av.ok:
+            raise HpedgeError(f"cannot run this package's {self.engines['library']} engines here: {av.reason}")
+
     # -- parts -----------------------------------------------------------------
+    def _run(self, component: str, onnx_rel: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One component on its engine (variant "engine") or on ONNX Runtime."""
+        if self.variant == "engine":
+            if component not in self._runners:
+                from hpedge.backends import engines
+
+                self._runners[component] = engines.open_runner(self.root, self.engines, component)
+            runner = self._runners[component]
+            out = runner.run({k: v for k, v in feeds.items() if k in runner.inputs})
+            if hasattr(runner, "save_cache"):
+                runner.save_cache()
+            return out  # type: ignore[no-any-return]
+        from hpedge.backends import ort
+
+        return ort.run(self._session(onnx_rel), feeds)  # type: ignore[no-any-return]
+
     def _session(self, rel: str) -> Any:
         if rel not in self._sessions:
             from hpedge.backends import ort
@@ -139,9 +179,7 @@ class Package:
         return out
 
     def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        from hpedge.backends import ort
-
-        pe, pooled = ort.run(self._session(self.manifest["components"]["text"]["file"]), self.tokenize(prompts))
+        pe, pooled = self._run("text", self.manifest["components"]["text"]["file"], self.tokenize(prompts))
         return pe, pooled
 
     def transformer_feeds(self, latents: np.ndarray, sigma: np.ndarray, pe: np.ndarray,
@@ -156,11 +194,9 @@ class Package:
 
     def transformer(self, latents: np.ndarray, sigma: np.ndarray, pe: np.ndarray, pooled: np.ndarray) -> np.ndarray:
         """Velocity for unpacked latents (B, C, h, w) at noise levels ``sigma`` (B,)."""
-        from hpedge.backends import ort
-
         h, w = latents.shape[2:]
         feeds = self.transformer_feeds(latents, sigma, pe, pooled)
-        out = ort.run(self._session(self.variants[self.variant]), feeds)[0]
+        out = self._run("transformer", self.variants.get(self.variant, ""), feeds)[0]
         return out if self.family == "sd3" else unpack(out, h, w)
 
     def save_step(self, out: str | Path, prompt: str, seed: int = 0, sigma: float = 1.0,
@@ -173,6 +209,8 @@ class Package:
         from hpedge.backends import ort
         from hpedge.io import atomic_dir
 
+        if self.variant == "engine":
+            raise HpedgeError("save_step writes an ONNX transformer step; open the package with variant int4, int4_cpu or fp32")
         pe, pooled = self.encode([prompt])
         feeds = self.transformer_feeds(self.initial_latents(1, seed), np.full(1, sigma, np.float32), pe, pooled)
         rel = self.variants[self.variant]
@@ -192,9 +230,7 @@ class Package:
         return Path(out)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        from hpedge.backends import ort
-
-        return ort.run(self._session(self.manifest["components"]["vae_decoder"]["file"]), {"latents": latents})[0]
+        return self._run("vae_decoder", self.manifest["components"]["vae_decoder"]["file"], {"latents": latents})[0]
 
     # -- generation --------------------------------------------------------------
     def initial_latents(self, n: int, seed: int, resolution: int | None = None) -> np.ndarray:
