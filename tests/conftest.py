@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# engines built by the tests go to a cache of their own, never the user's ~/.cache/hpedge
+os.environ["HPEDGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="hpedge-test-cache-")
 
 from hpedge.models.loading import ZOO_DIR
 

@@ -90,6 +90,14 @@ def _shapes(d: dict[str, Any]) -> eng.Shapes:
     return {k: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"])) for k, v in d.items()}
 
 
+PLAN_KEYS = ("onnx", "shapes", "batch_inputs")
+
+
+def planned(components: dict[str, Any]) -> dict[str, Any]:
+    """The plan part of each component (what a build needs), without earlier build facts."""
+    return {k: {kk: v[kk] for kk in PLAN_KEYS if kk in v} for k, v in components.items()}
+
+
 def build_all(root: Path, components: dict[str, Any], target: dict[str, Any],
               progress: Any = None) -> dict[str, Any]:
     """Build every component's engine into ``root/engines``; returns the components with their build facts.
@@ -123,8 +131,12 @@ def runtime_cache_note(library: str) -> str | None:
             "$XDG_CACHE_HOME/hpedge, else ~/.cache/hpedge")
 
 
-can_run = eng.can_run
-open_runner = eng.open_runner
+def can_run(section: dict[str, Any]) -> eng.Availability:
+    return eng.can_run(section)
+
+
+def open_runner(root: Path, section: dict[str, Any], component: str) -> Any:
+    return eng.open_runner(root, section, component)
 
 
 def within_batch(component: dict[str, Any], feeds: list[dict[str, Any]], ref: list[Any]) -> tuple[list[dict[str, Any]], list[Any]]:

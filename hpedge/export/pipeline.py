@@ -510,8 +510,7 @@ def build(package: Path) -> dict[str, Any]:
     av = engine_build.eng.library(section["library"]).build_availability(tuple(section["compute_capabilities"]))
     if not av.ok:
         raise HpedgeError(f"cannot build the {section['library']} engines here: {av.reason}")
-    comps = {k: {"onnx": v["onnx"], "shapes": v["shapes"]} for k, v in section["components"].items()}
-    built = engine_build.build_all(package, comps, target)
+    built = engine_build.build_all(package, engine_build.planned(section["components"]), target)
     new = {**section, "status": "built", "reason": av.reason, "components": built}
     feeds, ref = load_reference(package, pkg.manifest)
     lim = target["parity"]

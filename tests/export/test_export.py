@@ -21,7 +21,19 @@ def test_package_contents(sd3_package) -> None:
     m = json.loads((sd3_package / "manifest.json").read_text())
     assert m["schema"] == "hpedge-package/1"
     assert m["parity"]["passed"] and not m["parity"]["overridden"]
-    assert m["engine"]["status"] == "pending" and "hpedge build" in m["engine"]["reason"]
+    e = m["engines"]  # rtx4090: TensorRT-RTX engines built here, on a host without a GPU
+    assert e["status"] == "built" and e["library"] == "tensorrt_rtx" and e["compute_capabilities"] == ["8.9"]
+    assert set(e["components"]) == {"text", "transformer", "vae_decoder"}
+    for name, c in e["components"].items():
+        assert c["file"] in m["files"] and (sd3_package / c["file"]).stat().st_size == c["engine_bytes"] > 0
+        assert c["library"] == "tensorrt_rtx" and c["version"] and c["cache_key"] in c["file"] and c["onnx_weight_bytes"] > 0
+        assert c["onnx"] in m["files"] and c["build_seconds"] >= 0 and c["cache"] in ("hit", "miss")
+    tr = e["components"]["transformer"]["shapes"]
+    assert tr["hidden_states"]["max"][0] == 8 and tr["hidden_states"]["min"][0] == 1  # SD3: CFG doubles rtx4090's batch 4
+    assert e["components"]["text"]["shapes"]["t5_ids"]["max"][0] == 8
+    assert e["components"]["vae_decoder"]["shapes"]["latents"]["max"][0] == 4
+    assert e["parity"] == {"run": False, "reason": e["parity"]["reason"]} and "not run: no RTX GPU" in e["parity"]["reason"]
+    assert "rtxcache" in e["runtime_cache"]
     b = m["components"]["transformer"]["bytes"]
     assert set(b) == {"int4", "int4_cpu"}  # the fp32 export is not shipped unless asked for
     assert b["int4"] <= 0.3 * m["components"]["transformer"]["fp32_bytes"]
@@ -63,7 +75,7 @@ def test_tensorrt_input_computes_in_fp16_with_float32_io(sd3_package) -> None:
 def test_fp32_reference_is_shipped_on_request(random_sd3, tmp_path) -> None:
     out = tmp_path / "pkg"
     m = export(str(random_sd3), out, ExportOptions(target="rtx4090", method="rtn", calibration_prompts=1, e2e_samples=1,
-                                                  compute="fp32", fp32_reference=True))
+                                                  compute="fp32", fp32_reference=True, engine="skip"))
     assert set(m["components"]["transformer"]["variants"]) == {"fp32", "int4", "int4_cpu"}
     assert m["components"]["transformer"]["bytes"]["fp32"] == m["components"]["transformer"]["fp32_bytes"]
     assert m["int4"]["compute"] == "fp32" and not (out / ".work").exists()
@@ -77,9 +89,12 @@ def test_check_passes_then_detects_tampering(sd3_package, tmp_path) -> None:
     r = check(sd3_package)
     assert r["passed"] and [c["name"] for c in r["checks"][:2]] == ["int4 vs PyTorch (stored reference)",
                                                                     "int4_cpu vs PyTorch (stored reference)"]
+    engines = [c for c in r["checks"] if "engine" in c["name"]]
+    assert len(engines) == 3 and all(c["skipped"] and "built here; not run: no RTX GPU" in c["name"] for c in engines)
     pkg = tmp_path / "p"
     shutil.copytree(sd3_package, pkg)
-    assert runner.invoke(app, ["check", str(pkg)]).exit_code == 0
+    out = runner.invoke(app, ["check", str(pkg)])
+    assert out.exit_code == 0 and out.output.count("skip") == 3 and "not run: no RTX GPU" in out.output
     f = pkg / "transformer" / "int4" / "model.onnx"
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -154,7 +169,11 @@ def test_export_errors(random_sd3, tmp_path) -> None:
         assert r.exit_code != 0 and "Traceback" not in r.output
         return r.output
 
-    assert "--engine require" in err(str(random_sd3), "--target", "rtx4090", "-o", str(tmp_path / "a"), "--engine", "require")
+    turing = json.loads((Path(__file__).resolve().parents[2] / "hpedge" / "profiles" / "rtx3060.json").read_text())
+    turing.update(name="rtx2080", compute_capability="7.5", engine={"library": "tensorrt_rtx", "compute_capabilities": ["7.5"]})
+    (tmp_path / "turing.json").write_text(json.dumps(turing))
+    out = err(str(random_sd3), "--target", str(tmp_path / "turing.json"), "-o", str(tmp_path / "a"))
+    assert "cannot compile int4 for Turing (sm_75)" in out and "--engine skip" in out and len(out.strip().splitlines()) <= 3
     assert "built on the device" in err(str(random_sd3), "--target", "jetson-orin-nano-8gb", "-o", str(tmp_path / "b"),
                                         "--engine", "require")
     prof = json.loads((Path(__file__).resolve().parents[2] / "hpedge" / "profiles" / "rtx3060.json").read_text())
@@ -182,7 +201,7 @@ def test_parity_failure_writes_no_package(random_sd3, tmp_path) -> None:
     out = tmp_path / "pkg"
     with pytest.raises(HpedgeError, match="parity failed") as e:
         export(str(random_sd3), out, ExportOptions(target=str(tmp_path / "strict.json"), method="awq_clip",
-                                                  calibration_prompts=1, e2e_samples=1))
+                                                  calibration_prompts=1, e2e_samples=1, engine="skip"))
     assert e.value.exit_code == HpedgeError.CHECK_FAILED
     assert not out.exists() and (tmp_path / "pkg.parity.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pkg")]

@@ -23,3 +23,23 @@ def test_pack_matches_torch_version() -> None:
     x = np.random.default_rng(0).standard_normal((2, 4, 8, 6)).astype(np.float32)
     assert np.array_equal(pack(x), tpack(torch.from_numpy(x)).numpy())
     assert np.array_equal(unpack(pack(x), 8, 6), x)
+
+
+def test_engine_variant_says_why_it_cannot_run_here(sd3_package) -> None:
+    from hpedge.backends import engines
+    from hpedge.errors import HpedgeError
+    from hpedge.runtime import Package
+
+    av = engines.can_run(Package(sd3_package, device="cpu").engines)
+    if av.ok:  # pragma: no cover - an RTX GPU: the engines run and match the ONNX variant
+        import numpy as np
+
+        a = Package(sd3_package, variant="engine").generate(["a 3"], seed=0, steps=2)
+        b = Package(sd3_package, variant="int4", device="cpu").generate(["a 3"], seed=0, steps=2)
+        assert np.abs(a - b).mean() < 0.05
+        return
+    import pytest
+
+    with pytest.raises(HpedgeError, match="cannot run this package's tensorrt_rtx engines here: no RTX GPU"):
+        Package(sd3_package, variant="engine")
+    assert Package(sd3_package).variant == "int4_cpu"  # auto falls back to ONNX Runtime
