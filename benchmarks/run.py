@@ -13,6 +13,7 @@
     python benchmarks/run.py runtime-env PKG --python VENV/bin/python
                                                # two-digit prompts from a package in a runtime-only env
     python benchmarks/run.py text-paths        # FLUX: eval with the pooled vector or the T5 sequence emptied
+    python benchmarks/run.py engines           # TensorRT-RTX engine bytes vs INT4 ONNX weight bytes (benchmarks/engines.py)
     python benchmarks/run.py gpu               # real-scale SD3.5-Large step in PyTorch on a CUDA GPU (bf16, pruned, INT4)
     python benchmarks/run.py retrain --family sd3 --work DIR [--device cuda]
                                                # replay the zoo model's recorded training commands
@@ -33,25 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark modules beside this file
 
-
-def header(title: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    return (f"# {title}\n\n- command: `{threads}{' '.join(['python', *sys.argv])}`\n- machine: {cpu}, {os.cpu_count()} cores, "
-            f"{platform.system()} {platform.machine()}\n- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
-
-
-def write(name: str, text: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / name).write_text(text)
-    print(text)
+import engines as engines_benchmark  # noqa: E402
+from common import RESULTS, ROOT, header, write  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -895,6 +881,7 @@ def main() -> None:
     g.add_argument("--batch", type=int, default=2)
     g.add_argument("--reps", type=int, default=10)
     g.add_argument("--results-name", help="results file name (default gpu-ARCH.md)")
+    engines_benchmark.add_parser(sub)
     t = sub.add_parser("retrain")
     t.add_argument("--family", choices=["sd3", "flux"], required=True)
     t.add_argument("--work", type=Path, required=True, help="folder for the retrained pipeline")
@@ -907,7 +894,8 @@ def main() -> None:
     t.add_argument("--max-seconds", type=float, default=None, help="start no further stage after this long (resume later)")
     args = ap.parse_args()
     {"gpu": gpu, "retrain": retrain, "text-paths": text_paths, "memory": memory, "latency": latency, "quality": quality, "blocks": blocks, "ablation": ablation,
-     "runtime-env": runtime_env, "ratio": ratio, "weights": weights, "binding": binding}[args.cmd](args)
+     "runtime-env": runtime_env, "ratio": ratio, "weights": weights, "binding": binding,
+     "engines": engines_benchmark.engines}[args.cmd](args)
 
 
 if __name__ == "__main__":
