@@ -198,11 +198,21 @@ def _teacher_student_grid(teacher: Any, student: Any, evaluator: str | None, n: 
     a = generate(teacher, prompts, seeds, 16, 1.0)
     b = generate(student, prompts, seeds, 16, 1.0)
     cols = 8
-    tiles, labels = [], []
-    for i in range(0, len(prompts), cols):
-        tiles += list(a[i : i + cols]) + list(b[i : i + cols])
-        labels += ["T: " + p for p in prompts[i : i + cols]] + ["S: " + p for p in prompts[i : i + cols]]
+    tiles, labels = teacher_student_rows(list(a), list(b), prompts, cols)
     save_grid(tiles, labels, path, cols=cols)
+
+
+def teacher_student_rows(a: list[Any], b: list[Any], prompts: list[str], cols: int) -> tuple[list[Any], list[str]]:
+    """Cells for a grid of ``cols`` columns: each row of teacher images directly above the student's row,
+    a short last row padded with blank cells so the pairs stay aligned."""
+    tiles: list[Any] = []
+    labels: list[str] = []
+    for i in range(0, len(prompts), cols):
+        chunk = prompts[i : i + cols]
+        pad = cols - len(chunk)
+        tiles += list(a[i : i + cols]) + [None] * pad + list(b[i : i + cols]) + [None] * pad
+        labels += ["T: " + p for p in chunk] + [""] * pad + ["S: " + p for p in chunk] + [""] * pad
+    return tiles, labels
 
 
 def plan_for(model: str, budget: Budget, importance: str | None, protect_early: float) -> Plan:

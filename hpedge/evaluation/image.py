@@ -2,29 +2,43 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
 
+CHAR_PX = 6  # width of a character of Pillow's default bitmap font
+LINE_PX = 11
 
-def save_grid(canvases: list[np.ndarray] | np.ndarray, labels: list[str], path: Path, cols: int = 8, scale: int = 4,
+
+def save_grid(canvases: list[np.ndarray | None] | np.ndarray, labels: list[str], path: Path, cols: int = 8, scale: int = 4,
               ) -> None:
-    """A PNG grid of canvases with a caption under each (atomically written)."""
+    """A PNG grid of canvases with a caption under each (atomically written).
+
+    A ``None`` canvas leaves its cell blank (so callers can keep rows aligned); captions are wrapped to the
+    cell's width, never cut, and every row is as tall as its longest caption.
+    """
     from PIL import Image, ImageDraw
 
     n = len(canvases)
     rows = (n + cols - 1) // cols
     cell = 32 * scale
-    cap = 22
-    rgb = any(np.asarray(c).ndim == 3 for c in canvases)
-    img = Image.new("RGB" if rgb else "L", (cols * cell, rows * (cell + cap)), "white")
+    width_chars = max(8, (cell - 4) // CHAR_PX)
+    wrapped = [textwrap.wrap(label, width_chars, break_long_words=True) or [""] for label in labels]
+    caps = [max((len(w) for w in wrapped[r * cols:(r + 1) * cols]), default=1) * LINE_PX + 6 for r in range(rows)]
+    tops = [sum(cell + c for c in caps[:r]) for r in range(rows)]
+    rgb = any(c is not None and np.asarray(c).ndim == 3 for c in canvases)
+    img = Image.new("RGB" if rgb else "L", (cols * cell, sum(cell + c for c in caps)), "white")
     draw = ImageDraw.Draw(img)
-    for i, (c, label) in enumerate(zip(canvases, labels)):
+    for i, (c, lines) in enumerate(zip(canvases, wrapped)):
         r, k = divmod(i, cols)
+        if c is None:
+            continue
         tile = Image.fromarray((np.clip(c, 0, 1) * 255).astype(np.uint8)).convert("RGB" if rgb else "L")
         tile = tile.resize((cell, cell), Image.NEAREST)
-        img.paste(tile, (k * cell, r * (cell + cap)))
-        draw.text((k * cell + 2, r * (cell + cap) + cell + 2), label[:24], fill="black")
+        img.paste(tile, (k * cell, tops[r]))
+        for j, line in enumerate(lines):
+            draw.text((k * cell + 2, tops[r] + cell + 2 + j * LINE_PX), line, fill="black")
     from hpedge.io import atomic_file
 
     with atomic_file(path) as tmp:
