@@ -6,8 +6,12 @@ error's exit code, without a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -39,6 +43,42 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callabl
         return app.command(*args, **kwargs)(_user_errors(fn))
 
     return deco
+
+
+@contextlib.contextmanager
+def _progress(title: str) -> Iterator[Callable[[str, int, int], None]]:
+    """``cb(what, done, total)`` for a long step: a live bar on a terminal; in a log (stderr not a TTY) one
+    line per stage and about every 10 % of a long loop, each with the elapsed time."""
+    if err_console.is_terminal:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=err_console, transient=True) as prog:
+            task = prog.add_task(title, total=1)
+            yield lambda what, k, n: prog.update(task, description=what, completed=k, total=n)
+        return
+    t0 = time.monotonic()
+    last = {"what": None, "tenth": -1}
+
+    def line(text: str) -> None:
+        s = int(time.monotonic() - t0)
+        print(f"[{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}] {text}", file=sys.stderr, flush=True)
+
+    def cb(what: str, k: int, n: int) -> None:
+        if last["what"] is None:  # the first report (a usage error before any work prints nothing)
+            line(f"{title}: started")
+        stage = what.split(": ", 1)[0]  # "distilling: loss 0.123" is one stage, however its details change
+        tenth = int(10 * k / n) if n > 0 else 0
+        if stage != last["what"]:
+            line(f"{what} ({k}/{n})" if n > 1 else what)
+            last.update(what=stage, tenth=tenth)
+        elif n >= 10 and tenth > last["tenth"]:
+            line(f"{what} {k}/{n} ({k / n:.0%})")
+            last["tenth"] = tenth
+
+    yield cb
+    if last["what"] is not None:
+        line(f"{title}: done")
 
 
 def _gb(n: float) -> str:
@@ -84,8 +124,6 @@ def eval_(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NAME
           guidance: Annotated[float, typer.Option(help="classifier-free guidance (1 = off)")] = 1.0,
           seed: Annotated[int, typer.Option(help="seed of the sampling noise")] = 0) -> None:
     """GenEval-style score per category, overall score and Frechet distance of a digits pipeline."""
-    from rich.progress import Progress
-
     from hpedge.evaluation.evaluate import EvalSettings, evaluate, grid_of_result
     from hpedge.io import atomic_file
     from hpedge.models.loading import load_pipeline, resolve
@@ -94,9 +132,13 @@ def eval_(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NAME
         raise HpedgeError("--per-category must be at least 2")
     pipe = load_pipeline(resolve(model))
     s = EvalSettings(per_category=per_category, steps=steps, guidance=guidance, seed=seed)
-    with Progress(console=err_console, transient=True) as prog:
-        task = prog.add_task("generating", total=5 * per_category)
-        result, canv, prompts = evaluate(pipe, model, s, progress=lambda n: prog.advance(task, n))
+    total, done = 5 * per_category, [0]
+    with _progress("eval") as cb:
+        def advance(n: int) -> None:
+            done[0] += n
+            cb("generating", done[0], total)
+
+        result, canv, prompts = evaluate(pipe, model, s, progress=advance)
     t = Table("category", "score")
     for c, v in result.categories.items():
         t.add_row(c, f"{v:.3f}")
@@ -156,8 +198,6 @@ def analyze(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NA
             components: Annotated[bool, typer.Option(help="also score sub-components")] = True,
             reference_format: Annotated[Optional[Path], typer.Option("--reference-format", help="also write the reference's <tab> format")] = None) -> None:
     """Contribution analysis: the harm of removing each block and sub-component (cached, resumable)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from hpedge.compress.analyze import AnalysisSettings, analyze as run, heatmap
     from hpedge.io import atomic_file
     from hpedge.models.loading import load_pipeline, resolve
@@ -165,14 +205,8 @@ def analyze(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NA
     ref = resolve(model)
     pipe = load_pipeline(ref)
     settings = AnalysisSettings(prompts=prompts, steps=steps, seed=seed, components=components)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err_console, transient=True) as prog:
-        task = prog.add_task("analysis", total=1)
-
-        def cb(what: str, k: int, n: int) -> None:
-            prog.update(task, description=what, completed=k, total=n)
-
-        imp = run(pipe, ref.path, output, settings, progress=cb)
+    with _progress("analysis") as cb:
+        imp = run(pipe, ref.path, output, settings, progress=lambda what, k, n: cb(f"analysis: {what}", k, n))
     harm = imp.block_harm()
     t = Table("block", "harm (whole block)", "most harmful component")
     comp = imp.component_harm()
@@ -248,8 +282,6 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
              resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
              overwrite: Annotated[bool, typer.Option(help="replace OUT and any earlier work")] = False) -> None:
     """HierarchicalPrune: analyse, plan, prune, distil (PWP + SGDistill) and write a stock diffusers pipeline."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from hpedge.compress.distill import DistillSettings
     from hpedge.compress.pipeline import CompressOptions, compress as run
     from hpedge.compress.plan import Budget
@@ -262,13 +294,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
                          data_dir=str(data) if data else None)
     opts = CompressOptions(Budget(remove_blocks, remove_fraction, keep_ratio, target), importance, protect_early,
                            ds, resume=resume, overwrite=overwrite, eval_per_category=eval_per_category)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err_console) as prog:
-        task = prog.add_task("compress", total=1)
-
-        def cb(what: str, k: int, n: int) -> None:
-            prog.update(task, description=what, completed=k, total=n)
-
+    with _progress("compress") as cb:
         report = run(model, output, opts, progress=cb)
     console.print(f"removed blocks {report['removed_blocks']}; kept {report['params']['kept_ratio']:.1%} of parameters")
     sc = report["scores"]
@@ -319,8 +345,8 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
                          fp32_reference=fp32_reference,
                          calibration_prompts=calibration_prompts, allow_parity_failure=allow_parity_failure,
                          archive=archive, overwrite=overwrite, protect=list(protect or []))
-    with err_console.status("export") as status:
-        m = run(model, output, opts, progress=lambda s: status.update(s))
+    with _progress("export") as cb:
+        m = run(model, output, opts, progress=lambda what: cb(what, 0, 1))
     b, fp32_bytes = m["components"]["transformer"]["bytes"], m["components"]["transformer"]["fp32_bytes"]
     console.print(f"transformer: fp32 export {fp32_bytes / 1e6:.1f} MB{'' if 'fp32' in b else ' (not shipped)'}, "
                   f"int4 ({m['int4']['compute']} compute) {b['int4'] / 1e6:.1f} MB ({b['int4'] / fp32_bytes:.2f}x), "

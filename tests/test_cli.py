@@ -61,3 +61,19 @@ def test_targets_lists_profiles() -> None:
     assert r.exit_code == 0
     for name in ("rtx4090", "rtx3060", "jetson-orin-nano-8gb", "jetson-agx-orin-64gb"):
         assert name in r.output
+
+
+def test_progress_in_a_log_is_one_line_per_stage_and_every_tenth(capsys) -> None:
+    from hpedge import cli
+
+    with cli._progress("compress") as cb:  # stderr is captured here: not a terminal
+        cb("loading", 0, 1)
+        for k in range(1, 201):
+            cb(f"distilling: loss {1 / k:.4f}", k, 200)
+        cb("writing", 0, 1)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].endswith("compress: started") and lines[-1].endswith("compress: done")
+    assert all(ln.startswith("[0:00:") for ln in lines)
+    distil = [ln for ln in lines if "distilling" in ln]
+    assert 10 <= len(distil) <= 12 and distil[-1].endswith("200/200 (100%)")
+    assert [ln.split("] ", 1)[1] for ln in lines if "loading" in ln or "writing" in ln] == ["loading", "writing"]

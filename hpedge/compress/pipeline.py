@@ -126,7 +126,7 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     harm = imp.block_harm() if imp else None
     student, state, weights = distill(
         teacher_pipe, student, kept, harm, prompts, work, opts.distill, height, width, resume=opts.resume,
-        progress=lambda what, k, n, info: say(f"{what} loss {info['loss']:.4f}", k, n),
+        progress=lambda what, k, n, info: say(f"{what}: loss {info['loss']:.4f}", k, n),
     )
     student_pipe = type(teacher_pipe)(**{**teacher_pipe.components, "transformer": student})
     student_pipe.set_progress_bar_config(disable=True)

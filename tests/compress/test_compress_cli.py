@@ -16,6 +16,8 @@ def test_compress_writes_a_stock_pipeline_and_resumes(random_sd3, tmp_path) -> N
             "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2", "--eval-per-category", "0"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
+    # stderr is not a terminal here: a readable plain log, one line per stage
+    assert "] compress: started" in r.output and "] distilling: loss" in r.output and "] compress: done" in r.output
     report = json.loads((out / "hpedge_compress.json").read_text())
     assert report["removed_blocks"] == [8, 9, 10]
     assert report["kept_blocks"] == [0, 1, 2, 3, 4, 5, 6, 7, 11]
