@@ -25,7 +25,7 @@ from hpedge.compress.plan import Budget, Plan, make_plan
 from hpedge.errors import HpedgeError
 from hpedge.io import atomic_dir
 from hpedge.models import adapters
-from hpedge.models.loading import ModelRef, load_pipeline, resolve
+from hpedge.models.loading import ModelRef, load_pipeline, make_stock_loadable, resolve
 
 REPORT = "hpedge_compress.json"
 
@@ -170,6 +170,7 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     say("writing", 0, 1)
     with atomic_dir(out, overwrite=opts.overwrite) as tmp:
         student_pipe.save_pretrained(tmp, safe_serialization=True)
+        make_stock_loadable(tmp)
         if ref.path is not None and (ref.path / "hpedge_zoo.json").exists():
             shutil.copy(ref.path / "hpedge_zoo.json", tmp / "hpedge_zoo.json")
         if imp is not None:

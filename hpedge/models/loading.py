@@ -114,3 +114,15 @@ def load_transformer(ref: ModelRef | str) -> Any:
         )
     except (OSError, ValueError) as e:
         raise HpedgeError(f"could not load the transformer of {ref.path}: {str(e).splitlines()[0]}") from None
+
+
+def make_stock_loadable(folder: Path) -> None:
+    """Let a plain ``Pipeline.from_pretrained(folder)`` (no dtype argument) run: diffusers loads its own models
+    in float32 by default, while transformers keeps the dtype a text encoder's config names (its saved dtype),
+    and a stock pipeline call fails on mixed dtypes. Each text encoder's config is set to load in float32 too;
+    the weights stay as stored (fp16 weights are upcast on load)."""
+    for config in sorted(Path(folder).glob("text_encoder*/config.json")):
+        data = json.loads(config.read_text())
+        if data.get("dtype") != "float32":
+            data["dtype"] = "float32"
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -439,6 +439,9 @@ def train_pipeline(
         m.load_state_dict(e.state_dict())
     pipe.to("cpu", torch.float16)  # committed weights are fp16 to keep the repository small
     pipe.save_pretrained(out / f"digits-{family}")
+    from hpedge.models.loading import make_stock_loadable
+
+    make_stock_loadable(out / f"digits-{family}")
     write_marker(out / f"digits-{family}")
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "cosine": cosine, "model_guidance": model_guidance,
             "category_weights": category_weights, **({"drop_pooled": drop_pooled} if drop_pooled else {}),

@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 from typer.testing import CliRunner
 
 from hpedge.cli import app
@@ -25,6 +27,9 @@ def test_compress_writes_a_stock_pipeline_and_resumes(random_sd3, tmp_path) -> N
     assert (out / "teacher_vs_student.png").read_bytes()[:4] == b"\x89PNG"
     pipe = StableDiffusion3Pipeline.from_pretrained(out)  # stock diffusers
     assert pipe.transformer.config.num_layers == 9
+    from ..models.test_loading import stock_call
+
+    assert np.isfinite(stock_call(out)).all()  # and a stock call runs (no dtype argument anywhere)
     assert not work_dir(out).exists()
     # an existing OUT is not replaced silently
     r = runner.invoke(app, args)
