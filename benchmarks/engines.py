@@ -20,7 +20,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from common import header, write
+from common import RESULTS, header, write
 
 CASES = ("midsize", "digits-sd3", "digits-flux", "wide")
 
@@ -55,7 +55,7 @@ def anatomy(engine: Path) -> dict[str, int]:
 
 
 def engines(args: argparse.Namespace) -> None:
-    from run import _midsize_pipeline
+    from latency import _midsize_pipeline
 
     from hpedge.export.pipeline import ExportOptions, export
     from hpedge.models.loading import ZOO_DIR
@@ -89,7 +89,7 @@ def engines(args: argparse.Namespace) -> None:
                      f"{a['other_bytes'] / w:.2f}x | {a['zlib_bytes'] / 1e6:.2f} MB | {c['build_seconds']:.1f} s |\n")
         shutil.rmtree(out, ignore_errors=True)
     write("engines.md", text)
-    (Path(__file__).parent / "results" / "engines.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / "engines.json").write_text(json.dumps(rows, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -9,6 +9,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def patch_everywhere(monkeypatch, bench, name, value) -> None:
+    """Set ``name`` in run.py and in every benchmark module it imported (one module per benchmark)."""
+    import sys
+
+    monkeypatch.setattr(bench, name, value)
+    for m in list(sys.modules.values()):
+        if (getattr(m, "__file__", None) or "").startswith(str(ROOT / "benchmarks")) and hasattr(m, name):
+            monkeypatch.setattr(m, name, value)
+
+
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("hpedge_benchmarks_run", ROOT / "benchmarks" / "run.py")
@@ -112,7 +122,7 @@ def test_retrain_of_sd3_with_a_text_stage_starts_from_the_committed_encoders_and
                            "hpedge/zoo/models/text-sd3/text_encoder_3 --freeze-t5"},
         "sd3-continued": [{"command": cont}],
     }))
-    monkeypatch.setattr(bench, "ZOO", zoo)
+    patch_everywhere(monkeypatch, bench, "ZOO", zoo)
     calls = []
     monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append(cmd[3:]))
     ns = argparse.Namespace(family="sd3", work=tmp_path / "c", device="cpu", threads=None, max_seconds=None, retrain_text=False)
@@ -177,7 +187,7 @@ def test_ablation_records_refused_rows_and_runs_the_other_variants_on_hps_analys
     monkeypatch.setattr(ev, "evaluate", lambda pipe, name, es: (Result(),))
     monkeypatch.setattr(ev, "paired_ratio", lambda t, s: {"ratio": 1.0, "ci95": [0.98, 1.02]})
     monkeypatch.setattr(loading, "load_pipeline", lambda m: real_load(m) if m.startswith("zoo:") else None)
-    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    patch_everywhere(monkeypatch, bench, "RESULTS", tmp_path)
     bench.ablation(bench.argparse.Namespace(family="flux", steps=2, lr=1e-3, per_category=1))
     text = (tmp_path / "ablation-flux.md").read_text()
     for label in ("HierarchicalPrune (HPP + PWP + SGDistill)", "HP without SGDistill", "HP with the reference's binary SGDistill"):
@@ -199,7 +209,7 @@ def test_ratio_tolerance_names_the_scores_outside_it_from_the_recorded_flux_retr
     results = {m: ev.EvalResult(**recorded[role]) for role, m in (("teacher", "T"), ("student", "S"))}
     monkeypatch.setattr(loading, "load_pipeline", lambda m: m)
     monkeypatch.setattr(ev, "evaluate", lambda pipe, m, es: (results[m], None, None))
-    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    patch_everywhere(monkeypatch, bench, "RESULTS", tmp_path)
     bench.ratio(argparse.Namespace(teacher="T", student="S", per_category=100, name="r", tolerance=True))
     out = json.loads((tmp_path / "ratio-r.json").read_text())["tolerance"]
     assert out["within"] is False
