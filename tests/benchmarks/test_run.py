@@ -204,7 +204,7 @@ def test_ratio_tolerance_names_the_scores_outside_it_from_the_recorded_flux_retr
     import hpedge.evaluation.evaluate as ev
     from hpedge.models import loading
 
-    # the eleventh session's FLUX replay, judged by hand then: overall -0.024 and size -0.12 outside, the rest within
+    # the recorded FLUX replay (--retrain-t5), judged by hand: overall -0.024 and size -0.12 outside, the rest within
     recorded = json.loads((ROOT / "benchmarks" / "results" / "ratio-retrain-t5-digits-flux.json").read_text())
     results = {m: ev.EvalResult(**recorded[role]) for role, m in (("teacher", "T"), ("student", "S"))}
     monkeypatch.setattr(loading, "load_pipeline", lambda m: m)
