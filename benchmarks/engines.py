@@ -21,29 +21,14 @@ import zlib
 from pathlib import Path
 
 from common import RESULTS, header, write
+from latency import _midsize_pipeline, random_sd3_pipeline
 
 CASES = ("midsize", "digits-sd3", "digits-flux", "wide")
 
 
 def _wide_pipeline(tmp: Path) -> Path:
     """SD3.5 Medium's width (1536, 24 heads of 64) with 4 blocks and random weights: real-width matrices."""
-    import torch
-    from diffusers import SD3Transformer2DModel
-
-    from hpedge.zoo.build import new_pipeline, new_vae
-    from hpedge.zoo.train import write_marker
-
-    torch.manual_seed(0)
-    pipe = new_pipeline("sd3", new_vae())
-    pipe.transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
-                                             attention_head_dim=64, num_attention_heads=24, joint_attention_dim=128,
-                                             caption_projection_dim=1536, pooled_projection_dim=128, pos_embed_max_size=32,
-                                             qk_norm="rms_norm")
-    folder = tmp / "wide-sd3"
-    pipe.save_pretrained(folder)
-    write_marker(folder)
-    (folder / "hpedge_zoo.json").write_text(json.dumps({"max_sequence_length": 16, "resolution": 64}))
-    return folder
+    return random_sd3_pipeline(tmp, "wide-sd3", 4, 24)
 
 
 def anatomy(engine: Path) -> dict[str, int]:
@@ -55,7 +40,6 @@ def anatomy(engine: Path) -> dict[str, int]:
 
 
 def engines(args: argparse.Namespace) -> None:
-    from latency import _midsize_pipeline
 
     from hpedge.export.pipeline import ExportOptions, export
     from hpedge.models.loading import ZOO_DIR

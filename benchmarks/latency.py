@@ -44,8 +44,8 @@ def time_onnx(path: Path, feeds: dict, reps: int = 7) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _midsize_pipeline(tmp: Path) -> Path:
-    """A random-weight SD3 pipeline whose transformer is big enough that matrix multiplies dominate."""
+def random_sd3_pipeline(tmp: Path, name: str, num_layers: int, heads: int) -> Path:
+    """A random-weight SD3 pipeline (zoo text encoders and VAE) with a transformer of ``heads`` x 64 width."""
     import torch
     from diffusers import SD3Transformer2DModel
 
@@ -54,15 +54,20 @@ def _midsize_pipeline(tmp: Path) -> Path:
 
     torch.manual_seed(0)
     pipe = new_pipeline("sd3", new_vae())
-    pipe.transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=12,
-                                             attention_head_dim=64, num_attention_heads=8, joint_attention_dim=128,
-                                             caption_projection_dim=512, pooled_projection_dim=128, pos_embed_max_size=32,
+    pipe.transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers,
+                                             attention_head_dim=64, num_attention_heads=heads, joint_attention_dim=128,
+                                             caption_projection_dim=64 * heads, pooled_projection_dim=128, pos_embed_max_size=32,
                                              qk_norm="rms_norm")
-    folder = tmp / "midsize-sd3"
+    folder = tmp / name
     pipe.save_pretrained(folder)
     write_marker(folder)
     (folder / "hpedge_zoo.json").write_text(json.dumps({"max_sequence_length": 16, "resolution": 64}))
     return folder
+
+
+def _midsize_pipeline(tmp: Path) -> Path:
+    """A random-weight SD3 pipeline whose transformer is big enough that matrix multiplies dominate (d=512, 12 blocks)."""
+    return random_sd3_pipeline(tmp, "midsize-sd3", 12, 8)
 
 
 def latency(args: argparse.Namespace) -> None:
