@@ -243,6 +243,9 @@ class EngineRunner:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mod.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == mod.TensorIOMode.OUTPUT]
 
+    def save_cache(self) -> None:
+        """Keep what the library compiled at run time (TensorRT-RTX's runtime cache); nothing to keep here."""
+
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         cp, mod = self.cp, self.mod
         keep = []

@@ -131,14 +131,6 @@ def runtime_cache_note(library: str) -> str | None:
             "$XDG_CACHE_HOME/hpedge, else ~/.cache/hpedge")
 
 
-def can_run(section: dict[str, Any]) -> eng.Availability:
-    return eng.can_run(section)
-
-
-def open_runner(root: Path, section: dict[str, Any], component: str) -> Any:
-    return eng.open_runner(root, section, component)
-
-
 def within_batch(component: dict[str, Any], feeds: list[dict[str, Any]], ref: list[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
     """Transformer feeds (and their references) cut to the engine's largest batch."""
     names = list(component["shapes"])

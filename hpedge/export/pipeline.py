@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hpedge.backends import engines as eng
 from hpedge.errors import HpedgeError
 from hpedge.export import onnx_export as ox
 from hpedge.export.parity import Check, ParityReport
@@ -103,14 +104,13 @@ def _engine_parity(root: Path, engines: dict[str, Any], feeds: list[dict[str, np
     from hpedge.export import engine_build
     from hpedge.export import parity as par
 
-    av = engine_build.can_run(engines)
+    av = eng.can_run(engines)
     if not av.ok:
         return {"run": False, "reason": f"built here; not run: {av.reason}"}
-    runner = engine_build.open_runner(root, engines, "transformer")
+    runner = eng.open_runner(root, engines, "transformer")
     feeds, ref = engine_build.within_batch(engines["components"]["transformer"], feeds, ref)
     outs = [runner.run(f)[0] for f in feeds]
-    if hasattr(runner, "save_cache"):
-        runner.save_cache()
+    runner.save_cache()
     c = par.compare_quality(f"{engines['library']} transformer engine vs PyTorch", ref, outs, min_cosine, min_psnr)
     if report is not None:
         report.checks.append(c)
@@ -460,7 +460,7 @@ def _engine_checks(package: Path, manifest: dict[str, Any], feeds: list[dict[str
     if section.get("status") != "built":
         return [{"name": f"engines {section.get('status', 'absent')}: {section.get('reason', '')}", "passed": True,
                  "skipped": True}]
-    av = engine_build.can_run(section)
+    av = eng.can_run(section)
     caps = ", ".join("sm_" + c.replace(".", "") for c in section["compute_capabilities"])
     if not av.ok:
         return [{"name": f"{name} engine ({section['library']}, {caps}): built here; not run: {av.reason}",
@@ -468,7 +468,7 @@ def _engine_checks(package: Path, manifest: dict[str, Any], feeds: list[dict[str
     lim = manifest["target"]["parity"]
     out = []
     for name, c in section["components"].items():
-        runner = engine_build.open_runner(package, section, name)
+        runner = eng.open_runner(package, section, name)
         if name == "transformer":
             tf, tr = engine_build.within_batch(c, feeds, ref)
             got = [runner.run(f)[0] for f in tf]
@@ -481,8 +481,7 @@ def _engine_checks(package: Path, manifest: dict[str, Any], feeds: list[dict[str
             want = ort.run(ort.session(package / c["onnx"], "cpu"), sample)
             chk = par.compare_quality(f"{name} engine ({section['library']}) vs ONNX Runtime", want[:1], runner.run(sample)[:1],
                                       0.999, 0.0)
-        if hasattr(runner, "save_cache"):
-            runner.save_cache()
+        runner.save_cache()
         out.append(asdict(chk))
     return out
 

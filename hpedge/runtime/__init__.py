@@ -150,8 +150,7 @@ class Package:
                 self._runners[component] = engines.open_runner(self.root, self.engines, component)
             runner = self._runners[component]
             out = runner.run({k: v for k, v in feeds.items() if k in runner.inputs})
-            if hasattr(runner, "save_cache"):
-                runner.save_cache()
+            runner.save_cache()
             return out  # type: ignore[no-any-return]
         from hpedge.backends import ort
 
