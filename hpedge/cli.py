@@ -159,26 +159,33 @@ def generate(model: Annotated[str, typer.Argument(help="package folder, pipeline
              prompt: Annotated[str, typer.Argument(help="text prompt")],
              output: Annotated[Path, typer.Option("-o", "--output", help="PNG file to write")],
              seed: Annotated[int, typer.Option()] = 0,
-             steps: Annotated[int, typer.Option()] = 16,
-             guidance: Annotated[float, typer.Option(help="pipelines only: classifier-free guidance")] = 1.0,
+             steps: Annotated[Optional[int], typer.Option(help="denoising steps (default: the model's)")] = None,
+             guidance: Annotated[Optional[float], typer.Option(help="guidance scale (default: the model's): CFG for SD3, the distilled guidance input for FLUX.1-dev")] = None,
+             negative_prompt: Annotated[Optional[str], typer.Option(help="negative prompt (CFG pipelines)")] = None,
+             height: Annotated[Optional[int], typer.Option(help="image height in pixels (default: the model's)")] = None,
+             width: Annotated[Optional[int], typer.Option(help="image width in pixels (default: the model's)")] = None,
              variant: Annotated[str, typer.Option(help="packages only: auto | engine (its TensorRT engines, on a GPU that runs them) | int4 | int4_cpu | fp32 (if exported with --fp32-reference)")] = "auto",
              device: Annotated[str, typer.Option(help="packages only: auto | cpu | cuda")] = "auto") -> None:
     """Generate one image with a package (runtime only: no torch) or a diffusers pipeline."""
-    from hpedge.evaluation.image import save_grid
+    from hpedge.evaluation.image import save_image
 
     if (Path(model) / "manifest.json").exists():
         from hpedge.runtime import Package
 
         pkg = Package(model, variant=variant, device=device)
-        canvas = pkg.generate([prompt], seed=seed, steps=steps)[0]
+        image = pkg.generate([prompt], seed=seed, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
+                             height=height, width=width)[0]
     else:
-        from hpedge.evaluation.evaluate import generate as gen
-        from hpedge.models.loading import load_pipeline, resolve
+        from hpedge.models.loading import compute_device, load_pipeline, resolve
+        from hpedge.models.sampling import defaults, sample, with_overrides
 
-        pipe = load_pipeline(resolve(model))
-        canvas = gen(pipe, [prompt], [seed], steps, guidance)[0]
-    save_grid([canvas], [prompt], output, cols=1, scale=8)
-    console.print(f"wrote {output}")
+        ref = resolve(model)
+        pipe = load_pipeline(ref)
+        pipe.to(compute_device())
+        d = with_overrides(defaults(pipe, ref.path), height=height, width=width, steps=steps, guidance=guidance)
+        image = sample(pipe, [prompt], d, seeds=[seed], negative_prompt=negative_prompt)[0]
+    save_image(image, output)
+    console.print(f"wrote {output} ({image.shape[1]}x{image.shape[0]})")
 
 
 BudgetBlocks = Annotated[Optional[str], typer.Option("--remove-blocks", help="a count (3) or indices (25-29,31-35)")]
@@ -192,19 +199,24 @@ ProtectEarly = Annotated[float, typer.Option(help="fraction of early blocks neve
 def analyze(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NAME")],
             output: Annotated[Path, typer.Option("-o", "--output", help="importance JSON to write")],
             heatmap_png: Annotated[Optional[Path], typer.Option("--heatmap", help="PNG heatmap (blocks x components)")] = None,
-            prompts: Annotated[int, typer.Option(help="calibration prompts")] = 40,
-            steps: Annotated[int, typer.Option(help="denoising steps per calibration image")] = 8,
+            num_prompts: Annotated[int, typer.Option(help="calibration prompts")] = 40,
+            prompts: Annotated[Optional[Path], typer.Option(help="calibration prompts file, one per line (default: the project's set of 126)")] = None,
+            steps: Annotated[Optional[int], typer.Option(help="denoising steps per calibration image (default: the model's)")] = None,
+            guidance: Annotated[Optional[float], typer.Option(help="guidance scale (default: the model's)")] = None,
+            resolution: Annotated[Optional[int], typer.Option(help="square image side in pixels (default: the model's size; a reduced one is recorded in the result)")] = None,
             seed: Annotated[int, typer.Option()] = 0,
             components: Annotated[bool, typer.Option(help="also score sub-components")] = True,
             reference_format: Annotated[Optional[Path], typer.Option("--reference-format", help="also write the reference's <tab> format")] = None) -> None:
     """Contribution analysis: the harm of removing each block and sub-component (cached, resumable)."""
     from hpedge.compress.analyze import AnalysisSettings, analyze as run, heatmap
     from hpedge.io import atomic_file
-    from hpedge.models.loading import load_pipeline, resolve
+    from hpedge.models.loading import compute_device, load_pipeline, resolve
 
     ref = resolve(model)
     pipe = load_pipeline(ref)
-    settings = AnalysisSettings(prompts=prompts, steps=steps, seed=seed, components=components)
+    pipe.to(compute_device())
+    settings = AnalysisSettings(prompts=num_prompts, steps=steps, seed=seed, components=components,
+                                resolution=resolution, guidance=guidance, prompts_file=str(prompts) if prompts else None)
     with _progress("analysis") as cb:
         imp = run(pipe, ref.path, output, settings, progress=lambda what, k, n: cb(f"analysis: {what}", k, n))
     harm = imp.block_harm()
@@ -278,6 +290,8 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
              mixed_precision: Annotated[str, typer.Option(help="no | bf16 | fp16")] = "no",
              gradient_checkpointing: Annotated[bool, typer.Option()] = False,
              seed: Annotated[int, typer.Option()] = 0,
+             resolution: Annotated[Optional[int], typer.Option(help="square image side for analysis, sample pool, distillation and grid (default: the model's size)")] = None,
+             prompts: Annotated[Optional[Path], typer.Option(help="training/calibration prompts file, one per line (default: the project's set; the digits grammar for zoo models)")] = None,
              eval_per_category: Annotated[int, typer.Option(help="prompts per category for the before/after scores (100 = the 500 prompts of `hpedge eval`; 0 = skip)")] = 100,
              resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
              overwrite: Annotated[bool, typer.Option(help="replace OUT and any earlier work")] = False) -> None:
@@ -293,7 +307,9 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
                          gradient_checkpointing=gradient_checkpointing, seed=seed,
                          data_dir=str(data) if data else None)
     opts = CompressOptions(Budget(remove_blocks, remove_fraction, keep_ratio, target), importance, protect_early,
-                           ds, resume=resume, overwrite=overwrite, eval_per_category=eval_per_category)
+                           ds, resume=resume, overwrite=overwrite, eval_per_category=eval_per_category,
+                           resolution=resolution, prompts_file=str(prompts) if prompts else None)
+    opts.analysis.resolution = resolution
     with _progress("compress") as cb:
         report = run(model, output, opts, progress=cb)
     console.print(f"removed blocks {report['removed_blocks']}; kept {report['params']['kept_ratio']:.1%} of parameters")

@@ -28,26 +28,18 @@ from hpedge.errors import HpedgeError
 from hpedge.models import adapters
 from hpedge.models.denoise import family_of
 
-GENERIC_PROMPTS = [
-    "a photo of a cat sitting on a wooden table",
-    "a red sports car parked on a city street at night",
-    "a bowl of fresh fruit on a kitchen counter",
-    "a mountain landscape with a lake at sunrise",
-    "a portrait of an old man with a white beard",
-    "two dogs playing in the snow",
-    "a lighthouse on a rocky coast during a storm",
-    "a cup of coffee next to an open book",
-]
+PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "calibration_prompts.txt"
 
 
 @dataclass
 class AnalysisSettings:
     prompts: int = 40
-    steps: int = 8
+    steps: int | None = None  # None: the model's default
     seed: int = 0
     components: bool = True
-    resolution: int = 32
-    guidance: float = 1.0
+    resolution: int | None = None  # square side in pixels; None: the model's default size
+    guidance: float | None = None  # None: the model's default
+    prompts_file: str | None = None  # one prompt per line; None: the project's calibration set
 
 
 class _Skip:
@@ -102,32 +94,53 @@ def evaluator_of(model_path: Path | None) -> str | None:
     return None
 
 
-def calibration(evaluator: str | None, n: int, seed: int) -> tuple[list[str], list[Any] | None]:
-    if evaluator == "digits":
+def read_prompts(path: str | Path | None) -> list[str]:
+    """Prompts from a text file, one per line (blank lines and lines starting with # skipped)."""
+    p = Path(path) if path else PROMPTS_FILE
+    if not p.is_file():
+        raise HpedgeError(f"prompt file {p} not found")
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not prompts:
+        raise HpedgeError(f"prompt file {p} holds no prompts")
+    return prompts
+
+
+def calibration(evaluator: str | None, n: int, seed: int, prompts_file: str | None = None
+                ) -> tuple[list[str], list[Any] | None]:
+    """``n`` calibration prompts: the digits grammar for a digits pipeline, else ``prompts_file`` or the
+    project's calibration set (the first n, a seeded rotation of the list when ``seed`` differs)."""
+    if evaluator == "digits" and prompts_file is None:
         from hpedge.zoo.digits import eval_prompts
 
         prompts = eval_prompts(max(1, n // 5), seed=10_000 + seed, heldout_fraction=0.0)
         return [p.text for p in prompts], prompts
-    return [GENERIC_PROMPTS[i % len(GENERIC_PROMPTS)] for i in range(n)], None
+    pool = read_prompts(prompts_file)
+    start = (seed * 37) % len(pool)
+    return [pool[(start + i) % len(pool)] for i in range(n)], None
 
 
-def _fingerprint(pipe: Any, settings: AnalysisSettings) -> str:
-    h = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+def _fingerprint(pipe: Any, settings: AnalysisSettings, gen: dict[str, Any], texts: list[str]) -> str:
+    h = hashlib.sha256(json.dumps([asdict(settings), gen, texts], sort_keys=True).encode())
     h.update(json.dumps(dict(pipe.transformer.config), sort_keys=True, default=str).encode())
     for name, p in sorted(pipe.transformer.state_dict().items())[:8]:
         h.update(name.encode())
-        h.update(np.ascontiguousarray(p.detach().float().flatten()[:64].numpy()).tobytes())
+        h.update(np.ascontiguousarray(p.detach().float().flatten()[:64].cpu().numpy()).tobytes())
     return h.hexdigest()[:16]
 
 
 def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: AnalysisSettings | None = None,
             progress: Callable[[str, int, int], None] | None = None) -> Importance:
     """Run (or resume) the contribution analysis; writes ``out`` (hpedge format) when given."""
-    from hpedge.evaluation.evaluate import generate
+    from hpedge.models.sampling import defaults, sample, with_overrides
 
     s = settings or AnalysisSettings()
     evaluator = evaluator_of(model_path)
-    texts, prompt_objs = calibration(evaluator, s.prompts, s.seed)
+    gen = with_overrides(defaults(pipe, model_path), height=s.resolution, width=s.resolution, steps=s.steps,
+                         guidance=s.guidance)
+    texts, prompt_objs = calibration(evaluator, s.prompts, s.seed, s.prompts_file)
+    if evaluator == "digits" and s.prompts_file is not None:
+        evaluator = None  # the digits judge needs its own prompts
     seeds = [s.seed * 7919 + i for i in range(len(texts))]
     tr = pipe.transformer
     refs = adapters.blocks(tr)
@@ -136,7 +149,7 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
         todo.append((r.index, None))
         if s.components:
             todo += [(r.index, c) for c in adapters.components(r)]
-    fp = _fingerprint(pipe, s)
+    fp = _fingerprint(pipe, s, gen.to_dict(), texts)
     partial = out.with_name(out.name + ".partial") if out else None
     done: dict[str, dict[str, Any]] = {}
     if partial and partial.exists():
@@ -161,8 +174,8 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
         judge = Judge(str(JUDGE_WEIGHTS))
 
     def run() -> tuple[np.ndarray, float]:
-        imgs = generate(pipe, texts, seeds, s.steps, s.guidance, batch_size=len(texts))
-        acc = float(np.mean([v.correct for v in judge.judge(imgs, prompt_objs)])) if judge else float("nan")
+        imgs = sample(pipe, texts, gen, seeds=seeds, batch_size=8)  # (N, H, W, C): every channel counts
+        acc = float(np.mean([v.correct for v in judge.judge(imgs[..., 0], prompt_objs)])) if judge else float("nan")
         return imgs, acc
 
     ref_imgs, ref_acc = run()
@@ -186,8 +199,11 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
         entries.append(Entry(int(b), c or None, d["harm"], {k: v for k, v in d.items() if k != "harm"}))
     imp = Importance(
         family=family_of(tr), num_blocks=len(refs),
-        metric="relative pixel distortion" + (" + evaluator accuracy drop" if judge else ""),
-        entries=entries, settings={**asdict(s), "baseline_accuracy": ref_acc}, fingerprint=fp,
+        metric="relative pixel distortion (all channels)" + (" + evaluator accuracy drop" if judge else ""),
+        entries=entries, fingerprint=fp,
+        settings={**asdict(s), "baseline_accuracy": ref_acc, "sampling": gen.to_dict(), "prompt_list": texts,
+                  "prompts_source": s.prompts_file or ("digits grammar" if judge else str(PROMPTS_FILE.name)),
+                  "seeds": seeds},
     )
     if out:
         from hpedge.io import atomic_file

@@ -34,7 +34,8 @@ import numpy as np
 
 from hpedge.errors import HpedgeError
 from hpedge.models import adapters
-from hpedge.models.denoise import Conditioning, encode, family_of, predict, unpack
+from hpedge.models.denoise import Conditioning, encode, predict
+from hpedge.models.sampling import Defaults
 
 
 @dataclass
@@ -49,7 +50,7 @@ class DistillSettings:
     sgd_min_weight: float = 0.1
     pwp: bool = True
     pool_size: int = 256
-    pool_steps: int = 16
+    pool_steps: int | None = None  # None: the model's default steps
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     seed: int = 0
@@ -135,28 +136,23 @@ def _rel_mse(a: Any, b: Any) -> Any:
     return ((a.float() - b.float()) ** 2).mean() / (b.float().var() + 1e-6)
 
 
-def build_pool(pipe: Any, prompts: list[str], s: DistillSettings, height: int, width: int,
+def build_pool(pipe: Any, prompts: list[str], s: DistillSettings, gen: Defaults,
                progress: Callable[[int], None] | None = None) -> tuple[Any, list[str]]:
-    """x0 latents (N, C, h, w) in the transformer's normalised space: teacher samples or a folder."""
+    """x0 latents (N, C, h, w) in the transformer's normalised space: the teacher's own samples at the
+    sampling defaults ``gen`` (its guidance, T5 length, size; ``pool_steps`` if set), or a folder."""
     import torch
 
+    from hpedge.models.sampling import sample, with_overrides
+
     if s.data_dir:
-        return _pool_from_folder(pipe, Path(s.data_dir), height, width)
+        return _pool_from_folder(pipe, Path(s.data_dir), gen.height, gen.width)
+    d = with_overrides(gen, steps=s.pool_steps)
     out = []
     bs = 32
     for i in range(0, len(prompts), bs):
         chunk = prompts[i : i + bs]
-        gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + i + j) for j in range(len(chunk))]
-        kw: dict[str, Any] = dict(num_inference_steps=s.pool_steps, height=height, width=width, output_type="latent",
-                                  generator=gens, max_sequence_length=_max_seq(pipe))
-        if family_of(pipe) == "sd3":
-            kw["guidance_scale"] = 1.0
-        with torch.no_grad():
-            lat = pipe(chunk, **kw).images
-        if family_of(pipe) == "flux":
-            vs = pipe.vae_scale_factor
-            lat = unpack(lat, 2 * (height // (vs * 2)), 2 * (width // (vs * 2)))
-        out.append(lat.float())
+        seeds = [s.seed * 1_000_003 + i + j for j in range(len(chunk))]
+        out.append(sample(pipe, chunk, d, seeds=seeds, output="latent"))
         if progress:
             progress(len(chunk))
     return torch.cat(out), prompts
@@ -181,15 +177,9 @@ def _pool_from_folder(pipe: Any, folder: Path, height: int, width: int) -> tuple
         caps.append(cap.read_text().strip())
     x = torch.from_numpy(np.stack(xs))
     with torch.no_grad():
-        z = pipe.vae.encode(x.to(pipe.vae.dtype)).latent_dist.sample()
+        z = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.sample()
     shift = pipe.vae.config.shift_factor or 0.0
-    return ((z - shift) * pipe.vae.config.scaling_factor).float(), caps
-
-
-def _max_seq(pipe: Any) -> int:
-    from hpedge.models.denoise import MAX_SEQUENCE_LENGTH
-
-    return int(getattr(pipe, "_hpedge_max_sequence_length", MAX_SEQUENCE_LENGTH))
+    return ((z - shift) * pipe.vae.config.scaling_factor).float().cpu(), caps
 
 
 def _save_checkpoint(ckdir: Path, student: Any, opt: Any, state: TrainState, keep: int) -> None:
@@ -243,7 +233,7 @@ def _load_checkpoint(path: Path, student: Any, opt: Any) -> TrainState:
 
 
 def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, float] | None, prompts: list[str],
-            work: Path, s: DistillSettings, height: int, width: int, resume: bool,
+            work: Path, s: DistillSettings, gen: Defaults, resume: bool,
             progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> tuple[Any, TrainState, dict[int, float]]:
     """Train ``student`` (pruned, kept[k] = teacher index of student block k). Returns (student, state, weights)."""
     import torch
@@ -268,13 +258,14 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
         x0_pool = saved["x0"]
         texts = json.loads((work / "pool_prompts.json").read_text())
     else:
-        x0_pool, texts = build_pool(teacher_pipe, prompts, s, height, width)
+        x0_pool, texts = build_pool(teacher_pipe, prompts, s, gen)
         from safetensors.torch import save_file
 
         save_file({"x0": x0_pool.contiguous()}, str(pool_file))
         (work / "pool_prompts.json").write_text(json.dumps(texts))
     with torch.no_grad():
-        cond_all = encode(teacher_pipe, texts, _max_seq(teacher_pipe))
+        cond_all = encode(teacher_pipe, texts, gen.max_sequence_length,
+                          gen.guidance if gen.guidance_kind == "distilled" else None)
 
     # parameter groups: frozen (PWP), per-block learning rates (SGDistill), the rest at full rate
     student.train()
@@ -324,7 +315,7 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
         while state.step < s.steps:
             idx = rng.integers(n, size=s.batch_size)
             x0 = x0_pool[idx].to(accelerator.device)
-            cond = Conditioning(cond_all.prompt_embeds[idx], cond_all.pooled[idx], cond_all.text_ids)
+            cond = Conditioning(cond_all.prompt_embeds[idx], cond_all.pooled[idx], cond_all.text_ids, cond_all.guidance)
             u = compute_density_for_timestep_sampling(s.weighting, s.batch_size, logit_mean=0.0, logit_std=1.0,
                                                       mode_scale=1.29)
             sigma = u.to(x0.device).float()
@@ -332,8 +323,8 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
             noise = torch.randn_like(x0)
             sb = sigma[:, None, None, None]
             xt = (1 - sb) * x0 + sb * noise
-            with torch.no_grad():
-                t_out = predict(teacher, xt, sigma, cond)
+            with torch.no_grad(), accelerator.autocast():
+                t_out = predict(teacher, xt.to(teacher.dtype), sigma, cond)
             with accelerator.autocast():
                 s_out = predict(unwrapped if accelerator.num_processes == 1 else student, xt, sigma, cond)
             l_out = (w[:, None, None, None] * (s_out.float() - t_out.float()) ** 2).mean()

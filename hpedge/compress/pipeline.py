@@ -25,7 +25,8 @@ from hpedge.compress.plan import Budget, Plan, make_plan
 from hpedge.errors import HpedgeError
 from hpedge.io import atomic_dir
 from hpedge.models import adapters
-from hpedge.models.loading import ModelRef, load_pipeline, make_stock_loadable, resolve
+from hpedge.models.loading import TORCH_DTYPES, ModelRef, compute_device, load_pipeline, make_stock_loadable, resolve
+from hpedge.models.sampling import Defaults, check_pipeline, defaults, sample, with_overrides
 
 REPORT = "hpedge_compress.json"
 
@@ -41,6 +42,8 @@ class CompressOptions:
     overwrite: bool = False
     eval_per_category: int = 100  # 500 prompts, the `hpedge eval` benchmark setting
     grid_samples: int = 16
+    resolution: int | None = None  # square side for the sample pool, distillation and grid; None: the model's
+    prompts_file: str | None = None  # training and calibration prompts; None: the project's set
 
 
 def work_dir(out: Path) -> Path:
@@ -66,13 +69,13 @@ def other_components_bytes(ref: ModelRef, bytes_per_param: int = 2) -> int:
     return bytes_per_param * total
 
 
-def training_prompts(evaluator: str | None, n: int, seed: int) -> list[str]:
-    if evaluator == "digits":
+def training_prompts(evaluator: str | None, n: int, seed: int, prompts_file: str | None = None) -> list[str]:
+    if evaluator == "digits" and prompts_file is None:
         from hpedge.zoo.digits import sample_prompt
 
         rng = np.random.default_rng(50_000 + seed)
         return [sample_prompt(rng).text for _ in range(n)]
-    return calibration(None, n, seed)[0]
+    return calibration(None, n, seed, prompts_file)[0]
 
 
 def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..., None] | None = None) -> dict[str, Any]:
@@ -96,15 +99,19 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
 
     say("loading", 0, 1)
     teacher_pipe = load_pipeline(ref)
+    check_pipeline(teacher_pipe)
+    # analysis and the sample pool run where training will: the accelerator, in the mixed-precision dtype
+    teacher_pipe.to(compute_device(), TORCH_DTYPES[opts.distill.mixed_precision])
     evaluator = evaluator_of(ref.path)
-    height = width = _resolution(ref.path, teacher_pipe)
+    gen = with_overrides(defaults(teacher_pipe, ref.path), height=opts.resolution, width=opts.resolution)
+    if opts.analysis.prompts_file is None:
+        opts.analysis.prompts_file = opts.prompts_file
 
     # 1. contribution analysis (cached in the work folder; reused by --resume)
     imp: Importance | None = None
     if opts.importance:
         imp = load_importance(opts.importance, family_hint=ref.family)
     elif not (opts.budget.remove_blocks and "," in opts.budget.remove_blocks and opts.distill.sgd == "off"):
-        opts.analysis.resolution = height
         imp = analyze(teacher_pipe, ref.path, work / "importance.json", opts.analysis,
                       progress=lambda what, k, n: say(f"analysis: {what}", k, n))
 
@@ -122,13 +129,14 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
 
     # 3. prune physically, 4-5. distil with PWP + SGDistill
     student, kept = adapters.prune(teacher_pipe.transformer, plan.remove)
-    prompts = training_prompts(evaluator, opts.distill.pool_size, opts.distill.seed)
+    student.float()  # trained in fp32 (master weights) whatever the teacher's dtype
+    prompts = training_prompts(evaluator, opts.distill.pool_size, opts.distill.seed, opts.prompts_file)
     harm = imp.block_harm() if imp else None
     student, state, weights = distill(
-        teacher_pipe, student, kept, harm, prompts, work, opts.distill, height, width, resume=opts.resume,
+        teacher_pipe, student, kept, harm, prompts, work, opts.distill, gen, resume=opts.resume,
         progress=lambda what, k, n, info: say(f"{what}: loss {info['loss']:.4f}", k, n),
     )
-    student_pipe = type(teacher_pipe)(**{**teacher_pipe.components, "transformer": student})
+    student_pipe = type(teacher_pipe)(**{**teacher_pipe.components, "transformer": student.to(teacher_pipe.dtype)})
     student_pipe.set_progress_bar_config(disable=True)
 
     # 6. scores, grid, report; OUT written atomically
@@ -157,6 +165,7 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
         "plan": plan.to_dict(),
         "importance": {"source": imp.source, "metric": imp.metric} if imp else None,
         "distill": asdict(opts.distill),
+        "sampling": gen.to_dict(),
         "losses": state.losses,
         "distill_seconds": round(state.seconds, 1),
         "total_seconds": round(time.time() - t_start, 1),
@@ -168,6 +177,8 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
                         "threads": torch.get_num_threads(), "machine": platform.machine()},
     }
     say("writing", 0, 1)
+    teacher_pipe.to("cpu", torch.float32)  # OUT is saved like the source: fp32 weights, stock-loadable
+    student_pipe.to("cpu", torch.float32)
     with atomic_dir(out, overwrite=opts.overwrite) as tmp:
         student_pipe.save_pretrained(tmp, safe_serialization=True)
         make_stock_loadable(tmp)
@@ -176,28 +187,25 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
         if imp is not None:
             (tmp / "hpedge_importance.json").write_text(json.dumps(imp.to_dict(), indent=2))
             heatmap(imp, tmp / "importance.png")
-        _teacher_student_grid(teacher_pipe, student_pipe, evaluator, opts.grid_samples, height, tmp / "teacher_vs_student.png")
+        _teacher_student_grid(teacher_pipe, student_pipe, evaluator, opts.grid_samples, gen, tmp / "teacher_vs_student.png",
+                              opts.prompts_file)
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
     shutil.rmtree(work, ignore_errors=True)
     return report
 
 
-def _resolution(path: Path | None, pipe: Any) -> int:
-    if path is not None and (path / "hpedge_zoo.json").exists():
-        return int(json.loads((path / "hpedge_zoo.json").read_text()).get("resolution", 32))
-    tr = pipe.transformer.config
-    return int(tr.get("sample_size", 64) * pipe.vae_scale_factor)
+def _teacher_student_grid(teacher: Any, student: Any, evaluator: str | None, n: int, gen: Defaults, path: Path,
+                          prompts_file: str | None = None) -> None:
+    """Row pairs: teacher images above the student's, same prompts and seeds, at the sampling defaults."""
+    from hpedge.evaluation.image import save_grid
 
-
-def _teacher_student_grid(teacher: Any, student: Any, evaluator: str | None, n: int, res: int, path: Path) -> None:
-    """Row pairs: teacher images above the student's, same prompts and seeds."""
-    from hpedge.evaluation.evaluate import generate, save_grid
-
-    prompts, _ = calibration(evaluator, max(n, 5), seed=3)
+    prompts, _ = calibration(evaluator, max(n, 5), seed=3, prompts_file=prompts_file)
     prompts = prompts[:: max(1, len(prompts) // n)][:n]
     seeds = list(range(len(prompts)))
-    a = generate(teacher, prompts, seeds, 16, 1.0)
-    b = generate(student, prompts, seeds, 16, 1.0)
+    a = sample(teacher, prompts, gen, seeds=seeds, batch_size=8)
+    b = sample(student, prompts, gen, seeds=seeds, batch_size=8)
+    if a.shape[-1] == 1:
+        a, b = a[..., 0], b[..., 0]
     cols = 8
     tiles, labels = teacher_student_rows(list(a), list(b), prompts, cols)
     save_grid(tiles, labels, path, cols=cols)

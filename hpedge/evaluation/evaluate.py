@@ -49,30 +49,22 @@ class EvalResult:
 
 def generate(pipe: Any, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch_size: int = 50,
              progress: Any = None) -> np.ndarray:
-    """Canvases in [0, 1], shape (N, H, W); sample i uses ``torch.Generator().manual_seed(seeds[i])``."""
-    import torch
+    """Digits canvases in [0, 1], shape (N, 32, 32); sample i uses ``torch.Generator().manual_seed(seeds[i])``.
 
-    from hpedge.models.denoise import MAX_SEQUENCE_LENGTH, family_of
+    The digits pipelines' sampling defaults (32 px, T5 length 16, how guidance is applied) come from the
+    zoo marker; the call itself is the shared ``hpedge.models.sampling.sample``.
+    """
+    from hpedge.models.sampling import Defaults, sample
+    from hpedge.zoo.text import MAX_LENGTH
 
+    kind = "cfg" if type(pipe).__name__.startswith("StableDiffusion3") else "true_cfg"
+    d = Defaults(32, 32, steps, guidance, kind, MAX_LENGTH, None, "digits evaluator")
     out = []
     for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
-        kwargs: dict[str, Any] = dict(
-            num_inference_steps=steps, height=32, width=32, output_type="np", generator=gens,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-        )
-        if family_of(pipe) == "sd3":
-            kwargs["guidance_scale"] = guidance
-        else:
-            kwargs["true_cfg_scale"] = guidance
-            if guidance > 1:
-                kwargs["negative_prompt"] = [""] * len(chunk)
-        with torch.no_grad():
-            imgs = pipe(chunk, **kwargs).images
-        out.append(np.asarray(imgs)[..., 0])
+        imgs = sample(pipe, prompts[i : i + batch_size], d, seeds=seeds[i : i + batch_size])
+        out.append(imgs[..., 0])
         if progress is not None:
-            progress(len(chunk))
+            progress(len(imgs))
     return np.concatenate(out).astype(np.float32)
 
 

@@ -35,7 +35,7 @@ def save_grid(canvases: list[np.ndarray | None] | np.ndarray, labels: list[str],
         if c is None:
             continue
         tile = Image.fromarray((np.clip(c, 0, 1) * 255).astype(np.uint8)).convert("RGB" if rgb else "L")
-        tile = tile.resize((cell, cell), Image.NEAREST)
+        tile = tile.resize((cell, cell), Image.LANCZOS if tile.width > cell else Image.NEAREST)
         img.paste(tile, (k * cell, tops[r]))
         for j, line in enumerate(lines):
             draw.text((k * cell + 2, tops[r] + cell + 2 + j * LINE_PX), line, fill="black")
@@ -43,3 +43,16 @@ def save_grid(canvases: list[np.ndarray | None] | np.ndarray, labels: list[str],
 
     with atomic_file(path) as tmp:
         img.save(tmp, format="PNG")
+
+
+def save_image(image: np.ndarray, path: Path) -> None:
+    """One image (H, W) or (H, W, C) in [0, 1] as a PNG at its own size (atomically written)."""
+    from PIL import Image
+
+    from hpedge.io import atomic_file
+
+    a = (np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    with atomic_file(Path(path)) as tmp:
+        Image.fromarray(a).save(tmp, format="PNG")

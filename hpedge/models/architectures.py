@@ -1,55 +1,63 @@
-"""Real-scale transformer configs (as published in each checkpoint's ``transformer/config.json``).
+"""The real architectures hpedge knows, as data: ``hpedge/models/configs/NAME.json``.
 
-They are built on the meta device, so parameter and byte counts at full scale cost no memory.
+Each file holds what a checkpoint's own config files publish (transformer, scheduler, VAE, text
+encoders, tokenizer lengths) plus the pipeline's recommended sampling defaults. The same data builds
+the meta-device models of ``info`` / ``plan`` (exact parameter counts, no memory) and the tiny
+random-weight fixtures of ``hpedge.models.fixtures``, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
-_SD35_LARGE: dict[str, Any] = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=38,
-    attention_head_dim=64,
-    num_attention_heads=38,
-    joint_attention_dim=4096,
-    caption_projection_dim=2432,
-    pooled_projection_dim=2048,
-    pos_embed_max_size=192,
-    qk_norm="rms_norm",
-)
-_FLUX1: dict[str, Any] = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    axes_dims_rope=(16, 56, 56),
-)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# structural transformer fields that identify an architecture (width and depth excluded)
+STRUCTURE = ("patch_size", "in_channels", "qk_norm", "pos_embed_max_size", "guidance_embeds")
+
+
+@lru_cache(maxsize=None)
+def _load_all() -> dict[str, dict[str, Any]]:
+    out = {}
+    for f in sorted(CONFIG_DIR.glob("*.json")):
+        data = json.loads(f.read_text())
+        out[data["name"]] = data
+    return out
+
+
+def architecture(name: str) -> dict[str, Any]:
+    """The full record of architecture ``name`` (a copy: callers may modify it)."""
+    return json.loads(json.dumps(_load_all()[name]))
+
 
 ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
-    "sd3.5-large": ("sd3", _SD35_LARGE),
-    "sd3.5-large-turbo": ("sd3", _SD35_LARGE),
-    "sd3.5-medium": (
-        "sd3",
-        dict(
-            _SD35_LARGE,
-            num_layers=24,
-            num_attention_heads=24,
-            caption_projection_dim=1536,
-            pos_embed_max_size=384,
-            dual_attention_layers=tuple(range(13)),
-        ),
-    ),
-    "flux.1-schnell": ("flux", dict(_FLUX1, guidance_embeds=False)),
-    "flux.1-dev": ("flux", dict(_FLUX1, guidance_embeds=True)),
+    name: (a["family"], a["transformer"]) for name, a in _load_all().items()
 }
+
+
+def match(family: str, transformer_config: dict[str, Any], hint: str = "") -> str | None:
+    """The architecture whose structure ``transformer_config`` has (width and depth may differ).
+
+    SD3.5 Large and Large Turbo share one structure; ``hint`` (e.g. the folder name) picks the
+    candidate whose name it contains, otherwise the first (the non-distilled) one is taken.
+    """
+    def dual(cfg: dict[str, Any]) -> bool:
+        return bool(cfg.get("dual_attention_layers") or ())
+
+    found = []
+    for name, a in _load_all().items():
+        t = a["transformer"]
+        if a["family"] != family or dual(t) != dual(transformer_config):
+            continue
+        if all(t.get(k) == transformer_config.get(k) for k in STRUCTURE if k in t):
+            found.append(name)
+    if not found:
+        return None
+    hint = hint.lower()
+    named = [n for n in found if n.split("-")[-1] in hint and n.count("-") > 1]
+    return (named or sorted(found, key=len))[0]
 
 
 def build_on_meta(name: str):  # -> torch.nn.Module on the meta device
@@ -71,36 +79,40 @@ def transformer_class(family: str):
     return FluxTransformer2DModel
 
 
-def pipeline_extras_on_meta(name: str) -> dict[str, int]:
-    """Parameter counts of the other pipeline components (text encoders, VAE) of architecture ``name``.
+def text_encoder(spec: dict[str, Any]):  # -> a transformers model
+    """A randomly initialised text encoder from one ``text_encoders`` entry of an architecture record."""
+    import transformers
 
-    Built on the meta device from the published configs (CLIP-L, OpenCLIP bigG, T5-XXL encoder,
-    the 16-channel VAE), so the counts are exact and cost no memory.
-    """
+    spec = dict(spec)
+    cls = getattr(transformers, spec.pop("class"))
+    if cls.__name__.startswith("T5"):
+        return cls(transformers.T5Config(**spec))
+    return cls(transformers.CLIPTextConfig(**spec))
+
+
+def vae_config(spec: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+
+
+def pipeline_extras_on_meta(name: str) -> dict[str, int]:
+    """Parameter counts of the other pipeline components (text encoders, VAE) of architecture ``name``,
+    built on the meta device from the same records, so the counts are exact and cost no memory."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    family, _ = ARCHITECTURES[name]
-    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                            projection_dim=768, hidden_act="quick_gelu")
-    clip_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                            projection_dim=1280, hidden_act="gelu")
-    t5 = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                  feed_forward_proj="gated-gelu")
-    vae = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-               layers_per_block=2)
+    a = architecture(name)
+    labels = {"CLIPTextModelWithProjection": "clip", "CLIPTextModel": "clip", "T5EncoderModel": "t5_xxl"}
 
     def n(m: object) -> int:
         # T5's input embedding is tied to ``shared``; on the meta device the tie is not made, so skip it
         return sum(p.numel() for k, p in m.named_parameters() if k != "encoder.embed_tokens.weight")  # type: ignore[attr-defined]
 
+    out: dict[str, int] = {}
     with init_empty_weights():
-        out = {"vae": n(AutoencoderKL(**vae)), "t5_xxl": n(T5EncoderModel(t5))}
-        if family == "sd3":
-            out["clip_l"] = n(CLIPTextModelWithProjection(clip_l))
-            out["clip_g"] = n(CLIPTextModelWithProjection(clip_g))
-        else:
-            out["clip_l"] = n(CLIPTextModel(clip_l))
+        out["vae"] = n(AutoencoderKL(**vae_config(a["vae"])))
+        for spec in a["text_encoders"].values():
+            label = labels[spec["class"]]
+            if label == "clip":
+                label = "clip_l" if spec["hidden_size"] == 768 else "clip_g"
+            out[label] = n(text_encoder(spec))
     return out

@@ -9,14 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-MAX_SEQUENCE_LENGTH = 16  # the digits pipelines are trained with this T5 length
-
 
 @dataclass
 class Conditioning:
     prompt_embeds: Any
     pooled: Any
     text_ids: Any = None  # FLUX only
+    guidance: float | None = None  # FLUX.1-dev's distilled guidance scale (a transformer input)
 
 
 def family_of(obj: Any) -> str:
@@ -31,8 +30,9 @@ def family_of(obj: Any) -> str:
     raise ValueError(f"unsupported transformer class {tname}")
 
 
-def encode(pipe: Any, prompts: list[str], max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> Conditioning:
-    """Text conditioning through the pipeline's own encoders (keeps autograd if enabled)."""
+def encode(pipe: Any, prompts: list[str], max_sequence_length: int, guidance: float | None = None) -> Conditioning:
+    """Text conditioning through the pipeline's own encoders (keeps autograd if enabled), on the
+    transformer's device. ``guidance`` is passed to guidance-distilled FLUX transformers."""
     device = pipe.transformer.device
     if family_of(pipe) == "sd3":
         pe, _, pooled, _ = pipe.encode_prompt(
@@ -47,7 +47,7 @@ def encode(pipe: Any, prompts: list[str], max_sequence_length: int = MAX_SEQUENC
     pe, pooled, text_ids = pipe.encode_prompt(
         prompt=prompts, prompt_2=prompts, device=device, max_sequence_length=max_sequence_length
     )
-    return Conditioning(pe, pooled, text_ids)
+    return Conditioning(pe, pooled, text_ids, guidance)
 
 
 def transformer_kwargs(transformer: Any, latents: Any, sigma: Any, cond: Conditioning) -> dict[str, Any]:
@@ -69,7 +69,13 @@ def transformer_kwargs(transformer: Any, latents: Any, sigma: Any, cond: Conditi
     txt_ids = cond.text_ids
     if txt_ids is None:
         txt_ids = torch.zeros(cond.prompt_embeds.shape[1], 3, dtype=latents.dtype, device=latents.device)
+    kw: dict[str, Any] = {}
+    if transformer.config.get("guidance_embeds"):
+        if cond.guidance is None:
+            raise ValueError("this FLUX transformer embeds the guidance scale: pass guidance to encode()")
+        kw["guidance"] = torch.full((b,), float(cond.guidance), dtype=torch.float32, device=latents.device)
     return dict(
+        **kw,
         hidden_states=packed,
         encoder_hidden_states=cond.prompt_embeds,
         pooled_projections=cond.pooled,

@@ -64,6 +64,28 @@ def _family_of_folder(path: Path) -> str:
     return PIPELINE_CLASSES[cls]
 
 
+class _Dtypes(dict):  # mixed-precision name -> torch dtype, resolved lazily (importing hpedge must not import torch)
+    def __getitem__(self, key: str) -> Any:
+        import torch
+
+        return {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[key]
+
+
+TORCH_DTYPES = _Dtypes()
+
+
+def compute_device() -> Any:
+    """Where analysis, the sample pool and training run: the first CUDA device unless none is present or
+    ``ACCELERATE_USE_CPU`` is set (as Accelerate decides), else the CPU."""
+    import os
+
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in {"1", "true", "yes"} or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
 def _quiet_loaders() -> None:
     import diffusers
     import transformers

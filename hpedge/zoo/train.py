@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpedge.zoo.text import MAX_LENGTH as MAX_SEQUENCE_LENGTH
 from hpedge.zoo.digits import CATEGORIES, SIZES, render, sample_prompt
 
 
@@ -230,7 +231,6 @@ def train_t5(out: Path, steps: int, seed: int, batch_size: int = 128) -> dict:
     import torch
     from transformers import T5EncoderModel
 
-    from hpedge.models.denoise import MAX_SEQUENCE_LENGTH
     from hpedge.zoo.build import FLUX_TRANSFORMER, _t5_config
     from hpedge.zoo.text import t5_tokenizer
 
@@ -278,7 +278,7 @@ def train_sd3_text(out: Path, steps: int, seed: int, batch_size: int = 128) -> d
     """
     import torch
 
-    from hpedge.models.denoise import MAX_SEQUENCE_LENGTH, encode
+    from hpedge.models.denoise import encode
     from hpedge.zoo.build import TEXT_HIDDEN, new_pipeline
 
     pipe = new_pipeline("sd3", None)  # the encoders initialised exactly as a new digits-sd3's
@@ -293,7 +293,7 @@ def train_sd3_text(out: Path, steps: int, seed: int, batch_size: int = 128) -> d
     encoders = [getattr(pipe, name) for name in SD3_TEXT_ENCODERS]
 
     def logits(texts) -> dict:
-        cond = encode(pipe, texts)
+        cond = encode(pipe, texts, MAX_SEQUENCE_LENGTH)
         clip, t5 = cond.prompt_embeds[:, :-MAX_SEQUENCE_LENGTH], cond.prompt_embeds[:, -MAX_SEQUENCE_LENGTH:]
         b = len(texts)
         return {
@@ -400,16 +400,16 @@ def train_pipeline(
         # a GPU: the same seed gives the same prompts, latent samples, noise levels and noise on any device.
         with torch.no_grad():
             x0 = (latent_sample(vae.encode(torch.from_numpy(c)[:, None].to(dev) * 2 - 1).latent_dist) - shift) * scale
-        cond = encode(pipe, texts)
+        cond = encode(pipe, texts, MAX_SEQUENCE_LENGTH)
         if drop_pooled > 0:  # the empty prompt's pooled vector for some samples: the sequence must carry the prompt
             drop = torch.from_numpy(drop_rng.random(batch_size) < drop_pooled)[:, None].to(dev)
             with torch.no_grad():
-                empty = encode(pipe, [""]).pooled
+                empty = encode(pipe, [""], MAX_SEQUENCE_LENGTH).pooled
             cond.pooled = torch.where(drop, empty.expand_as(cond.pooled), cond.pooled)
         if drop_clip > 0:  # sd3: both CLIPs' part (their tokens and pooled vector) as for the empty prompt
             drop = torch.from_numpy(clip_rng.random(batch_size) < drop_clip).to(dev)
             with torch.no_grad():
-                empty = encode(pipe, [""])
+                empty = encode(pipe, [""], MAX_SEQUENCE_LENGTH)
             cond = without_clip(pipe, cond, empty, drop)
         sigma = torch.sigmoid(torch.randn(batch_size)).to(dev)
         noise = flow_noise(x0)
@@ -419,7 +419,7 @@ def train_pipeline(
         target = noise - x0
         if model_guidance > 0:  # model guidance: learn the guided velocity, so sampling at guidance 1 is guided
             with torch.no_grad():
-                uncond = predict(pipe.transformer, xt, sigma, encode(pipe, [""] * batch_size))
+                uncond = predict(pipe.transformer, xt, sigma, encode(pipe, [""] * batch_size, MAX_SEQUENCE_LENGTH))
             prompted = torch.tensor([t != "" for t in texts], dtype=x0.dtype, device=dev)[:, None, None, None]
             target = target + model_guidance * prompted * (pred.detach() - uncond)
         loss = torch.nn.functional.mse_loss(pred, target)
@@ -490,11 +490,12 @@ def _device_name(dev) -> str:
 
 def write_marker(folder: Path) -> None:
     """``hpedge_zoo.json``: tells hpedge that this pipeline is judged by the digits evaluator."""
-    from hpedge.models.denoise import MAX_SEQUENCE_LENGTH
+    from hpedge.zoo.text import MAX_LENGTH
 
-    (folder / "hpedge_zoo.json").write_text(
-        json.dumps({"evaluator": "digits", "max_sequence_length": MAX_SEQUENCE_LENGTH, "resolution": 32}, indent=2) + "\n"
-    )
+    kind = "cfg" if (folder / "text_encoder_3").exists() else "true_cfg"
+    (folder / "hpedge_zoo.json").write_text(json.dumps(
+        {"evaluator": "digits", "max_sequence_length": MAX_LENGTH, "resolution": 32, "steps": 16, "guidance": 1.0,
+         "guidance_kind": kind}, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
