@@ -350,6 +350,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
            compute: Annotated[str, typer.Option(help="precision the TensorRT-input INT4 graph computes in: fp16 | fp32 (the CPU variant is fp32)")] = "fp16",
            fp32_reference: Annotated[bool, typer.Option(help="also ship the fp32 transformer (larger than the original's bf16 weights; for debugging, `--variant fp32`)")] = False,
            calibration_prompts: Annotated[int, typer.Option(help="prompts for calibration (and as many held out for parity)")] = 8,
+           steps: Annotated[Optional[int], typer.Option(help="denoising steps of the calibration runs and the end-to-end check (default: the model's)")] = None,
            protect: Annotated[Optional[list[str]], typer.Option(help="regex of layers kept in full precision (repeatable)")] = None,
            allow_parity_failure: Annotated[bool, typer.Option(help="write the package even if parity fails (recorded in the manifest)")] = False,
            archive: Annotated[bool, typer.Option(help="also write PACKAGE.tar")] = False,
@@ -357,7 +358,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
     """ONNX + INT4 AWQ + TensorRT engines (TensorRT-RTX on any host, or an on-device build) + parity -> a self-describing package."""
     from hpedge.export.pipeline import ExportOptions, export as run
 
-    opts = ExportOptions(target=target, engine=engine, method=method, exporter=exporter, cpu_kernel=cpu_kernel, compute=compute,
+    opts = ExportOptions(target=target, engine=engine, steps=steps, method=method, exporter=exporter, cpu_kernel=cpu_kernel, compute=compute,
                          fp32_reference=fp32_reference,
                          calibration_prompts=calibration_prompts, allow_parity_failure=allow_parity_failure,
                          archive=archive, overwrite=overwrite, protect=list(protect or []))

@@ -47,6 +47,8 @@ class IOSpec:
                 out[name] = rng.uniform(0.05, 0.95, size=shape).astype(np.float32)
             elif name in ("img_ids", "txt_ids"):
                 out[name] = np.zeros(shape, np.float32)
+            elif name == "guidance":
+                out[name] = rng.uniform(1.0, 5.0, size=shape).astype(np.float32)
             else:
                 out[name] = rng.standard_normal(shape).astype(np.float32)
         return out
@@ -87,7 +89,28 @@ def _transformer_wrapper(transformer: Any) -> Any:
                           pooled_projections=pooled_projections.to(dt), timestep=timestep, img_ids=img_ids,
                           txt_ids=txt_ids, return_dict=False)[0].float()
 
-    return (SD3() if family == "sd3" else Flux()).eval()
+    class FluxGuided(torch.nn.Module):  # FLUX.1-dev: the distilled guidance scale is an input
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = transformer
+
+        def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,  # type: ignore[no-untyped-def]
+                    guidance):
+            return self.m(hidden_states=hidden_states.to(dt), encoder_hidden_states=encoder_hidden_states.to(dt),
+                          pooled_projections=pooled_projections.to(dt), timestep=timestep, img_ids=img_ids,
+                          txt_ids=txt_ids, guidance=guidance, return_dict=False)[0].float()
+
+    if family == "sd3":
+        return SD3().eval()
+    return (FluxGuided() if transformer.config.get("guidance_embeds") else Flux()).eval()
+
+
+def input_names(transformer: Any) -> list[str]:
+    """The transformer graph's inputs, in order."""
+    base = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
+    if family_of(transformer) == "sd3":
+        return base
+    return base + ["img_ids", "txt_ids"] + (["guidance"] if transformer.config.get("guidance_embeds") else [])
 
 
 def text_seq_len(pipe: Any, max_sequence_length: int) -> int:
@@ -129,6 +152,9 @@ def transformer_spec(pipe: Any, res: tuple[int, int, int], batch: tuple[int, int
         axes = {"hidden_states": {0: "batch", 1: "img_seq"}, "encoder_hidden_states": {0: "batch", 1: "text_seq"},
                 "pooled_projections": {0: "batch"}, "timestep": {0: "batch"}, "img_ids": {0: "img_seq"},
                 "txt_ids": {0: "text_seq"}, "out": {0: "batch", 1: "img_seq"}}
+        if cfg.get("guidance_embeds"):
+            ins["guidance"] = tuple((b,) for b in batch)
+            axes["guidance"] = {0: "batch"}
     return IOSpec(inputs=ins, outputs=["out"], dynamic_axes=axes)  # type: ignore[arg-type]
 
 
@@ -159,11 +185,39 @@ def _export(module: Any, args: tuple[Any, ...], path: Path, names: list[str], ou
             torch.onnx.export(module, args, str(tmp), dynamo=False, input_names=names, output_names=outputs,
                               dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True)
     proto = onnx.load(str(tmp), load_external_data=True)
+    drop_noop_casts(proto, onnx.load(str(tmp), load_external_data=False))
     for f in path.parent.glob(tmp.name + "*"):
         f.unlink()
     if tmp.with_suffix(".onnx.data").exists():
         tmp.with_suffix(".onnx.data").unlink()
     _save(proto, path)
+
+
+def drop_noop_casts(proto: Any, light: Any) -> int:
+    """Remove ``Cast`` nodes whose input already has the target type (e.g. diffusers' ``.to(x.dtype)`` in
+    AdaLayerNormContinuous, traced in an fp16 graph as an fp16 -> fp16 Cast). ModelOpt's INT4 pass
+    rewrites such a Cast into an fp32 one and ONNX Runtime then rejects the graph. Types come from shape
+    inference on ``light`` (the same graph without weights, so models above 2 GB work too)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(light)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.input,
+                                                             *inferred.graph.output)}
+    types.update({t.name: t.data_type for t in light.graph.initializer})
+    graph_outputs = {o.name for o in proto.graph.output}
+    rename: dict[str, str] = {}
+    keep = []
+    for n in proto.graph.node:
+        n.input[:] = [rename.get(i, i) for i in n.input]
+        to = next((a.i for a in n.attribute if a.name == "to"), None) if n.op_type == "Cast" else None
+        if to is not None and types.get(n.input[0]) == to and n.output[0] not in graph_outputs:
+            rename[n.output[0]] = n.input[0]
+            continue
+        keep.append(n)
+    if rename:
+        del proto.graph.node[:]
+        proto.graph.node.extend(keep)
+    return len(rename)
 
 
 def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str = "auto", dtype: str = "fp32") -> str:
@@ -208,6 +262,8 @@ def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str
             nmin, nmax = spec.inputs["hidden_states"][0][1], spec.inputs["hidden_states"][2][1]
             n = Dim("img_seq", min=max(1, nmin), max=max(2, nmax))
             dynamic_shapes = ({0: b, 1: n}, {0: b}, {0: b}, {0: b}, {0: n}, None)
+            if "guidance" in spec.inputs:
+                dynamic_shapes = (*dynamic_shapes, {0: b})
     if exporter not in ("legacy", "dynamo"):
         raise HpedgeError(f"unknown exporter {exporter!r} (auto, legacy, dynamo)")
     undo: Any = None  # export-only changes to the position embedding, undone afterwards

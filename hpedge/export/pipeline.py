@@ -31,7 +31,8 @@ from hpedge.errors import HpedgeError
 from hpedge.export import onnx_export as ox
 from hpedge.export.parity import Check, ParityReport
 from hpedge.io import atomic_dir
-from hpedge.models.denoise import MAX_SEQUENCE_LENGTH, family_of
+from hpedge.models.denoise import family_of
+from hpedge.models.sampling import Defaults, check_pipeline, defaults as sampling_defaults, sample, with_overrides
 from hpedge.targets import Profile, load_profile
 
 
@@ -42,7 +43,7 @@ class ExportOptions:
     method: str = "awq_clip"  # awq_clip | rtn
     exporter: str = "auto"
     calibration_prompts: int = 8
-    steps: int = 16
+    steps: int | None = None  # denoising steps of the calibration runs and the end-to-end check; None: the model's
     allow_parity_failure: bool = False
     archive: bool = False
     overwrite: bool = False
@@ -77,13 +78,13 @@ def resolution_range(pipe: Any, profile: Profile, marker: dict[str, Any]) -> tup
 
 
 def _plan_engines(pipe: Any, spec: ox.IOSpec, res: tuple[int, int, int], profile: Profile, mode: str,
-                  reason: str) -> dict[str, Any]:
+                  reason: str, max_sequence_length: int) -> dict[str, Any]:
     """The manifest's ``engines`` section before any build: library, GPUs, and each component's ONNX and shapes."""
     from hpedge.export import engine_build
 
     io = spec.to_dict()["inputs"]
     batch_axes = {k: spec.dynamic_axes.get(k, {}).get(0) == "batch" for k in io}
-    text_lengths = {name: length for name, (_, length) in ox.text_inputs(pipe, MAX_SEQUENCE_LENGTH).items()}
+    text_lengths = {name: length for name, (_, length) in ox.text_inputs(pipe, max_sequence_length).items()}
     latents = tuple(r // pipe.vae_scale_factor for r in res)
     comps = engine_build.component_plan(family_of(pipe), io, batch_axes, text_lengths,
                                         int(pipe.vae.config.latent_channels), latents, profile)  # type: ignore[arg-type]
@@ -117,11 +118,10 @@ def _engine_parity(root: Path, engines: dict[str, Any], feeds: list[dict[str, np
     return {"run": True, "passed": c.passed, **c.metrics}
 
 
-def capture_inputs(pipe: Any, prompts: list[str], steps: int, res: int, names: list[str], seed: int,
+def capture_inputs(pipe: Any, prompts: list[str], gen: Defaults, names: list[str], seed: int,
                    every: int = 4) -> list[dict[str, np.ndarray]]:
-    """Transformer inputs recorded during real denoising runs (every ``every``-th step)."""
-    import torch
-
+    """Transformer inputs recorded during real denoising runs (every ``every``-th call) at sampling
+    defaults ``gen``: with CFG, the [negative, positive] batch the pipeline really feeds the transformer."""
     feeds: list[dict[str, np.ndarray]] = []
     counter = {"n": 0}
 
@@ -132,15 +132,12 @@ def capture_inputs(pipe: Any, prompts: list[str], steps: int, res: int, names: l
 
     h = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        kw: dict[str, Any] = dict(num_inference_steps=steps, height=res, width=res, output_type="latent",
-                                  max_sequence_length=MAX_SEQUENCE_LENGTH,
-                                  generator=torch.Generator().manual_seed(seed))
-        if family_of(pipe) == "sd3":
-            kw["guidance_scale"] = 1.0
-        with torch.no_grad():
-            pipe(prompts, **kw)
+        sample(pipe, prompts, gen, seeds=[seed * 1000 + i for i in range(len(prompts))], output="latent")
     finally:
         h.remove()
+    for f in feeds:  # the pipeline passes one guidance value per sample; the graph takes one per batch row
+        if "guidance" in names and "guidance" in f and f["guidance"].shape[0] != f["hidden_states"].shape[0]:
+            f["guidance"] = np.broadcast_to(f["guidance"], (f["hidden_states"].shape[0],)).astype(np.float32)
     return feeds
 
 
@@ -151,7 +148,7 @@ def _torch_outputs(pipe: Any, feeds: list[dict[str, np.ndarray]]) -> list[np.nda
     outs = []
     with torch.no_grad():
         for f in feeds:
-            outs.append(wrapper(*(torch.from_numpy(f[n]) for n in _input_order(pipe))).numpy())
+            outs.append(wrapper(*(torch.from_numpy(f[n]) for n in ox.input_names(pipe.transformer))).numpy())
     return outs
 
 
@@ -183,11 +180,6 @@ def load_reference(package: Path, manifest: dict[str, Any]) -> tuple[list[dict[s
     return feeds, [t[f"{i}/out"] for i in range(ref["samples"])]
 
 
-def _input_order(pipe: Any) -> list[str]:
-    base = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
-    return base if family_of(pipe) == "sd3" else base + ["img_ids", "txt_ids"]
-
-
 def _verify_fp32(pipe: Any, path: Path, spec: ox.IOSpec, profile: Profile) -> dict[str, float]:
     """The fresh-input check that runs before anything else: min and max shapes, new random data."""
     from hpedge.backends import ort
@@ -209,9 +201,9 @@ def _verify_fp32(pipe: Any, path: Path, spec: ox.IOSpec, profile: Profile) -> di
     return errs
 
 
-def _tokenizer_entries(pipe: Any, root: Path) -> dict[str, Any]:
+def _tokenizer_entries(pipe: Any, root: Path, max_sequence_length: int) -> dict[str, Any]:
     out = {}
-    for name, (attr, length) in ox.text_inputs(pipe, MAX_SEQUENCE_LENGTH).items():
+    for name, (attr, length) in ox.text_inputs(pipe, max_sequence_length).items():
         tok = getattr(pipe, attr)
         folder = root / "tokenizers" / attr
         tok.save_pretrained(folder)
@@ -249,10 +241,15 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
     t0 = time.time()
     say("loading pipeline")
     pipe = load_pipeline(ref)
+    check_pipeline(pipe)
     marker = _marker(ref.path)
     res = resolution_range(pipe, profile, marker)
     batch = (profile.batch.min, profile.batch.opt, profile.batch.max)
-    spec = ox.transformer_spec(pipe, res, batch, MAX_SEQUENCE_LENGTH)
+    model_gen = sampling_defaults(pipe, ref.path)
+    # calibration and the end-to-end check sample at the model's defaults, at the profile's opt size
+    gen = with_overrides(model_gen, height=res[1], width=res[1], steps=opts.steps)
+    seq = gen.max_sequence_length
+    spec = ox.transformer_spec(pipe, res, batch, seq)
     compress_report = json.loads((ref.path / "hpedge_compress.json").read_text()) if ref.path and (ref.path / "hpedge_compress.json").exists() else None
     report_path = out.resolve().parent / f"{out.name}.parity.json"
 
@@ -269,9 +266,9 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
 
         prompts, _ = calibration(evaluator_of(ref.path), 2 * opts.calibration_prompts, seed=21)
         half = len(prompts) // 2
-        names = _input_order(pipe)
-        calib = capture_inputs(pipe, prompts[:half], opts.steps, res[1], names, seed=1)
-        held = capture_inputs(pipe, prompts[half:], opts.steps, res[1], names, seed=2)
+        names = ox.input_names(pipe.transformer)
+        calib = capture_inputs(pipe, prompts[:half], gen, names, seed=1)
+        held = capture_inputs(pipe, prompts[half:], gen, names, seed=2)
 
         # Two INT4 variants. int4 is what TensorRT builds from: its engine is strongly typed, so the graph's
         # own types decide the kernels, and the graph computes in opts.compute (fp16: ModelOpt then writes
@@ -290,12 +287,12 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         store_floats_fp16(int4)  # 4-bit weights, 16-bit rest (an fp32 graph keeps its DequantizeLinear scales fp32)
 
         say("exporting text encoders and VAE decoder")
-        ox.export_text(pipe, tmp / "text" / "model.onnx", MAX_SEQUENCE_LENGTH)
+        ox.export_text(pipe, tmp / "text" / "model.onnx", seq)
         ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "model.onnx", res[1] // pipe.vae_scale_factor)
-        toks = _tokenizer_entries(pipe, tmp)
+        toks = _tokenizer_entries(pipe, tmp, seq)
         pipe.scheduler.save_pretrained(tmp / "scheduler")
 
-        engines = _plan_engines(pipe, spec, res, profile, opts.engine, engine_reason)
+        engines = _plan_engines(pipe, spec, res, profile, opts.engine, engine_reason, seq)
         if build_now:
             engines["components"] = engine_build.build_all(tmp, engines["components"], profile.to_dict(), say)
             engines["status"] = "built"
@@ -317,11 +314,16 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         reference = _save_reference(tmp / "parity" / "reference.safetensors", held[:REFERENCE_SAMPLES], ref_out[:REFERENCE_SAMPLES])
         shutil.rmtree(work, ignore_errors=True)
         variants = {v: f"transformer/{v}/model.onnx" for v in ("fp32", "int4", "int4_cpu") if (tmp / "transformer" / v).exists()}
-        gen = {
+        generation = {
             "family": family_of(pipe), "resolution": res[1], "resolution_range": list(res),
             "latent_channels": pipe.transformer.config.in_channels // (1 if family_of(pipe) == "sd3" else 4),
-            "vae_scale_factor": pipe.vae_scale_factor, "max_sequence_length": MAX_SEQUENCE_LENGTH,
-            "tokenizers": toks, "default_steps": opts.steps, "timestep_scale": 1000.0 if family_of(pipe) == "sd3" else 1.0,
+            "vae_scale_factor": pipe.vae_scale_factor, "max_sequence_length": seq,
+            "tokenizers": toks, "default_steps": model_gen.steps, "timestep_scale": 1000.0 if family_of(pipe) == "sd3" else 1.0,
+            "height": _within(model_gen.height, res), "width": _within(model_gen.width, res),
+            "size_multiple": pipe.vae_scale_factor * 2,
+            "guidance": {"kind": model_gen.guidance_kind, "default": model_gen.guidance},
+            "scheduler": {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},
+            "defaults_source": model_gen.source,
         }
         manifest: dict[str, Any] = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -338,7 +340,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
                                 "reference": reference},
                 "vae_decoder": {"file": "vae_decoder/model.onnx", "precision": "fp32"},
             },
-            "generation": gen,
+            "generation": generation,
             "int4": {**{k: v for k, v in qrep.to_dict().items() if k != "layer_error"}, "compute": opts.compute,
                      "cpu_kernel": opts.cpu_kernel, "cpu_converted": n_cpu, "report": "quant_report.json"},
             "engines": engines,
@@ -349,7 +351,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
              **({"int4_cpu_source": qrep_fp32.to_dict()} if qrep_fp32 is not qrep else {})}, indent=2))
         finalize_manifest(tmp, manifest)  # the runtime verifies files, so finish once before the e2e check
         say("end-to-end check through the packaged components")
-        report.checks.append(_e2e_check(pipe, tmp, prompts[half:][: opts.e2e_samples], opts.steps, p.e2e_min_psnr_db))
+        report.checks.append(_e2e_check(pipe, tmp, prompts[half:][: opts.e2e_samples], gen, p.e2e_min_psnr_db))
         (tmp / "parity.json").write_text(json.dumps(report.to_dict(), indent=2))
         if not report.passed and not opts.allow_parity_failure:
             report_path.write_text(json.dumps(report.to_dict(), indent=2))
@@ -366,34 +368,31 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
     return manifest
 
 
-def _e2e_check(pipe: Any, root: Path, prompts: list[str], steps: int, min_psnr: float) -> Check:
-    """Full generations: original pipeline vs packaged components (int4_cpu), same prompts and noise."""
+def _within(value: int, res: tuple[int, int, int]) -> int:
+    """The model's default size if the package covers it, else the profile's opt size."""
+    return value if res[0] <= value <= res[2] else res[1]
+
+
+def _e2e_check(pipe: Any, root: Path, prompts: list[str], gen: Defaults, min_psnr: float) -> Check:
+    """Full generations: stock diffusers (the original pipeline's own call) vs the packaged components
+    (int4_cpu), same prompts, initial noise, steps, size and guidance (the model's default: CFG batches,
+    FLUX.1-dev's guidance input and the scheduler's shift are all in the comparison)."""
     import torch
 
     from hpedge.export.parity import quality
     from hpedge.runtime import Package
 
     pkg = Package(root, variant="int4_cpu", device="cpu")
-    lat = pkg.initial_latents(len(prompts), seed=5)
-    if family_of(pipe) == "flux":
-        from hpedge.runtime import pack
-
-        lat_in = torch.from_numpy(pack(lat))
-    else:
-        lat_in = torch.from_numpy(lat)
-    with torch.no_grad():
-        gen_kw: dict[str, Any] = dict(num_inference_steps=steps, height=pkg.manifest["generation"]["resolution"],
-                                      width=pkg.manifest["generation"]["resolution"], output_type="np",
-                                      latents=lat_in, max_sequence_length=MAX_SEQUENCE_LENGTH)
-        if family_of(pipe) == "sd3":
-            gen_kw["guidance_scale"] = 1.0
-        ref = np.asarray(pipe(prompts, **gen_kw).images)
+    lat = pkg.initial_latents(len(prompts), seed=5, height=gen.height, width=gen.width)
+    ref = sample(pipe, prompts, gen, latents=torch.from_numpy(lat))
     ref = ref[..., 0] if ref.shape[-1] == 1 else ref
-    got = pkg.generate(prompts, steps=steps, latents=lat)
+    got = pkg.generate(prompts, steps=gen.steps, guidance=gen.guidance, latents=lat)
     q = [quality(r, g) for r, g in zip(ref, got)]
     psnr = min(x["psnr_db"] for x in q)
-    return Check("end-to-end images: package (int4_cpu) vs original pipeline", psnr >= min_psnr,
-                 {"min_psnr_db": psnr, "mean_psnr_db": float(np.mean([x["psnr_db"] for x in q]))}, {"min_psnr_db": min_psnr})
+    return Check("end-to-end images: package (int4_cpu) vs stock diffusers", psnr >= min_psnr,
+                 {"min_psnr_db": psnr, "mean_psnr_db": float(np.mean([x["psnr_db"] for x in q])),
+                  "steps": gen.steps, "guidance": gen.guidance, "size": [gen.height, gen.width]},
+                 {"min_psnr_db": min_psnr})
 
 
 def _versions() -> dict[str, str]:
@@ -436,7 +435,7 @@ def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
         result["checks"].append(asdict(c))
     result["checks"].extend(_engine_checks(package, pkg.manifest, feeds, ref))
     img = pkg.generate(["a 3 on the left and a 7 on the right"] if pkg.manifest["source"].get("evaluator") == "digits"
-                       else ["a photo of a cat"], seed=0, steps=4)
+                       else ["a photo of a cat"], seed=0, steps=min(4, pkg.manifest["generation"]["default_steps"]))
     ok = bool(np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1)
     result["checks"].append({"name": "package generates finite images in [0, 1]", "passed": ok})
     result["passed"] = all(c["passed"] for c in result["checks"])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import numpy as np
 from hpedge.errors import HpedgeError
 
 SCHEMA = "hpedge-package/1"
+log = logging.getLogger("hpedge.runtime")
 MANIFEST = "manifest.json"
 
 
@@ -63,15 +66,54 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> None:
             raise HpedgeError(f"package file {rel} does not match its sha256 (tampered or corrupt)", HpedgeError.CHECK_FAILED)
 
 
-def sigmas(family: str, steps: int) -> np.ndarray:
-    """The flow-matching Euler schedule the stock pipelines use (shift 1), with the final 0 appended."""
+def _shift(cfg: dict[str, Any], s: np.ndarray, mu: float | None) -> np.ndarray:
+    """The scheduler's static or resolution-dependent (dynamic) shift of sigmas ``s``."""
+    if cfg.get("use_dynamic_shifting"):
+        if cfg.get("time_shift_type", "exponential") == "exponential":
+            return math.exp(mu) / (math.exp(mu) + (1 / s - 1))  # type: ignore[arg-type, no-any-return]
+        return mu / (mu + (1 / s - 1))  # type: ignore[no-any-return, operator]
+    shift = float(cfg.get("shift", 1.0))
+    return shift * s / (1 + (shift - 1) * s)  # type: ignore[no-any-return]
+
+
+def calculate_shift(cfg: dict[str, Any], image_seq_len: int, default_max_shift: float = 1.15) -> float:
+    """mu of dynamic shifting, linear in the image token count (the pipelines' ``calculate_shift``)."""
+    base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+    base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", default_max_shift)
+    m = (max_shift - base_shift) / (max_len - base_len)
+    return float(image_seq_len * m + base_shift - m * base_len)
+
+
+def sigmas(family: str, steps: int, scheduler: dict[str, Any] | None = None, image_seq_len: int = 0) -> np.ndarray:
+    """The noise levels of the stock pipeline's flow-matching Euler schedule, final 0 appended (float32).
+
+    The same arithmetic as diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps`` as the
+    pipelines call it: SD3 spaces timesteps between the scheduler's own (shifted) extremes and shifts
+    again; FLUX passes ``linspace(1, 1/steps)`` and a ``mu`` from the image token count. ``scheduler`` is
+    the package's scheduler config (shift 1, no dynamic shifting when omitted).
+    """
     if steps < 1:
         raise HpedgeError("--steps must be at least 1")
+    cfg = scheduler or {}
+    n_train = int(cfg.get("num_train_timesteps", 1000))
+    dynamic = bool(cfg.get("use_dynamic_shifting"))
+    mu = None
     if family == "sd3":
-        s = np.linspace(1.0, 1.0 / 1000, steps)
+        train = np.linspace(1, n_train, n_train, dtype=np.float32)[::-1] / np.float32(n_train)
+        if not dynamic:
+            train = _shift(cfg, train, None).astype(np.float32)
+        else:
+            mu = calculate_shift(cfg, image_seq_len, default_max_shift=1.16)
+        t = np.linspace(float(train[0]) * n_train, float(train[-1]) * n_train, steps)
+        s = t / n_train
     else:
-        s = np.linspace(1.0, 1.0 / steps, steps)
-    return np.append(s, 0.0).astype(np.float32)
+        s = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
+        mu = calculate_shift(cfg, image_seq_len)
+    s = _shift(cfg, s, mu)
+    if cfg.get("shift_terminal"):
+        one_minus = 1 - s
+        s = 1 - one_minus / (one_minus[-1] / (1 - cfg["shift_terminal"]))
+    return np.append(np.asarray(s, dtype=np.float32), np.float32(0.0))
 
 
 def pack(x: np.ndarray) -> np.ndarray:
@@ -174,6 +216,10 @@ class Package:
                 tok.enable_padding(length=spec["length"], pad_id=spec["pad_id"], pad_token=spec["pad_token"])
                 self._toks[name] = _Tok(tok, spec["length"])
             enc = self._toks[name].tok.encode_batch(prompts)
+            cut = [p for p, e in zip(prompts, enc) if e.overflowing]
+            if cut:  # as diffusers does: say so, and go on with the truncated prompt
+                log.warning("part of %d prompt(s) was truncated to the %s limit of %d tokens: %r", len(cut), name,
+                            spec["length"], cut[0][:80] + ("..." if len(cut[0]) > 80 else ""))
             out[name] = np.array([e.ids for e in enc], dtype=np.int64)
         return out
 
@@ -182,19 +228,34 @@ class Package:
         return pe, pooled
 
     def transformer_feeds(self, latents: np.ndarray, sigma: np.ndarray, pe: np.ndarray,
-                          pooled: np.ndarray) -> dict[str, np.ndarray]:
-        """The transformer model's inputs for unpacked latents (B, C, h, w) at noise levels ``sigma`` (B,)."""
-        t = (sigma * self.manifest["generation"]["timestep_scale"]).astype(np.float32)
+                          pooled: np.ndarray, guidance: float | None = None) -> dict[str, np.ndarray]:
+        """The transformer model's inputs for unpacked latents (B, C, h, w) at noise levels ``sigma`` (B,);
+        ``guidance`` is the distilled guidance scale of a FLUX.1-dev package (its default if None)."""
+        t = (sigma * np.float32(self.manifest["generation"]["timestep_scale"])).astype(np.float32)
         b, c, h, w = latents.shape
         if self.family == "sd3":
             return {"hidden_states": latents, "encoder_hidden_states": pe, "pooled_projections": pooled, "timestep": t}
-        return {"hidden_states": pack(latents), "encoder_hidden_states": pe, "pooled_projections": pooled,
-                "timestep": t, "img_ids": img_ids(h, w), "txt_ids": np.zeros((pe.shape[1], 3), np.float32)}
+        feeds = {"hidden_states": pack(latents), "encoder_hidden_states": pe, "pooled_projections": pooled,
+                 "timestep": t, "img_ids": img_ids(h, w), "txt_ids": np.zeros((pe.shape[1], 3), np.float32)}
+        if self.guidance_kind == "distilled":
+            g = self.default_guidance if guidance is None else guidance
+            feeds["guidance"] = np.full(b, g, np.float32)
+        return feeds
 
-    def transformer(self, latents: np.ndarray, sigma: np.ndarray, pe: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+    @property
+    def guidance_kind(self) -> str:
+        g = self.manifest["generation"].get("guidance") or {}
+        return str(g.get("kind", "cfg" if self.family == "sd3" else "true_cfg"))
+
+    @property
+    def default_guidance(self) -> float:
+        return float((self.manifest["generation"].get("guidance") or {}).get("default", 1.0))
+
+    def transformer(self, latents: np.ndarray, sigma: np.ndarray, pe: np.ndarray, pooled: np.ndarray,
+                    guidance: float | None = None) -> np.ndarray:
         """Velocity for unpacked latents (B, C, h, w) at noise levels ``sigma`` (B,)."""
         h, w = latents.shape[2:]
-        feeds = self.transformer_feeds(latents, sigma, pe, pooled)
+        feeds = self.transformer_feeds(latents, sigma, pe, pooled, guidance)
         out = self._run("transformer", self.variants.get(self.variant, ""), feeds)[0]
         return out if self.family == "sd3" else unpack(out, h, w)
 
@@ -232,23 +293,68 @@ class Package:
         return self._run("vae_decoder", self.manifest["components"]["vae_decoder"]["file"], {"latents": latents})[0]
 
     # -- generation --------------------------------------------------------------
-    def initial_latents(self, n: int, seed: int, resolution: int | None = None) -> np.ndarray:
+    def size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(height, width) in pixels: the package's default unless given; checked against what it covers."""
         gen = self.manifest["generation"]
-        res = resolution or gen["resolution"]
-        h = res // gen["vae_scale_factor"]
-        return np.random.default_rng(seed).standard_normal((n, gen["latent_channels"], h, h)).astype(np.float32)
+        h = height or gen.get("height", gen["resolution"])
+        w = width or gen.get("width", gen["resolution"])
+        lo, _, hi = gen.get("resolution_range", [h, h, h])
+        m = gen.get("size_multiple", gen["vae_scale_factor"] * 2)
+        for name, v in (("height", h), ("width", w)):
+            if v % m or not lo <= v <= hi:
+                raise HpedgeError(f"{name} {v} is outside what this package covers: multiples of {m} from {lo} to {hi}")
+        return int(h), int(w)
 
-    def generate(self, prompts: list[str], seed: int = 0, steps: int | None = None,
-                 latents: np.ndarray | None = None) -> np.ndarray:
-        """Images in [0, 1], shape (B, H, W) for one channel or (B, H, W, 3)."""
+    def initial_latents(self, n: int, seed: int, resolution: int | None = None, height: int | None = None,
+                        width: int | None = None) -> np.ndarray:
+        gen = self.manifest["generation"]
+        h, w = self.size(height or resolution, width or resolution)
+        vs = gen["vae_scale_factor"]
+        shape = (n, gen["latent_channels"], h // vs, w // vs)
+        return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+    def generate(self, prompts: list[str], seed: int = 0, steps: int | None = None, latents: np.ndarray | None = None,
+                 guidance: float | None = None, negative_prompt: str | list[str] | None = None,
+                 height: int | None = None, width: int | None = None) -> np.ndarray:
+        """Images in [0, 1], shape (B, H, W) for one channel or (B, H, W, 3).
+
+        The stock pipeline's sampling: the package's scheduler config (shift, dynamic shifting by image
+        token count), classifier-free guidance over a [negative, positive] batch for CFG models (SD3;
+        guidance > 1), the distilled guidance input for FLUX.1-dev, none for FLUX.1-schnell.
+        """
         if not prompts:
             raise HpedgeError("no prompt given")
-        steps = steps or self.manifest["generation"]["default_steps"]
-        pe, pooled = self.encode(prompts)
-        x = self.initial_latents(len(prompts), seed) if latents is None else latents.astype(np.float32)
-        sig = sigmas(self.family, steps)
+        gen = self.manifest["generation"]
+        steps = steps or gen["default_steps"]
+        g = self.default_guidance if guidance is None else float(guidance)
+        kind = self.guidance_kind
+        n = len(prompts)
+        negs = [negative_prompt] * n if isinstance(negative_prompt, str) else negative_prompt
+        if negs is not None and len(negs) != n:
+            raise HpedgeError(f"{len(negs)} negative prompts for {n} prompts")
+        if kind in ("distilled", "none") and negs is not None:
+            raise HpedgeError("this package samples with " + ("distilled guidance" if kind == "distilled" else "no guidance")
+                              + ": it takes no negative prompt")
+        if kind == "none" and guidance not in (None, 0.0, 1.0):
+            raise HpedgeError("this package samples without guidance (FLUX.1-schnell): --guidance does not apply")
+        cfg = kind in ("cfg", "true_cfg") and g > 1
+        if latents is None:
+            x = self.initial_latents(n, seed, height=height, width=width)
+        else:
+            x = latents.astype(np.float32)
+            vs = gen["vae_scale_factor"]
+            self.size(x.shape[2] * vs, x.shape[3] * vs)
+        if cfg:
+            pe, pooled = self.encode(list(negs or [""] * n) + list(prompts))  # [negative, positive], as diffusers
+        else:
+            pe, pooled = self.encode(prompts)
+        h, w = x.shape[2:]
+        sig = sigmas(self.family, steps, gen.get("scheduler"), (h // 2) * (w // 2))
         for i in range(steps):
-            v = self.transformer(x, np.full(len(prompts), sig[i], np.float32), pe, pooled)
+            xin = np.concatenate([x, x]) if cfg else x
+            v = self.transformer(xin, np.full(xin.shape[0], sig[i], np.float32), pe, pooled, g)
+            if cfg:
+                v = v[:n] + np.float32(g) * (v[n:] - v[:n])
             x = x + (sig[i + 1] - sig[i]) * v
         img = self.decode(x)
         return img[:, 0] if img.shape[1] == 1 else img.transpose(0, 2, 3, 1)
