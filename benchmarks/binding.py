@@ -18,7 +18,7 @@ def binding(_args: argparse.Namespace) -> None:
     """How far the text conditioning moves when two digits swap sides vs when one digit changes."""
     import torch
 
-    from hpedge.models.denoise import MAX_SEQUENCE_LENGTH
+    from hpedge.zoo.text import MAX_LENGTH as MAX_SEQUENCE_LENGTH  # the digits pipelines (benchmark on the zoo)
     from hpedge.models.loading import load_pipeline
 
     def rel(u, v) -> float:
@@ -61,7 +61,8 @@ def text_paths(args: argparse.Namespace) -> None:
     import torch
 
     from hpedge.evaluation.evaluate import EvalSettings, evaluate
-    from hpedge.models.denoise import MAX_SEQUENCE_LENGTH, family_of
+    from hpedge.models.denoise import family_of
+    from hpedge.zoo.text import MAX_LENGTH as MAX_SEQUENCE_LENGTH
     from hpedge.models.loading import load_pipeline
 
     es = EvalSettings(per_category=args.per_category)

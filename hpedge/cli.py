@@ -104,6 +104,11 @@ def info(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME, o
         f"bytes: fp32 {_gb(d['bytes']['fp32'])}, bf16 {_gb(d['bytes']['bf16'])}, "
         f"int4 weights {_gb(d['bytes']['int4'])}"
     )
+    sampling = _sampling_of(ref)
+    if sampling is not None:
+        d["sampling"] = sampling.to_dict()
+        console.print(f"sampling defaults ({sampling.source}): {sampling.width}x{sampling.height}, {sampling.steps} steps, "
+                      f"guidance {sampling.guidance:g} ({sampling.guidance_kind}), T5 length {sampling.max_sequence_length}")
     t = Table("block", "kind", "params", "components")
     for b in d["blocks"]:
         t.add_row(str(b["index"]), b["kind"], _params(b["params"]), ", ".join(b["components"]))
@@ -113,6 +118,21 @@ def info(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME, o
 
         with atomic_file(json_out) as tmp:
             tmp.write_text(json.dumps(d, indent=2))
+
+
+def _sampling_of(ref: Any) -> Any:
+    """Sampling defaults from configs alone (None where a folder's transformer config cannot be read)."""
+    from hpedge.models.architectures import ARCHITECTURES
+    from hpedge.models.sampling import defaults_of
+
+    if ref.architecture is not None:
+        return defaults_of(ref.family, ARCHITECTURES[ref.architecture][1], None)
+    cfg = ref.path / "transformer" / "config.json"
+    vae = ref.path / "vae" / "config.json"
+    if not cfg.exists():
+        return None
+    blocks = len(json.loads(vae.read_text()).get("block_out_channels", [0] * 4)) if vae.exists() else 4
+    return defaults_of(ref.family, json.loads(cfg.read_text()), ref.path, 2 ** (blocks - 1))
 
 
 @command("eval")
@@ -281,6 +301,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
              protect_early: ProtectEarly = 0.5,
              steps: Annotated[int, typer.Option(help="distillation steps")] = 600,
              batch_size: Annotated[int, typer.Option()] = 16,
+             pool_size: Annotated[int, typer.Option(help="teacher samples distilled from (data-free)")] = 256,
              lr: Annotated[float, typer.Option()] = 3e-4,
              sgd: Annotated[str, typer.Option(help="SGDistill: continuous | binary | off")] = "continuous",
              pwp: Annotated[bool, typer.Option(help="Positional Weight Preservation")] = True,
@@ -302,7 +323,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
 
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise HpedgeError(f"--mixed-precision must be no, bf16 or fp16, got {mixed_precision!r}")
-    ds = DistillSettings(steps=steps, batch_size=batch_size, lr=lr, sgd=sgd, pwp=pwp, lambda_feat=lambda_feat,
+    ds = DistillSettings(steps=steps, batch_size=batch_size, pool_size=pool_size, lr=lr, sgd=sgd, pwp=pwp, lambda_feat=lambda_feat,
                          checkpoint_every=checkpoint_every, mixed_precision=mixed_precision,
                          gradient_checkpointing=gradient_checkpointing, seed=seed,
                          data_dir=str(data) if data else None)

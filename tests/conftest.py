@@ -58,3 +58,77 @@ def sd3_package(random_sd3, tmp_path_factory) -> Path:
 
     export(str(random_sd3), out, ExportOptions(target="rtx4090", method="rtn", calibration_prompts=2, e2e_samples=2))
     return out
+
+
+# -- real configurations: tiny random-weight SD3.5 / FLUX.1 pipelines (hpedge.models.fixtures) -------------
+REAL = ("sd3.5-large", "sd3.5-large-turbo", "sd3.5-medium", "flux.1-schnell", "flux.1-dev")
+REAL_SIZE = 64  # pixels: the reduced resolution the real-configuration tests run at
+REMOVE = {"sd3": "2-2", "flux": "3-3"}  # one block each: a kept block after it, so PWP leaves blocks to train
+
+
+@pytest.fixture(scope="session")
+def real_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from hpedge.models.fixtures import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("real")
+    return {name: save_tiny_pipeline(name, root / name) for name in REAL}
+
+
+@pytest.fixture(scope="session")
+def tiny_rtx4090(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The rtx4090 profile with small resolution and batch ranges (engines, parity limits: rtx4090's own)."""
+    from hpedge.targets import PROFILE_DIR
+
+    p = json.loads((PROFILE_DIR / "rtx4090.json").read_text())
+    p.update(name="test-rtx4090", resolution={"min": REAL_SIZE, "opt": REAL_SIZE, "max": 2 * REAL_SIZE},
+             batch={"min": 1, "opt": 1, "max": 2})
+    path = tmp_path_factory.mktemp("profile") / "test-rtx4090.json"
+    path.write_text(json.dumps(p))
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_chain(real_pipelines: dict[str, Path], tiny_rtx4090: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``chain(name)``: analyze -> compress -> export -> check -> generate through the CLI on one fixture,
+    run once per session; returns every command's result and the paths it wrote."""
+    from typer.testing import CliRunner
+
+    from hpedge.cli import app
+
+    runner = CliRunner()
+    done: dict[str, dict] = {}
+
+    def chain(name: str) -> dict:
+        if name in done:
+            return done[name]
+        src = real_pipelines[name]
+        root = tmp_path_factory.mktemp(f"chain-{name}")
+        family = "flux" if name.startswith("flux") else "sd3"
+        paths = {"src": src, "importance": root / "importance.json", "out": root / "student",
+                 "package": root / "package", "image": root / "image.png", "pipeline_image": root / "pipe.png"}
+        size = str(REAL_SIZE)
+        cmds = {
+            "info": ["info", str(src)],
+            "plan": ["plan", str(src), "--remove-blocks", REMOVE[family]],
+            "analyze": ["analyze", str(src), "-o", str(paths["importance"]), "--num-prompts", "2", "--steps", "4",
+                        "--resolution", size],
+            "compress": ["compress", str(src), "-o", str(paths["out"]), "--importance", str(paths["importance"]),
+                         "--remove-blocks", REMOVE[family], "--steps", "2", "--batch-size", "2", "--pool-size", "4",
+                         "--resolution", size, "--eval-per-category", "0", "--checkpoint-every", "2"],
+            "export": ["export", str(paths["out"]), "--target", str(tiny_rtx4090), "-o", str(paths["package"]),
+                       "--method", "rtn", "--calibration-prompts", "1", "--fp32-reference"],
+            "check": ["check", str(paths["package"])],
+            "generate": ["generate", str(paths["package"]), "a red cube on the left of a blue sphere",
+                         "-o", str(paths["image"])],
+            "generate_pipeline": ["generate", str(paths["out"]), "a red cube", "-o", str(paths["pipeline_image"]),
+                                  "--height", size, "--width", str(REAL_SIZE - 16), "--steps", "4"],
+        }
+        results = {}
+        for key, args in cmds.items():
+            results[key] = runner.invoke(app, args)
+            if results[key].exit_code != 0:
+                break
+        done[name] = {"results": results, **paths}
+        return done[name]
+
+    return chain

@@ -65,23 +65,35 @@ def check_pipeline(pipe: Any) -> None:
 
 def defaults(pipe: Any, path: Path | None = None) -> Defaults:
     """Sampling defaults of ``pipe`` (loaded from ``path`` if given)."""
+    return _defaults(family_of(pipe), dict(pipe.transformer.config), path, pipe.vae_scale_factor, type(pipe))
+
+
+def defaults_of(family: str, transformer_config: dict[str, Any], path: Path | None, vae_scale_factor: int = 8
+                ) -> Defaults:
+    """Sampling defaults from configs alone (``hpedge info``: no weights loaded)."""
+    if family == "sd3":
+        from diffusers import StableDiffusion3Pipeline as cls
+    else:
+        from diffusers import FluxPipeline as cls
+    return _defaults(family, transformer_config, path, vae_scale_factor, cls)
+
+
+def _defaults(family: str, tr: dict[str, Any], path: Path | None, vae_scale_factor: int, cls: Any) -> Defaults:
     from hpedge.models.architectures import architecture, match
 
-    family = family_of(pipe)
     marker = zoo_marker(path)
     if marker:
         r = int(marker["resolution"])
         return Defaults(r, r, int(marker.get("steps", 16)), float(marker.get("guidance", 1.0)),
                         marker.get("guidance_kind", "cfg" if family == "sd3" else "true_cfg"),
                         int(marker["max_sequence_length"]), None, "hpedge_zoo.json")
-    tr = dict(pipe.transformer.config)
     name = match(family, tr, str(path or ""))
-    res = int(tr.get("sample_size", 128)) * pipe.vae_scale_factor if family == "sd3" else 1024
+    res = int(tr.get("sample_size", 128)) * vae_scale_factor if family == "sd3" else 1024
     if name is not None:
         d = architecture(name)["defaults"]
         return Defaults(d["height"], d["width"], d["steps"], d["guidance"], d["guidance_kind"],
                         d["max_sequence_length"], name, f"architecture {name}")
-    sig = inspect.signature(type(pipe).__call__).parameters
+    sig = inspect.signature(cls.__call__).parameters
 
     def default(k: str, fallback: Any) -> Any:
         v = sig[k].default if k in sig else fallback
@@ -89,7 +101,7 @@ def defaults(pipe: Any, path: Path | None = None) -> Defaults:
 
     kind = "cfg" if family == "sd3" else ("distilled" if tr.get("guidance_embeds") else "none")
     return Defaults(res, res, int(default("num_inference_steps", 28)), float(default("guidance_scale", 3.5)), kind,
-                    int(default("max_sequence_length", 256)), None, f"{type(pipe).__name__} call defaults")
+                    int(default("max_sequence_length", 256)), None, f"{cls.__name__} call defaults")
 
 
 def with_overrides(d: Defaults, height: int | None = None, width: int | None = None, steps: int | None = None,

@@ -15,7 +15,7 @@ def test_ablation_changes_output_and_restores(random_pipeline) -> None:
     x = torch.randn(1, 4, 16, 16)
     sigma = torch.tensor([0.5])
     with torch.no_grad():
-        cond = encode(pipe, ["a 3"])
+        cond = encode(pipe, ["a 3"], 16)
         base = predict(tr, x, sigma, cond)
         with ablated(tr, 1):
             skipped = predict(tr, x, sigma, cond)

@@ -13,6 +13,7 @@ from hpedge.compress.distill import (
 from hpedge.errors import HpedgeError
 from hpedge.models import adapters
 from hpedge.models.loading import load_pipeline
+from hpedge.models.sampling import Defaults
 
 
 def test_pwp_freezes_blocks_before_first_removed_position() -> None:
@@ -53,7 +54,8 @@ def _run(pipe, work, steps, resume=False):
     student, kept = adapters.prune(pipe.transformer, {8, 9})
     s = DistillSettings(steps=steps, batch_size=2, pool_size=4, pool_steps=2, checkpoint_every=2, sgd="off")
     prompts = ["a 1", "a 2 on the left", "two 3s", "a big 4"]
-    return distill(pipe, student, kept, None, prompts, work, s, 32, 32, resume=resume)
+    gen = Defaults(32, 32, 2, 1.0, "cfg", 16, None, "test")
+    return distill(pipe, student, kept, None, prompts, work, s, gen, resume=resume)
 
 
 def test_resume_continues_exactly_where_the_run_stopped(random_sd3, tmp_path) -> None:

@@ -57,7 +57,7 @@ def test_pruned_model_saves_and_reloads_with_stock_diffusers(random_pipeline, tm
     x = torch.randn(2, 4, 16, 16)
     sigma = torch.tensor([0.3, 0.8])
     with torch.no_grad():
-        cond = encode(pipe, ["a 3", "two 5s"])
+        cond = encode(pipe, ["a 3", "two 5s"], 16)
         a = predict(pruned, x, sigma, cond)
         b = predict(reloaded, x, sigma, cond)
         full = predict(pipe.transformer, x, sigma, cond)

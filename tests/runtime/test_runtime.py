@@ -5,6 +5,31 @@ import torch
 from hpedge.runtime import pack, sigmas, unpack
 
 
+@pytest.mark.parametrize("name", ["sd3.5-large", "sd3.5-medium", "flux.1-schnell", "flux.1-dev"])
+@pytest.mark.parametrize("steps", [1, 4, 28])
+@pytest.mark.parametrize("size", [256, 1024])
+def test_sigma_schedules_match_the_real_schedulers_as_the_pipelines_call_them(name, steps, size) -> None:
+    """Shift 3 (SD3.5), dynamic shifting by image token count (FLUX.1-dev), shift 1 (schnell): the runtime's
+    numpy schedule equals diffusers' scheduler called the way StableDiffusion3Pipeline / FluxPipeline call it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from hpedge.models.architectures import architecture
+    from hpedge.runtime import calculate_shift
+
+    a = architecture(name)
+    cfg = {k: v for k, v in a["scheduler"].items() if not k.startswith("_")}
+    sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    seq = (size // 16) ** 2  # 2x2 patches of the 8x latent
+    if a["family"] == "sd3":
+        sched.set_timesteps(steps, **({"mu": calculate_shift(sched.config, seq, 1.16)} if cfg.get("use_dynamic_shifting") else {}))
+    else:
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(sched.config, seq))
+    got = sigmas(a["family"], steps, dict(sched.config), seq)
+    assert np.array_equal(sched.sigmas.numpy(), got)
+    if cfg.get("shift", 1.0) != 1.0 or cfg.get("use_dynamic_shifting"):  # the shift really moves the schedule
+        assert not np.allclose(got, sigmas(a["family"], steps, {}, seq), atol=1e-3) or steps == 1
+
+
 @pytest.mark.parametrize("steps", [1, 4, 16])
 def test_sigma_schedules_match_the_stock_pipelines(random_sd3, random_flux, steps) -> None:
     from hpedge.models.loading import load_pipeline

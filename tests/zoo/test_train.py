@@ -197,7 +197,7 @@ def test_drop_clip_replaces_only_the_clip_part_of_the_chosen_samples_and_is_reco
 
     pipe = load_pipeline("zoo:digits-sd3")
     prompts = ["a 3 on the left", "two 5s", "a big 7"]
-    cond, empty = encode(pipe, prompts), encode(pipe, [""])
+    cond, empty = encode(pipe, prompts, 16), encode(pipe, [""], 16)
     out = train.without_clip(pipe, cond, empty, torch.tensor([True, False, True]))
     n = pipe.tokenizer_max_length
     assert n < cond.prompt_embeds.shape[1]  # CLIP tokens first, then T5 tokens

@@ -1,0 +1,61 @@
+"""Every command on each real-configuration fixture (SD3.5 Large / Large Turbo / Medium, FLUX.1 schnell / dev):
+info, plan, analyze, compress, export --target (the rtx4090 profile at small ranges), check, generate."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REAL, REAL_SIZE
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_every_command_exits_0_on_the_real_configuration(real_chain, name) -> None:
+    c = real_chain(name)
+    for cmd, r in c["results"].items():
+        assert r.exit_code == 0, f"{cmd}: {r.output[-3000:]}\n{r.exception!r}"
+    assert len(c["results"]) == 8
+    assert f"architecture {name}" in c["results"]["info"].output
+    report = json.loads((c["out"] / "hpedge_compress.json").read_text())
+    assert report["sampling"]["architecture"] == name and report["sampling"]["height"] == REAL_SIZE
+    imp = json.loads(c["importance"].read_text())
+    s = imp["settings"]["sampling"]
+    assert (s["height"], s["width"], s["steps"]) == (REAL_SIZE, REAL_SIZE, 4)  # the reduced resolution is recorded
+    assert imp["settings"]["prompts_source"] == "calibration_prompts.txt" and len(imp["settings"]["prompt_list"]) == 2
+    assert "all channels" in imp["metric"]
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_images_are_rgb_at_the_requested_size(real_chain, name) -> None:
+    c = real_chain(name)
+    pkg_img = Image.open(c["image"])
+    assert pkg_img.mode == "RGB" and pkg_img.size == (REAL_SIZE, REAL_SIZE)  # the package's default size
+    pipe_img = Image.open(c["pipeline_image"])
+    assert pipe_img.mode == "RGB" and pipe_img.size == (REAL_SIZE - 16, REAL_SIZE)  # (width, height)
+    assert np.asarray(pipe_img).std() > 0
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_package_records_the_real_sampling_configuration(real_chain, name) -> None:
+    from hpedge.models.architectures import architecture
+
+    c = real_chain(name)
+    a = architecture(name)
+    m = json.loads((c["package"] / "manifest.json").read_text())
+    gen = m["generation"]
+    assert gen["max_sequence_length"] == a["defaults"]["max_sequence_length"]  # T5 256 / 512, not the zoo's 16
+    assert gen["default_steps"] == a["defaults"]["steps"]
+    assert gen["guidance"] == {"kind": a["defaults"]["guidance_kind"], "default": a["defaults"]["guidance"]}
+    for k, v in a["scheduler"].items():
+        if not k.startswith("_"):
+            assert gen["scheduler"][k] == v
+    toks = gen["tokenizers"]
+    assert toks["clip_ids"]["length"] == 77 and toks["t5_ids"]["length"] == a["defaults"]["max_sequence_length"]
+    inputs = m["components"]["transformer"]["io"]["inputs"]
+    assert ("guidance" in inputs) == (name == "flux.1-dev")
+    if a["family"] == "sd3" and a["defaults"]["guidance"] > 1:  # CFG: the profile's batch 1..2 doubles for the engine
+        assert m["engines"]["components"]["transformer"]["shapes"]["hidden_states"]["max"][0] == 4
+    e2e = json.loads((c["package"] / "parity.json").read_text())
+    names = [ch["name"] for ch in e2e["checks"]]
+    assert any("stock diffusers" in n for n in names)
