@@ -224,6 +224,7 @@ def analyze(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NA
             steps: Annotated[Optional[int], typer.Option(help="denoising steps per calibration image (default: the model's)")] = None,
             guidance: Annotated[Optional[float], typer.Option(help="guidance scale (default: the model's)")] = None,
             resolution: Annotated[Optional[int], typer.Option(help="square image side in pixels (default: the model's size; a reduced one is recorded in the result)")] = None,
+            scorer: Annotated[Optional[str], typer.Option(help="add a learned score's drop to the harm: clip=FOLDER (a local CLIPModel; never downloaded)")] = None,
             seed: Annotated[int, typer.Option()] = 0,
             components: Annotated[bool, typer.Option(help="also score sub-components")] = True,
             reference_format: Annotated[Optional[Path], typer.Option("--reference-format", help="also write the reference's <tab> format")] = None) -> None:
@@ -236,7 +237,8 @@ def analyze(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NA
     pipe = load_pipeline(ref)
     pipe.to(compute_device())
     settings = AnalysisSettings(prompts=num_prompts, steps=steps, seed=seed, components=components,
-                                resolution=resolution, guidance=guidance, prompts_file=str(prompts) if prompts else None)
+                                resolution=resolution, guidance=guidance, prompts_file=str(prompts) if prompts else None,
+                                scorer=scorer)
     with _progress("analysis") as cb:
         imp = run(pipe, ref.path, output, settings, progress=lambda what, k, n: cb(f"analysis: {what}", k, n))
     harm = imp.block_harm()

@@ -54,6 +54,8 @@ def test_package_records_the_real_sampling_configuration(real_chain, name) -> No
     assert toks["clip_ids"]["length"] == 77 and toks["t5_ids"]["length"] == a["defaults"]["max_sequence_length"]
     inputs = m["components"]["transformer"]["io"]["inputs"]
     assert ("guidance" in inputs) == (name == "flux.1-dev")
+    assert m["engines"]["status"] == "built"  # TensorRT-RTX, sm_89, built on this host
+    assert ("guidance" in m["engines"]["components"]["transformer"]["shapes"]) == (name == "flux.1-dev")
     if a["family"] == "sd3" and a["defaults"]["guidance"] > 1:  # CFG: the profile's batch 1..2 doubles for the engine
         assert m["engines"]["components"]["transformer"]["shapes"]["hidden_states"]["max"][0] == 4
     e2e = json.loads((c["package"] / "parity.json").read_text())

@@ -40,6 +40,7 @@ class AnalysisSettings:
     resolution: int | None = None  # square side in pixels; None: the model's default size
     guidance: float | None = None  # None: the model's default
     prompts_file: str | None = None  # one prompt per line; None: the project's calibration set
+    scorer: str | None = None  # e.g. "clip=FOLDER": a learned score's relative drop is added to the harm
 
 
 class _Skip:
@@ -173,12 +174,19 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
 
         judge = Judge(str(JUDGE_WEIGHTS))
 
-    def run() -> tuple[np.ndarray, float]:
-        imgs = sample(pipe, texts, gen, seeds=seeds, batch_size=8)  # (N, H, W, C): every channel counts
-        acc = float(np.mean([v.correct for v in judge.judge(imgs[..., 0], prompt_objs)])) if judge else float("nan")
-        return imgs, acc
+    scorer = None
+    if s.scorer:
+        from hpedge.evaluation.scorers import load_scorer
 
-    ref_imgs, ref_acc = run()
+        scorer = load_scorer(s.scorer)
+
+    def run() -> tuple[np.ndarray, float, float]:
+        imgs = sample(pipe, texts, gen, seeds=seeds, batch_size=16)  # (N, H, W, C): every channel counts
+        acc = float(np.mean([v.correct for v in judge.judge(imgs[..., 0], prompt_objs)])) if judge else float("nan")
+        score = float(scorer.score(imgs, texts).mean()) if scorer else float("nan")
+        return imgs, acc, score
+
+    ref_imgs, ref_acc, ref_score = run()
     var = float(ref_imgs.var()) + 1e-12
     for k, (block, comp) in enumerate(todo):
         key = f"{block}\t{comp or ''}"
@@ -187,10 +195,12 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
         if key in done:
             continue
         with ablated(tr, block, comp):
-            imgs, acc = run()
+            imgs, acc, score = run()
         distortion = float(((imgs - ref_imgs) ** 2).mean()) / var
         drop = (ref_acc - acc) if judge else 0.0
-        done[key] = {"harm": distortion + drop, "distortion": distortion, "accuracy": acc}
+        score_drop = (ref_score - score) / max(abs(ref_score), 1e-6) if scorer else 0.0
+        done[key] = {"harm": distortion + drop + score_drop, "distortion": distortion, "accuracy": acc,
+                     **({"score": score, "score_drop": score_drop} if scorer else {})}
         if partial:
             partial.write_text(json.dumps({"fingerprint": fp, "entries": done}))
     entries = []
@@ -199,9 +209,11 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
         entries.append(Entry(int(b), c or None, d["harm"], {k: v for k, v in d.items() if k != "harm"}))
     imp = Importance(
         family=family_of(tr), num_blocks=len(refs),
-        metric="relative pixel distortion (all channels)" + (" + evaluator accuracy drop" if judge else ""),
+        metric="relative pixel distortion (all channels)" + (" + evaluator accuracy drop" if judge else "")
+               + (f" + relative {scorer.name} score drop" if scorer else ""),
         entries=entries, fingerprint=fp,
-        settings={**asdict(s), "baseline_accuracy": ref_acc, "sampling": gen.to_dict(), "prompt_list": texts,
+        settings={**asdict(s), "baseline_accuracy": ref_acc, "sampling": gen.to_dict(),
+                  **({"scorer": scorer.describe(), "baseline_score": ref_score} if scorer else {}), "prompt_list": texts,
                   "prompts_source": s.prompts_file or ("digits grammar" if judge else str(PROMPTS_FILE.name)),
                   "seeds": seeds},
     )

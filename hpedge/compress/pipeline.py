@@ -106,6 +106,12 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     gen = with_overrides(defaults(teacher_pipe, ref.path), height=opts.resolution, width=opts.resolution)
     if opts.analysis.prompts_file is None:
         opts.analysis.prompts_file = opts.prompts_file
+    if opts.budget.remove_blocks:  # explicit indices are checked before the (long) analysis
+        from hpedge.compress.plan import parse_blocks
+
+        indices = parse_blocks(opts.budget.remove_blocks)
+        if isinstance(indices, list):
+            adapters.validate_removal(teacher_pipe.transformer, set(indices))
 
     # 1. contribution analysis (cached in the work folder; reused by --resume)
     imp: Importance | None = None

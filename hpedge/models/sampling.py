@@ -84,8 +84,7 @@ def _defaults(family: str, tr: dict[str, Any], path: Path | None, vae_scale_fact
     marker = zoo_marker(path)
     if marker:
         r = int(marker["resolution"])
-        return Defaults(r, r, int(marker.get("steps", 16)), float(marker.get("guidance", 1.0)),
-                        marker.get("guidance_kind", "cfg" if family == "sd3" else "true_cfg"),
+        return Defaults(r, r, int(marker["steps"]), float(marker["guidance"]), marker["guidance_kind"],
                         int(marker["max_sequence_length"]), None, "hpedge_zoo.json")
     name = match(family, tr, str(path or ""))
     res = int(tr.get("sample_size", 128)) * vae_scale_factor if family == "sd3" else 1024
