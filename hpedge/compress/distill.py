@@ -148,7 +148,7 @@ def build_pool(pipe: Any, prompts: list[str], s: DistillSettings, gen: Defaults,
         return _pool_from_folder(pipe, Path(s.data_dir), gen.height, gen.width)
     d = with_overrides(gen, steps=s.pool_steps)
     out = []
-    bs = 32
+    bs = max(1, min(32, (32 * 256 * 256) // (d.height * d.width)))  # 32 samples at 256 px, 2 at 1024 px
     for i in range(0, len(prompts), bs):
         chunk = prompts[i : i + bs]
         seeds = [s.seed * 1_000_003 + i + j for j in range(len(chunk))]

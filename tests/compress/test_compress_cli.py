@@ -15,7 +15,7 @@ def test_compress_writes_a_stock_pipeline_and_resumes(random_sd3, tmp_path) -> N
 
     out = tmp_path / "small"
     args = ["compress", str(random_sd3), "-o", str(out), "--remove-blocks", "8,9,10", "--sgd", "off",
-            "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2", "--eval-per-category", "0"]
+            "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2", "--eval-per-category", "0", "--pool-size", "8"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     # stderr is not a terminal here: a readable plain log, one line per stage
@@ -41,7 +41,7 @@ def test_interrupted_run_leaves_no_out_and_resumes(random_sd3, tmp_path, monkeyp
 
     out = tmp_path / "small"
     args = ["compress", str(random_sd3), "-o", str(out), "--remove-blocks", "9,10", "--sgd", "off",
-            "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2", "--eval-per-category", "0"]
+            "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2", "--eval-per-category", "0", "--pool-size", "8"]
 
     def crash(*a, **k):
         raise KeyboardInterrupt
@@ -64,7 +64,7 @@ def test_interrupted_run_leaves_no_out_and_resumes(random_sd3, tmp_path, monkeyp
 def test_a_suffix_cut_with_pwp_is_refused_before_distilling_and_no_pwp_resumes_it(random_flux, tmp_path) -> None:
     out = tmp_path / "small"
     args = ["compress", str(random_flux), "-o", str(out), "--remove-blocks", "10,11", "--sgd", "off",
-            "--steps", "2", "--batch-size", "2", "--eval-per-category", "0"]
+            "--steps", "2", "--batch-size", "2", "--eval-per-category", "0", "--pool-size", "8"]
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "PWP would freeze every kept block" in r.output and "Traceback" not in r.output
     assert not out.exists() and not (work_dir(out) / "checkpoints").exists()  # refused before any distillation
