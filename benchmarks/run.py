@@ -14,6 +14,7 @@
                                                # two-digit prompts from a package in a runtime-only env
     python benchmarks/run.py text-paths        # FLUX: eval with the pooled vector or the T5 sequence emptied
     python benchmarks/run.py engines           # TensorRT-RTX engine bytes vs INT4 ONNX weight bytes (benchmarks/engines.py)
+    python benchmarks/run.py pwp-prefix        # PWP's frozen prefix replayed from the teacher vs recomputed
     python benchmarks/run.py gpu               # real-scale SD3.5-Large step in PyTorch on a CUDA GPU (bf16, pruned, INT4)
     python benchmarks/run.py retrain --family sd3 --work DIR [--device cuda]
                                                # replay the zoo model's recorded training commands
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark module
 
 # one module per benchmark; the names below are what the dispatcher (and the tests) use
 import engines as engines_benchmark  # noqa: E402
+import pwp_prefix as pwp_prefix_benchmark  # noqa: E402
 from binding import BINDING_PROMPTS, binding, text_paths  # noqa: E402,F401
 from common import RESULTS, ROOT, header, write  # noqa: E402,F401
 from gpu import _int4_weight_only, gpu  # noqa: E402,F401
@@ -89,6 +91,7 @@ def main() -> None:
     g.add_argument("--reps", type=int, default=10)
     g.add_argument("--results-name", help="results file name (default gpu-ARCH.md)")
     engines_benchmark.add_parser(sub)
+    pwp_prefix_benchmark.add_parser(sub)
     t = sub.add_parser("retrain")
     t.add_argument("--family", choices=["sd3", "flux"], required=True)
     t.add_argument("--work", type=Path, required=True, help="folder for the retrained pipeline")
@@ -102,7 +105,7 @@ def main() -> None:
     args = ap.parse_args()
     {"gpu": gpu, "retrain": retrain, "text-paths": text_paths, "memory": memory, "latency": latency, "quality": quality, "blocks": blocks, "ablation": ablation,
      "runtime-env": runtime_env, "ratio": ratio, "weights": weights, "binding": binding,
-     "engines": engines_benchmark.engines}[args.cmd](args)
+     "engines": engines_benchmark.engines, "pwp-prefix": pwp_prefix_benchmark.pwp_prefix}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -57,6 +58,7 @@ class DistillSettings:
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
     data_dir: str | None = None
+    replay_frozen_prefix: bool = True  # under PWP: feed the student the teacher's prefix outputs (see _replaying)
 
 
 @dataclass
@@ -113,13 +115,14 @@ def update_weights(kept: list[int], first_removed: int, harm: dict[int, float] |
 
 
 class _Capture:
-    """Forward hooks recording each block's (context, image) outputs."""
+    """Forward hooks recording the (context, image) outputs of the blocks at ``positions`` (all if None)."""
 
-    def __init__(self, transformer: Any) -> None:
+    def __init__(self, transformer: Any, positions: set[int] | None = None) -> None:
         self.out: dict[int, tuple[Any, Any]] = {}
         self.handles = []
         for pos, ref in enumerate(adapters.blocks(transformer)):
-            self.handles.append(ref.module.register_forward_hook(self._hook(pos)))
+            if positions is None or pos in positions:
+                self.handles.append(ref.module.register_forward_hook(self._hook(pos)))
 
     def _hook(self, pos: int) -> Callable[..., None]:
         def fn(_m: Any, _i: Any, out: Any) -> None:
@@ -130,6 +133,28 @@ class _Capture:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+@contextmanager
+def _replaying(student: Any, prefix: int, kept: list[int], teacher_out: dict[int, tuple[Any, Any]]) -> Iterator[None]:
+    """Under PWP the student's first ``prefix`` blocks are the teacher's blocks 0..prefix-1, frozen, after frozen
+    embedders: their outputs equal the teacher's bit for bit. For one forward pass each of them is replaced by
+    a module that returns the teacher's captured output, so the frozen prefix is not recomputed."""
+    import torch
+
+    refs = adapters.blocks(student)[:prefix]
+    saved = []
+    for ref in refs:
+        holder = student.single_transformer_blocks if ref.kind == "single" else student.transformer_blocks
+        replay = torch.nn.Module()
+        replay.forward = (lambda orig: (lambda *a, **k: teacher_out[orig]))(kept[ref.index])  # type: ignore[method-assign]
+        saved.append((holder, str(ref.local), holder._modules[str(ref.local)]))
+        holder._modules[str(ref.local)] = replay
+    try:
+        yield
+    finally:
+        for holder, key, module in saved:
+            holder._modules[key] = module
 
 
 def _rel_mse(a: Any, b: Any) -> Any:
@@ -304,7 +329,10 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
     student, opt = accelerator.prepare(student, opt)
     teacher.to(accelerator.device)
     unwrapped = accelerator.unwrap_model(student)
-    t_cap, s_cap = _Capture(teacher), _Capture(unwrapped)
+    # feature KD looks at the kept blocks only; under PWP, not at the frozen prefix (its terms are exactly 0)
+    prefix = first_removed if s.pwp else 0
+    t_cap = _Capture(teacher, positions=set(kept))
+    s_cap = _Capture(unwrapped, positions=set(range(prefix if s.replay_frozen_prefix else 0, len(kept))))
     t0 = time.time() - state.seconds
     n = x0_pool.shape[0]
     trainable_params = [p for g in opt.param_groups for p in g["params"]]
@@ -325,13 +353,15 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
             xt = (1 - sb) * x0 + sb * noise
             with torch.no_grad(), accelerator.autocast():
                 t_out = predict(teacher, xt.to(teacher.dtype), sigma, cond)
-            with accelerator.autocast():
+            with accelerator.autocast(), _replaying(unwrapped, prefix if s.replay_frozen_prefix else 0, kept, t_cap.out):
                 s_out = predict(unwrapped if accelerator.num_processes == 1 else student, xt, sigma, cond)
             l_out = (w[:, None, None, None] * (s_out.float() - t_out.float()) ** 2).mean()
             l_feat = torch.zeros((), device=x0.device)
             if s.lambda_feat > 0:
                 terms = []
                 for pos, orig in enumerate(kept):
+                    if pos < prefix:
+                        continue
                     s_ctx, s_img = s_cap.out[pos]
                     t_ctx, t_img = t_cap.out[orig]
                     terms.append(_rel_mse(s_img, t_img))

@@ -90,3 +90,24 @@ def test_corrupt_checkpoint_is_a_clear_error(random_sd3, tmp_path) -> None:
     with pytest.raises(HpedgeError, match="corrupt"):
         _run(pipe, work, 4, resume=True)
     json.loads((ck / "state.json").read_text())
+
+
+def test_replaying_the_frozen_prefix_gives_the_same_losses_as_recomputing_it(random_sd3, tmp_path) -> None:
+    """Under PWP the student's frozen prefix equals the teacher's blocks: feeding it the teacher's outputs instead of
+    recomputing it must not change a step's losses (output and feature KD), only skip the work."""
+    pipe = load_pipeline(str(random_sd3))
+    gen = Defaults(32, 32, 2, 1.0, "cfg", 16, None, "test")
+    prompts = ["a 1", "a 2 on the left", "two 3s", "a big 4"]
+    losses, calls = {}, {}
+    for replay in (True, False):
+        student, kept = adapters.prune(pipe.transformer, {8, 9})
+        n = calls[replay] = [0]
+        student.transformer_blocks[7].register_forward_hook(lambda *_a, n=n: n.__setitem__(0, n[0] + 1))
+        s = DistillSettings(steps=2, batch_size=2, pool_size=4, pool_steps=2, checkpoint_every=100, sgd="off",
+                            replay_frozen_prefix=replay)
+        _, state, weights = distill(pipe, student, kept, None, prompts, tmp_path / f"w{replay}", s, gen, resume=False)
+        losses[replay] = state.losses
+        assert [b for b, w in weights.items() if w == 0] == list(range(8))  # the prefix PWP freezes
+    assert calls == {True: [0], False: [2]}  # the last frozen block ran only when recomputed (2 steps)
+    assert len(losses[True]) == 1 and losses[True][0][0] == 2
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-5, abs=1e-7)
