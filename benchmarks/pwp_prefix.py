@@ -36,6 +36,9 @@ def pwp_prefix(args) -> None:  # type: ignore[no-untyped-def]
     gen = defaults(pipe, ref.path)
     prompts = [f"a {d} on the left" for d in range(10)] * 4
     work = Path(tempfile.mkdtemp(prefix="pwp-prefix-"))
+    student, kept = adapters.prune(pipe.transformer, CUT)  # builds the shared sample pool outside the timed runs
+    distill(pipe, student, kept, None, prompts, work / "shared", DistillSettings(steps=0, pool_size=32, sgd="off"), gen,
+            resume=False)
     seconds: dict[bool, list[float]] = {True: [], False: []}
     losses: dict[bool, list[list[float]]] = {}
     for rep in range(args.reps):
@@ -55,7 +58,7 @@ def pwp_prefix(args) -> None:  # type: ignore[no-untyped-def]
     best = {k: min(v) for k, v in seconds.items()}
     text = header("PWP prefix: replayed from the teacher vs recomputed (zoo:digits-sd3, cut 6, 9, 10)")
     text += (f"{args.steps} distillation steps per run, batch {args.batch_size}, {args.reps} runs of each mode alternating; "
-             "the same pool, seeds and batches. Kept blocks 0-5 are frozen by PWP.\n\n"
+             "the same pool (built before the timed runs), seeds and batches. Kept blocks 0-5 are frozen by PWP.\n\n"
              "| frozen prefix | s / step (best of runs) | all runs | vs recomputed |\n|---|---|---|---|\n"
              f"| recomputed | {best[False]:.3f} | {', '.join(f'{x:.3f}' for x in seconds[False])} | 1.00x |\n"
              f"| replayed | {best[True]:.3f} | {', '.join(f'{x:.3f}' for x in seconds[True])} | {best[True] / best[False]:.2f}x |\n\n"

@@ -135,6 +135,13 @@ class _Capture:
             h.remove()
 
 
+def _returning(outputs: dict[int, tuple[Any, Any]], block: int) -> Callable[..., tuple[Any, Any]]:
+    def forward(*_args: Any, **_kwargs: Any) -> tuple[Any, Any]:
+        return outputs[block]
+
+    return forward
+
+
 @contextmanager
 def _replaying(student: Any, prefix: int, kept: list[int], teacher_out: dict[int, tuple[Any, Any]]) -> Iterator[None]:
     """Under PWP the student's first ``prefix`` blocks are the teacher's blocks 0..prefix-1, frozen, after frozen
@@ -147,7 +154,7 @@ def _replaying(student: Any, prefix: int, kept: list[int], teacher_out: dict[int
     for ref in refs:
         holder = student.single_transformer_blocks if ref.kind == "single" else student.transformer_blocks
         replay = torch.nn.Module()
-        replay.forward = (lambda orig: (lambda *a, **k: teacher_out[orig]))(kept[ref.index])  # type: ignore[method-assign]
+        replay.forward = _returning(teacher_out, kept[ref.index])  # type: ignore[method-assign]
         saved.append((holder, str(ref.local), holder._modules[str(ref.local)]))
         holder._modules[str(ref.local)] = replay
     try:

@@ -3,7 +3,6 @@ import shutil
 
 import pytest
 
-from hpedge.errors import HpedgeError
 from hpedge.models.architectures import ARCHITECTURES, architecture, match
 from hpedge.models.loading import load_pipeline
 from hpedge.models.sampling import defaults
