@@ -332,7 +332,6 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
     opts = CompressOptions(Budget(remove_blocks, remove_fraction, keep_ratio, target), importance, protect_early,
                            ds, resume=resume, overwrite=overwrite, eval_per_category=eval_per_category,
                            resolution=resolution, prompts_file=str(prompts) if prompts else None)
-    opts.analysis.resolution = resolution
     with _progress("compress") as cb:
         report = run(model, output, opts, progress=cb)
     console.print(f"removed blocks {report['removed_blocks']}; kept {report['params']['kept_ratio']:.1%} of parameters")

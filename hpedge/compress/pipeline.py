@@ -106,6 +106,8 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     gen = with_overrides(defaults(teacher_pipe, ref.path), height=opts.resolution, width=opts.resolution)
     if opts.analysis.prompts_file is None:
         opts.analysis.prompts_file = opts.prompts_file
+    if opts.analysis.resolution is None:  # the analysis at the size the student is distilled at
+        opts.analysis.resolution = opts.resolution
     if opts.budget.remove_blocks:  # explicit indices are checked before the (long) analysis
         from hpedge.compress.plan import parse_blocks
 
