@@ -32,7 +32,7 @@ from hpedge.export import onnx_export as ox
 from hpedge.export.parity import Check, ParityReport
 from hpedge.io import atomic_dir
 from hpedge.models.denoise import family_of
-from hpedge.models.sampling import Defaults, check_pipeline, defaults as sampling_defaults, sample, with_overrides
+from hpedge.models.sampling import Defaults, check_pipeline, defaults as sampling_defaults, sample, with_overrides, zoo_marker
 from hpedge.targets import Profile, load_profile
 
 
@@ -52,12 +52,6 @@ class ExportOptions:
     cpu_kernel: str = "int8"  # int8 | nbits (see hpedge.export.cpu_int4)
     compute: str = "fp16"  # what the TensorRT-input INT4 graph computes in: fp16 | fp32 (int4_cpu is always fp32)
     fp32_reference: bool = False  # also ship the fp32 transformer (1.5x the original's bf16 bytes; for debugging)
-
-
-def _marker(path: Path | None) -> dict[str, Any]:
-    if path is not None and (path / "hpedge_zoo.json").exists():
-        return json.loads((path / "hpedge_zoo.json").read_text())
-    return {}
 
 
 def resolution_range(pipe: Any, profile: Profile, marker: dict[str, Any]) -> tuple[int, int, int]:
@@ -242,7 +236,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
     say("loading pipeline")
     pipe = load_pipeline(ref)
     check_pipeline(pipe)
-    marker = _marker(ref.path)
+    marker = zoo_marker(ref.path)
     res = resolution_range(pipe, profile, marker)
     batch = (profile.batch.min, profile.batch.opt, profile.batch.max)
     model_gen = sampling_defaults(pipe, ref.path)
