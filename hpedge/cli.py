@@ -315,10 +315,14 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
              seed: Annotated[int, typer.Option()] = 0,
              resolution: Annotated[Optional[int], typer.Option(help="square image side for analysis, sample pool, distillation and grid (default: the model's size)")] = None,
              prompts: Annotated[Optional[Path], typer.Option(help="training/calibration prompts file, one per line (default: the project's set; the digits grammar for zoo models)")] = None,
+             grid_samples: Annotated[int, typer.Option(help="teacher/student prompt pairs in teacher_vs_student.png (0 = no grid)")] = 16,
+             analysis_prompts: Annotated[int, typer.Option(help="prompts of the contribution analysis (when no --importance is given)")] = 40,
+             analysis_steps: Annotated[Optional[int], typer.Option(help="denoising steps of the contribution analysis (default: the model's)")] = None,
              eval_per_category: Annotated[int, typer.Option(help="prompts per category for the before/after scores (100 = the 500 prompts of `hpedge eval`; 0 = skip)")] = 100,
              resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
              overwrite: Annotated[bool, typer.Option(help="replace OUT and any earlier work")] = False) -> None:
     """HierarchicalPrune: analyse, plan, prune, distil (PWP + SGDistill) and write a stock diffusers pipeline."""
+    from hpedge.compress.analyze import AnalysisSettings
     from hpedge.compress.distill import DistillSettings
     from hpedge.compress.pipeline import CompressOptions, compress as run
     from hpedge.compress.plan import Budget
@@ -330,10 +334,14 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
                          gradient_checkpointing=gradient_checkpointing, seed=seed,
                          data_dir=str(data) if data else None)
     opts = CompressOptions(Budget(remove_blocks, remove_fraction, keep_ratio, target), importance, protect_early,
-                           ds, resume=resume, overwrite=overwrite, eval_per_category=eval_per_category,
+                           ds, analysis=AnalysisSettings(prompts=analysis_prompts, steps=analysis_steps), resume=resume, overwrite=overwrite, eval_per_category=eval_per_category, grid_samples=grid_samples,
                            resolution=resolution, prompts_file=str(prompts) if prompts else None)
     with _progress("compress") as cb:
         report = run(model, output, opts, progress=cb)
+    from hpedge.compress.processes import is_main_process
+
+    if not is_main_process():  # every process of a launch ran the command; the main one reports
+        return
     console.print(f"removed blocks {report['removed_blocks']}; kept {report['params']['kept_ratio']:.1%} of parameters")
     sc = report["scores"]
     if sc:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from hpedge.compress.importance import Entry, Importance
+from hpedge.compress.processes import Processes
 from hpedge.errors import HpedgeError
 from hpedge.models import adapters
 from hpedge.models.denoise import family_of
@@ -131,11 +132,18 @@ def _fingerprint(pipe: Any, settings: AnalysisSettings, gen: dict[str, Any], tex
 
 
 def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: AnalysisSettings | None = None,
-            progress: Callable[[str, int, int], None] | None = None) -> Importance:
-    """Run (or resume) the contribution analysis; writes ``out`` (hpedge format) when given."""
+            progress: Callable[[str, int, int], None] | None = None, procs: Processes | None = None) -> Importance:
+    """Run (or resume) the contribution analysis; writes ``out`` (hpedge format) when given.
+
+    With several processes (``procs``) each rank scores every world-th ablation and keeps its results in its
+    own ``OUT.partial-RANK`` file (so each share resumes on its own); the main process merges them into
+    ``out``, which every rank then reads. ``out`` is required then."""
     from hpedge.models.sampling import defaults, sample, with_overrides
 
     s = settings or AnalysisSettings()
+    world, rank = (procs.world, procs.rank) if procs else (1, 0)
+    if world > 1 and out is None:
+        raise HpedgeError("a contribution analysis over several processes needs a file to merge into")
     evaluator = evaluator_of(model_path)
     gen = with_overrides(defaults(pipe, model_path), height=s.resolution, width=s.resolution, steps=s.steps,
                          guidance=s.guidance)
@@ -151,12 +159,6 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
         if s.components:
             todo += [(r.index, c) for c in adapters.components(r)]
     fp = _fingerprint(pipe, s, gen.to_dict(), texts)
-    partial = out.with_name(out.name + ".partial") if out else None
-    done: dict[str, dict[str, Any]] = {}
-    if partial and partial.exists():
-        state = json.loads(partial.read_text())
-        if state.get("fingerprint") == fp:
-            done = state["entries"]
     if out and out.exists():
         try:
             prev = json.loads(out.read_text())
@@ -166,6 +168,11 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
                 return load(out)
         except json.JSONDecodeError:
             pass
+    if procs:
+        procs.barrier()  # every rank has looked at ``out`` before the main process may write it
+    partial = _partial_file(out, rank, world) if out else None
+    done = _read_partial(partial, fp)
+    mine = todo[rank::world]
 
     judge = None
     if evaluator == "digits":
@@ -188,10 +195,10 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
 
     ref_imgs, ref_acc, ref_score = run()
     var = float(ref_imgs.var()) + 1e-12
-    for k, (block, comp) in enumerate(todo):
+    for k, (block, comp) in enumerate(mine):
         key = f"{block}\t{comp or ''}"
         if progress:
-            progress(f"block {block} {comp or '(whole)'}", k, len(todo))
+            progress(f"block {block} {comp or '(whole)'}", k, len(mine))
         if key in done:
             continue
         with ablated(tr, block, comp):
@@ -202,9 +209,24 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
         done[key] = {"harm": distortion + drop + score_drop, "distortion": distortion, "accuracy": acc,
                      **({"score": score, "score_drop": score_drop} if scorer else {})}
         if partial:
-            partial.write_text(json.dumps({"fingerprint": fp, "entries": done}))
+            _write_partial(partial, fp, done)
+    if world > 1:
+        assert out is not None
+        procs.barrier()  # type: ignore[union-attr]
+        if rank != 0:
+            procs.barrier()  # type: ignore[union-attr]  # the main process merges and writes ``out``
+            from hpedge.compress.importance import load
+
+            return load(out)
+        for r in range(1, world):
+            done.update(_read_partial(_partial_file(out, r, world), fp))
+        missing = [f"{b}/{c or 'block'}" for b, c in todo if f"{b}\t{c or ''}" not in done]
+        if missing:
+            raise HpedgeError(f"the contribution analysis is missing {len(missing)} entries after merging the ranks' "
+                              f"shares (first: {missing[0]}); run again with --resume")
     entries = []
-    for key, d in done.items():
+    order = {f"{b}\t{c or ''}": i for i, (b, c) in enumerate(todo)}
+    for key, d in sorted(done.items(), key=lambda kv: order.get(kv[0], len(order))):
         b, c = key.split("\t")
         entries.append(Entry(int(b), c or None, d["harm"], {k: v for k, v in d.items() if k != "harm"}))
     imp = Importance(
@@ -222,9 +244,33 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
 
         with atomic_file(out) as tmp:
             tmp.write_text(json.dumps(imp.to_dict(), indent=2))
-        if partial and partial.exists():
-            partial.unlink()
+        for r in range(world):
+            _partial_file(out, r, world).unlink(missing_ok=True)
+    if world > 1:
+        procs.barrier()  # type: ignore[union-attr]
     return imp
+
+
+def _partial_file(out: Path, rank: int, world: int) -> Path:
+    """A rank's results so far (``.partial`` in a single process)."""
+    return out.with_name(out.name + (".partial" if world == 1 else f".partial-{rank}-of-{world}"))
+
+
+def _read_partial(path: Path | None, fp: str) -> dict[str, dict[str, Any]]:
+    if path is None or not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}  # written atomically, so only a foreign file can be unreadable: start that share over
+    return state["entries"] if state.get("fingerprint") == fp else {}
+
+
+def _write_partial(path: Path, fp: str, done: dict[str, dict[str, Any]]) -> None:
+    from hpedge.io import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps({"fingerprint": fp, "entries": done}))
 
 
 def heatmap(imp: Importance, path: Path) -> None:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from hpedge.compress.processes import Processes
 from hpedge.errors import HpedgeError
 from hpedge.models import adapters
 from hpedge.models.denoise import Conditioning, encode, predict
@@ -64,8 +65,9 @@ class DistillSettings:
 @dataclass
 class TrainState:
     step: int = 0
-    losses: list[list[float]] = field(default_factory=list)  # [step, total, out, feat]
+    losses: list[list[float]] = field(default_factory=list)  # [step, total, out, feat], means over the ranks
     seconds: float = 0.0
+    resumed_from: int | None = None  # the checkpoint step a resumed run continued from
 
 
 def check_pwp_leaves_a_block(remove: list[int], num_blocks: int, s: DistillSettings) -> None:
@@ -164,14 +166,25 @@ def _replaying(student: Any, prefix: int, kept: list[int], teacher_out: dict[int
             holder._modules[key] = module
 
 
-def _rel_mse(a: Any, b: Any) -> Any:
-    return ((a.float() - b.float()) ** 2).mean() / (b.float().var() + 1e-6)
+def _global_variances(procs: Processes, tensors: list[Any]) -> Any:
+    """The variance of each teacher feature over the GLOBAL batch (sums and sums of squares added over the
+    ranks), so that the feature loss of a slice, averaged over the ranks, equals a single-process run's."""
+    import torch
+
+    stats = torch.stack([torch.stack([t.double().sum(), (t.double() ** 2).sum(),
+                                      torch.tensor(float(t.numel()), dtype=torch.float64, device=t.device)])
+                         for t in tensors])
+    if procs.world > 1:
+        stats = procs.accelerator.reduce(stats, reduction="sum")
+    s1, s2, n = stats[:, 0], stats[:, 1], stats[:, 2]
+    return ((s2 - s1 * s1 / n) / (n - 1)).float()
 
 
-def build_pool(pipe: Any, prompts: list[str], s: DistillSettings, gen: Defaults,
+def build_pool(pipe: Any, prompts: list[str], s: DistillSettings, gen: Defaults, seeds: list[int] | None = None,
                progress: Callable[[int], None] | None = None) -> tuple[Any, list[str]]:
     """x0 latents (N, C, h, w) in the transformer's normalised space: the teacher's own samples at the
-    sampling defaults ``gen`` (its guidance, T5 length, size; ``pool_steps`` if set), or a folder."""
+    sampling defaults ``gen`` (its guidance, T5 length, size; ``pool_steps`` if set), or a folder.
+    ``seeds`` (one per prompt) default to the pool's own; ``progress(k)`` gets the samples done so far."""
     import torch
 
     from hpedge.models.sampling import sample, with_overrides
@@ -181,12 +194,12 @@ def build_pool(pipe: Any, prompts: list[str], s: DistillSettings, gen: Defaults,
     d = with_overrides(gen, steps=s.pool_steps)
     out = []
     bs = max(1, min(32, (32 * 256 * 256) // (d.height * d.width)))  # 32 samples at 256 px, 2 at 1024 px
+    seeds = seeds if seeds is not None else [_pool_seed(s, i) for i in range(len(prompts))]
     for i in range(0, len(prompts), bs):
         chunk = prompts[i : i + bs]
-        seeds = [s.seed * 1_000_003 + i + j for j in range(len(chunk))]
-        out.append(sample(pipe, chunk, d, seeds=seeds, output="latent"))
+        out.append(sample(pipe, chunk, d, seeds=seeds[i : i + bs], output="latent"))
         if progress:
-            progress(len(chunk))
+            progress(i + len(chunk))
     return torch.cat(out), prompts
 
 
@@ -214,90 +227,147 @@ def _pool_from_folder(pipe: Any, folder: Path, height: int, width: int) -> tuple
     return ((z - shift) * pipe.vae.config.scaling_factor).float().cpu(), caps
 
 
-def _save_checkpoint(ckdir: Path, student: Any, opt: Any, state: TrainState, keep: int) -> None:
-    import torch
-    from safetensors.torch import save_file
-
+def _save_checkpoint(procs: Processes, ckdir: Path, state: TrainState, keep: int) -> None:
+    """``accelerator.save_state`` (model as safetensors; optimizer, every rank's RNG and, under FSDP /
+    DeepSpeed, each rank's shards as Accelerate writes them) into a temporary folder that the main process
+    renames once every rank has written, so a killed rank never leaves a half-written checkpoint."""
     final = ckdir / f"step-{state.step:07d}"
     tmp = ckdir / f".step-{state.step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, str(tmp / "student.safetensors"))
-    tensors: dict[str, Any] = {}
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        for k, v in opt.state.get(p, {}).items():
-            if torch.is_tensor(v):
-                tensors[f"{i}.{k}"] = v.detach().contiguous().cpu().reshape(v.shape)
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(asdict(state)))
-    os.replace(tmp, final)
-    for old in sorted(ckdir.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if procs.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    procs.barrier()
+    procs.accelerator.save_state(str(tmp), safe_serialization=True)
+    procs.barrier()
+    if procs.is_main:
+        (tmp / "state.json").write_text(json.dumps({**asdict(state), "processes": procs.world}))
+        os.replace(tmp, final)
+        for old in sorted(ckdir.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    procs.barrier()
 
 
 def latest_checkpoint(ckdir: Path) -> Path | None:
-    found = sorted(ckdir.glob("step-*")) if ckdir.exists() else []
+    found = sorted(p for p in ckdir.glob("step-*") if (p / "state.json").exists()) if ckdir.exists() else []
     return found[-1] if found else None
 
 
-def _load_checkpoint(path: Path, student: Any, opt: Any) -> TrainState:
-    import torch
+def _load_checkpoint(procs: Processes, path: Path) -> TrainState:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     try:
-        student.load_state_dict(load_file(str(path / "student.safetensors")))
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        state = TrainState(**json.loads((path / "state.json").read_text()))
+        saved = json.loads((path / "state.json").read_text())
+        if saved.pop("processes", procs.world) != procs.world and procs.kind in ("fsdp", "deepspeed"):
+            raise ValueError("sharded by a different number of processes")
+        procs.accelerator.load_state(str(path))
+        state = TrainState(**saved)
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise HpedgeError(f"checkpoint {path} is corrupt or incomplete ({str(e).splitlines()[0][:120]}); "
+        raise HpedgeError(f"checkpoint {path} cannot be resumed ({str(e).splitlines()[0][:160]}); "
                           "delete it to resume from an earlier one") from None
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for key, v in tensors.items():
-        if key == "rng.torch":
-            torch.set_rng_state(v)
-            continue
-        i, name = key.split(".", 1)
-        opt.state[params[int(i)]][name] = v
     return state
+
+
+def _pool(procs: Processes, work: Path, pipe: Any, prompts: list[str], s: DistillSettings, gen: Defaults,
+          progress: Callable[[int, int], None] | None) -> tuple[Any, list[str]]:
+    """The x0 pool, split across ranks: rank r samples prompts r, r + world, ...; each share is written
+    atomically to ``pool-R-of-W.safetensors`` (resumable on its own); every rank then reads all shares
+    and puts the samples back in prompt order, so the pool equals a single-process run's."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hpedge.io import atomic_file
+
+    if s.data_dir:  # a captioned folder: encoded by every rank (one VAE pass per image)
+        return build_pool(pipe, prompts, s, gen)
+    n = len(prompts)
+
+    def shares(world: int) -> list[Path]:
+        return [work / f"pool-{r}-of-{world}.safetensors" for r in range(world)]
+
+    def complete(world: int) -> bool:
+        return all(p.exists() for p in shares(world))
+
+    have = sorted({int(p.stem.rsplit("-", 1)[1]) for p in work.glob("pool-*-of-*.safetensors")})
+    world = next((w for w in have if complete(w)), procs.world)
+    if not complete(world):
+        mine = shares(world)[procs.rank]
+        if not mine.exists():
+            idx = list(range(procs.rank, n, world))
+            x0, _ = build_pool(pipe, [prompts[i] for i in idx], s, gen, seeds=[_pool_seed(s, i) for i in idx],
+                               progress=(lambda k: progress(k * world, n)) if progress else None)
+            with atomic_file(mine) as tmp:
+                save_file({"x0": x0.contiguous(), "index": torch.tensor(idx, dtype=torch.int64)}, str(tmp),
+                          metadata={"prompts": str(n)})
+        procs.barrier()
+    x0_all: Any = None
+    for path in shares(world):
+        part = load_file(str(path))
+        if x0_all is None:
+            x0_all = torch.empty((n, *part["x0"].shape[1:]), dtype=part["x0"].dtype)
+        x0_all[part["index"]] = part["x0"]
+    return x0_all, prompts
+
+
+def _pool_seed(s: DistillSettings, i: int) -> int:
+    """The sampling seed of the pool's i-th prompt (independent of how the pool is split)."""
+    return s.seed * 1_000_003 + i
+
+
+def _step_draws(s: DistillSettings, step: int, n: int, shape: tuple[int, ...]) -> tuple[Any, Any, Any]:
+    """The global batch of one step: pool indices, sigmas and noise, drawn from a generator seeded by
+    (seed, step) on the CPU. Every rank draws the same global batch and takes its slice, so the global batch
+    equals a single-process run's, and a resumed run draws the same batches without restoring any RNG."""
+    import torch
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    g = torch.Generator().manual_seed(s.seed * 1_000_003 + 7 * step + 1)
+    idx = torch.randint(n, (s.batch_size,), generator=g)
+    u = compute_density_for_timestep_sampling(s.weighting, s.batch_size, logit_mean=0.0, logit_std=1.0,
+                                              mode_scale=1.29, generator=g)
+    noise = torch.randn((s.batch_size, *shape), generator=g)
+    return idx, u.float(), noise
 
 
 def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, float] | None, prompts: list[str],
             work: Path, s: DistillSettings, gen: Defaults, resume: bool,
-            progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> tuple[Any, TrainState, dict[int, float]]:
-    """Train ``student`` (pruned, kept[k] = teacher index of student block k). Returns (student, state, weights)."""
-    import torch
-    from accelerate import Accelerator
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+            progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
+            procs: Processes | None = None) -> tuple[Any, TrainState, dict[int, float]]:
+    """Train ``student`` (pruned, kept[k] = teacher index of student block k). Returns (student, state, weights).
 
-    accelerator = Accelerator(mixed_precision=s.mixed_precision)
-    torch.manual_seed(s.seed + accelerator.process_index)
-    rng = np.random.default_rng(s.seed + accelerator.process_index)
+    Data parallel over ``procs`` (one process when None): each step's global batch of ``batch_size`` is drawn
+    identically on every rank (``_step_draws``) and each rank trains on its slice, so the optimisation equals a
+    single-process run's up to the ranks' feature-loss normalisation (per-slice variance). The student is
+    wrapped as the launch configuration says (DDP, FSDP, DeepSpeed); hooks, the PWP replay and the family's
+    forward arguments use the unwrapped module. Text encoders and VAE leave the accelerator while training."""
+    import torch
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    procs = procs or Processes.start(s.mixed_precision)
+    accelerator = procs.accelerator
+    if s.batch_size % procs.world:
+        raise HpedgeError(f"--batch-size {s.batch_size} is the global batch: it must be a multiple of the "
+                          f"{procs.world} processes")
+    local = s.batch_size // procs.world
+    lo, hi = procs.rank * local, (procs.rank + 1) * local
+    torch.manual_seed(s.seed + procs.rank)
     teacher = teacher_pipe.transformer
     teacher.requires_grad_(False).eval()
     first_removed = next((i for i in range(len(kept) + 1) if i >= len(kept) or kept[i] != i), len(kept))
     weights = update_weights(kept, first_removed, harm, s)
 
-    # pool of x0 and the frozen text conditioning
-    work.mkdir(parents=True, exist_ok=True)
-    pool_file = work / "pool.safetensors"
-    if pool_file.exists():
-        from safetensors.torch import load_file
-
-        saved = load_file(str(pool_file))
-        x0_pool = saved["x0"]
-        texts = json.loads((work / "pool_prompts.json").read_text())
-    else:
-        x0_pool, texts = build_pool(teacher_pipe, prompts, s, gen)
-        from safetensors.torch import save_file
-
-        save_file({"x0": x0_pool.contiguous()}, str(pool_file))
-        (work / "pool_prompts.json").write_text(json.dumps(texts))
+    # pool of x0 (split across ranks) and the frozen text conditioning (kept on the CPU, a batch at a time moved)
+    if procs.is_main:
+        work.mkdir(parents=True, exist_ok=True)
+    procs.barrier()
+    x0_pool, texts = _pool(procs, work, teacher_pipe, prompts, s, gen,
+                           (lambda k, n: progress("teacher samples", k, n, {"loss": float("nan")}))
+                           if progress and procs.is_main else None)
     with torch.no_grad():
         cond_all = encode(teacher_pipe, texts, gen.max_sequence_length,
                           gen.guidance if gen.guidance_kind == "distilled" else None)
+    cond_all = Conditioning(cond_all.prompt_embeds.cpu(), cond_all.pooled.cpu(),
+                            None if cond_all.text_ids is None else cond_all.text_ids.to(procs.device), cond_all.guidance)
+    offloaded = _offload_all_but_transformer(teacher_pipe)
 
     # parameter groups: frozen (PWP), per-block learning rates (SGDistill), the rest at full rate
     student.train()
@@ -327,78 +397,109 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
     if not groups:
         raise HpedgeError("nothing to train: every kept block is frozen (PWP/SGDistill); remove later blocks or pass --no-pwp")
     opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=0.0)
+    teacher.to(procs.device)
+    student, opt = accelerator.prepare(student, opt)
     ckdir = work / "checkpoints"
     state = TrainState()
     if resume:
         last = latest_checkpoint(ckdir)
         if last is not None:
-            state = _load_checkpoint(last, student, opt)
-    student, opt = accelerator.prepare(student, opt)
-    teacher.to(accelerator.device)
+            state = _load_checkpoint(procs, last)
+            state.resumed_from = state.step
     unwrapped = accelerator.unwrap_model(student)
     # feature KD looks at the kept blocks only; under PWP, not at the frozen prefix (its terms are exactly 0)
     prefix = first_removed if s.pwp else 0
+    replay = prefix if s.replay_frozen_prefix else 0
     t_cap = _Capture(teacher, positions=set(kept))
-    s_cap = _Capture(unwrapped, positions=set(range(prefix if s.replay_frozen_prefix else 0, len(kept))))
+    s_cap = _Capture(unwrapped, positions=set(range(replay, len(kept))))
     t0 = time.time() - state.seconds
     n = x0_pool.shape[0]
     trainable_params = [p for g in opt.param_groups for p in g["params"]]
     try:
-        # advance the data RNG past the steps already taken, so a resumed run sees the same batches
-        for _ in range(state.step):
-            rng.integers(n, size=s.batch_size)
         while state.step < s.steps:
-            idx = rng.integers(n, size=s.batch_size)
-            x0 = x0_pool[idx].to(accelerator.device)
-            cond = Conditioning(cond_all.prompt_embeds[idx], cond_all.pooled[idx], cond_all.text_ids, cond_all.guidance)
-            u = compute_density_for_timestep_sampling(s.weighting, s.batch_size, logit_mean=0.0, logit_std=1.0,
-                                                      mode_scale=1.29)
-            sigma = u.to(x0.device).float()
+            idx, sigma, noise = _step_draws(s, state.step, n, tuple(x0_pool.shape[1:]))
+            idx, sigma, noise = idx[lo:hi], sigma[lo:hi].to(procs.device), noise[lo:hi].to(procs.device)
+            x0 = x0_pool[idx].to(procs.device)
+            cond = Conditioning(cond_all.prompt_embeds[idx].to(procs.device), cond_all.pooled[idx].to(procs.device),
+                                cond_all.text_ids, cond_all.guidance)
             w = compute_loss_weighting_for_sd3(s.weighting, sigmas=sigma).float()
-            noise = torch.randn_like(x0)
             sb = sigma[:, None, None, None]
             xt = (1 - sb) * x0 + sb * noise
             with torch.no_grad(), accelerator.autocast():
                 t_out = predict(teacher, xt.to(teacher.dtype), sigma, cond)
-            with accelerator.autocast(), _replaying(unwrapped, prefix if s.replay_frozen_prefix else 0, kept, t_cap.out):
-                s_out = predict(unwrapped if accelerator.num_processes == 1 else student, xt, sigma, cond)
+            with accelerator.autocast(), _replaying(unwrapped, replay, kept, t_cap.out):
+                s_out = predict(unwrapped, xt, sigma, cond, module=student)
             l_out = (w[:, None, None, None] * (s_out.float() - t_out.float()) ** 2).mean()
             l_feat = torch.zeros((), device=x0.device)
             if s.lambda_feat > 0:
-                terms = []
+                pairs = []
                 for pos, orig in enumerate(kept):
                     if pos < prefix:
                         continue
                     s_ctx, s_img = s_cap.out[pos]
                     t_ctx, t_img = t_cap.out[orig]
-                    terms.append(_rel_mse(s_img, t_img))
+                    pairs.append((s_img, t_img))
                     if s_ctx is not None and t_ctx is not None:
-                        terms.append(_rel_mse(s_ctx, t_ctx))
-                l_feat = torch.stack(terms).mean()
+                        pairs.append((s_ctx, t_ctx))
+                var = _global_variances(procs, [t for _, t in pairs])
+                l_feat = torch.stack([((a.float() - b.float()) ** 2).mean() / (v + 1e-6)
+                                      for (a, b), v in zip(pairs, var)]).mean()
             loss = s.lambda_out * l_out + s.lambda_feat * l_feat
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise HpedgeError(f"distillation diverged at step {state.step} (loss {loss_value}); lower --lr")
+            if not math.isfinite(float(loss.detach())):
+                raise HpedgeError(f"distillation diverged at step {state.step} (loss {float(loss.detach())}); lower --lr")
             opt.zero_grad()
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(trainable_params, 1.0)
             opt.step()
             state.step += 1
             state.seconds = time.time() - t0
-            if state.step % 10 == 0 or state.step == s.steps:
-                state.losses.append([state.step, loss_value, float(l_out.detach()), float(l_feat.detach())])
-            if progress:
-                progress("distilling", state.step, s.steps, {"loss": loss_value})
-            if accelerator.is_main_process and (state.step % s.checkpoint_every == 0 or state.step == s.steps):
-                _save_checkpoint(ckdir, unwrapped, opt, state, s.keep_checkpoints)
+            log = state.step % 10 == 0 or state.step == s.steps
+            if log or progress:
+                loss_value, out_value, feat_value = (procs.mean(float(v.detach())) for v in (loss, l_out, l_feat))
+                if log:
+                    state.losses.append([state.step, loss_value, out_value, feat_value])
+                if progress and procs.is_main:
+                    progress("distilling", state.step, s.steps, {"loss": loss_value})
+            if state.step % s.checkpoint_every == 0 or state.step == s.steps:
+                _save_checkpoint(procs, ckdir, state, s.keep_checkpoints)
     finally:
         t_cap.close()
         s_cap.close()
-    accelerator.wait_for_everyone()
+    procs.barrier()
     student = accelerator.unwrap_model(student)
+    if procs.kind in ("fsdp", "deepspeed"):
+        student = _gathered(procs, student)
     student.eval()
     student.requires_grad_(False)
     if s.gradient_checkpointing:
         student.disable_gradient_checkpointing()
+    _restore(offloaded)
     return student, state, weights
 
+
+def _gathered(procs: Processes, student: Any) -> Any:
+    """The full student on every rank after sharded training (FSDP / ZeRO-3): its full state dict loaded
+    into the unwrapped module's structure."""
+    full = procs.accelerator.get_state_dict(procs.accelerator._models[0] if procs.accelerator._models else student)
+    import copy
+
+    plain = copy.deepcopy(procs.accelerator.unwrap_model(student))
+    plain.to_empty(device="cpu") if any(p.is_meta for p in plain.parameters()) else None
+    plain.load_state_dict({k: v.cpu() for k, v in full.items()}, strict=True)
+    return plain
+
+
+def _offload_all_but_transformer(pipe: Any) -> list[tuple[Any, Any]]:
+    """Move text encoders and VAE to the CPU while training (on an accelerator they only cost memory then)."""
+    moved = []
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+        m = getattr(pipe, name, None)
+        if m is not None and m.device.type != "cpu":
+            moved.append((m, m.device))
+            m.to("cpu")
+    return moved
+
+
+def _restore(moved: list[tuple[Any, Any]]) -> None:
+    for m, device in moved:
+        m.to(device)

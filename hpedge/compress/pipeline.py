@@ -22,10 +22,11 @@ from hpedge.compress.analyze import AnalysisSettings, analyze, calibration, eval
 from hpedge.compress.distill import DistillSettings, check_pwp_leaves_a_block, distill
 from hpedge.compress.importance import Importance, load as load_importance
 from hpedge.compress.plan import Budget, Plan, make_plan
+from hpedge.compress.processes import Processes
 from hpedge.errors import HpedgeError
-from hpedge.io import atomic_dir
+from hpedge.io import atomic_dir, atomic_file
 from hpedge.models import adapters
-from hpedge.models.loading import TORCH_DTYPES, ModelRef, compute_device, load_pipeline, make_stock_loadable, resolve
+from hpedge.models.loading import TORCH_DTYPES, ModelRef, load_pipeline, make_stock_loadable, resolve
 from hpedge.models.sampling import Defaults, check_pipeline, defaults, sample, with_overrides
 
 REPORT = "hpedge_compress.json"
@@ -89,19 +90,23 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     opts.budget.check()
     ref = resolve(model)
     work = work_dir(out)
-    if work.exists() and not opts.resume:
-        if not opts.overwrite:
-            raise HpedgeError(f"an earlier run left its work in {work}; pass --resume to continue it or --overwrite to start over")
-        shutil.rmtree(work)
-    work.mkdir(exist_ok=True)
+    if work.exists() and not opts.resume and not opts.overwrite:
+        raise HpedgeError(f"an earlier run left its work in {work}; pass --resume to continue it or --overwrite to start over")
+    procs = Processes.start(opts.distill.mixed_precision)
+    procs.barrier()  # every rank has checked OUT and the work folder before the main process touches them
+    if procs.is_main:
+        if work.exists() and not opts.resume:
+            shutil.rmtree(work)
+        work.mkdir(exist_ok=True)
+    procs.barrier()
     t_start = time.time()
-    say = progress or (lambda *a, **k: None)
+    say = progress if progress and procs.is_main else (lambda *a, **k: None)
 
     say("loading", 0, 1)
     teacher_pipe = load_pipeline(ref)
     check_pipeline(teacher_pipe)
-    # analysis and the sample pool run where training will: the accelerator, in the mixed-precision dtype
-    teacher_pipe.to(compute_device(), TORCH_DTYPES[opts.distill.mixed_precision])
+    # analysis and the sample pool run where training will: this rank's accelerator, in the mixed-precision dtype
+    teacher_pipe.to(procs.device, TORCH_DTYPES[opts.distill.mixed_precision])
     evaluator = evaluator_of(ref.path)
     gen = with_overrides(defaults(teacher_pipe, ref.path), height=opts.resolution, width=opts.resolution)
     if opts.analysis.prompts_file is None:
@@ -121,7 +126,7 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
         imp = load_importance(opts.importance, family_hint=ref.family)
     elif not (opts.budget.remove_blocks and "," in opts.budget.remove_blocks and opts.distill.sgd == "off"):
         imp = analyze(teacher_pipe, ref.path, work / "importance.json", opts.analysis,
-                      progress=lambda what, k, n: say(f"analysis: {what}", k, n))
+                      progress=lambda what, k, n: say(f"analysis: {what}", k, n), procs=procs)
 
     # 2. plan (position-aware)
     plan = make_plan(teacher_pipe.transformer, opts.budget, imp, opts.protect_early, other_components_bytes(ref))
@@ -131,8 +136,10 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
         if saved["remove"] != plan.remove:
             raise HpedgeError(f"the run in {work} removes blocks {saved['remove']}, this one {plan.remove}; "
                               "use the same budget to --resume, or --overwrite to start over")
-    else:
-        plan_file.write_text(json.dumps(plan.to_dict(), indent=2))
+    procs.barrier()
+    if procs.is_main and not plan_file.exists():
+        with atomic_file(plan_file) as tmp:
+            tmp.write_text(json.dumps(plan.to_dict(), indent=2))
     check_pwp_leaves_a_block(plan.remove, plan.num_blocks, opts.distill)  # before the teacher samples its pool
 
     # 3. prune physically, 4-5. distil with PWP + SGDistill
@@ -142,12 +149,16 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     harm = imp.block_harm() if imp else None
     student, state, weights = distill(
         teacher_pipe, student, kept, harm, prompts, work, opts.distill, gen, resume=opts.resume,
-        progress=lambda what, k, n, info: say(f"{what}: loss {info['loss']:.4f}", k, n),
+        progress=lambda what, k, n, info: say(f"{what}: loss {info['loss']:.4f}" if what == "distilling" else what, k, n),
+        procs=procs,
     )
     student_pipe = type(teacher_pipe)(**{**teacher_pipe.components, "transformer": student.to(teacher_pipe.dtype)})
     student_pipe.set_progress_bar_config(disable=True)
 
-    # 6. scores, grid, report; OUT written atomically
+    # 6. scores, grid, report; OUT written atomically, by the main process alone
+    if not procs.is_main:
+        procs.barrier()  # the main process evaluates and writes OUT
+        return _report_of(out)
     scores: dict[str, Any] = {}
     if evaluator == "digits" and opts.eval_per_category > 0:
         from hpedge.evaluation.evaluate import EvalSettings, evaluate, paired_ratio
@@ -176,6 +187,9 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
         "sampling": gen.to_dict(),
         "losses": state.losses,
         "distill_seconds": round(state.seconds, 1),
+        "resumed_from_step": state.resumed_from,
+        "processes": {"count": procs.world, "distributed_type": procs.kind,
+                      "batch_per_process": opts.distill.batch_size // procs.world},
         "total_seconds": round(time.time() - t_start, 1),
         "params": {"before": plan.params_before, "after": plan.params_after, "kept_ratio": plan.kept_ratio},
         "bytes": {"bf16_before": plan.bytes_bf16_before, "bf16_after": plan.bytes_bf16_after,
@@ -195,11 +209,17 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
         if imp is not None:
             (tmp / "hpedge_importance.json").write_text(json.dumps(imp.to_dict(), indent=2))
             heatmap(imp, tmp / "importance.png")
-        _teacher_student_grid(teacher_pipe, student_pipe, evaluator, opts.grid_samples, gen, tmp / "teacher_vs_student.png",
-                              opts.prompts_file)
+        if opts.grid_samples > 0:
+            _teacher_student_grid(teacher_pipe, student_pipe, evaluator, opts.grid_samples, gen,
+                                  tmp / "teacher_vs_student.png", opts.prompts_file)
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
     shutil.rmtree(work, ignore_errors=True)
+    procs.barrier()
     return report
+
+
+def _report_of(out: Path) -> dict[str, Any]:
+    return json.loads((out / REPORT).read_text())
 
 
 def _teacher_student_grid(teacher: Any, student: Any, evaluator: str | None, n: int, gen: Defaults, path: Path,

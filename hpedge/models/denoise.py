@@ -97,9 +97,10 @@ def unpack(packed: Any, h: int, w: int) -> Any:
     return x.reshape(b, c4 // 4, h, w)
 
 
-def predict(transformer: Any, latents: Any, sigma: Any, cond: Conditioning) -> Any:
-    """Velocity prediction, shaped like ``latents``."""
-    out = transformer(**transformer_kwargs(transformer, latents, sigma, cond), return_dict=False)[0]
+def predict(transformer: Any, latents: Any, sigma: Any, cond: Conditioning, module: Any = None) -> Any:
+    """Velocity prediction, shaped like ``latents``. ``module`` is what is called when it is not the
+    transformer itself (a DDP / FSDP / DeepSpeed wrapper of it); the arguments follow ``transformer``."""
+    out = (module or transformer)(**transformer_kwargs(transformer, latents, sigma, cond), return_dict=False)[0]
     if family_of(transformer) == "flux":
         out = unpack(out, latents.shape[2], latents.shape[3])
     return out
