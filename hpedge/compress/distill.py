@@ -398,6 +398,8 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
         raise HpedgeError("nothing to train: every kept block is frozen (PWP/SGDistill); remove later blocks or pass --no-pwp")
     opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=0.0)
     teacher.to(procs.device)
+    if procs.kind == "deepspeed":  # there is no DataLoader to take the micro-batch from
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = local
     student, opt = accelerator.prepare(student, opt)
     ckdir = work / "checkpoints"
     state = TrainState()
@@ -466,9 +468,7 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
         t_cap.close()
         s_cap.close()
     procs.barrier()
-    student = accelerator.unwrap_model(student)
-    if procs.kind in ("fsdp", "deepspeed"):
-        student = _gathered(procs, student)
+    student = _gathered(procs, student, unwrapped) if procs.kind in ("fsdp", "deepspeed") else unwrapped
     student.eval()
     student.requires_grad_(False)
     if s.gradient_checkpointing:
@@ -477,15 +477,17 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
     return student, state, weights
 
 
-def _gathered(procs: Processes, student: Any) -> Any:
-    """The full student on every rank after sharded training (FSDP / ZeRO-3): its full state dict loaded
-    into the unwrapped module's structure."""
-    full = procs.accelerator.get_state_dict(procs.accelerator._models[0] if procs.accelerator._models else student)
-    import copy
+def _gathered(procs: Processes, wrapped: Any, unwrapped: Any) -> Any:
+    """After sharded training (FSDP, DeepSpeed ZeRO-3) the main process's full student: the gathered state dict
+    (a collective: every rank calls it) loaded into a fresh module of the pruned student's configuration."""
+    from accelerate import init_empty_weights
 
-    plain = copy.deepcopy(procs.accelerator.unwrap_model(student))
-    plain.to_empty(device="cpu") if any(p.is_meta for p in plain.parameters()) else None
-    plain.load_state_dict({k: v.cpu() for k, v in full.items()}, strict=True)
+    full = procs.accelerator.get_state_dict(wrapped)
+    if not procs.is_main:
+        return unwrapped  # not used: the main process evaluates and writes OUT
+    with init_empty_weights():
+        plain = type(unwrapped).from_config(unwrapped.config)
+    plain.load_state_dict({k: v.detach().cpu().float() for k, v in full.items()}, strict=True, assign=True)
     return plain
 
 

@@ -22,12 +22,12 @@ def family_of(obj: Any) -> str:
     """'sd3' or 'flux' for a pipeline or transformer instance."""
     name = type(obj).__name__
     tr = getattr(obj, "transformer", obj)
-    tname = type(tr).__name__
-    if tname.startswith("SD3Transformer") or name.startswith("StableDiffusion3"):
+    tnames = [c.__name__ for c in type(tr).__mro__]  # FSDP2 swaps in a subclass (FSDPSD3Transformer2DModel)
+    if any(t.startswith("SD3Transformer") for t in tnames) or name.startswith("StableDiffusion3"):
         return "sd3"
-    if tname.startswith("FluxTransformer") or name.startswith("Flux"):
+    if any(t.startswith("FluxTransformer") for t in tnames) or name.startswith("Flux"):
         return "flux"
-    raise ValueError(f"unsupported transformer class {tname}")
+    raise ValueError(f"unsupported transformer class {tnames[0]}")
 
 
 def encode(pipe: Any, prompts: list[str], max_sequence_length: int, guidance: float | None = None) -> Conditioning:
