@@ -281,7 +281,13 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
          target: BudgetTarget = None,
          importance: Annotated[Optional[str], typer.Option(help="importance JSON (hpedge or reference format)")] = None,
          protect_early: ProtectEarly = 0.5,
-         json_out: Annotated[Optional[Path], typer.Option("--json", help="write the plan as JSON")] = None) -> None:
+         json_out: Annotated[Optional[Path], typer.Option("--json", help="write the plan as JSON")] = None,
+         distill: Annotated[bool, typer.Option("--distill", help="also estimate the memory per GPU of distilling this plan")] = False,
+         batch_size: Annotated[int, typer.Option(help="--distill: the global batch (compress --batch-size)")] = 16,
+         processes: Annotated[int, typer.Option(help="--distill: GPUs sharing the batch (data parallel)")] = 1,
+         resolution: Annotated[Optional[int], typer.Option(help="--distill: square image side (default: the model's)")] = None,
+         mixed_precision: Annotated[str, typer.Option(help="--distill: no | bf16 | fp16 (compress --mixed-precision; GPU runs use bf16)")] = "bf16",
+         pwp: Annotated[bool, typer.Option(help="--distill: Positional Weight Preservation (compress --pwp)")] = True) -> None:
     """Print which blocks Hierarchical Position Pruning removes, and the sizes before/after (no weights touched)."""
     from hpedge.compress.pipeline import plan_for
     from hpedge.compress.plan import Budget
@@ -289,9 +295,40 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
 
     p = plan_for(model, Budget(remove_blocks, remove_fraction, keep_ratio, target), importance, protect_early)
     _print_plan(p)
+    out = p.to_dict()
+    if distill:
+        out["distill_memory"] = _print_distill_memory(model, p, batch_size, processes, resolution, mixed_precision, pwp)
     if json_out:
         with atomic_file(json_out) as tmp:
-            tmp.write_text(json.dumps(p.to_dict(), indent=2))
+            tmp.write_text(json.dumps(out, indent=2))
+
+
+def _print_distill_memory(model: str, p: Any, batch: int, processes: int, resolution: Optional[int], mp: str,
+                          pwp: bool) -> dict:
+    from hpedge.compress.memory import estimate, meta_transformer, text_tokens
+    from hpedge.models.loading import resolve
+
+    if processes < 1 or batch % processes:
+        raise HpedgeError(f"--batch-size {batch} must be a multiple of --processes {processes}")
+    ref = resolve(model, allow_architecture=True)
+    d = _sampling_of(ref)
+    side = resolution or (d.height if d else 1024)
+    tokens = text_tokens(ref.family, d.max_sequence_length if d else 256)
+    m = estimate(meta_transformer(ref), p.remove, batch_per_gpu=batch // processes, height=side, width=side,
+                 text_tokens=tokens, mixed_precision=mp, pwp=pwp)
+    gib = 2**30
+    t = Table(f"distillation, per GPU ({mp}, {side} px, batch {batch // processes} per GPU, {tokens} text tokens)", "GiB")
+    for k, v in m.rows.items():
+        t.add_row(k, f"{v / gib:.2f}")
+    t.add_row("activations", f"{m.activations / gib:.2f}")
+    t.add_row("activations, --gradient-checkpointing", f"{m.activations_checkpointed / gib:.2f}")
+    t.add_row("[bold]total[/]", f"{m.total(False) / gib:.2f}")
+    t.add_row("[bold]total, --gradient-checkpointing[/]", f"{m.total(True) / gib:.2f}")
+    console.print(t)
+    console.print("note: text encoders and VAE leave the GPU while training (they encode the pool's prompts first); "
+                  "under FSDP / ZeRO-3 the student, gradient and AdamW rows divide by the process count (the student "
+                  "then in fp32 throughout); measured against this estimate: benchmarks/results/distill-memory.md")
+    return m.to_dict()
 
 
 @command()

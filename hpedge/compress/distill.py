@@ -241,6 +241,7 @@ def _save_checkpoint(procs: Processes, ckdir: Path, state: TrainState, keep: int
     procs.barrier()
     if procs.is_main:
         (tmp / "state.json").write_text(json.dumps({**asdict(state), "processes": procs.world}))
+        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(ckdir.glob("step-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -396,6 +397,12 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
         groups.append({"params": rest, "lr": s.lr, "block": -1})
     if not groups:
         raise HpedgeError("nothing to train: every kept block is frozen (PWP/SGDistill); remove later blocks or pass --no-pwp")
+    # trainable parameters in fp32 master weights; frozen ones (PWP's prefix and embedders) need no fp32 copy and
+    # stay in the teacher's dtype (they are its copies), converted one by one (no full fp32 student at any time);
+    # buffers are the teacher's own (adapters.prune shares them). Sharded wrappers (FSDP, DeepSpeed) get fp32 throughout: they keep one dtype per parameter group.
+    keep = teacher.dtype if procs.kind not in ("fsdp", "deepspeed") else torch.float32
+    for p in student.parameters():
+        p.data = p.data.float() if p.requires_grad else p.data.to(keep)
     opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=0.0)
     teacher.to(procs.device)
     if procs.kind == "deepspeed":  # there is no DataLoader to take the micro-batch from
@@ -403,6 +410,9 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
     student, opt = accelerator.prepare(student, opt)
     ckdir = work / "checkpoints"
     state = TrainState()
+    if not resume and procs.is_main:
+        shutil.rmtree(ckdir, ignore_errors=True)  # a run that does not resume starts over
+    procs.barrier()
     if resume:
         last = latest_checkpoint(ckdir)
         if last is not None:

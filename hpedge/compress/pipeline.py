@@ -144,7 +144,7 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
 
     # 3. prune physically, 4-5. distil with PWP + SGDistill
     student, kept = adapters.prune(teacher_pipe.transformer, plan.remove)
-    student.float()  # trained in fp32 (master weights) whatever the teacher's dtype
+    # distill() holds the trainable parameters in fp32 master weights, the frozen ones in the teacher's dtype
     prompts = training_prompts(evaluator, opts.distill.pool_size, opts.distill.seed, opts.prompts_file)
     harm = imp.block_harm() if imp else None
     student, state, weights = distill(
