@@ -146,7 +146,7 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     floats_to_fp16(model, keep_dq_scales=False)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    big = model.ByteSize() > 2_000_000_000
-    onnx.save_model(model, str(out_path), save_as_external_data=big, location=out_path.name + ".data")
+    from hpedge.export.onnx_export import save_onnx
+
+    save_onnx(model, out_path)
     return converted

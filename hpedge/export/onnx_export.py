@@ -22,7 +22,7 @@ import numpy as np
 from hpedge.errors import HpedgeError
 from hpedge.models.denoise import family_of
 
-EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # protobuf's 2 GB limit
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's 2 GB limit, less room for the graph
 OPSET = 20
 
 
@@ -158,16 +158,65 @@ def transformer_spec(pipe: Any, res: tuple[int, int, int], batch: tuple[int, int
     return IOSpec(inputs=ins, outputs=["out"], dynamic_axes=axes)  # type: ignore[arg-type]
 
 
-def _save(model_proto: Any, path: Path) -> None:
+def tensor_bytes(proto: Any) -> int:
+    """Bytes of a model's tensors held in the proto (initializers and Constant attributes, external ones
+    excluded). ``ByteSize()`` cannot say: protobuf refuses to size a message above 2 GB."""
+    def size(t: Any) -> int:
+        if t.data_location == 1:  # EXTERNAL
+            return 0
+        return len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (len(t.int64_data) + len(t.double_data))
+
+    total = sum(size(t) for t in proto.graph.initializer)
+    for n in proto.graph.node:
+        for a in n.attribute:
+            if a.HasField("t"):
+                total += size(a.t)
+            total += sum(size(t) for t in a.tensors)
+    return total
+
+
+def external_files(path: Path) -> set[Path]:
+    """The external data files an ONNX file refers to (read from the graph alone)."""
     import onnx
 
+    light = onnx.load(str(path), load_external_data=False)
+    tensors = list(light.graph.initializer) + [a.t for n in light.graph.node for a in n.attribute if a.HasField("t")]
+    return {Path(path).parent / e.value for t in tensors for e in t.external_data if e.key == "location"}
+
+
+def rewrite_onnx(path: Path) -> None:
+    """Re-save an ONNX file written by another tool (ModelOpt) through :func:`save_onnx`, so that its weights
+    sit where hpedge puts them and no second copy of them is left beside it."""
+    import onnx
+
+    path = Path(path)
+    others = external_files(path)
+    if not others:
+        return
+    proto = onnx.load(str(path), load_external_data=True)
+    for f in others:
+        f.unlink(missing_ok=True)
+    save_onnx(proto, path)
+
+
+def save_onnx(proto: Any, path: Path) -> bool:
+    """Write ``proto`` to ``path``: weights in one ``PATH.data`` file next to it when the model would pass
+    protobuf's 2 GB limit (with room for the graph itself), inline otherwise. The one place hpedge writes
+    ONNX files; returns whether external data was used."""
+    import onnx
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    big = model_proto.ByteSize() > EXTERNAL_DATA_THRESHOLD if hasattr(model_proto, "ByteSize") else False
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()  # external data is appended to: a stale file would grow
+    big = tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
     if big:
-        onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
     else:
-        onnx.save_model(model_proto, str(path))
+        onnx.save_model(proto, str(path))
+    return big
 
 
 def _export(module: Any, args: tuple[Any, ...], path: Path, names: list[str], outputs: list[str],
@@ -190,7 +239,7 @@ def _export(module: Any, args: tuple[Any, ...], path: Path, names: list[str], ou
         f.unlink()
     if tmp.with_suffix(".onnx.data").exists():
         tmp.with_suffix(".onnx.data").unlink()
-    _save(proto, path)
+    save_onnx(proto, path)
 
 
 def drop_noop_casts(proto: Any, light: Any) -> int:

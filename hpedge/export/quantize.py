@@ -132,9 +132,9 @@ def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, n
     if not quantizable:
         raise HpedgeError(f"no linear layer of this model can be INT4 block-quantized (block size {block_size})")
     prepared = out_path.with_name(out_path.stem + ".prepared.onnx")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    big = model.ByteSize() > 2_000_000_000
-    onnx.save_model(model, str(prepared), save_as_external_data=big, location=prepared.name + ".data")
+    from hpedge.export.onnx_export import rewrite_onnx, save_onnx
+
+    big = save_onnx(model, prepared)
     old_tqdm = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
     try:
@@ -144,6 +144,10 @@ def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, n
             output_path=str(out_path), block_size=block_size, high_precision_dtype="fp32",
             use_external_data_format=big, log_level="ERROR",
         )
+        # ``model``'s weights may now live in the prepared file's external data (saving moved them there):
+        # compared before that file is removed, one tensor at a time
+        rewrite_onnx(out_path)  # ModelOpt's own external data file, if it wrote one, becomes PATH.data
+        errors = layer_errors(model, onnx.load(str(out_path), load_external_data=True), base_dir=str(prepared.parent))
     except HpedgeError:
         raise
     except Exception as e:
@@ -157,12 +161,13 @@ def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, n
             f.unlink()
     report = QuantReport(method=method, block_size=block_size, quantized=quantizable, excluded=excluded,
                          seconds=round(time.time() - t0, 1), modelopt_version=getattr(modelopt, "__version__", "?"))
-    report.layer_error = layer_errors(model, onnx.load(str(out_path), load_external_data=True))
+    report.layer_error = errors
     return report
 
 
-def layer_errors(fp32_model: Any, int4_model: Any) -> dict[str, float]:
-    """Relative Frobenius error of every dequantized weight against the original (per layer)."""
+def layer_errors(fp32_model: Any, int4_model: Any, base_dir: str = "") -> dict[str, float]:
+    """Relative Frobenius error of every dequantized weight against the original (per layer); ``base_dir``
+    is where ``fp32_model``'s external data lies, if it has any."""
     from onnx import helper, numpy_helper
 
     orig = {i.name: i for i in fp32_model.graph.initializer}
@@ -180,7 +185,7 @@ def layer_errors(fp32_model: Any, int4_model: Any) -> dict[str, float]:
         block = int(at.get("block_size", 0)) or w_q.shape[0]
         zp = numpy_helper.to_array(q[node.input[2]]).astype(np.float32) if len(node.input) > 2 and node.input[2] in q else 0.0
         deq = (w_q - (np.repeat(zp, block, axis=0)[: w_q.shape[0]] if not np.isscalar(zp) else zp)) * np.repeat(scale, block, axis=0)[: w_q.shape[0]]
-        w = numpy_helper.to_array(orig[wname]).astype(np.float32)
+        w = numpy_helper.to_array(orig[wname], base_dir=base_dir).astype(np.float32)
         if w.shape == deq.shape:
             out[wname] = float(np.linalg.norm(w - deq) / (np.linalg.norm(w) + 1e-12))
     return out
@@ -192,8 +197,9 @@ def store_floats_fp16(path: Path, keep_dq_scales: bool = True, min_elements: int
 
     model = onnx.load(str(path), load_external_data=True)
     n = floats_to_fp16(model, keep_dq_scales, min_elements)
-    big = model.ByteSize() > 2_000_000_000
-    onnx.save_model(model, str(path), save_as_external_data=big, location=Path(path).name + ".data")
+    from hpedge.export.onnx_export import save_onnx
+
+    save_onnx(model, Path(path))
     return n
 
 

@@ -1,0 +1,49 @@
+"""hpedge.export.onnx_export.save_onnx: the one writer of ONNX files, external data above the protobuf limit."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from hpedge.export import onnx_export as ox
+
+
+def _model(n: int) -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.arange(n * n, dtype=np.float32).reshape(n, n) / (n * n), "w")
+    c = helper.make_tensor("c", TensorProto.FLOAT, [n], np.ones(n, dtype=np.float32))
+    nodes = [helper.make_node("Constant", [], ["bias"], value=c), helper.make_node("MatMul", ["x", "w"], ["y0"]),
+             helper.make_node("Add", ["y0", "bias"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_tensor_bytes_counts_initializers_and_constants_without_bytesize() -> None:
+    assert ox.tensor_bytes(_model(64)) == 64 * 64 * 4 + 64 * 4
+
+
+def test_save_onnx_writes_one_external_data_file_above_the_threshold(tmp_path, monkeypatch) -> None:
+    small, big = tmp_path / "small" / "model.onnx", tmp_path / "big" / "model.onnx"
+    assert ox.save_onnx(_model(64), small) is False
+    assert sorted(p.name for p in small.parent.iterdir()) == ["model.onnx"]
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 10_000)  # stands in for protobuf's 2 GB
+    (big.parent).mkdir()
+    (big.parent / "model.onnx.data").write_bytes(b"stale" * 1000)  # a stale file is replaced, not appended to
+    assert ox.save_onnx(_model(64), big) is True
+    assert sorted(p.name for p in big.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert (big.parent / "model.onnx.data").stat().st_size < 64 * 64 * 4 + 4096
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0] for p in (small, big)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_rewrite_onnx_leaves_no_second_copy_of_a_foreign_external_data_file(tmp_path) -> None:
+    path = tmp_path / "model.onnx"
+    onnx.save_model(_model(64), str(path), save_as_external_data=True, location="model.onnx_data", size_threshold=0)
+    assert ox.external_files(path) == {tmp_path / "model.onnx_data"}
+    ox.rewrite_onnx(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # small: inline, the foreign file gone
+    assert ox.external_files(path) == set()
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
