@@ -16,7 +16,10 @@
   logit-normal timestep sampling and ``compute_loss_weighting_for_sd3`` weighting.
 * Data-free by default: x0 are the teacher's own samples for the calibration prompts; a folder of
   images with same-named ``.txt`` captions may be given instead.
-* Checkpoints (safetensors + JSON, no pickle) every N steps; ``resume`` continues from the newest.
+* Data parallel over the processes of a launch (DDP, FSDP, DeepSpeed; see ``distill``); checkpoints every N
+  steps are ``accelerator.save_state`` folders (the model as safetensors; Accelerate pickles the optimizer
+  and RNG states with torch.save and reads them with ``weights_only=True``) plus a JSON state; ``resume``
+  continues from the newest complete one.
 """
 
 from __future__ import annotations
