@@ -172,7 +172,7 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
         procs.barrier()  # every rank has looked at ``out`` before the main process may write it
     partial = _partial_file(out, rank, world) if out else None
     done = _read_partial(partial, fp)
-    mine = todo[rank::world]
+    mine = procs.share(todo) if procs else todo
 
     judge = None
     if evaluator == "digits":

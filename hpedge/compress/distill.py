@@ -296,7 +296,7 @@ def _pool(procs: Processes, work: Path, pipe: Any, prompts: list[str], s: Distil
     if not complete(world):
         mine = shares(world)[procs.rank]
         if not mine.exists():
-            idx = list(range(procs.rank, n, world))
+            idx = procs.share(list(range(n)))  # world == procs.world: no other complete set exists
             x0, _ = build_pool(pipe, [prompts[i] for i in idx], s, gen, seeds=[_pool_seed(s, i) for i in idx],
                                progress=(lambda k: progress(k * world, n)) if progress else None)
             with atomic_file(mine) as tmp:
