@@ -95,6 +95,7 @@ def info(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME, o
     """Blocks, sub-components, parameters and bytes per precision of a transformer."""
     from hpedge.models.adapters import describe
     from hpedge.models.loading import load_transformer, resolve
+    from hpedge.models.sampling import defaults_of_ref
 
     ref = resolve(model, allow_architecture=True)
     d = describe(load_transformer(ref))
@@ -104,7 +105,7 @@ def info(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME, o
         f"bytes: fp32 {_gb(d['bytes']['fp32'])}, bf16 {_gb(d['bytes']['bf16'])}, "
         f"int4 weights {_gb(d['bytes']['int4'])}"
     )
-    sampling = _sampling_of(ref)
+    sampling = defaults_of_ref(ref)
     if sampling is not None:
         d["sampling"] = sampling.to_dict()
         console.print(f"sampling defaults ({sampling.source}): {sampling.width}x{sampling.height}, {sampling.steps} steps, "
@@ -118,21 +119,6 @@ def info(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME, o
 
         with atomic_file(json_out) as tmp:
             tmp.write_text(json.dumps(d, indent=2))
-
-
-def _sampling_of(ref: Any) -> Any:
-    """Sampling defaults from configs alone (None where a folder's transformer config cannot be read)."""
-    from hpedge.models.architectures import ARCHITECTURES
-    from hpedge.models.sampling import defaults_of
-
-    if ref.architecture is not None:
-        return defaults_of(ref.family, ARCHITECTURES[ref.architecture][1], None)
-    cfg = ref.path / "transformer" / "config.json"
-    vae = ref.path / "vae" / "config.json"
-    if not cfg.exists():
-        return None
-    blocks = len(json.loads(vae.read_text()).get("block_out_channels", [0] * 4)) if vae.exists() else 4
-    return defaults_of(ref.family, json.loads(cfg.read_text()), ref.path, 2 ** (blocks - 1))
 
 
 @command("eval")
@@ -213,6 +199,8 @@ BudgetFraction = Annotated[Optional[float], typer.Option("--remove-fraction", he
 BudgetKeep = Annotated[Optional[float], typer.Option("--keep-ratio", help="keep at most this fraction of parameters")]
 BudgetTarget = Annotated[Optional[str], typer.Option("--target", help="device profile name or JSON file")]
 ProtectEarly = Annotated[float, typer.Option(help="fraction of early blocks never removed")]
+Residency = Annotated[str, typer.Option(help="how the package's components share the device: auto (sequential on shared-memory Jetsons, resident elsewhere) | resident (all loaded) | sequential (each phase's components loaded for that phase alone)")]
+DropT5 = Annotated[bool, typer.Option("--drop-t5", help="SD3: the package ships no T5 encoder (zeros in its place, as diffusers without text_encoder_3)")]
 
 
 @command()
@@ -267,12 +255,23 @@ def _print_plan(p: Any) -> None:
               f"{p.bytes_bf16_after / p.bytes_bf16_before - 1:+.1%}")
     t.add_row("INT4 weights", "", _gb(p.bytes_int4_after), f"{p.bytes_int4_after / p.bytes_bf16_before - 1:+.1%} vs bf16")
     console.print(t)
-    if p.target_memory_bytes is not None:
-        need = p.bytes_int4_after + p.other_components_bytes
-        console.print(f"target: transformer INT4 {_gb(p.bytes_int4_after)} + rest of pipeline (16-bit) "
-                      f"{_gb(p.other_components_bytes)} = {_gb(need)} <= {_gb(p.target_memory_bytes)} available")
+    if p.package_memory is not None:
+        _print_footprint(p.package_memory)
     for n in p.notes:
         console.print(f"note: {n}")
+
+
+def _print_footprint(fp: dict[str, Any]) -> None:
+    t = Table(f"package on {fp['target']} ({fp['residency']}, {fp['resolution']} px, {fp['prompts']} image(s)"
+              f"{', T5 dropped' if fp['drop_t5'] else ''})", "precision", "GB")
+    for c, b in fp["weights"].items():
+        t.add_row(c, fp["precisions"].get(c, ""), f"{b / 1e9:.2f}")
+    for ph, b in fp["activations"].items():
+        t.add_row(f"activations: {ph}", "fp16", f"{b / 1e9:.2f}")
+    how = "all weights + the largest phase's activations" if fp["residency"] == "resident" else "the largest phase"
+    t.add_row(f"[bold]needed[/] ({how})", "", f"{fp['need'] / 1e9:.2f}")
+    t.add_row("available (memory less the profile's reserve)", "", f"{fp['capacity'] / 1e9:.2f}")
+    console.print(t)
 
 
 @command()
@@ -280,7 +279,7 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
          remove_blocks: BudgetBlocks = None, remove_fraction: BudgetFraction = None, keep_ratio: BudgetKeep = None,
          target: BudgetTarget = None,
          importance: Annotated[Optional[str], typer.Option(help="importance JSON (hpedge or reference format)")] = None,
-         protect_early: ProtectEarly = 0.5,
+         protect_early: ProtectEarly = 0.5, residency: Residency = "auto", drop_t5: DropT5 = False,
          json_out: Annotated[Optional[Path], typer.Option("--json", help="write the plan as JSON")] = None,
          distill: Annotated[bool, typer.Option("--distill", help="also estimate the memory per GPU of distilling this plan")] = False,
          batch_size: Annotated[int, typer.Option(help="--distill: the global batch (compress --batch-size)")] = 16,
@@ -293,7 +292,8 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
     from hpedge.compress.plan import Budget
     from hpedge.io import atomic_file
 
-    p = plan_for(model, Budget(remove_blocks, remove_fraction, keep_ratio, target), importance, protect_early)
+    p = plan_for(model, Budget(remove_blocks, remove_fraction, keep_ratio, target, residency, drop_t5), importance,
+                 protect_early)
     _print_plan(p)
     out = p.to_dict()
     if distill:
@@ -307,11 +307,12 @@ def _print_distill_memory(model: str, p: Any, batch: int, processes: int, resolu
                           pwp: bool) -> dict:
     from hpedge.compress.memory import estimate, meta_transformer, text_tokens
     from hpedge.models.loading import resolve
+    from hpedge.models.sampling import defaults_of_ref
 
     if processes < 1 or batch % processes:
         raise HpedgeError(f"--batch-size {batch} must be a multiple of --processes {processes}")
     ref = resolve(model, allow_architecture=True)
-    d = _sampling_of(ref)
+    d = defaults_of_ref(ref)
     side = resolution or (d.height if d else 1024)
     tokens = text_tokens(ref.family, d.max_sequence_length if d else 256)
     m = estimate(meta_transformer(ref), p.remove, batch_per_gpu=batch // processes, height=side, width=side,
@@ -337,7 +338,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
              remove_blocks: BudgetBlocks = None, remove_fraction: BudgetFraction = None, keep_ratio: BudgetKeep = None,
              target: BudgetTarget = None,
              importance: Annotated[Optional[str], typer.Option(help="importance JSON; analysed if omitted")] = None,
-             protect_early: ProtectEarly = 0.5,
+             protect_early: ProtectEarly = 0.5, residency: Residency = "auto", drop_t5: DropT5 = False,
              steps: Annotated[int, typer.Option(help="distillation steps")] = 600,
              batch_size: Annotated[int, typer.Option()] = 16,
              pool_size: Annotated[int, typer.Option(help="teacher samples distilled from (data-free)")] = 256,
@@ -370,7 +371,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
                          checkpoint_every=checkpoint_every, mixed_precision=mixed_precision,
                          gradient_checkpointing=gradient_checkpointing, seed=seed,
                          data_dir=str(data) if data else None)
-    opts = CompressOptions(Budget(remove_blocks, remove_fraction, keep_ratio, target), importance, protect_early,
+    opts = CompressOptions(Budget(remove_blocks, remove_fraction, keep_ratio, target, residency, drop_t5), importance, protect_early,
                            ds, analysis=AnalysisSettings(prompts=analysis_prompts, steps=analysis_steps), resume=resume, overwrite=overwrite, eval_per_category=eval_per_category, grid_samples=grid_samples,
                            resolution=resolution, prompts_file=str(prompts) if prompts else None)
     with _progress("compress") as cb:

@@ -51,23 +51,13 @@ def work_dir(out: Path) -> Path:
     return out.resolve().parent / f".{out.name}.hpedge-work"
 
 
-def other_components_bytes(ref: ModelRef, bytes_per_param: int = 2) -> int:
-    """Bytes of the text encoders and VAE at 16 bits (from safetensors headers; no weights are loaded)."""
-    if ref.architecture is not None:
-        from hpedge.models.architectures import pipeline_extras_on_meta
+def target_footprint(ref: ModelRef, budget: Budget, max_sequence_length: int | None = None) -> Any:
+    """The whole transformer's package footprint on ``budget.target`` (None without a target budget)."""
+    if budget.target is None:
+        return None
+    from hpedge.export.footprint import estimate
 
-        return bytes_per_param * sum(pipeline_extras_on_meta(ref.architecture).values())
-    from safetensors import safe_open
-
-    assert ref.path is not None
-    total = 0
-    for sub in sorted(ref.path.iterdir()):
-        if sub.is_dir() and (sub.name.startswith("text_encoder") or sub.name == "vae"):
-            for f in sub.glob("*.safetensors"):
-                with safe_open(str(f), "np") as h:
-                    for k in h.keys():
-                        total += int(np.prod(h.get_slice(k).get_shape()))
-    return bytes_per_param * total
+    return estimate(ref, budget.target, budget.residency, budget.drop_t5, max_sequence_length=max_sequence_length)
 
 
 def training_prompts(evaluator: str | None, n: int, seed: int, prompts_file: str | None = None) -> list[str]:
@@ -129,7 +119,7 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
                       progress=lambda what, k, n: say(f"analysis: {what}", k, n), procs=procs)
 
     # 2. plan (position-aware)
-    plan = make_plan(teacher_pipe.transformer, opts.budget, imp, opts.protect_early, other_components_bytes(ref))
+    plan = make_plan(teacher_pipe.transformer, opts.budget, imp, opts.protect_early, target_footprint(ref, opts.budget))
     plan_file = work / "plan.json"
     if plan_file.exists():
         saved = json.loads(plan_file.read_text())
@@ -262,4 +252,4 @@ def plan_for(model: str, budget: Budget, importance: str | None, protect_early: 
         if cached.exists():
             imp = load_importance(cached)
     tr = load_transformer(ref)
-    return make_plan(tr, budget, imp, protect_early, other_components_bytes(ref))
+    return make_plan(tr, budget, imp, protect_early, target_footprint(ref, budget))

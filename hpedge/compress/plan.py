@@ -4,8 +4,10 @@ Early blocks build the semantic layout, so the first ``protect_early`` fraction 
 candidate. Among the later blocks, the least harmful (by the contribution analysis) are removed
 first until the budget holds. A budget is exactly one of: a number of blocks or explicit indices
 (``--remove-blocks 3`` / ``25-29,31-35``), a fraction of blocks (``--remove-fraction``), a kept
-parameter ratio (``--keep-ratio``), or a target device (``--target``): the kept transformer with
-INT4 weights, plus the rest of the pipeline in 16-bit, plus the profile's reserve, must fit its memory.
+parameter ratio (``--keep-ratio``), or a target device (``--target``): the package as it ships (the kept
+transformer and T5 in INT4, CLIPs and the VAE decoder in fp16), the activations of its phases at the
+profile's opt resolution and batch, under the residency chosen (see :mod:`hpedge.export.footprint`), plus
+the profile's reserve, must fit its memory.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ class Budget:
     remove_fraction: float | None = None
     keep_ratio: float | None = None
     target: str | None = None
+    residency: str = "auto"  # --target only: how the package's components share the device (hpedge.export.footprint)
+    drop_t5: bool = False  # --target only: the package ships no T5 (SD3)
+
+    KINDS = ("remove_blocks", "remove_fraction", "keep_ratio", "target")
 
     def check(self) -> None:
-        given = [k for k, v in asdict(self).items() if v is not None]
+        given = [k for k in self.KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise HpedgeError(
                 "give exactly one budget: --remove-blocks, --remove-fraction, --keep-ratio or --target"
@@ -38,6 +44,14 @@ class Budget:
             raise HpedgeError(f"--remove-fraction must be between 0 and 1, got {self.remove_fraction}")
         if self.keep_ratio is not None and not 0 < self.keep_ratio < 1:
             raise HpedgeError(f"--keep-ratio must be between 0 and 1, got {self.keep_ratio}")
+        if self.target is None and (self.residency != "auto" or self.drop_t5):
+            raise HpedgeError("--residency and --drop-t5 size the package on a device: they go with --target")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.KINDS if getattr(self, k) is not None}
+        if self.target is not None:
+            d.update(residency=self.residency, drop_t5=self.drop_t5)
+        return d
 
 
 def parse_blocks(spec: str) -> int | list[int]:
@@ -76,8 +90,8 @@ class Plan:
     budget: dict[str, Any]
     ranking: list[int] = field(default_factory=list)  # candidate order, least harmful first
     first_removable: int = 0
-    other_components_bytes: int = 0
     target_memory_bytes: int | None = None
+    package_memory: dict[str, Any] | None = None  # the target's footprint at this removal (--target budgets)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -101,7 +115,9 @@ def _block_stats(transformer: Any) -> tuple[list[int], list[int], int, int]:
 
 
 def make_plan(transformer: Any, budget: Budget, importance: Importance | None = None, protect_early: float = 0.5,
-              other_components_bytes: int = 0) -> Plan:
+              footprint: Any = None) -> Plan:
+    """``footprint`` (a :class:`hpedge.export.footprint.Footprint` of the whole transformer on the target) is
+    required by a ``--target`` budget."""
     budget.check()
     capacity = 0
     if budget.target is not None:
@@ -110,7 +126,9 @@ def make_plan(transformer: Any, budget: Budget, importance: Importance | None = 
         prof = load_profile(budget.target)
         if "int4" not in prof.precisions:
             raise HpedgeError(f"target {prof.name} does not support int4 weights")
-        capacity = int((prof.memory_gb - prof.reserve_gb) * 1e9)
+        if footprint is None:
+            raise HpedgeError("internal: a --target budget needs the package footprint on the target")
+        capacity = footprint.capacity
     family = family_of(transformer)
     refs = adapters.blocks(transformer)
     n = len(refs)
@@ -150,8 +168,8 @@ def make_plan(transformer: Any, budget: Budget, importance: Importance | None = 
             family=family, num_blocks=n, remove=sorted(remove), kept=[i for i in range(n) if i not in remove],
             params_before=total, params_after=total - removed_params, bytes_bf16_before=2 * total,
             bytes_bf16_after=2 * (total - removed_params), bytes_int4_after=total_int4 - sum(int4[i] for i in remove),
-            budget={k: v for k, v in asdict(budget).items() if v is not None}, ranking=ranking,
-            first_removable=first_removable, other_components_bytes=other_components_bytes, notes=notes,
+            budget=budget.to_dict(), ranking=ranking,
+            first_removable=first_removable, notes=notes,
         )
 
     if explicit is not None:
@@ -174,7 +192,10 @@ def make_plan(transformer: Any, budget: Budget, importance: Importance | None = 
         return need(remove) <= capacity
 
     def need(remove: list[int]) -> int:
-        return total_int4 - sum(int4[i] for i in remove) + other_components_bytes
+        return int(footprint.need(transformer=kept_int4(remove)))
+
+    def kept_int4(remove: list[int]) -> int:
+        return total_int4 - sum(int4[i] for i in remove)
 
     remove: list[int] = []
     for i in [None, *ranking]:
@@ -186,8 +207,15 @@ def make_plan(transformer: Any, budget: Budget, importance: Importance | None = 
             plan = summary(remove)
             if budget.target is not None:
                 plan.target_memory_bytes = capacity
+                plan.package_memory = footprint.with_transformer(kept_int4(remove)).to_dict()
             return plan
-    what = (f"--keep-ratio {budget.keep_ratio}" if budget.keep_ratio is not None else
-            f"--target {budget.target}: needs {need(remove) / 1e9:.2f} GB even after removing all "
-            f"{len(ranking)} removable blocks, but only {capacity / 1e9:.2f} GB are available")
-    raise HpedgeError(f"impossible budget {what}; lower --protect-early or choose a larger target")
+    if budget.keep_ratio is not None:
+        raise HpedgeError(f"impossible budget --keep-ratio {budget.keep_ratio}; lower --protect-early")
+    short = need(remove) - capacity
+    hints = [h for h, ok in (("--residency sequential", footprint.residency == "resident"),
+                             ("--drop-t5", family == "sd3" and not footprint.drop_t5)) if ok]
+    raise HpedgeError(
+        f"impossible budget --target {budget.target} ({footprint.residency}"
+        f"{', T5 dropped' if footprint.drop_t5 else ''}): the package needs {need(remove) / 1e9:.2f} GB even after "
+        f"removing all {len(ranking)} removable blocks, {short / 1e9:.2f} GB more than the {capacity / 1e9:.2f} GB "
+        f"available; " + (f"try {' or '.join(hints)}, " if hints else "") + "lower --protect-early or choose a larger target")

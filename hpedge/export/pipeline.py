@@ -54,12 +54,13 @@ class ExportOptions:
     fp32_reference: bool = False  # also ship the fp32 transformer (1.5x the original's bf16 bytes; for debugging)
 
 
-def resolution_range(pipe: Any, profile: Profile, marker: dict[str, Any]) -> tuple[int, int, int]:
+def resolution_range(family: str, transformer_config: dict[str, Any], vae_scale_factor: int, profile: Profile,
+                     marker: dict[str, Any]) -> tuple[int, int, int]:
     """Pixel resolutions (min, opt, max) the engine must cover: the profile's, within the model's limits."""
-    vs = pipe.vae_scale_factor
+    vs = vae_scale_factor
     step = vs * 2
-    cfg = pipe.transformer.config
-    model_max = cfg.pos_embed_max_size * cfg.patch_size * vs if family_of(pipe) == "sd3" else 1 << 14
+    cfg = transformer_config
+    model_max = cfg["pos_embed_max_size"] * cfg["patch_size"] * vs if family == "sd3" else 1 << 14
     if "resolution" in marker:  # a small zoo model: around its native resolution
         r = int(marker["resolution"])
         lo, opt, hi = max(step, r // 2), r, r * 2
@@ -237,7 +238,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
     pipe = load_pipeline(ref)
     check_pipeline(pipe)
     marker = zoo_marker(ref.path)
-    res = resolution_range(pipe, profile, marker)
+    res = resolution_range(family_of(pipe), dict(pipe.transformer.config), pipe.vae_scale_factor, profile, marker)
     batch = (profile.batch.min, profile.batch.opt, profile.batch.max)
     model_gen = sampling_defaults(pipe, ref.path)
     # calibration and the end-to-end check sample at the model's defaults, at the profile's opt size

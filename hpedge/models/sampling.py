@@ -103,6 +103,23 @@ def _defaults(family: str, tr: dict[str, Any], path: Path | None, vae_scale_fact
                     int(default("max_sequence_length", 256)), None, f"{cls.__name__} call defaults")
 
 
+def defaults_of_ref(ref: Any) -> Defaults | None:
+    """Sampling defaults of a resolved model from configs alone (None where a folder's transformer config
+    cannot be read)."""
+    import json
+
+    from hpedge.models.architectures import ARCHITECTURES
+
+    if ref.architecture is not None:
+        return defaults_of(ref.family, ARCHITECTURES[ref.architecture][1], None)
+    cfg = ref.path / "transformer" / "config.json"
+    vae = ref.path / "vae" / "config.json"
+    if not cfg.exists():
+        return None
+    blocks = len(json.loads(vae.read_text()).get("block_out_channels", [0] * 4)) if vae.exists() else 4
+    return defaults_of(ref.family, json.loads(cfg.read_text()), ref.path, 2 ** (blocks - 1))
+
+
 def with_overrides(d: Defaults, height: int | None = None, width: int | None = None, steps: int | None = None,
                    guidance: float | None = None, max_sequence_length: int | None = None) -> Defaults:
     kw = {k: v for k, v in dict(height=height, width=width, steps=steps, guidance=guidance,

@@ -47,16 +47,40 @@ def test_impossible_budgets(large) -> None:
         make_plan(large, Budget(remove_blocks="3", keep_ratio=0.5))
     with pytest.raises(HpedgeError, match="importance"):
         make_plan(large, Budget(remove_blocks="3"))
-    with pytest.raises(HpedgeError, match="impossible budget"):
-        make_plan(large, Budget(target="jetson-orin-nano-8gb"), _uniform(38), other_components_bytes=int(11e9))
+    with pytest.raises(HpedgeError, match=r"\(resident\): the package needs 9\.\d\d GB even after removing all 18 "
+                                          r"removable blocks, 3\.\d\d GB more than the 5\.50 GB available; "
+                                          r"try --residency sequential or --drop-t5"):
+        make_plan(large, Budget(target="jetson-orin-nano-8gb"), _uniform(38), footprint=_footprint("jetson-orin-nano-8gb", 7e9))
     with pytest.raises(HpedgeError, match="only 18 are removable"):
         make_plan(large, Budget(remove_blocks="30"), _uniform(38))
 
 
 def test_target_budget_fits_memory(large) -> None:
-    p = make_plan(large, Budget(target="rtx4090"), _uniform(38), other_components_bytes=int(2e9))
-    assert p.target_memory_bytes is not None
-    assert p.bytes_int4_after + p.other_components_bytes <= p.target_memory_bytes
+    p = make_plan(large, Budget(target="rtx4090"), _uniform(38), footprint=_footprint("rtx4090", 17e9))
+    assert p.target_memory_bytes == 21e9 and p.remove
+    assert p.package_memory["weights"]["transformer"] == p.bytes_int4_after
+    assert p.package_memory["need"] == p.bytes_int4_after + 17e9 + 1e8 <= p.target_memory_bytes
+    # one block fewer would not fit
+    from hpedge.models.adapters import int4_bytes
+
+    last = p.ranking[len(p.remove) - 1]  # the planner removes in ranking order until the package fits
+    one_less = p.bytes_int4_after + int4_bytes(large.transformer_blocks[last])
+    assert one_less + 17e9 + 1e8 > p.target_memory_bytes
+
+
+def test_residency_and_drop_t5_need_a_target() -> None:
+    with pytest.raises(HpedgeError, match="go with --target"):
+        Budget(remove_blocks="3", drop_t5=True).check()
+
+
+def _footprint(target: str, others: float):
+    """A resident footprint whose non-transformer weights sum to ``others`` bytes, 0.1 GB of activations."""
+    from hpedge.export.footprint import Footprint
+    from hpedge.targets import load_profile
+
+    prof = load_profile(target)
+    return Footprint(target, "resident", 1024, 1, False, int((prof.memory_gb - prof.reserve_gb) * 1e9),
+                     weights={"transformer": 0, "t5": int(others)}, activations={"transformer": int(1e8)})
 
 
 def test_importance_for_other_architecture_is_refused(large) -> None:

@@ -1,0 +1,290 @@
+"""Device memory of a package on a target, component by component (``hpedge plan --target``, ``export --target``).
+
+What is counted is what the package ships, at the precision it ships it in:
+
+- ``transformer``: INT4 weights (fp16 scales per block of 128, 16 bits for the rest; the engine's input file);
+- ``t5``: T5's INT4 weights, the same format (absent with ``--drop-t5``: SD3 then feeds zeros, as diffusers
+  does without ``text_encoder_3``);
+- ``clip``: the CLIP encoders in fp16;
+- ``vae_decoder``: the VAE decoder in fp16 (the encoder is not shipped).
+
+Activations are not guessed from a formula: each phase (text encoding, one denoising step, VAE decoding) runs
+on the meta device (shapes only, no memory, no arithmetic) in fp16 at the profile's opt resolution and batch
+(twice the batch for the SD3 transformer: classifier-free guidance), and the peak of the bytes alive at once
+is taken, weights excluded. Attention is counted as a fused kernel holds it (its output; the score matrix
+lives in tiles), which is how TensorRT runs it.
+
+Residency says which weights are in memory together: ``resident`` keeps every component loaded (fastest;
+discrete cards), ``sequential`` loads each phase's components for that phase alone and frees them after it
+(text encoders freed after encoding; shared-memory Jetsons, where host and GPU memory are one, so nothing
+can be offloaded). ``auto`` picks ``sequential`` on shared-memory profiles, ``resident`` elsewhere. The
+profile's ``reserve_gb`` (runtime, CUDA context, the OS on a Jetson) is kept free on top.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hpedge.errors import HpedgeError
+
+RESIDENCIES = ("auto", "resident", "sequential")
+PHASES = {"text": ("clip", "t5"), "transformer": ("transformer",), "vae_decoder": ("vae_decoder",)}
+
+
+@dataclass
+class Footprint:
+    target: str
+    residency: str  # resident | sequential
+    resolution: int
+    prompts: int  # images generated together (the profile's opt batch)
+    drop_t5: bool
+    capacity: int  # bytes for weights and activations: the profile's memory less its reserve
+    weights: dict[str, int] = field(default_factory=dict)  # component -> bytes as shipped
+    activations: dict[str, int] = field(default_factory=dict)  # phase -> peak bytes alive (weights excluded)
+    precisions: dict[str, str] = field(default_factory=dict)
+
+    def phase_bytes(self, phase: str, transformer: int | None = None) -> int:
+        w = {**self.weights, **({"transformer": transformer} if transformer is not None else {})}
+        return sum(w.get(c, 0) for c in PHASES[phase]) + self.activations.get(phase, 0)
+
+    def need(self, transformer: int | None = None) -> int:
+        """Peak bytes; ``transformer``: the transformer's INT4 bytes instead of the stored ones (the planner's search)."""
+        w = {**self.weights, **({"transformer": transformer} if transformer is not None else {})}
+        if self.residency == "resident":
+            return sum(w.values()) + max(self.activations.values(), default=0)
+        return max(self.phase_bytes(p, transformer) for p in PHASES)
+
+    def fits(self, transformer: int | None = None) -> bool:
+        return self.need(transformer) <= self.capacity
+
+    def with_transformer(self, transformer: int) -> "Footprint":
+        return Footprint(**{**asdict(self), "weights": {**self.weights, "transformer": transformer}})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "need": self.need(), "fits": self.fits()}
+
+    def rows(self) -> list[tuple[str, str, int]]:
+        """(what, precision, bytes) for a table."""
+        out = [(c, self.precisions.get(c, ""), b) for c, b in self.weights.items()]
+        out += [(f"activations: {p}", "fp16", b) for p, b in self.activations.items()]
+        return out
+
+
+def residency_for(profile: Any, residency: str) -> str:
+    if residency not in RESIDENCIES:
+        raise HpedgeError(f"--residency must be one of {', '.join(RESIDENCIES)}, got {residency!r}")
+    if residency == "auto":
+        return "sequential" if profile.shared_memory else "resident"
+    return residency
+
+
+def estimate(ref: Any, target: str, residency: str = "auto", drop_t5: bool = False,
+             remove: list[int] | None = None, max_sequence_length: int | None = None) -> Footprint:
+    """The package's device memory on ``target`` for a resolved model (an architecture name or a pipeline
+    folder), from configs alone: every module is built on the meta device, no weight is read."""
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    from hpedge.compress.memory import meta_transformer
+    from hpedge.export.engine_build import batch_range
+    from hpedge.models import adapters
+    from hpedge.targets import load_profile
+
+    prof = load_profile(target)
+    family = ref.family
+    if drop_t5 and family != "sd3":
+        raise HpedgeError("--drop-t5 applies to SD3 pipelines only: FLUX.1 takes its prompt embeddings from T5")
+    mode = residency_for(prof, residency)
+    comps = meta_components(ref)
+    tr = meta_transformer(ref)
+    if remove:
+        tr, _ = adapters.prune(tr, set(remove))
+    msl = max_sequence_length or _default_msl(ref)
+    side = _resolution(ref, tr, comps["vae"], prof)
+    prompts, cfg = batch_range(prof, family)
+    fp = Footprint(prof.name, mode, side, prompts[1], drop_t5, int((prof.memory_gb - prof.reserve_gb) * 1e9))
+    fp.weights["transformer"] = adapters.int4_bytes(tr)
+    fp.precisions["transformer"] = "int4"
+    clips = [m for k, m in comps.items() if k.startswith("clip")]
+    fp.weights["clip"] = sum(2 * _params(m) for m in clips)
+    fp.precisions["clip"] = "fp16"
+    if not drop_t5:
+        fp.weights["t5"] = adapters.int4_bytes(comps["t5"])
+        fp.precisions["t5"] = "int4"
+    vae = comps["vae"]
+    fp.weights["vae_decoder"] = 2 * (_params(vae.decoder) + _params(getattr(vae, "post_quant_conv", None)))
+    fp.precisions["vae_decoder"] = "fp16"
+
+    half = torch.float16
+    b = cfg[1]
+    quiet = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its warning about casting modules with to() concerns weights; none here
+    with torch.no_grad():  # CLIP runs at its full length (77 tokens for the real encoders)
+        text = [_peak(m.to(half), lambda m=m: m(torch.zeros(b, int(m.config.max_position_embeddings),
+                                                            dtype=torch.long, device="meta"),
+                                                   output_hidden_states=True)) for m in clips]
+        if not drop_t5:
+            t5 = comps["t5"].to(half)
+            text.append(_peak(t5, lambda: t5(torch.zeros(b, msl, dtype=torch.long, device="meta"))))
+        fp.activations["text"] = max(text)
+        fp.activations["transformer"] = _transformer_peak(tr.to(half), family, b, side, msl,
+                                                           2 ** (len(vae.config.block_out_channels) - 1))
+        lat = side // (2 ** (len(vae.config.block_out_channels) - 1))
+        c = int(vae.config.latent_channels)
+        fp.activations["vae_decoder"] = _peak(vae.to(half), lambda: vae.decode(
+            torch.empty(prompts[1], c, lat, lat, dtype=half, device="meta"), return_dict=False))
+    diffusers_logging.set_verbosity(quiet)
+    return fp
+
+
+def _resolution(ref: Any, tr: Any, vae: Any, prof: Any) -> int:
+    """The opt resolution the package's engines are built for (the export's rule)."""
+    from hpedge.export.pipeline import resolution_range
+    from hpedge.models.sampling import zoo_marker
+
+    vs = 2 ** (len(vae.config.block_out_channels) - 1)
+    return resolution_range(ref.family, dict(tr.config), vs, prof, zoo_marker(ref.path))[1]
+
+
+def _params(m: Any) -> int:
+    if m is None:
+        return 0
+    seen, n = set(), 0
+    for p in m.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def _default_msl(ref: Any) -> int:
+    from hpedge.models.sampling import defaults_of_ref
+
+    d = defaults_of_ref(ref)
+    if d is None:
+        raise HpedgeError(f"{ref.path}: no transformer/config.json; cannot size the package")
+    return int(d.max_sequence_length)
+
+
+def meta_components(ref: Any) -> dict[str, Any]:
+    """Text encoders (``clip_l``, ``clip_g``, ``t5``) and the VAE of a resolved model on the meta device."""
+    import json
+
+    import transformers
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+
+    from hpedge.models.architectures import architecture, text_encoder, vae_config
+
+    out: dict[str, Any] = {}
+    with init_empty_weights():
+        if ref.architecture is not None:
+            a = architecture(ref.architecture)
+            out["vae"] = AutoencoderKL(**vae_config(a["vae"]))
+            encoders = [text_encoder(spec) for spec in a["text_encoders"].values()]
+        else:
+            folder = Path(ref.path)
+            index = json.loads((folder / "model_index.json").read_text())
+            out["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(str(folder / "vae")))
+            encoders = []
+            for name in sorted(k for k in index if k.startswith("text_encoder")):
+                if index[name] is None or index[name][1] is None:
+                    continue
+                cls = getattr(transformers, index[name][1])
+                encoders.append(cls(cls.config_class.from_pretrained(str(folder / name))))
+    clips = [e for e in encoders if type(e).__name__.startswith("CLIP")]
+    for i, e in enumerate(clips):
+        out[f"clip_{i}"] = e
+    t5 = [e for e in encoders if type(e).__name__.startswith("T5")]
+    if t5:  # the input embedding is T5's ``shared`` table; on the meta device the tie must be made
+        t5[0].encoder.embed_tokens = t5[0].shared
+        out["t5"] = t5[0]
+    return out
+
+
+class _Live:
+    """Bytes of the tensors alive at once (by storage), counted while ops run on the meta device."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude = exclude
+        self.refs: dict[int, int] = {}
+        self.live = 0
+        self.peak = 0
+
+    def track(self, t: Any) -> None:
+        s = t.untyped_storage()
+        key = s._cdata
+        if key in self.exclude:
+            return
+        if key not in self.refs:
+            self.refs[key] = 0
+            self.live += int(s.nbytes())
+            self.peak = max(self.peak, self.live)
+        self.refs[key] += 1
+        weakref.finalize(t, self._drop, key, int(s.nbytes()))
+
+    def _drop(self, key: int, nbytes: int) -> None:
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+            self.live -= nbytes
+
+
+def _peak(module: Any, run: Any) -> int:
+    """Peak bytes alive while ``run()`` calls ``module`` on the meta device (its weights and buffers excluded)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    exclude = {p.untyped_storage()._cdata for p in [*module.parameters(), *module.buffers()]}
+    live = _Live(exclude)
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.device.type == "meta":
+                    live.track(t)
+            return out
+
+    def sdpa(*args: Any, **kwargs: Any) -> Any:  # a fused kernel: its output only
+        q = args[0] if args else kwargs["query"]
+        v = args[2] if len(args) > 2 else kwargs["value"]
+        return torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = sdpa
+    try:
+        with Mode():
+            out = run()
+        del out
+    finally:
+        F.scaled_dot_product_attention = original
+    return live.peak
+
+
+def _transformer_peak(tr: Any, family: str, batch: int, side: int, msl: int, vae_scale: int) -> int:
+    import torch
+
+    from hpedge.compress.memory import text_tokens
+    from hpedge.models.denoise import Conditioning, predict
+
+    cfg = tr.config
+    half = torch.float16
+    lat = side // vae_scale
+    c = int(cfg["in_channels"]) // (4 if family == "flux" else 1)
+    n = text_tokens(family, msl)
+
+    def run() -> Any:
+        x = torch.empty(batch, c, lat, lat, device="meta", dtype=half)
+        cond = Conditioning(torch.empty(batch, n, int(cfg["joint_attention_dim"]), device="meta", dtype=half),
+                            torch.empty(batch, int(cfg["pooled_projection_dim"]), device="meta", dtype=half),
+                            torch.empty(n, 3, device="meta", dtype=half) if family == "flux" else None,
+                            3.5 if cfg.get("guidance_embeds") else None)
+        return predict(tr, x, torch.empty(batch, device="meta", dtype=half), cond)
+
+    return _peak(tr, run)
