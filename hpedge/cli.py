@@ -200,6 +200,7 @@ BudgetKeep = Annotated[Optional[float], typer.Option("--keep-ratio", help="keep 
 BudgetTarget = Annotated[Optional[str], typer.Option("--target", help="device profile name or JSON file")]
 ProtectEarly = Annotated[float, typer.Option(help="fraction of early blocks never removed")]
 Residency = Annotated[str, typer.Option(help="how the package's components share the device: auto (sequential on shared-memory Jetsons, resident elsewhere) | resident (all loaded) | sequential (each phase's components loaded for that phase alone)")]
+T5Precision = Annotated[str, typer.Option("--t5", help="T5's weights in the package: auto (int8 where the package fits with it, else int4) | int4 (ModelOpt AWQ) | int8 (weight-only, per channel)")]
 DropT5 = Annotated[bool, typer.Option("--drop-t5", help="SD3: the package ships no T5 encoder (zeros in its place, as diffusers without text_encoder_3)")]
 
 
@@ -280,6 +281,7 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
          target: BudgetTarget = None,
          importance: Annotated[Optional[str], typer.Option(help="importance JSON (hpedge or reference format)")] = None,
          protect_early: ProtectEarly = 0.5, residency: Residency = "auto", drop_t5: DropT5 = False,
+         t5: T5Precision = "auto",
          json_out: Annotated[Optional[Path], typer.Option("--json", help="write the plan as JSON")] = None,
          distill: Annotated[bool, typer.Option("--distill", help="also estimate the memory per GPU of distilling this plan")] = False,
          batch_size: Annotated[int, typer.Option(help="--distill: the global batch (compress --batch-size)")] = 16,
@@ -292,7 +294,7 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
     from hpedge.compress.plan import Budget
     from hpedge.io import atomic_file
 
-    p = plan_for(model, Budget(remove_blocks, remove_fraction, keep_ratio, target, residency, drop_t5), importance,
+    p = plan_for(model, Budget(remove_blocks, remove_fraction, keep_ratio, target, residency, drop_t5, t5), importance,
                  protect_early)
     _print_plan(p)
     out = p.to_dict()
@@ -339,6 +341,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
              target: BudgetTarget = None,
              importance: Annotated[Optional[str], typer.Option(help="importance JSON; analysed if omitted")] = None,
              protect_early: ProtectEarly = 0.5, residency: Residency = "auto", drop_t5: DropT5 = False,
+             t5: T5Precision = "auto",
              steps: Annotated[int, typer.Option(help="distillation steps")] = 600,
              batch_size: Annotated[int, typer.Option()] = 16,
              pool_size: Annotated[int, typer.Option(help="teacher samples distilled from (data-free)")] = 256,
@@ -371,7 +374,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
                          checkpoint_every=checkpoint_every, mixed_precision=mixed_precision,
                          gradient_checkpointing=gradient_checkpointing, seed=seed,
                          data_dir=str(data) if data else None)
-    opts = CompressOptions(Budget(remove_blocks, remove_fraction, keep_ratio, target, residency, drop_t5), importance, protect_early,
+    opts = CompressOptions(Budget(remove_blocks, remove_fraction, keep_ratio, target, residency, drop_t5, t5), importance, protect_early,
                            ds, analysis=AnalysisSettings(prompts=analysis_prompts, steps=analysis_steps), resume=resume, overwrite=overwrite, eval_per_category=eval_per_category, grid_samples=grid_samples,
                            resolution=resolution, prompts_file=str(prompts) if prompts else None)
     with _progress("compress") as cb:
@@ -422,6 +425,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
            protect: Annotated[Optional[list[str]], typer.Option(help="regex of layers kept in full precision (repeatable)")] = None,
            allow_parity_failure: Annotated[bool, typer.Option(help="write the package even if parity fails (recorded in the manifest)")] = False,
            archive: Annotated[bool, typer.Option(help="also write PACKAGE.tar")] = False,
+           residency: Residency = "auto", drop_t5: DropT5 = False, t5: T5Precision = "auto",
            overwrite: Annotated[bool, typer.Option()] = False) -> None:
     """ONNX + INT4 AWQ + TensorRT engines (TensorRT-RTX on any host, or an on-device build) + parity -> a self-describing package."""
     from hpedge.export.pipeline import ExportOptions, export as run
@@ -429,7 +433,8 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
     opts = ExportOptions(target=target, engine=engine, steps=steps, method=method, exporter=exporter, cpu_kernel=cpu_kernel, compute=compute,
                          fp32_reference=fp32_reference,
                          calibration_prompts=calibration_prompts, allow_parity_failure=allow_parity_failure,
-                         archive=archive, overwrite=overwrite, protect=list(protect or []))
+                         archive=archive, overwrite=overwrite, protect=list(protect or []), residency=residency,
+                         drop_t5=drop_t5, t5=t5)
     with _progress("export") as cb:
         m = run(model, output, opts, progress=lambda what: cb(what, 0, 1))
     b, fp32_bytes = m["components"]["transformer"]["bytes"], m["components"]["transformer"]["fp32_bytes"]

@@ -52,6 +52,8 @@ class Parity:
     int4_min_cosine: float
     int4_min_psnr_db: float
     e2e_min_psnr_db: float
+    text_min_cosine: float = 0.99  # prompt embeddings (CLIP fp16 + T5 INT4) vs PyTorch, held-out prompts
+    vae_min_psnr_db: float = 30.0  # the VAE decoder (fp16) vs PyTorch's fp32 decode
 
 
 @dataclass(frozen=True)

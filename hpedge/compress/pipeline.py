@@ -51,13 +51,26 @@ def work_dir(out: Path) -> Path:
     return out.resolve().parent / f".{out.name}.hpedge-work"
 
 
-def target_footprint(ref: ModelRef, budget: Budget, max_sequence_length: int | None = None) -> Any:
+def target_footprint(ref: ModelRef, budget: Budget, t5: str | None = None) -> Any:
     """The whole transformer's package footprint on ``budget.target`` (None without a target budget)."""
     if budget.target is None:
         return None
     from hpedge.export.footprint import estimate
 
-    return estimate(ref, budget.target, budget.residency, budget.drop_t5, max_sequence_length=max_sequence_length)
+    return estimate(ref, budget.target, budget.residency, budget.drop_t5, t5=t5 or budget.t5)
+
+
+def plan_on_target(transformer: Any, budget: Budget, imp: Importance | None, protect_early: float, ref: ModelRef) -> Plan:
+    """:func:`make_plan`; a ``--target`` budget with ``--t5 auto`` takes T5 in INT8 unless that costs blocks
+    (then INT4: a removed transformer block costs more quality than T5's 4-bit weights)."""
+    if budget.target is None or budget.t5 != "auto" or budget.drop_t5:
+        return make_plan(transformer, budget, imp, protect_early, target_footprint(ref, budget, "int4" if budget.t5 == "auto" else None))
+    p4 = make_plan(transformer, budget, imp, protect_early, target_footprint(ref, budget, "int4"))
+    try:
+        p8 = make_plan(transformer, budget, imp, protect_early, target_footprint(ref, budget, "int8"))
+    except HpedgeError:
+        return p4
+    return p8 if len(p8.remove) <= len(p4.remove) else p4
 
 
 def training_prompts(evaluator: str | None, n: int, seed: int, prompts_file: str | None = None) -> list[str]:
@@ -119,7 +132,7 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
                       progress=lambda what, k, n: say(f"analysis: {what}", k, n), procs=procs)
 
     # 2. plan (position-aware)
-    plan = make_plan(teacher_pipe.transformer, opts.budget, imp, opts.protect_early, target_footprint(ref, opts.budget))
+    plan = plan_on_target(teacher_pipe.transformer, opts.budget, imp, opts.protect_early, ref)
     plan_file = work / "plan.json"
     if plan_file.exists():
         saved = json.loads(plan_file.read_text())
@@ -252,4 +265,4 @@ def plan_for(model: str, budget: Budget, importance: str | None, protect_early: 
         if cached.exists():
             imp = load_importance(cached)
     tr = load_transformer(ref)
-    return make_plan(tr, budget, imp, protect_early, target_footprint(ref, budget))
+    return plan_on_target(tr, budget, imp, protect_early, ref)

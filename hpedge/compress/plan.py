@@ -30,6 +30,7 @@ class Budget:
     target: str | None = None
     residency: str = "auto"  # --target only: how the package's components share the device (hpedge.export.footprint)
     drop_t5: bool = False  # --target only: the package ships no T5 (SD3)
+    t5: str = "auto"  # --target only: T5's precision in the package (auto | int4 | int8; hpedge.export.footprint)
 
     KINDS = ("remove_blocks", "remove_fraction", "keep_ratio", "target")
 
@@ -44,13 +45,13 @@ class Budget:
             raise HpedgeError(f"--remove-fraction must be between 0 and 1, got {self.remove_fraction}")
         if self.keep_ratio is not None and not 0 < self.keep_ratio < 1:
             raise HpedgeError(f"--keep-ratio must be between 0 and 1, got {self.keep_ratio}")
-        if self.target is None and (self.residency != "auto" or self.drop_t5):
-            raise HpedgeError("--residency and --drop-t5 size the package on a device: they go with --target")
+        if self.target is None and (self.residency != "auto" or self.drop_t5 or self.t5 != "auto"):
+            raise HpedgeError("--residency, --drop-t5 and --t5 size the package on a device: they go with --target")
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.KINDS if getattr(self, k) is not None}
         if self.target is not None:
-            d.update(residency=self.residency, drop_t5=self.drop_t5)
+            d.update(residency=self.residency, drop_t5=self.drop_t5, t5=self.t5)
         return d
 
 

@@ -18,7 +18,7 @@ from hpedge.backends import engines as eng
 from hpedge.errors import HpedgeError
 from hpedge.targets import Profile
 
-COMPONENTS = ("text", "transformer", "vae_decoder")
+COMPONENTS = ("text_clip", "text_t5", "transformer", "vae_decoder")
 
 
 def plan(mode: str, profile: Profile, precisions: set[str]) -> tuple[bool, str]:
@@ -64,11 +64,12 @@ def _with_batch(shapes: tuple[tuple[int, ...], ...], batch: tuple[int, int, int]
 
 def component_plan(family: str, transformer_io: dict[str, Any], batch_axes: dict[str, bool],
                    text_lengths: dict[str, int], latent_channels: int, latent_range: tuple[int, int, int],
-                   profile: Profile) -> dict[str, Any]:
+                   profile: Profile, text_encoders: dict[str, Any]) -> dict[str, Any]:
     """Each component's ONNX file and engine input shapes ({name: {min, opt, max}}).
 
     ``transformer_io``: the transformer's ONNX input shapes (as in the manifest); ``batch_axes``: which of
-    its inputs carry the batch in dimension 0.
+    its inputs carry the batch in dimension 0; ``text_encoders``: the manifest's text encoders (one engine each,
+    ``text_clip`` and ``text_t5``).
     """
     prompts, cfg = batch_range(profile, family)
     tr = {}
@@ -79,7 +80,8 @@ def component_plan(family: str, transformer_io: dict[str, Any], batch_axes: dict
     text = {name: {k: [b, length] for k, b in zip(("min", "opt", "max"), cfg)} for name, length in text_lengths.items()}
     vae = {"latents": {k: [b, latent_channels, h, h] for k, b, h in zip(("min", "opt", "max"), prompts, latent_range)}}
     return {
-        "text": {"onnx": "text/model.onnx", "shapes": text},
+        **{f"text_{name}": {"onnx": e["file"], "shapes": {k: text[k] for k in e["inputs"]}}
+           for name, e in text_encoders.items()},
         "transformer": {"onnx": "transformer/int4/model.onnx", "shapes": tr,
                         "batch_inputs": sorted(k for k, v in batch_axes.items() if v)},
         "vae_decoder": {"onnx": "vae_decoder/model.onnx", "shapes": vae},

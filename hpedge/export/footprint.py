@@ -3,8 +3,9 @@
 What is counted is what the package ships, at the precision it ships it in:
 
 - ``transformer``: INT4 weights (fp16 scales per block of 128, 16 bits for the rest; the engine's input file);
-- ``t5``: T5's INT4 weights, the same format (absent with ``--drop-t5``: SD3 then feeds zeros, as diffusers
-  does without ``text_encoder_3``);
+- ``t5``: T5's INT4 weights, the same format, or INT8 weight-only (``--t5 int8``: a byte per weight and an fp16
+  scale per output channel); absent with ``--drop-t5`` (SD3 then feeds zeros, as diffusers does without
+  ``text_encoder_3``);
 - ``clip``: the CLIP encoders in fp16;
 - ``vae_decoder``: the VAE decoder in fp16 (the encoder is not shipped).
 
@@ -81,10 +82,21 @@ def residency_for(profile: Any, residency: str) -> str:
     return residency
 
 
+T5_PRECISIONS = ("auto", "int4", "int8")
+
+
 def estimate(ref: Any, target: str, residency: str = "auto", drop_t5: bool = False,
-             remove: list[int] | None = None, max_sequence_length: int | None = None) -> Footprint:
+             remove: list[int] | None = None, max_sequence_length: int | None = None, t5: str = "auto") -> Footprint:
     """The package's device memory on ``target`` for a resolved model (an architecture name or a pipeline
-    folder), from configs alone: every module is built on the meta device, no weight is read."""
+    folder), from configs alone: every module is built on the meta device, no weight is read.
+
+    ``t5``: ``int8`` (weight-only, closer to PyTorch), ``int4`` (half its bytes) or ``auto``: int8 where the
+    package fits with it, int4 otherwise."""
+    if t5 not in T5_PRECISIONS:
+        raise HpedgeError(f"--t5 must be one of {', '.join(T5_PRECISIONS)}, got {t5!r}")
+    if t5 == "auto":
+        fp = estimate(ref, target, residency, drop_t5, remove, max_sequence_length, "int8")
+        return fp if fp.fits() or drop_t5 else estimate(ref, target, residency, drop_t5, remove, max_sequence_length, "int4")
     import torch
     from diffusers.utils import logging as diffusers_logging
 
@@ -112,8 +124,8 @@ def estimate(ref: Any, target: str, residency: str = "auto", drop_t5: bool = Fal
     fp.weights["clip"] = sum(2 * _params(m) for m in clips)
     fp.precisions["clip"] = "fp16"
     if not drop_t5:
-        fp.weights["t5"] = adapters.int4_bytes(comps["t5"])
-        fp.precisions["t5"] = "int4"
+        fp.weights["t5"] = adapters.int4_bytes(comps["t5"]) if t5 == "int4" else _int8_bytes(comps["t5"])
+        fp.precisions["t5"] = t5
     vae = comps["vae"]
     fp.weights["vae_decoder"] = 2 * (_params(vae.decoder) + _params(getattr(vae, "post_quant_conv", None)))
     fp.precisions["vae_decoder"] = "fp16"
@@ -147,6 +159,15 @@ def _resolution(ref: Any, tr: Any, vae: Any, prof: Any) -> int:
 
     vs = 2 ** (len(vae.config.block_out_channels) - 1)
     return resolution_range(ref.family, dict(tr.config), vs, prof, zoo_marker(ref.path))[1]
+
+
+def _int8_bytes(module: Any) -> int:
+    """INT8 weight-only: linear weights one byte each plus an fp16 scale per output channel, 16 bits elsewhere."""
+    import torch.nn as nn
+
+    linear = {id(m.weight): m.weight for m in module.modules() if isinstance(m, nn.Linear)}
+    rest = sum(p.numel() for p in {id(p): p for p in module.parameters()}.values() if id(p) not in linear)
+    return sum(w.numel() + 2 * w.shape[0] for w in linear.values()) + 2 * rest
 
 
 def _params(m: Any) -> int:

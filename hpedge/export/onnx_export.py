@@ -277,14 +277,12 @@ def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str
     and output. That is the graph a strongly typed TensorRT engine should be built from: TensorRT then
     runs fp16 kernels because the graph says so, not because of a builder flag.
     """
-    import copy
-
     import torch
 
     if dtype not in COMPUTE_DTYPES:
         raise HpedgeError(f"unknown compute dtype {dtype!r} for the transformer export (choose from {', '.join(COMPUTE_DTYPES)})")
     if dtype == "fp16":
-        transformer = copy.deepcopy(transformer).to(torch.float16)
+        transformer = half_copy(transformer)
     family = family_of(transformer)
     if exporter == "auto":
         exporter = "legacy" if family == "sd3" else "dynamo"
@@ -409,51 +407,92 @@ def _Float32Rope(theta: int, axes_dim: list[int]) -> Any:  # noqa: N802 - builds
     return Float32Rope(theta, axes_dim)
 
 
-class _SD3Text:
+def half_copy(module: Any) -> Any:
+    """An fp16 copy of ``module`` made tensor by tensor: the caller's model is unchanged and the copy costs half
+    its fp32 bytes (a deep copy cast afterwards would hold a second fp32 copy first)."""
+    import copy
+
+    import torch
+
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().to(torch.float16) if p.is_floating_point() else p.detach(),
+                                         requires_grad=False)
+    for b in module.buffers():
+        memo[id(b)] = b.to(torch.float16) if b.is_floating_point() else b.clone()
+    return copy.deepcopy(module, memo)
+
+
+class TextEncoders:
+    """The text encoders as the package ships them: ``clip`` (the CLIP encoders, one graph) and ``t5`` (one
+    graph), combined by the runtime exactly as the pipeline's ``encode_prompt`` combines them.
+
+    SD3: ``clip(clip_ids, clip2_ids) -> clip_embeds`` (the penultimate hidden states of CLIP-L and CLIP-G side
+    by side) and ``pooled``; ``t5(t5_ids) -> t5_embeds``; prompt embeddings = [clip_embeds padded to T5's width,
+    t5_embeds] along the sequence. FLUX.1: ``clip(clip_ids) -> pooled``; prompt embeddings = ``t5_embeds``.
+    Without T5 (SD3 only) its part is zeros of (max_sequence_length, joint_attention_dim), as in diffusers.
+    The combination: :func:`hpedge.runtime.combine_text`.
+    """
+
+    INPUTS = {"sd3": {"clip": ["clip_ids", "clip2_ids"], "t5": ["t5_ids"]},
+              "flux": {"clip": ["clip_ids"], "t5": ["t5_ids"]}}
+    OUTPUTS = {"sd3": {"clip": ["clip_embeds", "pooled"], "t5": ["t5_embeds"]},
+               "flux": {"clip": ["pooled"], "t5": ["t5_embeds"]}}
+
     @staticmethod
-    def module(pipe: Any) -> Any:
+    def module(pipe: Any, which: str, half: bool) -> Any:
         import torch
 
-        class M(torch.nn.Module):
+        family = family_of(pipe)
+
+        def copy(m: Any) -> Any:
+            if not half:
+                return m
+            m = half_copy(m)
+            # the legacy exporter's SDPA symbolic computes in fp32 and leaks fp32 into an fp16 graph (ONNX Runtime
+            # then rejects its LayerNormalization): export fp16 CLIPs with their eager attention (same arithmetic)
+            if hasattr(m, "set_attn_implementation") and type(m).__name__.startswith("CLIP"):
+                m.set_attn_implementation("eager")
+            return m
+
+        class SD3Clip(torch.nn.Module):
             def __init__(self) -> None:
                 super().__init__()
-                self.l, self.g, self.t5 = pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3
+                self.l, self.g = copy(pipe.text_encoder), copy(pipe.text_encoder_2)
 
-            def forward(self, clip_ids, clip2_ids, t5_ids):  # type: ignore[no-untyped-def]
+            def forward(self, clip_ids, clip2_ids):  # type: ignore[no-untyped-def]
                 a = self.l(clip_ids, output_hidden_states=True)
                 b = self.g(clip2_ids, output_hidden_states=True)
                 clip = torch.cat([a.hidden_states[-2], b.hidden_states[-2]], dim=-1)
-                t5 = self.t5(t5_ids)[0]
-                clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-                return torch.cat([clip, t5], dim=-2), torch.cat([a.text_embeds, b.text_embeds], dim=-1)
+                return clip.float(), torch.cat([a.text_embeds, b.text_embeds], dim=-1).float()
 
-        return M().eval()
-
-
-class _FluxText:
-    @staticmethod
-    def module(pipe: Any) -> Any:
-        import torch
-
-        class M(torch.nn.Module):
+        class FluxClip(torch.nn.Module):
             def __init__(self) -> None:
                 super().__init__()
-                self.clip, self.t5 = pipe.text_encoder, pipe.text_encoder_2
+                self.clip = copy(pipe.text_encoder)
 
-            def forward(self, clip_ids, t5_ids):  # type: ignore[no-untyped-def]
-                return self.t5(t5_ids)[0], self.clip(clip_ids).pooler_output
+            def forward(self, clip_ids):  # type: ignore[no-untyped-def]
+                return self.clip(clip_ids).pooler_output.float()
 
-        return M().eval()
+        class T5(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.t5 = copy(pipe.text_encoder_3 if family == "sd3" else pipe.text_encoder_2)
+
+            def forward(self, t5_ids):  # type: ignore[no-untyped-def]
+                return self.t5(t5_ids)[0].float()
+
+        if which == "t5":
+            return T5().eval()
+        return (SD3Clip if family == "sd3" else FluxClip)().eval()
 
 
 def text_inputs(pipe: Any, max_sequence_length: int) -> dict[str, tuple[str, int]]:
     """Input name -> (tokenizer attribute, length)."""
     clip_len = int(pipe.tokenizer_max_length)
     if family_of(pipe) == "sd3":
-        if pipe.text_encoder_3 is None:
-            raise HpedgeError("this SD3 pipeline has no T5 text encoder; export needs all three encoders")
-        return {"clip_ids": ("tokenizer", clip_len), "clip2_ids": ("tokenizer_2", clip_len),
-                "t5_ids": ("tokenizer_3", max_sequence_length)}
+        clips = {"clip_ids": ("tokenizer", clip_len), "clip2_ids": ("tokenizer_2", clip_len)}
+        return clips if pipe.text_encoder_3 is None else {**clips, "t5_ids": ("tokenizer_3", max_sequence_length)}
     return {"clip_ids": ("tokenizer", clip_len), "t5_ids": ("tokenizer_2", max_sequence_length)}
 
 
@@ -466,39 +505,40 @@ def tokenize(pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[st
     return out
 
 
-def export_text(pipe: Any, path: Path, max_sequence_length: int) -> None:
+def export_text_encoder(pipe: Any, which: str, path: Path, max_sequence_length: int, dtype: str = "fp32") -> dict[str, Any]:
+    """Export text encoder graph ``which`` (``clip`` | ``t5``) computing in ``dtype`` (fp32 | fp16; inputs int64,
+    outputs float32) and check it against the pipeline's own encoders; returns its manifest entry."""
     import torch
 
-    module = (_SD3Text if family_of(pipe) == "sd3" else _FluxText).module(pipe)
+    family = family_of(pipe)
+    if dtype not in COMPUTE_DTYPES:
+        raise HpedgeError(f"unknown compute dtype {dtype!r} for the text encoders (choose from {', '.join(COMPUTE_DTYPES)})")
+    module = TextEncoders.module(pipe, which, dtype == "fp16")
+    names, outputs = TextEncoders.INPUTS[family][which], TextEncoders.OUTPUTS[family][which]
     ids = tokenize(pipe, ["a 1", "two 3s"], max_sequence_length)
-    names = list(ids)
     args = tuple(torch.from_numpy(ids[n]) for n in names)
-    axes = {n: {0: "batch"} for n in names} | {"prompt_embeds": {0: "batch"}, "pooled": {0: "batch"}}
-    _export(module, args, path, names, ["prompt_embeds", "pooled"], axes, "legacy")
-    # the wrapper must equal the pipeline's own encode_prompt
-    from hpedge.models.denoise import encode
-
-    with torch.no_grad():
-        pe, pooled = module(*args)
-        ref = encode(pipe, ["a 1", "two 3s"], max_sequence_length)
-    if not (torch.allclose(pe, ref.prompt_embeds, atol=1e-5) and torch.allclose(pooled, ref.pooled, atol=1e-5)):
-        raise HpedgeError("internal: the exported text encoding differs from the pipeline's encode_prompt")
+    axes = {n: {0: "batch"} for n in [*names, *outputs]}
+    _export(module, args, path, names, outputs, axes, "legacy")
+    return {"inputs": names, "outputs": outputs, "compute": dtype}
 
 
-def export_vae_decoder(pipe: Any, path: Path, latent_hw: int) -> None:
+def export_vae_decoder(pipe: Any, path: Path, latent_hw: int, dtype: str = "fp32") -> None:
     import torch
 
-    vae = pipe.vae
+    if dtype not in COMPUTE_DTYPES:
+        raise HpedgeError(f"unknown compute dtype {dtype!r} for the VAE decoder (choose from {', '.join(COMPUTE_DTYPES)})")
+    half = dtype == "fp16"
+    vae = half_copy(pipe.vae) if half else pipe.vae
 
-    class Decoder(torch.nn.Module):
+    class Decoder(torch.nn.Module):  # float32 in and out; computes in the VAE's dtype
         def __init__(self) -> None:
             super().__init__()
             self.vae = vae
 
         def forward(self, latents):  # type: ignore[no-untyped-def]
-            z = latents / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+            z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
             img = self.vae.decode(z, return_dict=False)[0]
-            return (img / 2 + 0.5).clamp(0, 1)
+            return (img / 2 + 0.5).clamp(0, 1).float()
 
     c = vae.config.latent_channels
     args = (torch.randn(1, c, latent_hw, latent_hw),)

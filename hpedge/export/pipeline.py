@@ -52,6 +52,9 @@ class ExportOptions:
     cpu_kernel: str = "int8"  # int8 | nbits (see hpedge.export.cpu_int4)
     compute: str = "fp16"  # what the TensorRT-input INT4 graph computes in: fp16 | fp32 (int4_cpu is always fp32)
     fp32_reference: bool = False  # also ship the fp32 transformer (1.5x the original's bf16 bytes; for debugging)
+    residency: str = "auto"  # auto | resident | sequential (hpedge.export.footprint)
+    drop_t5: bool = False  # SD3: ship no T5 (zeros in its place, as diffusers without text_encoder_3)
+    t5: str = "auto"  # T5's weights: int4 (ModelOpt, --method) | int8 (weight-only, per channel) | auto (int8 where it fits)
 
 
 def resolution_range(family: str, transformer_config: dict[str, Any], vae_scale_factor: int, profile: Profile,
@@ -73,7 +76,7 @@ def resolution_range(family: str, transformer_config: dict[str, Any], vae_scale_
 
 
 def _plan_engines(pipe: Any, spec: ox.IOSpec, res: tuple[int, int, int], profile: Profile, mode: str,
-                  reason: str, max_sequence_length: int) -> dict[str, Any]:
+                  reason: str, max_sequence_length: int, text: dict[str, Any]) -> dict[str, Any]:
     """The manifest's ``engines`` section before any build: library, GPUs, and each component's ONNX and shapes."""
     from hpedge.export import engine_build
 
@@ -82,7 +85,8 @@ def _plan_engines(pipe: Any, spec: ox.IOSpec, res: tuple[int, int, int], profile
     text_lengths = {name: length for name, (_, length) in ox.text_inputs(pipe, max_sequence_length).items()}
     latents = tuple(r // pipe.vae_scale_factor for r in res)
     comps = engine_build.component_plan(family_of(pipe), io, batch_axes, text_lengths,
-                                        int(pipe.vae.config.latent_channels), latents, profile)  # type: ignore[arg-type]
+                                        int(pipe.vae.config.latent_channels), latents, profile,  # type: ignore[arg-type]
+                                        text["encoders"])
     section: dict[str, Any] = {
         "status": "skipped" if mode == "skip" else "pending", "reason": reason, "library": profile.engine.library,
         "compute_capabilities": list(profile.engine.compute_capabilities), "portable": profile.engine.portable,
@@ -150,12 +154,16 @@ def _torch_outputs(pipe: Any, feeds: list[dict[str, np.ndarray]]) -> list[np.nda
 REFERENCE_SAMPLES = 2
 
 
-def _save_reference(path: Path, feeds: list[dict[str, np.ndarray]], outputs: list[np.ndarray]) -> dict[str, Any]:
-    """Held-out transformer inputs and PyTorch's outputs for them, as safetensors (``{i}/{input}``, ``{i}/out``)."""
+def _save_reference(path: Path, feeds: list[dict[str, np.ndarray]], outputs: list[np.ndarray],
+                    extra: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Held-out transformer inputs and PyTorch's outputs for them, as safetensors (``{i}/{input}``, ``{i}/out``),
+    plus ``extra`` (``text/...``: held-out token ids and PyTorch's prompt embeddings; ``vae/...``: latents and
+    PyTorch's images)."""
     from safetensors.numpy import save_file
 
     tensors = {f"{i}/{k}": np.ascontiguousarray(v) for i, f in enumerate(feeds) for k, v in f.items()}
     tensors.update({f"{i}/out": np.ascontiguousarray(o) for i, o in enumerate(outputs)})
+    tensors.update({k: np.ascontiguousarray(v) for k, v in (extra or {}).items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
     return {"file": str(path.relative_to(path.parents[1])), "samples": len(feeds),
@@ -234,8 +242,11 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
     build_now, engine_reason = engine_build.plan(opts.engine, profile, {"int4", opts.compute})
     ref = resolve(model)
     t0 = time.time()
+    memory = _fits(ref, profile, opts)  # before any work: a package that cannot fit is not built
     say("loading pipeline")
     pipe = load_pipeline(ref)
+    if opts.drop_t5:
+        pipe.text_encoder_3, pipe.tokenizer_3 = None, None  # diffusers' own T5-less SD3 (zeros in T5's place)
     check_pipeline(pipe)
     marker = zoo_marker(ref.path)
     res = resolution_range(family_of(pipe), dict(pipe.transformer.config), pipe.vae_scale_factor, profile, marker)
@@ -283,13 +294,15 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
             qrep = quantize_int4(fp16, int4, calib, opts.method, 128, opts.protect)
         store_floats_fp16(int4)  # 4-bit weights, 16-bit rest (an fp32 graph keeps its DequantizeLinear scales fp32)
 
-        say("exporting text encoders and VAE decoder")
-        ox.export_text(pipe, tmp / "text" / "model.onnx", seq)
-        ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "model.onnx", res[1] // pipe.vae_scale_factor)
+        t5_what = memory["precisions"].get("t5", "").upper() + (f" ({opts.method})" if memory["precisions"].get("t5") == "int4" else "")
+        say(f"exporting text encoders (CLIP {opts.compute}" + ("" if opts.drop_t5 else f", T5 {t5_what}")
+            + f") and VAE decoder ({opts.compute})")
+        text, t5_rep = _export_text(pipe, tmp, work, seq, opts, memory["precisions"].get("t5", ""), prompts[:half])
+        ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "model.onnx", res[1] // pipe.vae_scale_factor, opts.compute)
         toks = _tokenizer_entries(pipe, tmp, seq)
         pipe.scheduler.save_pretrained(tmp / "scheduler")
 
-        engines = _plan_engines(pipe, spec, res, profile, opts.engine, engine_reason, seq)
+        engines = _plan_engines(pipe, spec, res, profile, opts.engine, engine_reason, seq, text)
         if build_now:
             engines["components"] = engine_build.build_all(tmp, engines["components"], profile.to_dict(), say)
             engines["status"] = "built"
@@ -305,10 +318,16 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         report.checks.append(par.compare_quality(f"transformer int4_cpu ({opts.cpu_kernel}) vs PyTorch", ref_out,
                                                  par.outputs_of(par.run_onnxrt(int4_cpu, held, "onnxrt-int4-cpu")),
                                                  p.int4_min_cosine, p.int4_min_psnr_db))
+        text_check, text_ref = _text_parity(pipe, tmp, text, prompts[half:], seq, p.text_min_cosine)
+        report.checks.append(text_check)
+        vae_check, vae_ref = _vae_parity(pipe, tmp / "vae_decoder" / "model.onnx", res[1] // pipe.vae_scale_factor,
+                                         opts.compute, p.vae_min_psnr_db)
+        report.checks.append(vae_check)
         if engines["status"] == "built":
             engines["parity"] = _engine_parity(tmp, engines, held, ref_out, p.int4_min_cosine, p.int4_min_psnr_db, report)
         # what `hpedge check` compares against later: held-out captured inputs and PyTorch's outputs
-        reference = _save_reference(tmp / "parity" / "reference.safetensors", held[:REFERENCE_SAMPLES], ref_out[:REFERENCE_SAMPLES])
+        reference = _save_reference(tmp / "parity" / "reference.safetensors", held[:REFERENCE_SAMPLES],
+                                    ref_out[:REFERENCE_SAMPLES], {**text_ref, **vae_ref})
         shutil.rmtree(work, ignore_errors=True)
         variants = {v: f"transformer/{v}/model.onnx" for v in ("fp32", "int4", "int4_cpu") if (tmp / "transformer" / v).exists()}
         generation = {
@@ -330,29 +349,34 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
                        "transformer_config": {k: v for k, v in dict(pipe.transformer.config).items() if not k.startswith("_")}},
             "target": profile.to_dict(),
             "components": {
-                "text": {"file": "text/model.onnx", "precision": "fp32"},
+                "text": text,
                 "transformer": {"variants": variants, "io": spec.to_dict(), "exporter": exporter,
                                 "fresh_input_max_abs_error": fresh, "fp32_bytes": fp32_bytes,
                                 "bytes": {v: ox.size_of(tmp / f) for v, f in variants.items()},
                                 "reference": reference},
-                "vae_decoder": {"file": "vae_decoder/model.onnx", "precision": "fp32"},
+                "vae_decoder": {"file": "vae_decoder/model.onnx", "precision": opts.compute},
             },
             "generation": generation,
             "int4": {**{k: v for k, v in qrep.to_dict().items() if k != "layer_error"}, "compute": opts.compute,
                      "cpu_kernel": opts.cpu_kernel, "cpu_converted": n_cpu, "report": "quant_report.json"},
             "engines": engines,
+            "memory": memory,
             "tools": _versions(),
         }
         (tmp / "quant_report.json").write_text(json.dumps(
             {**qrep.to_dict(), "compute": opts.compute,
-             **({"int4_cpu_source": qrep_fp32.to_dict()} if qrep_fp32 is not qrep else {})}, indent=2))
+             **({"int4_cpu_source": qrep_fp32.to_dict()} if qrep_fp32 is not qrep else {}),
+             **({"t5": t5_rep.to_dict()} if t5_rep is not None else {})}, indent=2))
         finalize_manifest(tmp, manifest)  # the runtime verifies files, so finish once before the e2e check
         say("end-to-end check through the packaged components")
         report.checks.append(_e2e_check(pipe, tmp, prompts[half:][: opts.e2e_samples], gen, p.e2e_min_psnr_db))
         (tmp / "parity.json").write_text(json.dumps(report.to_dict(), indent=2))
         if not report.passed and not opts.allow_parity_failure:
             report_path.write_text(json.dumps(report.to_dict(), indent=2))
-            raise HpedgeError(f"parity failed, no package written (report: {report_path}): {report.failures()[0]}",
+            first = report.failures()[0]
+            hint = ("; T5 in INT8 keeps more of it (--t5 int8)" if first.startswith("text encoders")
+                    and memory["precisions"].get("t5") == "int4" else "")
+            raise HpedgeError(f"parity failed, no package written (report: {report_path}): {first}{hint}",
                               HpedgeError.CHECK_FAILED)
         manifest["parity"] = {"passed": report.passed, "overridden": not report.passed, "report": "parity.json",
                               "checks": {c.name: c.passed for c in report.checks}}
@@ -363,6 +387,100 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
     if opts.archive:
         write_archive(out, out.with_name(out.name + ".tar"))
     return manifest
+
+
+def _fits(ref: Any, profile: Profile, opts: ExportOptions) -> dict[str, Any]:
+    """The package's footprint on the profile (:mod:`hpedge.export.footprint`); refuses one that cannot fit."""
+    from hpedge.export.footprint import estimate
+
+    fp = estimate(ref, opts.target, opts.residency, opts.drop_t5, t5=opts.t5)
+    if not fp.fits():
+        parts = ", ".join(f"{c} {b / 1e9:.2f}" for c, b in fp.weights.items())
+        acts = ", ".join(f"{c} {b / 1e9:.2f}" for c, b in fp.activations.items())
+        raise HpedgeError(f"this package does not fit {profile.name} ({fp.residency}, {fp.resolution} px): it needs "
+                          f"{fp.need() / 1e9:.2f} GB (weights GB: {parts}; activations GB: {acts}), "
+                          f"{(fp.need() - fp.capacity) / 1e9:.2f} GB more than the {fp.capacity / 1e9:.2f} GB available; "
+                          f"compress it first (`hpedge compress --target {profile.name}`), or see `hpedge plan --target`")
+    return fp.to_dict()
+
+
+def _export_text(pipe: Any, tmp: Path, work: Path, seq: int, opts: ExportOptions, t5: str,
+                 calibration_prompts: list[str]) -> tuple[dict[str, Any], Any]:
+    """CLIP graph in ``opts.compute``; T5 in ``opts.compute`` with INT4 weights (ModelOpt, calibrated on the
+    calibration prompts' token ids). Returns the manifest's ``text`` section and T5's quantization report."""
+    from hpedge.export.quantize import quantize_int4, quantize_int8_weights, store_floats_fp16
+
+    family = family_of(pipe)
+    enc = {"clip": {"file": "text/clip/model.onnx", "precision": opts.compute,
+                    **ox.export_text_encoder(pipe, "clip", tmp / "text" / "clip" / "model.onnx", seq, opts.compute)}}
+    rep = None
+    if family == "flux" or pipe.text_encoder_3 is not None:
+        src = work / "t5" / "model.onnx"
+        entry = ox.export_text_encoder(pipe, "t5", src, seq, opts.compute)
+        ids = ox.tokenize(pipe, calibration_prompts, seq)["t5_ids"]
+        dst = tmp / "text" / "t5" / "model.onnx"
+        if t5 == "int4":
+            rep = quantize_int4(src, dst, [{"t5_ids": ids[i : i + 1]} for i in range(len(ids))], opts.method, 128)
+        else:
+            rep = quantize_int8_weights(src, dst)
+        store_floats_fp16(dst)
+        enc["t5"] = {"file": "text/t5/model.onnx", "precision": t5, **entry,
+                     "quantization": {"method": rep.method, "block_size": rep.block_size, "quantized": len(rep.quantized),
+                                      "excluded": len(rep.excluded),
+                                      "max_layer_error": max(rep.layer_error.values(), default=0.0)}}
+    width = int(pipe.transformer.config.joint_attention_dim)
+    return {"encoders": enc, "t5_dropped": "t5" not in enc, "t5_shape": [seq, width]}, rep
+
+
+def _text_parity(pipe: Any, root: Path, text: dict[str, Any], prompts: list[str], seq: int,
+                 min_cosine: float) -> tuple[Check, dict[str, np.ndarray]]:
+    """Prompt embeddings of the packaged encoders (ONNX Runtime) vs the pipeline's ``encode_prompt`` (PyTorch)
+    on held-out prompts; returns the check and what ``hpedge check`` compares against later."""
+    import torch
+
+    from hpedge.backends import ort
+    from hpedge.export import parity as par
+    from hpedge.models.denoise import encode
+    from hpedge.runtime import combine_text
+
+    ids = ox.tokenize(pipe, prompts, seq)
+    outs: dict[str, np.ndarray] = {}
+    for e in text["encoders"].values():
+        outs.update(zip(e["outputs"], ort.run(ort.session(root / e["file"], "cpu"), {k: ids[k] for k in e["inputs"]})))
+    pe, pooled = combine_text(family_of(pipe), outs, tuple(text["t5_shape"]))
+    with torch.no_grad():
+        ref = encode(pipe, prompts, seq)
+    ref_pe, ref_pooled = ref.prompt_embeds.float().cpu().numpy(), ref.pooled.float().cpu().numpy()
+    if ref_pe.shape != pe.shape:
+        raise HpedgeError(f"internal: packaged prompt embeddings {pe.shape} differ in shape from encode_prompt's {ref_pe.shape}")
+    what = "CLIP " + text["encoders"]["clip"]["compute"] + ("" if text["t5_dropped"] else
+                                                            f", T5 {text['encoders']['t5']['precision'].upper()}")
+    c = par.compare_quality(f"text encoders ({what}) vs PyTorch encode_prompt: prompt embeddings, held-out prompts",
+                            list(ref_pe), list(pe), min_cosine, 0.0)
+    c2 = par.compare_quality("pooled", list(ref_pooled), list(pooled), min_cosine, 0.0)
+    c.metrics["pooled_min_cosine"] = c2.metrics["min_cosine"]
+    c.passed = c.passed and c2.passed
+    extra = {f"text/ids/{k}": v for k, v in ids.items()}
+    extra.update({"text/prompt_embeds": ref_pe, "text/pooled": ref_pooled})
+    return c, extra
+
+
+def _vae_parity(pipe: Any, path: Path, latent_hw: int, compute: str, min_psnr: float) -> tuple[Check, dict[str, np.ndarray]]:
+    """The packaged VAE decoder vs PyTorch's fp32 decode on seeded N(0, 1) latents at the package's opt size."""
+    import torch
+
+    from hpedge.backends import ort
+    from hpedge.export import parity as par
+
+    c = int(pipe.vae.config.latent_channels)
+    lat = np.random.default_rng(11).standard_normal((1, c, latent_hw, latent_hw)).astype(np.float32)
+    vae = pipe.vae
+    with torch.no_grad():
+        z = torch.from_numpy(lat) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        ref = (vae.decode(z.to(vae.dtype), return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1).numpy()
+    got = ort.run(ort.session(path, "cpu"), {"latents": lat})[0]
+    chk = par.compare_quality(f"VAE decoder ({compute}) vs PyTorch fp32 decode", [ref], [got], 0.0, min_psnr)
+    return chk, {"vae/latents": lat, "vae/image": ref}
 
 
 def _within(value: int, res: tuple[int, int, int]) -> int:
@@ -430,6 +548,7 @@ def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
         c = (par.compare_fp32(ref, results, output, lim["fp32_atol"], lim["fp32_rtol"], name) if v == "fp32" else
              par.compare_quality(name, ref, par.outputs_of(results), lim["int4_min_cosine"], lim["int4_min_psnr_db"]))
         result["checks"].append(asdict(c))
+    result["checks"].extend(_component_checks(package, pkg, lim))
     result["checks"].extend(_engine_checks(package, pkg.manifest, feeds, ref))
     img = pkg.generate(["a photo of a cat"], seed=0, steps=min(4, pkg.manifest["generation"]["default_steps"]))
     ok = bool(np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1)
@@ -439,6 +558,30 @@ def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
         failed = [c["name"] for c in result["checks"] if not c["passed"]]
         raise HpedgeError(f"parity failed for {package}: {', '.join(failed)}", HpedgeError.CHECK_FAILED)
     return result
+
+
+def _component_checks(package: Path, pkg: Any, lim: dict[str, Any]) -> list[dict[str, Any]]:
+    """The packaged text encoders and VAE decoder (ONNX Runtime) against PyTorch's outputs stored at export."""
+    from safetensors.numpy import load_file
+
+    from hpedge.export import parity as par
+
+    t = load_file(str(package / pkg.manifest["components"]["transformer"]["reference"]["file"]))
+    if "text/prompt_embeds" not in t:
+        raise HpedgeError(f"{package}: the parity reference has no text encoder outputs; export it again",
+                          HpedgeError.CHECK_FAILED)
+    ids = {k.split("/", 2)[2]: v for k, v in t.items() if k.startswith("text/ids/")}
+    pe, pooled = pkg.encode_ids(ids)
+    cos = float(lim.get("text_min_cosine", 0.99))
+    c = par.compare_quality("text encoders vs PyTorch (stored reference): prompt embeddings", list(t["text/prompt_embeds"]),
+                            list(pe), cos, 0.0)
+    c2 = par.compare_quality("pooled", list(t["text/pooled"]), list(pooled), cos, 0.0)
+    c.metrics["pooled_min_cosine"] = c2.metrics["min_cosine"]
+    c.passed = c.passed and c2.passed
+    img = pkg.decode(t["vae/latents"])
+    v = par.compare_quality("VAE decoder vs PyTorch (stored reference)", [t["vae/image"]], [img], 0.0,
+                            float(lim.get("vae_min_psnr_db", 30.0)))
+    return [asdict(c), asdict(v)]
 
 
 def _engine_checks(package: Path, manifest: dict[str, Any], feeds: list[dict[str, np.ndarray]],

@@ -165,6 +165,56 @@ def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, n
     return report
 
 
+def quantize_int8_weights(onnx_path: Path, out_path: Path) -> QuantReport:
+    """INT8 weight-only quantization: every linear layer's constant weight [K, N] becomes int8 with one scale per
+    output channel (symmetric, max-abs) behind a ``DequantizeLinear`` (axis 1), in the weight's own type; the
+    rest of the graph is unchanged. ModelOpt's ONNX INT8 mode quantizes activations too, so this pass is
+    hpedge's own (numpy); TensorRT and ONNX Runtime run the DequantizeLinear -> MatMul pattern as weight-only."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    t0 = time.time()
+    model = onnx.load(str(onnx_path), load_external_data=True)
+    gemm_to_matmul(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    quantized: list[str] = []
+    errors: dict[str, float] = {}
+    nodes = []
+    replaced: set[str] = set()
+    for node in model.graph.node:
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if w is None or len(w.dims) != 2 or w.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            nodes.append(node)
+            continue
+        arr = numpy_helper.to_array(w)
+        a32 = arr.astype(np.float32)
+        scale = np.maximum(np.abs(a32).max(axis=0), 1e-12) / 127.0
+        q = np.clip(np.round(a32 / scale), -127, 127).astype(np.int8)
+        errors[w.name] = float(np.linalg.norm(q * scale - a32) / (np.linalg.norm(a32) + 1e-12))
+        qname, sname, dq = w.name + "_i8", w.name + "_scale", w.name + "_dq"
+        model.graph.initializer.extend([numpy_helper.from_array(q, qname),
+                                        numpy_helper.from_array(scale.astype(arr.dtype), sname)])
+        nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [dq], name=node.name + "_dequantize", axis=1))
+        node.input[1] = dq
+        nodes.append(node)
+        replaced.add(w.name)
+        quantized.append(node.name)
+    if not quantized:
+        raise HpedgeError(f"{onnx_path}: no linear layer to quantize")
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    from hpedge.export.onnx_export import save_onnx
+
+    save_onnx(model, out_path)
+    report = QuantReport(method="int8_weight_only", block_size=0, quantized=quantized, seconds=round(time.time() - t0, 1))
+    report.layer_error = errors
+    return report
+
+
 def layer_errors(fp32_model: Any, int4_model: Any, base_dir: str = "") -> dict[str, float]:
     """Relative Frobenius error of every dequantized weight against the original (per layer); ``base_dir``
     is where ``fp32_model``'s external data lies, if it has any."""

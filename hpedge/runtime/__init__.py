@@ -20,7 +20,7 @@ import numpy as np
 
 from hpedge.errors import HpedgeError
 
-SCHEMA = "hpedge-package/1"
+SCHEMA = "hpedge-package/2"
 log = logging.getLogger("hpedge.runtime")
 MANIFEST = "manifest.json"
 
@@ -43,6 +43,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
         data = json.loads(mf.read_text())
     except json.JSONDecodeError as e:
         raise HpedgeError(f"{mf} is corrupt: {e}", HpedgeError.CHECK_FAILED) from None
+    if isinstance(data, dict) and data.get("schema") == "hpedge-package/1":
+        raise HpedgeError(f"{root} was written by an older hpedge (hpedge-package/1: one fp32 text graph); export it again",
+                          HpedgeError.CHECK_FAILED)
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise HpedgeError(f"{mf}: unknown package schema {data.get('schema') if isinstance(data, dict) else None!r}",
                           HpedgeError.CHECK_FAILED)
@@ -114,6 +117,19 @@ def sigmas(family: str, steps: int, scheduler: dict[str, Any] | None = None, ima
         one_minus = 1 - s
         s = 1 - one_minus / (one_minus[-1] / (1 - cfg["shift_terminal"]))
     return np.append(np.asarray(s, dtype=np.float32), np.float32(0.0))
+
+
+def combine_text(family: str, outs: dict[str, np.ndarray], t5_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt_embeds, pooled) from the encoders' outputs, as ``encode_prompt`` builds them; ``t5_shape``
+    (tokens, width) gives the zeros that stand for a dropped T5."""
+    clip = outs.get("clip_embeds")
+    batch = next(iter(outs.values())).shape[0]
+    t5 = outs["t5_embeds"] if "t5_embeds" in outs else np.zeros((batch, *t5_shape), np.float32)
+    if family == "sd3":
+        assert clip is not None
+        clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
+        return np.concatenate([clip, t5], axis=1).astype(np.float32), outs["pooled"]
+    return t5, outs["pooled"]
 
 
 def pack(x: np.ndarray) -> np.ndarray:
@@ -224,8 +240,32 @@ class Package:
         return out
 
     def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        pe, pooled = self._run("text", self.manifest["components"]["text"]["file"], self.tokenize(prompts))
-        return pe, pooled
+        """(prompt_embeds, pooled) as the pipeline's ``encode_prompt`` returns them."""
+        return self.encode_ids(self.tokenize(prompts))
+
+    def encode_ids(self, ids: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Prompt embeddings from token ids: each text encoder, then the pipeline's combination (see
+        :class:`hpedge.export.onnx_export.TextEncoders`; a dropped T5 is zeros, as in diffusers)."""
+        text = self.manifest["components"]["text"]
+        outs: dict[str, np.ndarray] = {}
+        for name, e in text["encoders"].items():
+            res = self._run(f"text_{name}", e["file"], {k: ids[k] for k in e["inputs"]})
+            outs.update(zip(e["outputs"], res))
+            self._done(f"text_{name}", e["file"])
+        return combine_text(self.family, outs, tuple(text["t5_shape"]))
+
+    @property
+    def residency(self) -> str:
+        """``resident`` (every component stays loaded) or ``sequential`` (each is released after its phase),
+        as the package was sized for its target (manifest ``memory``)."""
+        return str((self.manifest.get("memory") or {}).get("residency", "resident"))
+
+    def _done(self, component: str, onnx_rel: str) -> None:
+        """End of a component's phase: under sequential residency its session or engine is released."""
+        if self.residency != "sequential":
+            return
+        self._sessions.pop(onnx_rel, None)
+        self._runners.pop(component, None)
 
     def transformer_feeds(self, latents: np.ndarray, sigma: np.ndarray, pe: np.ndarray,
                           pooled: np.ndarray, guidance: float | None = None) -> dict[str, np.ndarray]:
@@ -259,6 +299,11 @@ class Package:
         out = self._run("transformer", self.variants.get(self.variant, ""), feeds)[0]
         return out if self.family == "sd3" else unpack(out, h, w)
 
+    def release(self) -> None:
+        """Close every open session and engine (the next call opens them again)."""
+        self._sessions.clear()
+        self._runners.clear()
+
     def save_step(self, out: str | Path, prompt: str, seed: int = 0, sigma: float = 1.0,
                   overwrite: bool = False) -> Path:
         """Write one transformer step's inputs and this runtime's output for the C++ samples.
@@ -290,7 +335,10 @@ class Package:
         return Path(out)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        return self._run("vae_decoder", self.manifest["components"]["vae_decoder"]["file"], {"latents": latents})[0]
+        rel = self.manifest["components"]["vae_decoder"]["file"]
+        img = self._run("vae_decoder", rel, {"latents": latents})[0]
+        self._done("vae_decoder", rel)
+        return img
 
     # -- generation --------------------------------------------------------------
     def size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
@@ -356,6 +404,7 @@ class Package:
             if cfg:
                 v = v[:n] + np.float32(g) * (v[n:] - v[:n])
             x = x + (sig[i + 1] - sig[i]) * v
+        self._done("transformer", self.variants.get(self.variant, ""))
         img = self.decode(x)
         return img[:, 0] if img.shape[1] == 1 else img.transpose(0, 2, 3, 1)
 

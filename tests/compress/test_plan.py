@@ -69,7 +69,7 @@ def test_target_budget_fits_memory(large) -> None:
 
 
 def test_residency_and_drop_t5_need_a_target() -> None:
-    with pytest.raises(HpedgeError, match="go with --target"):
+    with pytest.raises(HpedgeError, match="they go with --target"):
         Budget(remove_blocks="3", drop_t5=True).check()
 
 
