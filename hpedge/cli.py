@@ -128,7 +128,8 @@ def eval_(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NAME
           per_category: Annotated[int, typer.Option(help="prompts per category (5 categories)")] = 100,
           steps: Annotated[int, typer.Option(help="denoising steps")] = 16,
           guidance: Annotated[float, typer.Option(help="classifier-free guidance (1 = off)")] = 1.0,
-          seed: Annotated[int, typer.Option(help="seed of the sampling noise")] = 0) -> None:
+          seed: Annotated[int, typer.Option(help="seed of the sampling noise")] = 0,
+          drop_t5: Annotated[bool, typer.Option("--drop-t5", help="SD3: sample without T5 (zeros in its place, as diffusers without text_encoder_3; what `export --drop-t5` ships)")] = False) -> None:
     """GenEval-style score per category, overall score and Frechet distance of a digits pipeline."""
     from hpedge.evaluation.evaluate import EvalSettings, evaluate, grid_of_result
     from hpedge.io import atomic_file
@@ -137,6 +138,10 @@ def eval_(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NAME
     if per_category < 2:
         raise HpedgeError("--per-category must be at least 2")
     pipe = load_pipeline(resolve(model))
+    if drop_t5:
+        from hpedge.models.loading import drop_t5 as without_t5
+
+        without_t5(pipe)
     s = EvalSettings(per_category=per_category, steps=steps, guidance=guidance, seed=seed)
     total, done = 5 * per_category, [0]
     with _progress("eval") as cb:

@@ -224,7 +224,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
     from hpedge.export.package import finalize_manifest, write_archive
     from hpedge.export.quantize import quantize_int4, store_floats_fp16
     from hpedge.io import _check_parent
-    from hpedge.models.loading import compute_device, load_pipeline, resolve
+    from hpedge.models.loading import compute_device, drop_t5, load_pipeline, resolve
 
     say = progress or (lambda _s: None)
     if opts.cpu_kernel not in KERNELS:
@@ -246,7 +246,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
     say("loading pipeline")
     pipe = load_pipeline(ref)
     if opts.drop_t5:
-        pipe.text_encoder_3, pipe.tokenizer_3 = None, None  # diffusers' own T5-less SD3 (zeros in T5's place)
+        drop_t5(pipe)  # diffusers' own T5-less SD3 (zeros in T5's place)
     check_pipeline(pipe)
     marker = zoo_marker(ref.path)
     res = resolution_range(family_of(pipe), dict(pipe.transformer.config), pipe.vae_scale_factor, profile, marker)

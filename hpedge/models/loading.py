@@ -148,3 +148,12 @@ def make_stock_loadable(folder: Path) -> None:
         if data.get("dtype") != "float32":
             data["dtype"] = "float32"
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def drop_t5(pipe: Any) -> None:
+    """SD3 without its T5 encoder, as diffusers runs it with ``text_encoder_3=None`` (zeros in T5's place)."""
+    from hpedge.models.denoise import family_of
+
+    if family_of(pipe) != "sd3":
+        raise HpedgeError("--drop-t5 applies to SD3 pipelines only: FLUX.1 takes its prompt embeddings from T5")
+    pipe.text_encoder_3, pipe.tokenizer_3 = None, None

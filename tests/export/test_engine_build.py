@@ -35,7 +35,8 @@ def test_zoo_packages_carry_built_rtx_engines_for_every_rtx_generation(zoo_packa
     m = json.loads((zoo_package / "manifest.json").read_text())
     e = m["engines"]
     assert e["status"] == "built" and e["library"] == "tensorrt_rtx" and e["compute_capabilities"] == ["8.9"]
-    for name in ("text", "transformer", "vae_decoder"):
+    assert set(e["components"]) == {"text_clip", "text_t5", "transformer", "vae_decoder"}
+    for name in ("text_clip", "text_t5", "transformer", "vae_decoder"):
         c = e["components"][name]
         assert c["file"] in m["files"] and c["engine_bytes"] == (zoo_package / c["file"]).stat().st_size > 0
         assert c["compute_capabilities"] == ["8.9"] and c["version"] == RTX.version

@@ -19,18 +19,19 @@ runner = CliRunner()
 
 def test_package_contents(sd3_package) -> None:
     m = json.loads((sd3_package / "manifest.json").read_text())
-    assert m["schema"] == "hpedge-package/1"
+    assert m["schema"] == "hpedge-package/2"
     assert m["parity"]["passed"] and not m["parity"]["overridden"]
     e = m["engines"]  # rtx4090: TensorRT-RTX engines built here, on a host without a GPU
     assert e["status"] == "built" and e["library"] == "tensorrt_rtx" and e["compute_capabilities"] == ["8.9"]
-    assert set(e["components"]) == {"text", "transformer", "vae_decoder"}
+    assert set(e["components"]) == {"text_clip", "text_t5", "transformer", "vae_decoder"}
     for name, c in e["components"].items():
         assert c["file"] in m["files"] and (sd3_package / c["file"]).stat().st_size == c["engine_bytes"] > 0
         assert c["library"] == "tensorrt_rtx" and c["version"] and c["cache_key"] in c["file"] and c["onnx_weight_bytes"] > 0
         assert c["onnx"] in m["files"] and c["build_seconds"] >= 0 and c["cache"] in ("hit", "miss")
     tr = e["components"]["transformer"]["shapes"]
     assert tr["hidden_states"]["max"][0] == 8 and tr["hidden_states"]["min"][0] == 1  # SD3: CFG doubles rtx4090's batch 4
-    assert e["components"]["text"]["shapes"]["t5_ids"]["max"][0] == 8
+    assert e["components"]["text_t5"]["shapes"] == {"t5_ids": {"min": [1, 16], "opt": [2, 16], "max": [8, 16]}}
+    assert set(e["components"]["text_clip"]["shapes"]) == {"clip_ids", "clip2_ids"}
     assert e["components"]["vae_decoder"]["shapes"]["latents"]["max"][0] == 4
     assert e["parity"] == {"run": False, "reason": e["parity"]["reason"]} and "not run: no RTX GPU" in e["parity"]["reason"]
     assert "rtxcache" in e["runtime_cache"]
@@ -41,7 +42,8 @@ def test_package_contents(sd3_package) -> None:
     assert all("multiple of the block size" in r or "pattern" in r for r in m["int4"]["excluded"].values())
     q = json.loads((sd3_package / "quant_report.json").read_text())
     assert q["layer_error"] and max(q["layer_error"].values()) < 0.3
-    assert set(m["files"]) >= {"transformer/int4/model.onnx", "transformer/int4_cpu/model.onnx", "text/model.onnx",
+    assert set(m["files"]) >= {"transformer/int4/model.onnx", "transformer/int4_cpu/model.onnx", "text/clip/model.onnx",
+                               "text/t5/model.onnx",
                                "vae_decoder/model.onnx", "parity.json", "quant_report.json", "parity/reference.safetensors"}
     assert not [f for f in m["files"] if f.startswith(("transformer/fp32", ".work"))]
     assert not (sd3_package / ".work").exists() and not (sd3_package / "transformer" / "fp32").exists()
@@ -90,11 +92,11 @@ def test_check_passes_then_detects_tampering(sd3_package, tmp_path) -> None:
     assert r["passed"] and [c["name"] for c in r["checks"][:2]] == ["int4 vs PyTorch (stored reference)",
                                                                     "int4_cpu vs PyTorch (stored reference)"]
     engines = [c for c in r["checks"] if "engine" in c["name"]]
-    assert len(engines) == 3 and all(c["skipped"] and "built here; not run: no RTX GPU" in c["name"] for c in engines)
+    assert len(engines) == 4 and all(c["skipped"] and "built here; not run: no RTX GPU" in c["name"] for c in engines)
     pkg = tmp_path / "p"
     shutil.copytree(sd3_package, pkg)
     out = runner.invoke(app, ["check", str(pkg)])
-    assert out.exit_code == 0 and out.output.count("skip") == 3 and "not run: no RTX GPU" in out.output
+    assert out.exit_code == 0 and out.output.count("skip") == 4 and "not run: no RTX GPU" in out.output
     f = pkg / "transformer" / "int4" / "model.onnx"
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -119,7 +121,7 @@ def test_onnx_files_load_without_hpedge(sd3_package) -> None:
         "    print(p, [i.name for i in s.get_inputs()])\n"
     )
     files = [str(sd3_package / f) for f in ("transformer/int4_cpu/model.onnx", "transformer/int4/model.onnx",
-                                             "text/model.onnx", "vae_decoder/model.onnx")]
+                                             "text/clip/model.onnx", "text/t5/model.onnx", "vae_decoder/model.onnx")]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-I", "-c", code, *files], capture_output=True, text=True, env=env, cwd="/")
     assert r.returncode == 0, r.stderr
@@ -258,3 +260,90 @@ def test_position_table_is_exported_as_two_exact_factors(sd3_package, random_sd3
     # (in fp16 the lowest frequencies round to constants, so the fp16 split can differ; its sum cannot)
     # the exported transformer (parity-checked against torch) is unchanged and torch's model is restored
     assert t.pos_embed.cropped_pos_embed.__func__ is type(t.pos_embed).cropped_pos_embed
+
+
+def _weight_bytes(path: Path) -> float:
+    import onnx
+
+    size = {1: 4.0, 10: 2.0, 22: 0.5, 3: 1.0, 7: 8.0, 6: 4.0}  # float, float16, int4, int8, int64, int32
+    return sum(size.get(i.data_type, 4.0) * int(np.prod(i.dims or [1])) for i in onnx.load(str(path)).graph.initializer)
+
+
+def test_text_encoders_and_vae_ship_at_the_profiles_precision(sd3_package) -> None:
+    """CLIP graph computes in fp16, T5's weights are INT8 (auto: the package fits with them), VAE decoder fp16; their
+    parity is in parity.json, and the footprint the planner counts is what the files hold."""
+    import onnx
+    from onnx import TensorProto
+
+    m = json.loads((sd3_package / "manifest.json").read_text())
+    text = m["components"]["text"]
+    assert text["encoders"]["clip"]["precision"] == "fp16" and text["encoders"]["t5"]["precision"] == "int8"
+    assert m["components"]["vae_decoder"]["precision"] == "fp16" and not text["t5_dropped"]
+    assert m["memory"]["precisions"] == {"transformer": "int4", "clip": "fp16", "t5": "int8", "vae_decoder": "fp16"}
+    assert m["memory"]["fits"] and m["memory"]["residency"] == "resident"
+    for rel in ("text/clip/model.onnx", "vae_decoder/model.onnx"):
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(sd3_package / rel)))
+        elem = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+        kinds = {elem.get(n.output[0]) for n in model.graph.node if n.op_type in ("MatMul", "Conv")}
+        assert kinds == {TensorProto.FLOAT16}, rel
+    t5 = onnx.load(str(sd3_package / "text" / "t5" / "model.onnx"))
+    inits = {i.name: i.data_type for i in t5.graph.initializer}
+    dq = [n for n in t5.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == text["encoders"]["t5"]["quantization"]["quantized"] > 0
+    assert {inits[n.input[0]] for n in dq} == {TensorProto.INT8}
+    checks = {c["name"].split(" vs ")[0]: c for c in json.loads((sd3_package / "parity.json").read_text())["checks"]}
+    assert checks["text encoders (CLIP fp16, T5 INT8)"]["passed"] and checks["VAE decoder (fp16)"]["passed"]
+    assert checks["text encoders (CLIP fp16, T5 INT8)"]["metrics"]["min_cosine"] >= 0.99
+    for name, rel in (("clip", "text/clip/model.onnx"), ("t5", "text/t5/model.onnx"), ("vae_decoder", "vae_decoder/model.onnx")):
+        counted, shipped = m["memory"]["weights"][name], _weight_bytes(sd3_package / rel)
+        assert abs(counted - shipped) / shipped < 0.1, (name, counted, shipped)
+
+
+def test_runtime_releases_components_under_sequential_residency(sd3_package) -> None:
+    from hpedge.runtime import Package
+
+    pkg = Package(sd3_package, variant="int4_cpu", device="cpu")
+    assert pkg.residency == "resident"
+    pkg.generate(["3"], steps=2)
+    assert len(pkg._sessions) == 4  # clip, t5, transformer, vae decoder stay open
+    pkg.release()
+    pkg.manifest["memory"]["residency"] = "sequential"  # as a package exported for a Jetson says
+    img = pkg.generate(["3"], steps=2)
+    assert not pkg._sessions and np.isfinite(img).all()
+
+
+def test_int4_t5_is_gated_by_its_prompt_embedding_parity(random_sd3, tmp_path) -> None:
+    import onnx
+    from onnx import TensorProto
+
+    out = tmp_path / "pkg"
+    m = export(str(random_sd3), out, ExportOptions(target="rtx4090", method="rtn", calibration_prompts=1, e2e_samples=1,
+                                                  engine="skip", t5="int4", allow_parity_failure=True))
+    t5 = m["components"]["text"]["encoders"]["t5"]
+    assert t5["precision"] == "int4" and t5["quantization"]["method"] == "rtn"
+    model = onnx.load(str(out / "text" / "t5" / "model.onnx"))
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    assert TensorProto.INT4 in {inits[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    c = next(c for c in json.loads((out / "parity.json").read_text())["checks"] if c["name"].startswith("text encoders"))
+    assert "T5 INT4" in c["name"] and c["passed"] == (c["metrics"]["min_cosine"] >= 0.99) and c["metrics"]["min_cosine"] > 0.5
+    assert m["parity"]["checks"][c["name"]] == c["passed"]
+
+
+def test_drop_t5_package_matches_diffusers_without_t5(random_sd3, random_flux, tmp_path) -> None:
+    from hpedge.runtime import Package
+
+    out = tmp_path / "pkg"
+    r = runner.invoke(app, ["export", str(random_sd3), "--target", "rtx4090", "-o", str(out), "--drop-t5", "--method", "rtn",
+                            "--calibration-prompts", "1", "--engine", "skip"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["components"]["text"]["encoders"]) == {"clip"} and m["components"]["text"]["t5_dropped"]
+    assert "t5_ids" not in m["generation"]["tokenizers"] and not (out / "text" / "t5").exists()
+    e2e = next(c for c in json.loads((out / "parity.json").read_text())["checks"] if c["name"].startswith("end-to-end"))
+    assert e2e["passed"]  # against stock diffusers run with text_encoder_3=None
+    pe, _ = Package(out, device="cpu").encode(["7"])
+    clip_tokens = m["generation"]["tokenizers"]["clip_ids"]["length"]
+    assert pe.shape[1] == clip_tokens + m["generation"]["max_sequence_length"] and not pe[:, clip_tokens:].any()
+    assert runner.invoke(app, ["check", str(out)]).exit_code == 0
+    r = runner.invoke(app, ["export", str(random_flux), "--target", "rtx4090", "-o", str(tmp_path / "f"), "--drop-t5"])
+    assert r.exit_code != 0 and "SD3 pipelines only" in r.output
