@@ -16,6 +16,8 @@
     python benchmarks/run.py engines           # TensorRT-RTX engine bytes vs INT4 ONNX weight bytes (benchmarks/engines.py)
     python benchmarks/run.py pwp-prefix        # PWP's frozen prefix replayed from the teacher vs recomputed
     python benchmarks/run.py distill-memory    # `hpedge plan --distill`'s memory estimate vs a measured peak (CPU)
+    python benchmarks/run.py fit [--arch sd3.5-large]
+                                               # which device profiles hold the package, per configuration (planner)
     python benchmarks/run.py gpu               # real-scale SD3.5-Large step in PyTorch on a CUDA GPU (bf16, pruned, INT4)
     python benchmarks/run.py retrain --family sd3 --work DIR [--device cuda]
                                                # replay the zoo model's recorded training commands
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark module
 # one module per benchmark; the names below are what the dispatcher (and the tests) use
 import distill_memory as distill_memory_benchmark  # noqa: E402
 import engines as engines_benchmark  # noqa: E402
+import fit as fit_benchmark  # noqa: E402
 import pwp_prefix as pwp_prefix_benchmark  # noqa: E402
 from binding import BINDING_PROMPTS, binding, text_paths  # noqa: E402,F401
 from common import RESULTS, ROOT, header, write  # noqa: E402,F401
@@ -95,6 +98,7 @@ def main() -> None:
     engines_benchmark.add_parser(sub)
     pwp_prefix_benchmark.add_parser(sub)
     distill_memory_benchmark.add_parser(sub)
+    fit_benchmark.add_parser(sub)
     t = sub.add_parser("retrain")
     t.add_argument("--family", choices=["sd3", "flux"], required=True)
     t.add_argument("--work", type=Path, required=True, help="folder for the retrained pipeline")
@@ -109,7 +113,7 @@ def main() -> None:
     {"gpu": gpu, "retrain": retrain, "text-paths": text_paths, "memory": memory, "latency": latency, "quality": quality, "blocks": blocks, "ablation": ablation,
      "runtime-env": runtime_env, "ratio": ratio, "weights": weights, "binding": binding,
      "engines": engines_benchmark.engines, "pwp-prefix": pwp_prefix_benchmark.pwp_prefix,
-     "distill-memory": distill_memory_benchmark.distill_memory}[args.cmd](args)
+     "distill-memory": distill_memory_benchmark.distill_memory, "fit": fit_benchmark.fit}[args.cmd](args)
 
 
 if __name__ == "__main__":

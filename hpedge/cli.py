@@ -424,7 +424,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
            exporter: Annotated[str, typer.Option(help="ONNX exporter: auto | legacy | dynamo")] = "auto",
            cpu_kernel: Annotated[str, typer.Option(help="CPU variant of the INT4 transformer: int8 (int8 GEMM after load) | nbits (MatMulNBits)")] = "int8",
            compute: Annotated[str, typer.Option(help="precision the TensorRT-input INT4 graph computes in: fp16 | fp32 (the CPU variant is fp32)")] = "fp16",
-           fp32_reference: Annotated[bool, typer.Option(help="also ship the fp32 transformer (larger than the original's bf16 weights; for debugging, `--variant fp32`)")] = False,
+           fp32_reference: Annotated[bool, typer.Option(help="also ship fp32 graphs of every component (the transformer alone is larger than the original's bf16 weights; the exact reference for debugging, `--variant fp32`)")] = False,
            calibration_prompts: Annotated[int, typer.Option(help="prompts for calibration (and as many held out for parity)")] = 8,
            steps: Annotated[Optional[int], typer.Option(help="denoising steps of the calibration runs and the end-to-end check (default: the model's)")] = None,
            protect: Annotated[Optional[list[str]], typer.Option(help="regex of layers kept in full precision (repeatable)")] = None,

@@ -51,7 +51,7 @@ class ExportOptions:
     e2e_samples: int = 4
     cpu_kernel: str = "int8"  # int8 | nbits (see hpedge.export.cpu_int4)
     compute: str = "fp16"  # what the TensorRT-input INT4 graph computes in: fp16 | fp32 (int4_cpu is always fp32)
-    fp32_reference: bool = False  # also ship the fp32 transformer (1.5x the original's bf16 bytes; for debugging)
+    fp32_reference: bool = False  # also ship fp32 graphs of every component (variant "fp32": the exact reference; for debugging)
     residency: str = "auto"  # auto | resident | sequential (hpedge.export.footprint)
     drop_t5: bool = False  # SD3: ship no T5 (zeros in its place, as diffusers without text_encoder_3)
     t5: str = "auto"  # T5's weights: int4 (ModelOpt, --method) | int8 (weight-only, per channel) | auto (int8 where it fits)
@@ -299,6 +299,8 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
             + f") and VAE decoder ({opts.compute})")
         text, t5_rep = _export_text(pipe, tmp, work, seq, opts, memory["precisions"].get("t5", ""), prompts[:half])
         ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "model.onnx", res[1] // pipe.vae_scale_factor, opts.compute)
+        if opts.fp32_reference:
+            ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "fp32" / "model.onnx", res[1] // pipe.vae_scale_factor)
         toks = _tokenizer_entries(pipe, tmp, seq)
         pipe.scheduler.save_pretrained(tmp / "scheduler")
 
@@ -354,7 +356,8 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
                                 "fresh_input_max_abs_error": fresh, "fp32_bytes": fp32_bytes,
                                 "bytes": {v: ox.size_of(tmp / f) for v, f in variants.items()},
                                 "reference": reference},
-                "vae_decoder": {"file": "vae_decoder/model.onnx", "precision": opts.compute},
+                "vae_decoder": {"file": "vae_decoder/model.onnx", "precision": opts.compute,
+                                **({"fp32_file": "vae_decoder/fp32/model.onnx"} if opts.fp32_reference else {})},
             },
             "generation": generation,
             "int4": {**{k: v for k, v in qrep.to_dict().items() if k != "layer_error"}, "compute": opts.compute,
@@ -428,6 +431,10 @@ def _export_text(pipe: Any, tmp: Path, work: Path, seq: int, opts: ExportOptions
                      "quantization": {"method": rep.method, "block_size": rep.block_size, "quantized": len(rep.quantized),
                                       "excluded": len(rep.excluded),
                                       "max_layer_error": max(rep.layer_error.values(), default=0.0)}}
+    if opts.fp32_reference:  # the exact graphs, for the package's fp32 variant
+        for name, e in enc.items():
+            e["fp32_file"] = f"text/{name}/fp32/model.onnx"
+            ox.export_text_encoder(pipe, name, tmp / e["fp32_file"], seq, "fp32")
     width = int(pipe.transformer.config.joint_attention_dim)
     return {"encoders": enc, "t5_dropped": "t5" not in enc, "t5_shape": [seq, width]}, rep
 

@@ -249,9 +249,10 @@ class Package:
         text = self.manifest["components"]["text"]
         outs: dict[str, np.ndarray] = {}
         for name, e in text["encoders"].items():
-            res = self._run(f"text_{name}", e["file"], {k: ids[k] for k in e["inputs"]})
+            rel = self._file(e)
+            res = self._run(f"text_{name}", rel, {k: ids[k] for k in e["inputs"]})
             outs.update(zip(e["outputs"], res))
-            self._done(f"text_{name}", e["file"])
+            self._done(f"text_{name}", rel)
         return combine_text(self.family, outs, tuple(text["t5_shape"]))
 
     @property
@@ -334,8 +335,12 @@ class Package:
             (tmp / "step.txt").write_text("\n".join(lines) + "\n")
         return Path(out)
 
+    def _file(self, component: dict[str, Any]) -> str:
+        """A component's graph: the shipped one, or its fp32 reference graph under the fp32 variant."""
+        return str(component["fp32_file"] if self.variant == "fp32" and "fp32_file" in component else component["file"])
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        rel = self.manifest["components"]["vae_decoder"]["file"]
+        rel = self._file(self.manifest["components"]["vae_decoder"])
         img = self._run("vae_decoder", rel, {"latents": latents})[0]
         self._done("vae_decoder", rel)
         return img
