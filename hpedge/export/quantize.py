@@ -60,13 +60,18 @@ def gemm_to_matmul(model: Any) -> int:
                 n += 1
                 continue
         nodes.append(node)
+    _replace_nodes(model, nodes)
+    return n
+
+
+def _replace_nodes(model: Any, nodes: list[Any]) -> None:
+    """The graph's nodes become ``nodes``; initializers no node reads any more are dropped."""
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     used = {i for node in model.graph.node for i in node.input}
     keep = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
-    return n
 
 
 def plan_exclusions(model: Any, block_size: int, patterns: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -180,7 +185,6 @@ def quantize_int8_weights(onnx_path: Path, out_path: Path) -> QuantReport:
     quantized: list[str] = []
     errors: dict[str, float] = {}
     nodes = []
-    replaced: set[str] = set()
     for node in model.graph.node:
         w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if w is None or len(w.dims) != 2 or w.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
@@ -197,16 +201,10 @@ def quantize_int8_weights(onnx_path: Path, out_path: Path) -> QuantReport:
         nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [dq], name=node.name + "_dequantize", axis=1))
         node.input[1] = dq
         nodes.append(node)
-        replaced.add(w.name)
         quantized.append(node.name)
     if not quantized:
         raise HpedgeError(f"{onnx_path}: no linear layer to quantize")
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    _replace_nodes(model, nodes)
     from hpedge.export.onnx_export import save_onnx
 
     save_onnx(model, out_path)
