@@ -126,7 +126,9 @@ def combine_text(family: str, outs: dict[str, np.ndarray], t5_shape: tuple[int, 
     batch = next(iter(outs.values())).shape[0]
     t5 = outs["t5_embeds"] if "t5_embeds" in outs else np.zeros((batch, *t5_shape), np.float32)
     if family == "sd3":
-        assert clip is not None
+        if clip is None:
+            raise HpedgeError("the package's SD3 text encoders give no clip_embeds (manifest components.text)",
+                              HpedgeError.CHECK_FAILED)
         clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
         return np.concatenate([clip, t5], axis=1).astype(np.float32), outs["pooled"]
     return t5, outs["pooled"]
