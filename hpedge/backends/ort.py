@@ -35,11 +35,11 @@ def session(path: str | Path, device: str = "auto", threads: int | None = None) 
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:
         raise HpedgeError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
-    _return_freed_memory()
+    return_freed_memory()
     return sess
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Give memory freed during session creation back to the OS.
 
     Constant folding (the int8 CPU variant expands its INT4 weights when the session starts) frees

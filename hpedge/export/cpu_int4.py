@@ -62,10 +62,53 @@ def _int4_dq_nodes(model: Any) -> dict[str, tuple[Any, int]]:
     return found
 
 
+def to_fp32_compute(model: Any, light: Any | None = None) -> int:
+    """Turn an fp16-compute graph into the same graph computing in fp32, in place; returns the tensors upcast.
+
+    Every fp16 initializer and Constant (weights, DequantizeLinear scales) becomes fp32 with the same values,
+    every ``Cast`` between float types disappears (fp32 -> fp32 Casts trip ONNX Runtime's graph optimizer);
+    stale type annotations of intermediate values are dropped (ONNX Runtime infers them again). ``light`` is the
+    same graph without its weights, for type inference above 2 GB (default: ``model`` itself). The INT4 weights are untouched: the CPU variant keeps the very nibbles and
+    scales of the TensorRT input, now computed in fp32.
+    """
+    from onnx import AttributeProto, TensorProto, numpy_helper
+
+    from hpedge.export.onnx_export import drop_casts, value_types
+
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
+    if not any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer):
+        return 0  # already fp32 compute
+    drop_casts(model, value_types(light if light is not None else model), lambda src, to: src in floats and to in floats)
+
+    def up(t: Any) -> bool:
+        if t.data_type != TensorProto.FLOAT16:
+            return False
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+        return True
+
+    n = sum(up(t) for t in model.graph.initializer)
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
+                raise ValueError(f"{node.op_type} node {node.name!r} has a subgraph; fp16 -> fp32 conversion does not "
+                                 "handle control flow")
+            if a.HasField("t"):
+                n += up(a.t)
+            if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT16:
+                a.i = TensorProto.FLOAT
+    for v in (*model.graph.input, *model.graph.output):
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            raise ValueError(f"graph input/output {v.name!r} is fp16; hpedge graphs take and give float32")
+    del model.graph.value_info[:]
+    return n
+
+
 def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_level: int = 4) -> int:
     """Write the CPU variant of ``int4_path`` with ``kernel``; returns the number of converted MatMuls.
 
-    The remaining float32 weights are stored fp16 (with a Cast to fp32) as in the INT4 file.
+    ``int4_path`` computes in fp32 or fp16 (ModelOpt's quantization of the fp16 TensorRT input: it is turned
+    into fp32 compute first, :func:`to_fp32_compute`, so that both variants share their 4-bit weights and
+    scales). The remaining float32 weights are stored fp16 (with a Cast to fp32) as in the INT4 file.
     ``accuracy_level`` applies to ``nbits`` only (4: int8 activations, 0: fp32 compute).
     """
     import onnx
@@ -76,11 +119,9 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
     if kernel not in KERNELS:
         raise ValueError(f"unknown CPU INT4 kernel {kernel!r} (choose from {', '.join(KERNELS)})")
     model = onnx.load(str(int4_path), load_external_data=True)
+    to_fp32_compute(model, onnx.load(str(int4_path), load_external_data=False))
     inits = {i.name: i for i in model.graph.initializer}
     dq_by_out = _int4_dq_nodes(model)
-    if any(inits[dq.input[1]].data_type != TensorProto.FLOAT for dq, _ in dq_by_out.values()):
-        raise ValueError(f"{int4_path} is not an fp32-compute INT4 graph (its DequantizeLinear scales are not float32); "
-                         "the CPU variant is made from ModelOpt's quantization of the fp32 export")
     consumers: dict[str, int] = {}
     for node in model.graph.node:
         for i in node.input:

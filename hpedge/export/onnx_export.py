@@ -6,13 +6,16 @@ states of both encoders, concatenated, zero-padded to the T5 width and joined wi
 FLUX: CLIP pooled output and T5 states) and is verified against it. The VAE wrapper takes the
 transformer's normalised latents and returns images in [0, 1].
 
-SD3 uses the TorchScript exporter (fast; what ModelOpt's diffusers example uses). FLUX uses the dynamo
-exporter, because the TorchScript one bakes its rotary-embedding shapes into the graph.
+SD3 uses the TorchScript exporter (fast; what ModelOpt's diffusers example uses) up to protobuf's 2 GB and
+the dynamo exporter above it (:func:`auto_exporter`). FLUX uses the dynamo exporter, because the TorchScript
+one bakes its rotary-embedding shapes into the graph. Weights above 2 GB go to one external data file
+(:func:`save_onnx`), streamed from the exporter's own files: no export loads a whole model's weights.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,60 +189,146 @@ def external_files(path: Path) -> set[Path]:
 
 def rewrite_onnx(path: Path) -> None:
     """Re-save an ONNX file written by another tool (ModelOpt) through :func:`save_onnx`, so that its weights
-    sit where hpedge puts them and no second copy of them is left beside it."""
+    sit where hpedge puts them (one ``PATH.data`` above the 2 GB limit, inline below) and no second copy of
+    them is left beside it. The weights are streamed, never loaded as a whole."""
     import onnx
 
     path = Path(path)
+    ours = path.with_name(path.name + ".data")
     others = external_files(path)
-    if not others:
+    if not others or others == {ours}:
         return
-    proto = onnx.load(str(path), load_external_data=True)
-    for f in others:
+    light = onnx.load(str(path), load_external_data=False)
+    save_onnx(light, path, base_dir=path.parent)
+    for f in others - {ours}:
         f.unlink(missing_ok=True)
-    save_onnx(proto, path)
 
 
-def save_onnx(proto: Any, path: Path) -> bool:
+def _tensors(proto: Any) -> list[Any]:
+    """Every tensor a model holds: initializers and node attributes (Constant values)."""
+    out = list(proto.graph.initializer)
+    for n in proto.graph.node:
+        for a in n.attribute:
+            if a.HasField("t"):
+                out.append(a.t)
+            out.extend(a.tensors)
+    return out
+
+
+def _external(t: Any) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def save_onnx(proto: Any, path: Path, base_dir: Path | None = None) -> bool:
     """Write ``proto`` to ``path``: weights in one ``PATH.data`` file next to it when the model would pass
     protobuf's 2 GB limit (with room for the graph itself), inline otherwise. The one place hpedge writes
-    ONNX files; returns whether external data was used."""
+    ONNX files; returns whether external data was used.
+
+    ``proto`` may refer to external data relative to ``base_dir`` (a model loaded with
+    ``load_external_data=False``): those tensors are copied into ``PATH.data`` 64 MB at a time, never loaded
+    as a whole model, so a graph above 2 GB is written holding only its graph in memory (``PATH.data`` may
+    itself be the source: the new file is written beside it first).
+    """
     import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()  # external data is appended to: a stale file would grow
-    big = tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
-    if big:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-    else:
+    tensors = _tensors(proto)
+    external = [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external and base_dir is None:
+        raise ValueError("save_onnx: the model refers to external data; pass base_dir")
+    ext_bytes = sum(int(_external(t).get("length", 0)) for t in external)
+    if tensor_bytes(proto) + ext_bytes <= EXTERNAL_DATA_THRESHOLD:
+        if external:
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(proto, str(base_dir))
         onnx.save_model(proto, str(path))
-    return big
+        data.unlink(missing_ok=True)  # a stale file of an earlier, larger save
+        return False
+    partial = data.with_name(data.name + ".partial")
+    with open(partial, "wb") as out:
+        for t in tensors:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = _external(t)
+                src = Path(base_dir) / info["location"]  # type: ignore[arg-type]
+                offset = int(info.get("offset", 0))
+                length = int(info["length"]) if "length" in info else src.stat().st_size - offset
+                pos = _align(out)
+                _copy_range(src, offset, length, out, t.name)
+            else:
+                raw = _raw_bytes(t)
+                if len(raw) < 1024:
+                    continue
+                pos = _align(out)
+                out.write(raw)
+                for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    t.ClearField(f)
+                length = len(raw)
+            del t.external_data[:]
+            for k, v in (("location", data.name), ("offset", str(pos)), ("length", str(length))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            t.data_location = onnx.TensorProto.EXTERNAL
+    partial.replace(data)
+    onnx.save_model(proto, str(path))
+    return True
+
+
+def _copy_range(src: Path, offset: int, length: int, out: Any, name: str) -> None:
+    with open(src, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left:
+            chunk = f.read(min(left, 64 << 20))
+            if not chunk:
+                raise HpedgeError(f"{src} ends before tensor {name!r} does (truncated external data)")
+            out.write(chunk)
+            left -= len(chunk)
+
+
+def _align(f: Any, to: int = 4096) -> int:
+    """Pad ``f`` to a multiple of ``to`` (ONNX Runtime can map aligned external tensors); returns the offset."""
+    pad = -f.tell() % to
+    if pad:
+        f.write(b"\0" * pad)
+    return int(f.tell())
+
+
+def _raw_bytes(t: Any) -> bytes:
+    from onnx import numpy_helper
+
+    if t.HasField("raw_data"):
+        return bytes(t.raw_data)
+    return bytes(numpy_helper.to_array(t).tobytes())
 
 
 def _export(module: Any, args: tuple[Any, ...], path: Path, names: list[str], outputs: list[str],
             dynamic_axes: dict[str, dict[int, str]], exporter: str, dynamic_shapes: Any = None) -> None:
+    """torch.onnx.export into a scratch folder, no-op Casts dropped, then :func:`save_onnx` to ``path``: the
+    weights are streamed from the exporter's external data (where it wrote any), never loaded as a whole."""
     import onnx
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".raw.onnx")
-    with torch.no_grad():
-        if exporter == "dynamo":
-            torch.onnx.export(module, args, str(tmp), dynamo=True, input_names=names, output_names=outputs,
-                              dynamic_shapes=dynamic_shapes, opset_version=OPSET, external_data=True, verbose=False)
-        else:
-            torch.onnx.export(module, args, str(tmp), dynamo=False, input_names=names, output_names=outputs,
-                              dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True)
-    proto = onnx.load(str(tmp), load_external_data=True)
-    drop_noop_casts(proto, onnx.load(str(tmp), load_external_data=False))
-    for f in path.parent.glob(tmp.name + "*"):
-        f.unlink()
-    if tmp.with_suffix(".onnx.data").exists():
-        tmp.with_suffix(".onnx.data").unlink()
-    save_onnx(proto, path)
+    scratch = path.with_name(path.stem + ".raw")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    tmp = scratch / "model.onnx"
+    try:
+        with torch.no_grad():
+            if exporter == "dynamo":
+                torch.onnx.export(module, args, str(tmp), dynamo=True, input_names=names, output_names=outputs,
+                                  dynamic_shapes=dynamic_shapes, opset_version=OPSET, external_data=True, verbose=False)
+            else:
+                torch.onnx.export(module, args, str(tmp), dynamo=False, input_names=names, output_names=outputs,
+                                  dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True)
+        light = onnx.load(str(tmp), load_external_data=False)
+        drop_noop_casts(light, light)
+        save_onnx(light, path, base_dir=scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def drop_noop_casts(proto: Any, light: Any) -> int:
@@ -247,19 +336,30 @@ def drop_noop_casts(proto: Any, light: Any) -> int:
     AdaLayerNormContinuous, traced in an fp16 graph as an fp16 -> fp16 Cast). ModelOpt's INT4 pass
     rewrites such a Cast into an fp32 one and ONNX Runtime then rejects the graph. Types come from shape
     inference on ``light`` (the same graph without weights, so models above 2 GB work too)."""
+    return drop_casts(proto, value_types(light), lambda src, to: src == to)
+
+
+def value_types(light: Any) -> dict[str, int]:
+    """Element type of every value of a graph (shape inference on ``light``: a graph without its weights works)."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(light)
     types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.input,
                                                              *inferred.graph.output)}
     types.update({t.name: t.data_type for t in light.graph.initializer})
+    return types
+
+
+def drop_casts(proto: Any, types: dict[str, int], noop: Any) -> int:
+    """Remove the ``Cast`` nodes for which ``noop(input type, to)`` holds (consumers read the input instead);
+    returns how many."""
     graph_outputs = {o.name for o in proto.graph.output}
     rename: dict[str, str] = {}
     keep = []
     for n in proto.graph.node:
         n.input[:] = [rename.get(i, i) for i in n.input]
         to = next((a.i for a in n.attribute if a.name == "to"), None) if n.op_type == "Cast" else None
-        if to is not None and types.get(n.input[0]) == to and n.output[0] not in graph_outputs:
+        if to is not None and noop(types.get(n.input[0]), to) and n.output[0] not in graph_outputs:
             rename[n.output[0]] = n.input[0]
             continue
         keep.append(n)
@@ -269,10 +369,19 @@ def drop_noop_casts(proto: Any, light: Any) -> int:
     return len(rename)
 
 
+def auto_exporter(transformer: Any) -> str:
+    """SD3: the TorchScript exporter (fast) while the weights fit in one protobuf, dynamo above (TorchScript builds
+    the whole model as one message and fails to serialize it past 2 GB); FLUX: dynamo (TorchScript bakes its
+    rotary-embedding shapes into the graph)."""
+    weights = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    return "legacy" if family_of(transformer) == "sd3" and weights <= EXTERNAL_DATA_THRESHOLD else "dynamo"
+
+
 def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str = "auto", dtype: str = "fp32") -> str:
     """Export ``transformer`` to ``path``; ``dtype`` is the precision the graph computes in.
 
-    ``fp16`` exports an fp16 copy (the caller's model is not changed): weights and activations fp16,
+    ``fp16`` exports an fp16 copy (the caller's model is not changed; one already in fp16 is exported
+    without a copy, which is how an export keeps one copy of a large model): weights and activations fp16,
     with the casts diffusers itself does (e.g. RMSNorm's variance in fp32), and float32 graph inputs
     and output. That is the graph a strongly typed TensorRT engine should be built from: TensorRT then
     runs fp16 kernels because the graph says so, not because of a builder flag.
@@ -285,7 +394,7 @@ def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str
         transformer = half_copy(transformer)
     family = family_of(transformer)
     if exporter == "auto":
-        exporter = "legacy" if family == "sd3" else "dynamo"
+        exporter = auto_exporter(transformer)
     wrapper = _transformer_wrapper(transformer)
     # torch.export specialises dimensions of size 1, so the dynamo exporter traces the largest shapes
     sample = spec.sample("max" if exporter == "dynamo" else "opt")

@@ -70,11 +70,12 @@ def outputs_of(results: Any) -> list[np.ndarray]:
     return [np.asarray(next(iter(it.values()))) for it in iterations]
 
 
-def reference_results(reference: list[np.ndarray], output_name: str) -> Any:
+def reference_results(reference: list[np.ndarray], output_name: str, runner: str = "pytorch") -> Any:
+    """Outputs computed elsewhere as Polygraphy results of runner ``runner``."""
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
 
-    return RunResults([("pytorch", [IterationResult({output_name: r}, runner_name="pytorch") for r in reference])])
+    return RunResults([(runner, [IterationResult({output_name: r}, runner_name=runner) for r in reference])])
 
 
 def compare_fp32(reference: list[np.ndarray], results: Any, output_name: str, atol: float, rtol: float,

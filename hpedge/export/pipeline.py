@@ -33,6 +33,7 @@ from hpedge.export.parity import Check, ParityReport
 from hpedge.io import atomic_dir
 from hpedge.models.denoise import family_of
 from hpedge.models.sampling import Defaults, check_pipeline, defaults as sampling_defaults, sample, with_overrides, zoo_marker
+from hpedge.runtime import initial_latents
 from hpedge.targets import Profile, load_profile
 
 
@@ -144,10 +145,11 @@ def _torch_outputs(pipe: Any, feeds: list[dict[str, np.ndarray]]) -> list[np.nda
     import torch
 
     wrapper = ox._transformer_wrapper(pipe.transformer)
+    dev = next(pipe.transformer.parameters()).device
     outs = []
     with torch.no_grad():
         for f in feeds:
-            outs.append(wrapper(*(torch.from_numpy(f[n]) for n in ox.input_names(pipe.transformer))).numpy())
+            outs.append(wrapper(*(torch.from_numpy(f[n]).to(dev) for n in ox.input_names(pipe.transformer))).cpu().numpy())
     return outs
 
 
@@ -183,25 +185,52 @@ def load_reference(package: Path, manifest: dict[str, Any]) -> tuple[list[dict[s
     return feeds, [t[f"{i}/out"] for i in range(ref["samples"])]
 
 
-def _verify_fp32(pipe: Any, path: Path, spec: ox.IOSpec, profile: Profile) -> dict[str, float]:
-    """The fresh-input check that runs before anything else: min and max shapes, new random data."""
+def _fresh_feeds(spec: ox.IOSpec, family: str) -> dict[str, dict[str, np.ndarray]]:
+    """New random inputs at the profile's min and opt shapes and at its max resolution with batch 1 (the max
+    batch at the max resolution is the engine's to cover, not a CPU check's)."""
+    out = {}
+    for which in ("min", "opt", "max"):
+        feed = spec.sample(which, seed=7)
+        if which == "max":
+            feed = {k: v[:1] if spec.dynamic_axes.get(k, {}).get(0) == "batch" else v for k, v in feed.items()}
+        if "timestep" in feed and family == "sd3":
+            feed["timestep"] = feed["timestep"] * 1000
+        out[which if which != "max" else "max_batch1"] = feed
+    return out
+
+
+def _check_fp32(path: Path, fresh: dict[str, dict[str, np.ndarray]], fresh_ref: list[np.ndarray],
+                held: list[dict[str, np.ndarray]], profile: Profile) -> tuple[dict[str, float], Any]:
+    """The fp32 graph in one ONNX Runtime session: fresh inputs against PyTorch's outputs for them (the export
+    aborts on a mismatch), then the held-out inputs (returned as Polygraphy results for the parity report)."""
     from hpedge.backends import ort
+    from hpedge.export import parity as par
 
     sess = ort.session(path, "cpu")
     errs = {}
-    for which in ("min", "max"):
-        feed = spec.sample(which, seed=7)
-        if "timestep" in feed and family_of(pipe) == "sd3":
-            feed["timestep"] = feed["timestep"] * 1000
-        ref = _torch_outputs(pipe, [feed])[0]
+    for (which, feed), ref in zip(fresh.items(), fresh_ref):
         out = ort.run(sess, feed)[0]
         err = float(np.abs(out - ref).max())
         tol = profile.parity.fp32_atol + profile.parity.fp32_rtol * float(np.abs(ref).max())
         errs[which] = err
         if not np.isfinite(out).all() or err > tol:
-            raise HpedgeError(f"the exported transformer does not match PyTorch on fresh {which}-shape inputs "
+            raise HpedgeError(f"the exported transformer does not match PyTorch on fresh {which} inputs "
                               f"(max abs error {err:.2e} > {tol:.2e}); export aborted")
-    return errs
+    held_out = [ort.run(sess, f)[0] for f in held]
+    del sess
+    release_memory()
+    return errs, par.reference_results(held_out, "out", "onnxrt-fp32")
+
+
+def release_memory() -> None:
+    """Collect what Python no longer references and give freed heap memory back to the OS (between the export's
+    stages, so that the next one starts from what is really in use)."""
+    import gc
+
+    from hpedge.backends import ort
+
+    gc.collect()
+    ort.return_freed_memory()
 
 
 def _tokenizer_entries(pipe: Any, root: Path, max_sequence_length: int) -> dict[str, Any]:
@@ -249,7 +278,10 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         drop_t5(pipe)  # diffusers' own T5-less SD3 (zeros in T5's place)
     check_pipeline(pipe)
     marker = zoo_marker(ref.path)
-    res = resolution_range(family_of(pipe), dict(pipe.transformer.config), pipe.vae_scale_factor, profile, marker)
+    family = family_of(pipe)
+    tr_config = {k: v for k, v in dict(pipe.transformer.config).items() if not k.startswith("_")}
+    channels = int(pipe.transformer.config.in_channels) // (1 if family == "sd3" else 4)
+    res = resolution_range(family, dict(pipe.transformer.config), pipe.vae_scale_factor, profile, marker)
     batch = (profile.batch.min, profile.batch.opt, profile.batch.max)
     model_gen = sampling_defaults(pipe, ref.path)
     # calibration and the end-to-end check sample at the model's defaults, at the profile's opt size
@@ -261,48 +293,67 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
 
     with atomic_dir(out, overwrite=opts.overwrite) as tmp:
         work = tmp / ".work"  # intermediate files, removed before the manifest is written
-        say("exporting transformer (fp32 ONNX)")
-        fp32 = (tmp / "transformer" if opts.fp32_reference else work) / "fp32" / "model.onnx"
-        exporter = ox.export_transformer(pipe.transformer, spec, fp32, opts.exporter)
-        fresh = _verify_fp32(pipe, fp32, spec, profile)
-        fp32_bytes = ox.size_of(fp32)
-
-        say("capturing calibration inputs from real denoising runs")
         from hpedge.compress.analyze import calibration, evaluator_of
 
+        # 1. Everything PyTorch is asked for, first: afterwards the transformer leaves memory (cast to fp16 for
+        #    its fp16 export, then released), so that no ONNX Runtime session or ModelOpt pass ever runs beside it.
+        say("capturing calibration inputs from real denoising runs")
         prompts, _ = calibration(evaluator_of(ref.path), 2 * opts.calibration_prompts, seed=21)
         half = len(prompts) // 2
         names = ox.input_names(pipe.transformer)
-        pipe.to(compute_device())  # the calibration runs on the accelerator where there is one
+        pipe.to(compute_device())  # calibration and references run on the accelerator where there is one
         calib = capture_inputs(pipe, prompts[:half], gen, names, seed=1)
         held = capture_inputs(pipe, prompts[half:], gen, names, seed=2)
+        say("PyTorch references: transformer (held-out and fresh inputs), text encoders, VAE, end-to-end images")
+        fresh = _fresh_feeds(spec, family)
+        ref_out = _torch_outputs(pipe, held)
+        fresh_ref = _torch_outputs(pipe, list(fresh.values()))
+        text_ids, text_ref = _text_reference(pipe, prompts[half:], seq)
+        lat_hw = res[1] // pipe.vae_scale_factor
+        vae_ref = _vae_reference(pipe, lat_hw)
+        e2e_prompts = prompts[half:][: opts.e2e_samples]
+        e2e_latents = initial_latents(len(e2e_prompts), E2E_SEED, channels, gen.height // pipe.vae_scale_factor,
+                                      gen.width // pipe.vae_scale_factor)
+        e2e_ref = _stock_images(pipe, e2e_prompts, gen, e2e_latents)
         pipe.to("cpu")
 
-        # Two INT4 variants. int4 is what TensorRT builds from: its engine is strongly typed, so the graph's
-        # own types decide the kernels, and the graph computes in opts.compute (fp16: ModelOpt then writes
-        # fp16 scales). int4_cpu (ONNX Runtime CPU) computes in fp32 and comes from an fp32 quantization.
-        say(f"INT4 quantization ({opts.method}, ModelOpt, fp32 graph)")
-        int4 = tmp / "transformer" / "int4" / "model.onnx"
-        int4_cpu = tmp / "transformer" / "int4_cpu" / "model.onnx"
-        q32 = int4 if opts.compute == "fp32" else work / "int4_fp32" / "model.onnx"
-        qrep = qrep_fp32 = quantize_int4(fp32, q32, calib, opts.method, 128, opts.protect)
-        n_cpu = convert(q32, int4_cpu, opts.cpu_kernel)  # reads the fp32 scales: before store_floats_fp16
-        if opts.compute == "fp16":
-            say("exporting transformer (fp16 ONNX) and INT4 quantization of it (ModelOpt)")
-            fp16 = work / "fp16" / "model.onnx"
-            ox.export_transformer(pipe.transformer, spec, fp16, opts.exporter, dtype="fp16")
-            qrep = quantize_int4(fp16, int4, calib, opts.method, 128, opts.protect)
-        store_floats_fp16(int4)  # 4-bit weights, 16-bit rest (an fp32 graph keeps its DequantizeLinear scales fp32)
-
+        say("exporting transformer (fp32 ONNX)")
+        fp32 = (tmp / "transformer" if opts.fp32_reference else work) / "fp32" / "model.onnx"
+        exporter = ox.export_transformer(pipe.transformer, spec, fp32, opts.exporter)
+        fp32_bytes = ox.size_of(fp32)
         t5_what = memory["precisions"].get("t5", "").upper() + (f" ({opts.method})" if memory["precisions"].get("t5") == "int4" else "")
         say(f"exporting text encoders (CLIP {opts.compute}" + ("" if opts.drop_t5 else f", T5 {t5_what}")
             + f") and VAE decoder ({opts.compute})")
         text, t5_rep = _export_text(pipe, tmp, work, seq, opts, memory["precisions"].get("t5", ""), prompts[:half])
-        ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "model.onnx", res[1] // pipe.vae_scale_factor, opts.compute)
+        ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "model.onnx", lat_hw, opts.compute)
         if opts.fp32_reference:
-            ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "fp32" / "model.onnx", res[1] // pipe.vae_scale_factor)
+            ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "fp32" / "model.onnx", lat_hw)
         toks = _tokenizer_entries(pipe, tmp, seq)
         pipe.scheduler.save_pretrained(tmp / "scheduler")
+        quantize_src = fp32
+        if opts.compute == "fp16":
+            say("exporting transformer (fp16 ONNX; the model is cast in place)")
+            quantize_src = work / "fp16" / "model.onnx"
+            pipe.transformer.half()
+            ox.export_transformer(pipe.transformer, spec, quantize_src, exporter, dtype="fp16")
+        pipe.transformer = None  # no PyTorch transformer from here on
+        release_memory()
+
+        say("checking the fp32 graph against PyTorch (fresh min, opt and max-at-batch-1 inputs; held-out inputs)")
+        fresh_err, fp32_held = _check_fp32(fp32, fresh, fresh_ref, held, profile)
+
+        # 2. One INT4 quantization (ModelOpt) of the graph TensorRT builds from: its engine is strongly typed, so the
+        #    graph's own types (opts.compute) decide the kernels. int4_cpu (ONNX Runtime CPU, fp32 compute) is made
+        #    from the very same 4-bit weights and scales.
+        say(f"INT4 quantization ({opts.method}, ModelOpt, {opts.compute} graph)")
+        int4 = tmp / "transformer" / "int4" / "model.onnx"
+        int4_cpu = tmp / "transformer" / "int4_cpu" / "model.onnx"
+        qrep = quantize_int4(quantize_src, int4, calib, opts.method, 128, opts.protect)
+        n_cpu = convert(int4, int4_cpu, opts.cpu_kernel)  # reads the scales: before store_floats_fp16
+        store_floats_fp16(int4)  # 4-bit weights, 16-bit rest (an fp32 graph keeps its DequantizeLinear scales fp32)
+        for f in quantize_src.parent.glob("*"):
+            if quantize_src != fp32 or not opts.fp32_reference:
+                f.unlink()
 
         engines = _plan_engines(pipe, spec, res, profile, opts.engine, engine_reason, seq, text)
         if build_now:
@@ -311,32 +362,29 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
 
         say("parity checks (Polygraphy)")
         report = ParityReport()
-        ref_out = _torch_outputs(pipe, held)
         p = profile.parity
-        report.checks.append(par.compare_fp32(ref_out, par.run_onnxrt(fp32, held, "onnxrt-fp32"), "out", p.fp32_atol, p.fp32_rtol))
+        report.checks.append(par.compare_fp32(ref_out, fp32_held, "out", p.fp32_atol, p.fp32_rtol))
         report.checks.append(par.compare_quality(f"transformer int4 (DequantizeLinear, {opts.compute} compute) vs PyTorch", ref_out,
                                                  par.outputs_of(par.run_onnxrt(int4, held, "onnxrt-int4")),
                                                  p.int4_min_cosine, p.int4_min_psnr_db))
         report.checks.append(par.compare_quality(f"transformer int4_cpu ({opts.cpu_kernel}) vs PyTorch", ref_out,
                                                  par.outputs_of(par.run_onnxrt(int4_cpu, held, "onnxrt-int4-cpu")),
                                                  p.int4_min_cosine, p.int4_min_psnr_db))
-        text_check, text_ref = _text_parity(pipe, tmp, text, prompts[half:], seq, p.text_min_cosine)
-        report.checks.append(text_check)
-        vae_check, vae_ref = _vae_parity(pipe, tmp / "vae_decoder" / "model.onnx", res[1] // pipe.vae_scale_factor,
-                                         opts.compute, p.vae_min_psnr_db)
-        report.checks.append(vae_check)
+        report.checks.append(_text_parity(family, tmp, text, text_ids, text_ref, p.text_min_cosine))
+        report.checks.append(_vae_parity(tmp / "vae_decoder" / "model.onnx", vae_ref, opts.compute, p.vae_min_psnr_db))
         if engines["status"] == "built":
             engines["parity"] = _engine_parity(tmp, engines, held, ref_out, p.int4_min_cosine, p.int4_min_psnr_db, report)
         # what `hpedge check` compares against later: held-out captured inputs and PyTorch's outputs
         reference = _save_reference(tmp / "parity" / "reference.safetensors", held[:REFERENCE_SAMPLES],
-                                    ref_out[:REFERENCE_SAMPLES], {**text_ref, **vae_ref})
+                                    ref_out[:REFERENCE_SAMPLES], {**{f"text/ids/{k}": v for k, v in text_ids.items()},
+                                                                  **text_ref, **vae_ref})
         shutil.rmtree(work, ignore_errors=True)
         variants = {v: f"transformer/{v}/model.onnx" for v in ("fp32", "int4", "int4_cpu") if (tmp / "transformer" / v).exists()}
         generation = {
-            "family": family_of(pipe), "resolution": res[1], "resolution_range": list(res),
-            "latent_channels": pipe.transformer.config.in_channels // (1 if family_of(pipe) == "sd3" else 4),
+            "family": family, "resolution": res[1], "resolution_range": list(res),
+            "latent_channels": channels,
             "vae_scale_factor": pipe.vae_scale_factor, "max_sequence_length": seq,
-            "tokenizers": toks, "default_steps": model_gen.steps, "timestep_scale": 1000.0 if family_of(pipe) == "sd3" else 1.0,
+            "tokenizers": toks, "default_steps": model_gen.steps, "timestep_scale": 1000.0 if family == "sd3" else 1.0,
             "height": _within(model_gen.height, res), "width": _within(model_gen.width, res),
             "size_multiple": pipe.vae_scale_factor * 2,
             "guidance": {"kind": model_gen.guidance_kind, "default": model_gen.guidance},
@@ -348,12 +396,12 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
             "source": {"model": model, "family": ref.family, "evaluator": marker.get("evaluator"),
                        "kept_blocks": compress_report["kept_blocks"] if compress_report else None,
                        "removed_blocks": compress_report["removed_blocks"] if compress_report else [],
-                       "transformer_config": {k: v for k, v in dict(pipe.transformer.config).items() if not k.startswith("_")}},
+                       "transformer_config": tr_config},
             "target": profile.to_dict(),
             "components": {
                 "text": text,
                 "transformer": {"variants": variants, "io": spec.to_dict(), "exporter": exporter,
-                                "fresh_input_max_abs_error": fresh, "fp32_bytes": fp32_bytes,
+                                "fresh_input_max_abs_error": fresh_err, "fp32_bytes": fp32_bytes,
                                 "bytes": {v: ox.size_of(tmp / f) for v, f in variants.items()},
                                 "reference": reference},
                 "vae_decoder": {"file": "vae_decoder/model.onnx", "precision": opts.compute,
@@ -361,18 +409,18 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
             },
             "generation": generation,
             "int4": {**{k: v for k, v in qrep.to_dict().items() if k != "layer_error"}, "compute": opts.compute,
-                     "cpu_kernel": opts.cpu_kernel, "cpu_converted": n_cpu, "report": "quant_report.json"},
+                     "cpu_kernel": opts.cpu_kernel, "cpu_converted": n_cpu, "cpu_source": "int4",
+                     "report": "quant_report.json"},
             "engines": engines,
             "memory": memory,
             "tools": _versions(),
         }
         (tmp / "quant_report.json").write_text(json.dumps(
-            {**qrep.to_dict(), "compute": opts.compute,
-             **({"int4_cpu_source": qrep_fp32.to_dict()} if qrep_fp32 is not qrep else {}),
-             **({"t5": t5_rep.to_dict()} if t5_rep is not None else {})}, indent=2))
-        finalize_manifest(tmp, manifest)  # the runtime verifies files, so finish once before the e2e check
+            {**qrep.to_dict(), "compute": opts.compute, **({"t5": t5_rep.to_dict()} if t5_rep is not None else {})}, indent=2))
+        hashes: dict[str, Any] = {}  # each file's sha256 is computed once, however often the manifest is finished
+        finalize_manifest(tmp, manifest, hashes)  # the runtime reads the manifest: finish it once before the e2e check
         say("end-to-end check through the packaged components")
-        report.checks.append(_e2e_check(pipe, tmp, prompts[half:][: opts.e2e_samples], gen, p.e2e_min_psnr_db))
+        report.checks.append(_e2e_check(tmp, e2e_prompts, e2e_latents, e2e_ref, gen, p.e2e_min_psnr_db))
         (tmp / "parity.json").write_text(json.dumps(report.to_dict(), indent=2))
         if not report.passed and not opts.allow_parity_failure:
             report_path.write_text(json.dumps(report.to_dict(), indent=2))
@@ -384,7 +432,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         manifest["parity"] = {"passed": report.passed, "overridden": not report.passed, "report": "parity.json",
                               "checks": {c.name: c.passed for c in report.checks}}
         manifest["seconds"] = round(time.time() - t0, 1)
-        manifest = finalize_manifest(tmp, manifest)
+        manifest = finalize_manifest(tmp, manifest, hashes)
     if report_path.exists() and report.passed:
         report_path.unlink()
     if opts.archive:
@@ -439,25 +487,30 @@ def _export_text(pipe: Any, tmp: Path, work: Path, seq: int, opts: ExportOptions
     return {"encoders": enc, "t5_dropped": "t5" not in enc, "t5_shape": [seq, width]}, rep
 
 
-def _text_parity(pipe: Any, root: Path, text: dict[str, Any], prompts: list[str], seq: int,
-                 min_cosine: float) -> tuple[Check, dict[str, np.ndarray]]:
-    """Prompt embeddings of the packaged encoders (ONNX Runtime) vs the pipeline's ``encode_prompt`` (PyTorch)
-    on held-out prompts; returns the check and what ``hpedge check`` compares against later."""
+def _text_reference(pipe: Any, prompts: list[str], seq: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Held-out prompts' token ids and the pipeline's own ``encode_prompt`` embeddings for them (PyTorch)."""
     import torch
 
-    from hpedge.backends import ort
-    from hpedge.export import parity as par
     from hpedge.models.denoise import encode
-    from hpedge.runtime import combine_text
 
     ids = ox.tokenize(pipe, prompts, seq)
+    with torch.no_grad():
+        ref = encode(pipe, prompts, seq)
+    return ids, {"text/prompt_embeds": ref.prompt_embeds.float().cpu().numpy(), "text/pooled": ref.pooled.float().cpu().numpy()}
+
+
+def _text_parity(family: str, root: Path, text: dict[str, Any], ids: dict[str, np.ndarray], ref: dict[str, np.ndarray],
+                 min_cosine: float) -> Check:
+    """Prompt embeddings of the packaged encoders (ONNX Runtime) vs the pipeline's ``encode_prompt`` (PyTorch)."""
+    from hpedge.backends import ort
+    from hpedge.export import parity as par
+    from hpedge.runtime import combine_text
+
     outs: dict[str, np.ndarray] = {}
     for e in text["encoders"].values():
         outs.update(zip(e["outputs"], ort.run(ort.session(root / e["file"], "cpu"), {k: ids[k] for k in e["inputs"]})))
-    pe, pooled = combine_text(family_of(pipe), outs, tuple(text["t5_shape"]))
-    with torch.no_grad():
-        ref = encode(pipe, prompts, seq)
-    ref_pe, ref_pooled = ref.prompt_embeds.float().cpu().numpy(), ref.pooled.float().cpu().numpy()
+    pe, pooled = combine_text(family, outs, tuple(text["t5_shape"]))
+    ref_pe, ref_pooled = ref["text/prompt_embeds"], ref["text/pooled"]
     if ref_pe.shape != pe.shape:
         raise HpedgeError(f"internal: packaged prompt embeddings {pe.shape} differ in shape from encode_prompt's {ref_pe.shape}")
     what = "CLIP " + text["encoders"]["clip"]["compute"] + ("" if text["t5_dropped"] else
@@ -467,27 +520,29 @@ def _text_parity(pipe: Any, root: Path, text: dict[str, Any], prompts: list[str]
     c2 = par.compare_quality("pooled", list(ref_pooled), list(pooled), min_cosine, 0.0)
     c.metrics["pooled_min_cosine"] = c2.metrics["min_cosine"]
     c.passed = c.passed and c2.passed
-    extra = {f"text/ids/{k}": v for k, v in ids.items()}
-    extra.update({"text/prompt_embeds": ref_pe, "text/pooled": ref_pooled})
-    return c, extra
+    return c
 
 
-def _vae_parity(pipe: Any, path: Path, latent_hw: int, compute: str, min_psnr: float) -> tuple[Check, dict[str, np.ndarray]]:
-    """The packaged VAE decoder vs PyTorch's fp32 decode on seeded N(0, 1) latents at the package's opt size."""
+def _vae_reference(pipe: Any, latent_hw: int) -> dict[str, np.ndarray]:
+    """Seeded N(0, 1) latents at the package's opt size and PyTorch's decode of them (the VAE's own dtype)."""
     import torch
-
-    from hpedge.backends import ort
-    from hpedge.export import parity as par
 
     c = int(pipe.vae.config.latent_channels)
     lat = np.random.default_rng(11).standard_normal((1, c, latent_hw, latent_hw)).astype(np.float32)
     vae = pipe.vae
     with torch.no_grad():
-        z = torch.from_numpy(lat) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        ref = (vae.decode(z.to(vae.dtype), return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1).numpy()
-    got = ort.run(ort.session(path, "cpu"), {"latents": lat})[0]
-    chk = par.compare_quality(f"VAE decoder ({compute}) vs PyTorch fp32 decode", [ref], [got], 0.0, min_psnr)
-    return chk, {"vae/latents": lat, "vae/image": ref}
+        z = torch.from_numpy(lat).to(vae.device) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        ref = (vae.decode(z.to(vae.dtype), return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1).cpu().numpy()
+    return {"vae/latents": lat, "vae/image": ref}
+
+
+def _vae_parity(path: Path, ref: dict[str, np.ndarray], compute: str, min_psnr: float) -> Check:
+    """The packaged VAE decoder (ONNX Runtime) vs PyTorch's decode of the same latents."""
+    from hpedge.backends import ort
+    from hpedge.export import parity as par
+
+    got = ort.run(ort.session(path, "cpu"), {"latents": ref["vae/latents"]})[0]
+    return par.compare_quality(f"VAE decoder ({compute}) vs PyTorch fp32 decode", [ref["vae/image"]], [got], 0.0, min_psnr)
 
 
 def _within(value: int, res: tuple[int, int, int]) -> int:
@@ -495,20 +550,26 @@ def _within(value: int, res: tuple[int, int, int]) -> int:
     return value if res[0] <= value <= res[2] else res[1]
 
 
-def _e2e_check(pipe: Any, root: Path, prompts: list[str], gen: Defaults, min_psnr: float) -> Check:
-    """Full generations: stock diffusers (the original pipeline's own call) vs the packaged components
-    (int4_cpu), same prompts, initial noise, steps, size and guidance (the model's default: CFG batches,
-    FLUX.1-dev's guidance input and the scheduler's shift are all in the comparison)."""
+E2E_SEED = 5
+
+
+def _stock_images(pipe: Any, prompts: list[str], gen: Defaults, latents: np.ndarray) -> np.ndarray:
+    """Stock diffusers' images (the original pipeline's own call) from initial noise ``latents``."""
     import torch
 
+    ref = sample(pipe, prompts, gen, latents=torch.from_numpy(latents))
+    return ref[..., 0] if ref.shape[-1] == 1 else ref
+
+
+def _e2e_check(root: Path, prompts: list[str], latents: np.ndarray, ref: np.ndarray, gen: Defaults, min_psnr: float) -> Check:
+    """Full generations through the packaged components (int4_cpu) vs stock diffusers' images ``ref``: same
+    prompts, initial noise, steps, size and guidance (the model's default: CFG batches, FLUX.1-dev's guidance
+    input and the scheduler's shift are all in the comparison)."""
     from hpedge.export.parity import quality
     from hpedge.runtime import Package
 
-    pkg = Package(root, variant="int4_cpu", device="cpu")
-    lat = pkg.initial_latents(len(prompts), seed=5, height=gen.height, width=gen.width)
-    ref = sample(pipe, prompts, gen, latents=torch.from_numpy(lat))
-    ref = ref[..., 0] if ref.shape[-1] == 1 else ref
-    got = pkg.generate(prompts, steps=gen.steps, guidance=gen.guidance, latents=lat)
+    pkg = Package(root, variant="int4_cpu", device="cpu", verify=False)  # hashed when the manifest was finished
+    got = pkg.generate(prompts, steps=gen.steps, guidance=gen.guidance, latents=latents)
     q = [quality(r, g) for r, g in zip(ref, got)]
     psnr = min(x["psnr_db"] for x in q)
     return Check("end-to-end images: package (int4_cpu) vs stock diffusers", psnr >= min_psnr,

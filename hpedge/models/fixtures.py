@@ -90,8 +90,30 @@ def tiny_transformer_config(name: str) -> dict[str, Any]:
     return cfg
 
 
-def tiny_pipeline(name: str, seed: int = 0, gain: float = GAIN) -> Any:
-    """A random-weight diffusers pipeline of architecture ``name`` at fixture width and depth."""
+def real_width_transformer_config(name: str, num_layers: int | None = None,
+                                  num_single_layers: int | None = None) -> dict[str, Any]:
+    """The transformer of architecture ``name`` at its real width (heads x head size), with ``num_layers``
+    (and FLUX's ``num_single_layers``) blocks, default: the real depth. Its text and pooled inputs take the
+    fixture text encoders' widths (a real-width transformer beside tiny text encoders and VAE: what a
+    benchmark of the transformer's size needs)."""
+    a = architecture(name)
+    cfg = dict(a["transformer"])
+    tiny = tiny_transformer_config(name)
+    cfg.update(joint_attention_dim=tiny["joint_attention_dim"], pooled_projection_dim=tiny["pooled_projection_dim"])
+    if num_layers is not None:
+        real = cfg["num_layers"]
+        cfg["num_layers"] = num_layers
+        dual = cfg.get("dual_attention_layers") or []
+        if dual:  # the same share of the blocks, from the first block on
+            cfg["dual_attention_layers"] = list(range(max(1, round(len(dual) * num_layers / real))))
+    if num_single_layers is not None:
+        cfg["num_single_layers"] = num_single_layers
+    return cfg
+
+
+def tiny_pipeline(name: str, seed: int = 0, gain: float = GAIN, transformer: dict[str, Any] | None = None) -> Any:
+    """A random-weight diffusers pipeline of architecture ``name`` at fixture width and depth; ``transformer``
+    replaces the transformer's config (e.g. :func:`real_width_transformer_config`)."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
@@ -107,7 +129,7 @@ def tiny_pipeline(name: str, seed: int = 0, gain: float = GAIN) -> Any:
         width = TINY_T5 if spec["class"].startswith("T5") else (TINY_CLIP_G if spec["hidden_size"] == 1280 else TINY_CLIP)
         parts[key] = _tiny_text_encoder(spec, tok, width)
     parts["vae"] = AutoencoderKL(**vae_config({**a["vae"], **TINY_VAE}))
-    parts["transformer"] = transformer_class(a["family"])(**tiny_transformer_config(name))
+    parts["transformer"] = transformer_class(a["family"])(**(transformer or tiny_transformer_config(name)))
     parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(
         {k: v for k, v in a["scheduler"].items() if not k.startswith("_")})
     if gain != 1.0:
@@ -127,11 +149,12 @@ def tiny_pipeline(name: str, seed: int = 0, gain: float = GAIN) -> Any:
     return pipe
 
 
-def save_tiny_pipeline(name: str, folder: str | Path, seed: int = 0, gain: float = GAIN) -> Path:
+def save_tiny_pipeline(name: str, folder: str | Path, seed: int = 0, gain: float = GAIN,
+                       transformer: dict[str, Any] | None = None) -> Path:
     """Write the fixture as a stock pipeline folder (safetensors) named after its architecture."""
     from hpedge.models.loading import make_stock_loadable
 
     folder = Path(folder)
-    tiny_pipeline(name, seed, gain).save_pretrained(folder, safe_serialization=True)
+    tiny_pipeline(name, seed, gain, transformer).save_pretrained(folder, safe_serialization=True)
     make_stock_loadable(folder)
     return folder

@@ -33,6 +33,11 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def initial_latents(n: int, seed: int, channels: int, height: int, width: int) -> np.ndarray:
+    """Seeded N(0, 1) initial noise (n, channels, height, width) in latent pixels, as every hpedge runtime draws it."""
+    return np.random.default_rng(seed).standard_normal((n, channels, height, width)).astype(np.float32)
+
+
 def read_manifest(root: Path) -> dict[str, Any]:
     mf = root / MANIFEST
     if not root.is_dir():
@@ -365,8 +370,7 @@ class Package:
         gen = self.manifest["generation"]
         h, w = self.size(height or resolution, width or resolution)
         vs = gen["vae_scale_factor"]
-        shape = (n, gen["latent_channels"], h // vs, w // vs)
-        return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        return initial_latents(n, seed, gen["latent_channels"], h // vs, w // vs)
 
     def generate(self, prompts: list[str], seed: int = 0, steps: int | None = None, latents: np.ndarray | None = None,
                  guidance: float | None = None, negative_prompt: str | list[str] | None = None,

@@ -62,21 +62,55 @@ def test_cpu_variant_matches_the_int4_graph(tmp_path: Path, kernel: str) -> None
         assert not np.allclose(got, ref, rtol=1e-6, atol=1e-6)  # it really is the quantized kernel
 
 
-def test_unknown_kernel_and_fp16_graph_are_refused(tmp_path: Path) -> None:
-    import onnx
-    from onnx import TensorProto, numpy_helper
-
+def test_unknown_kernel_is_refused(tmp_path: Path) -> None:
     _dq_matmul_model(tmp_path / "int4.onnx", np.random.default_rng(0))
     with pytest.raises(ValueError, match="unknown CPU INT4 kernel"):
         convert(tmp_path / "int4.onnx", tmp_path / "x.onnx", "fp8")
-    model = onnx.load(str(tmp_path / "int4.onnx"))  # the TensorRT input of an fp16-compute export
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def _as_fp16_compute(src: Path, dst: Path) -> None:
+    """The same layer as the TensorRT input of an fp16 export has it: x cast to fp16, fp16 scales and product,
+    the output cast back to float32."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(src))
     scale = next(i for i in model.graph.initializer if i.name == "w_scale")
     scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale).astype(np.float16), "w_scale"))
-    assert scale.data_type == TensorProto.FLOAT16
-    onnx.save(model, str(tmp_path / "int4_fp16.onnx"))
-    with pytest.raises(ValueError, match="not an fp32-compute INT4 graph"):
-        convert(tmp_path / "int4_fp16.onnx", tmp_path / "x.onnx")
-    assert not (tmp_path / "x.onnx").exists()
+    mm = next(n for n in model.graph.node if n.op_type == "MatMul")
+    mm.input[0], mm.output[0] = "x16", "y16"
+    model.graph.node.insert(0, helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16))
+    model.graph.node.append(helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT))
+    model.graph.value_info.append(helper.make_tensor_value_info("y16", TensorProto.FLOAT16, [2, 5, N]))
+    onnx.save(model, str(dst))
+
+
+@pytest.mark.parametrize("kernel", ["int8", "nbits"])
+def test_an_fp16_compute_graph_gives_the_cpu_variant_of_the_same_weights(tmp_path: Path, kernel: str) -> None:
+    """int4_cpu is derived from the fp16 TensorRT input: same nibbles, its fp16 scales, computed in fp32."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(2)
+    src, fp16, dst = tmp_path / "int4.onnx", tmp_path / "int4_fp16.onnx", tmp_path / "cpu.onnx"
+    _dq_matmul_model(src, rng)
+    _as_fp16_compute(src, fp16)
+    assert convert(fp16, dst, kernel) == 1
+    model = onnx.load(str(dst))
+    assert all(n.attribute[0].i == TensorProto.FLOAT for n in model.graph.node if n.op_type == "Cast")
+    assert not model.graph.value_info  # the stale fp16 annotations are gone
+    # the reference: the fp32 graph with the fp16-rounded scales
+    ref_model = onnx.load(str(src))
+    scale = next(i for i in ref_model.graph.initializer if i.name == "w_scale")
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale).astype(np.float16).astype(np.float32), "w_scale"))
+    onnx.save(ref_model, str(tmp_path / "ref.onnx"))
+    x = rng.standard_normal((2, 5, K)).astype(np.float32)
+    ref, got = _run(tmp_path / "ref.onnx", x), _run(dst, x)
+    if kernel == "nbits":
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    else:
+        assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.9999
 
 
 def test_store_floats_fp16_keeps_fp32_compute(tmp_path: Path) -> None:
