@@ -18,6 +18,8 @@
     python benchmarks/run.py distill-memory    # `hpedge plan --distill`'s memory estimate vs a measured peak (CPU)
     python benchmarks/run.py fit [--arch sd3.5-large]
                                                # which device profiles hold the package, per configuration (planner)
+    python benchmarks/run.py size --arch sd3.5-medium --layers 7 --work DIR
+                                               # a real-width transformer > 2 GB through export, check, ORT: time, peak RSS per stage
     python benchmarks/run.py gpu               # real-scale SD3.5-Large step in PyTorch on a CUDA GPU (bf16, pruned, INT4)
     python benchmarks/run.py retrain --family sd3 --work DIR [--device cuda]
                                                # replay the zoo model's recorded training commands
@@ -39,6 +41,7 @@ import distill_memory as distill_memory_benchmark  # noqa: E402
 import engines as engines_benchmark  # noqa: E402
 import fit as fit_benchmark  # noqa: E402
 import pwp_prefix as pwp_prefix_benchmark  # noqa: E402
+import size as size_benchmark  # noqa: E402
 from binding import BINDING_PROMPTS, binding, text_paths  # noqa: E402,F401
 from common import RESULTS, ROOT, header, write  # noqa: E402,F401
 from gpu import _int4_weight_only, gpu  # noqa: E402,F401
@@ -99,6 +102,7 @@ def main() -> None:
     pwp_prefix_benchmark.add_parser(sub)
     distill_memory_benchmark.add_parser(sub)
     fit_benchmark.add_parser(sub)
+    size_benchmark.add_parser(sub)
     t = sub.add_parser("retrain")
     t.add_argument("--family", choices=["sd3", "flux"], required=True)
     t.add_argument("--work", type=Path, required=True, help="folder for the retrained pipeline")
@@ -113,7 +117,8 @@ def main() -> None:
     {"gpu": gpu, "retrain": retrain, "text-paths": text_paths, "memory": memory, "latency": latency, "quality": quality, "blocks": blocks, "ablation": ablation,
      "runtime-env": runtime_env, "ratio": ratio, "weights": weights, "binding": binding,
      "engines": engines_benchmark.engines, "pwp-prefix": pwp_prefix_benchmark.pwp_prefix,
-     "distill-memory": distill_memory_benchmark.distill_memory, "fit": fit_benchmark.fit}[args.cmd](args)
+     "distill-memory": distill_memory_benchmark.distill_memory, "fit": fit_benchmark.fit,
+     "size": size_benchmark.size}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,33 @@ def version() -> str:
     import onnxruntime as ort
 
     return str(ort.__version__)
+
+
+def calibration_providers() -> list[str]:
+    """ModelOpt's ``calibration_eps`` for this machine: the CUDA execution provider first where ONNX Runtime has
+    one and a GPU is present (calibration is a few full forward passes per sample), then the CPU."""
+    cuda = "CUDAExecutionProvider" in available_providers() and _cuda_device_present()
+    return (["cuda:0"] if cuda else []) + ["cpu"]
+
+
+# ------------------------------------------------------------------ what an ONNX Runtime user picks instead
+# (the peers of hpedge's INT4 in benchmarks/latency.py; not used by the export)
+
+
+def quantize_dynamic_int8(src: Path, dst: Path) -> None:
+    """ONNX Runtime's own dynamic quantization: int8 weights per output channel, activations quantized on the fly."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8)
+
+
+def quantize_matmul_4bits(src: Path, dst: Path, block_size: int = 128, accuracy_level: int = 4) -> None:
+    """ONNX Runtime's 4-bit weight-only quantizer (round to nearest, symmetric, blocks of ``block_size``) to
+    ``MatMulNBits``; ``accuracy_level`` 4 runs the GEMM on int8-quantized activations."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
+                             accuracy_level=accuracy_level)
+    q.process()
+    q.model.save_model_to_file(str(dst), use_external_data_format=False)

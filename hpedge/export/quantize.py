@@ -137,6 +137,7 @@ def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, n
     if not quantizable:
         raise HpedgeError(f"no linear layer of this model can be INT4 block-quantized (block size {block_size})")
     prepared = out_path.with_name(out_path.stem + ".prepared.onnx")
+    from hpedge.backends.ort import calibration_providers
     from hpedge.export.onnx_export import rewrite_onnx, save_onnx
 
     big = save_onnx(model, prepared)
@@ -145,7 +146,7 @@ def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, n
     try:
         quantize(
             str(prepared), quantize_mode="int4", calibration_method=METHODS[method], calibration_data_reader=_Reader(calibration),
-            calibration_eps=["cpu"], nodes_to_exclude=[f"^{re.escape(n)}$" for n in excluded] or None,
+            calibration_eps=calibration_providers(), nodes_to_exclude=[f"^{re.escape(n)}$" for n in excluded] or None,
             output_path=str(out_path), block_size=block_size, high_precision_dtype="fp32",
             use_external_data_format=big, log_level="ERROR",
         )

@@ -111,9 +111,11 @@ def real_width_transformer_config(name: str, num_layers: int | None = None,
     return cfg
 
 
-def tiny_pipeline(name: str, seed: int = 0, gain: float = GAIN, transformer: dict[str, Any] | None = None) -> Any:
+def tiny_pipeline(name: str, seed: int = 0, gain: float = GAIN, transformer: dict[str, Any] | None = None,
+                  t5: dict[str, Any] | None = None) -> Any:
     """A random-weight diffusers pipeline of architecture ``name`` at fixture width and depth; ``transformer``
-    replaces the transformer's config (e.g. :func:`real_width_transformer_config`)."""
+    replaces the transformer's config (e.g. :func:`real_width_transformer_config`), ``t5`` updates the T5
+    encoder's width and depth (the transformer's text input follows its ``d_model``)."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
@@ -126,10 +128,14 @@ def tiny_pipeline(name: str, seed: int = 0, gain: float = GAIN, transformer: dic
         parts[key] = _tokenizer(spec)
     for key, spec in a["text_encoders"].items():
         tok = parts[key.replace("text_encoder", "tokenizer")]
-        width = TINY_T5 if spec["class"].startswith("T5") else (TINY_CLIP_G if spec["hidden_size"] == 1280 else TINY_CLIP)
+        width = {**TINY_T5, **(t5 or {})} if spec["class"].startswith("T5") else (
+            TINY_CLIP_G if spec["hidden_size"] == 1280 else TINY_CLIP)
         parts[key] = _tiny_text_encoder(spec, tok, width)
     parts["vae"] = AutoencoderKL(**vae_config({**a["vae"], **TINY_VAE}))
-    parts["transformer"] = transformer_class(a["family"])(**(transformer or tiny_transformer_config(name)))
+    tcfg = dict(transformer or tiny_transformer_config(name))
+    if t5:
+        tcfg["joint_attention_dim"] = int(t5.get("d_model", TINY_T5["d_model"]))
+    parts["transformer"] = transformer_class(a["family"])(**tcfg)
     parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(
         {k: v for k, v in a["scheduler"].items() if not k.startswith("_")})
     if gain != 1.0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from hpedge.export import onnx_export as ox
@@ -47,3 +48,51 @@ def test_rewrite_onnx_leaves_no_second_copy_of_a_foreign_external_data_file(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # small: inline, the foreign file gone
     assert ox.external_files(path) == set()
     ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_save_onnx_streams_weights_from_external_files_without_loading_them(tmp_path, monkeypatch) -> None:
+    """A graph loaded without its weights is saved with them copied into one PATH.data, also in place."""
+    src = tmp_path / "src" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save_model(_model(64), str(src), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert (src.parent / "w").exists()  # one file per tensor, as the TorchScript exporter writes them
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    light = onnx.load(str(src), load_external_data=False)
+    dst = tmp_path / "dst" / "model.onnx"
+    assert ox.save_onnx(light, dst, base_dir=src.parent) is True
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    want = run(src)
+    np.testing.assert_array_equal(run(dst), want)
+    again = onnx.load(str(dst), load_external_data=False)  # PATH.data as its own source
+    assert ox.save_onnx(again, dst, base_dir=dst.parent) is True
+    np.testing.assert_array_equal(run(dst), want)
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 1 << 30)  # below the limit: inline again, no stale .data
+    assert ox.save_onnx(onnx.load(str(dst), load_external_data=False), dst, base_dir=dst.parent) is False
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["model.onnx"]
+    np.testing.assert_array_equal(run(dst), want)
+    with pytest.raises(ValueError, match="base_dir"):
+        ox.save_onnx(onnx.load(str(src), load_external_data=False), tmp_path / "x.onnx")
+
+
+def test_a_transformer_above_the_limit_exports_with_the_dynamo_exporter_into_one_data_file(tmp_path, monkeypatch) -> None:
+    """Above protobuf's 2 GB (a lowered threshold here) SD3 switches to the dynamo exporter, whose weights are
+    streamed into one external data file; the graph matches PyTorch."""
+    from hpedge.export.pipeline import _torch_outputs
+    from hpedge.models.fixtures import tiny_pipeline
+
+    pipe = tiny_pipeline("sd3.5-medium")
+    assert ox.auto_exporter(pipe.transformer) == "legacy"
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 100_000)
+    assert ox.auto_exporter(pipe.transformer) == "dynamo"
+    spec = ox.transformer_spec(pipe, (64, 128, 128), (1, 1, 2), 512)
+    path = tmp_path / "fp32" / "model.onnx"
+    assert ox.export_transformer(pipe.transformer, spec, path) == "dynamo"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert ox.external_files(path) == {path.with_name("model.onnx.data")}
+    feed = spec.sample("opt", seed=3)
+    feed["timestep"] = feed["timestep"] * 1000
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    ref = _torch_outputs(pipe, [feed])[0]
+    assert float(np.abs(got - ref).max()) < 1e-3 * float(np.abs(ref).max())

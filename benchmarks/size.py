@@ -1,0 +1,220 @@
+"""``python benchmarks/run.py size``: a real-width transformer above 2 GB through the whole export, on this host.
+
+A random-weight transformer of architecture ``--arch`` at its real width (``--layers`` blocks; default: the
+real depth) beside tiny text encoders and VAE (hpedge.models.fixtures.real_width_transformer_config) goes
+through ``hpedge export`` (fp32 ONNX, fp16 ONNX, INT4 AWQ, int4_cpu, engines where the profile builds them,
+parity), then ``hpedge check``, then a plain ONNX Runtime load of every ONNX file in the package. Each runs in
+a child process whose memory (the whole process tree's RSS, sampled every 0.2 s) is recorded per stage, from
+the export's own progress messages. The target: peak RSS <= 2.0 x the transformer's fp16 bytes + 2 GB.
+
+``--t5-layers N`` instead exports a T5-XXL-width encoder (d_model 4096, d_ff 10240, 64 heads) with N blocks
+as an SD3.5 pipeline's text_encoder_3 through the package's INT4 text path (the transformer stays tiny).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common import ROOT, header, write
+
+TARGET_FACTOR, TARGET_EXTRA = 2.0, 2e9
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_heads=64)
+
+CHILD_EXPORT = r"""
+import json, sys, time
+from pathlib import Path
+from hpedge.export.pipeline import ExportOptions, export
+opts = ExportOptions(**json.loads(sys.argv[3]))
+def say(msg):
+    print("STAGE", time.time(), msg, flush=True)
+say("loading")
+m = export(sys.argv[1], Path(sys.argv[2]), opts, say)
+say("done")
+print("RESULT", json.dumps({"seconds": m["seconds"], "parity": m["parity"], "bytes": m["components"]["transformer"]["bytes"],
+                            "engines": m["engines"]["status"], "exporter": m["components"]["transformer"]["exporter"]}))
+"""
+
+CHILD_CHECK = r"""
+import json, sys, time
+from pathlib import Path
+print("STAGE", time.time(), "check", flush=True)
+from hpedge.export.pipeline import check
+r = check(Path(sys.argv[1]))
+print("RESULT", json.dumps({"passed": r["passed"], "checks": len(r["checks"])}))
+"""
+
+CHILD_ORT = r"""
+import json, sys, time
+from pathlib import Path
+import onnxruntime as ort
+out = {}
+for f in sorted(Path(sys.argv[1]).rglob("*.onnx")):
+    print("STAGE", time.time(), "onnxruntime load " + str(f.relative_to(sys.argv[1])), flush=True)
+    s = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
+    out[str(f.relative_to(sys.argv[1]))] = [i.name for i in s.get_inputs()]
+    del s
+print("RESULT", json.dumps(out))
+"""
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("size", help="a real-width transformer (> 2 GB) through export, check and ORT: time and peak RSS per stage")
+    p.add_argument("--arch", default="sd3.5-medium")
+    p.add_argument("--layers", type=int, default=None, help="transformer blocks (default: the architecture's)")
+    p.add_argument("--single-layers", type=int, default=None, help="FLUX single-stream blocks (default: the architecture's)")
+    p.add_argument("--t5-layers", type=int, default=None,
+                   help="instead: a T5-XXL-width encoder with this many blocks through the INT4 text export")
+    p.add_argument("--work", type=Path, required=True, help="folder for the pipeline and the package (several GB)")
+    p.add_argument("--method", default="awq_clip")
+    p.add_argument("--steps", type=int, default=2, help="denoising steps of the calibration runs and the end-to-end check")
+    p.add_argument("--resolution", type=int, default=256, help="the profile's min = opt = max resolution")
+    p.add_argument("--results-name", default=None)
+
+
+def build(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """The pipeline folder (random weights) and what it holds."""
+    import torch
+
+    from hpedge.models.fixtures import real_width_transformer_config, tiny_pipeline
+    from hpedge.models.loading import make_stock_loadable
+
+    torch.manual_seed(0)
+    if args.t5_layers:
+        pipe = tiny_pipeline(args.arch, gain=1.0, t5={**T5_XXL, "num_layers": args.t5_layers})
+        part = pipe.text_encoder_3 if hasattr(pipe, "text_encoder_3") else pipe.text_encoder_2
+        what = f"T5-XXL-width encoder ({args.t5_layers} blocks; d_model 4096, d_ff 10240)"
+    else:
+        cfg = real_width_transformer_config(args.arch, args.layers, args.single_layers)
+        pipe = tiny_pipeline(args.arch, gain=1.0, transformer=cfg)
+        part = pipe.transformer
+        what = f"transformer at {args.arch}'s width, {cfg['num_layers']} blocks" + (
+            f" + {cfg['num_single_layers']} single" if "num_single_layers" in cfg else "")
+    n = sum(p.numel() for p in part.parameters())
+    pipe.save_pretrained(folder, safe_serialization=True)
+    make_stock_loadable(folder)
+    return {"what": what, "parameters": n, "fp16_bytes": 2 * n, "fp32_bytes": 4 * n}
+
+
+def profile_file(args: argparse.Namespace, folder: Path) -> Path:
+    from hpedge.targets import load_profile
+
+    d = load_profile("rtx4090").to_dict()
+    r = args.resolution
+    d.update(name="rtx4090-size-benchmark", resolution={"min": r, "opt": r, "max": r}, batch={"min": 1, "opt": 1, "max": 1})
+    path = folder / "rtx4090-size-benchmark.json"
+    path.write_text(json.dumps(d, indent=2))
+    return path
+
+
+def run_child(code: str, argv: list[str], log: Path) -> tuple[list[dict[str, Any]], dict[str, Any], int, str]:
+    """Run ``code`` in a child; returns its stages (name, seconds, peak tree RSS), its RESULT, rc and stderr tail."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        p = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+            except psutil.Error:
+                rss = 0
+            samples.append((time.time(), rss))
+            time.sleep(0.2)
+
+    threading.Thread(target=sample, daemon=True).start()
+    err: list[str] = []
+    threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+    marks: list[tuple[float, str]] = []
+    result: dict[str, Any] = {}
+    with open(log, "w") as f:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            f.write(line)
+            if line.startswith("STAGE "):
+                _, t, msg = line.rstrip("\n").split(" ", 2)
+                marks.append((float(t), msg))
+            elif line.startswith("RESULT "):
+                result = json.loads(line[7:])
+    rc = proc.wait()
+    done.set()
+    end = time.time()
+    stages = []
+    for i, (t, msg) in enumerate(marks):
+        t1 = marks[i + 1][0] if i + 1 < len(marks) else end
+        peak = max((r for ts, r in samples if t <= ts <= t1), default=0)
+        stages.append({"stage": msg, "seconds": round(t1 - t, 1), "peak_rss": peak})
+    if marks:
+        first = min(ts for ts, _ in samples) if samples else marks[0][0]
+        stages[0]["seconds"] = round((marks[1][0] if len(marks) > 1 else end) - first, 1)
+        stages[0]["peak_rss"] = max((r for ts, r in samples if ts <= (marks[1][0] if len(marks) > 1 else end)), default=0)
+    return stages, result, rc, "".join(err[-30:])
+
+
+def shipped_twice(package: Path) -> list[str]:
+    """Files of the package with the same content as another (one weight file written twice), by name."""
+    manifest = json.loads((package / "manifest.json").read_text())
+    by: dict[str, list[str]] = {}
+    for f, h in manifest["files"].items():
+        by.setdefault(h, []).append(f)
+    return [", ".join(v) for v in by.values() if len(v) > 1]
+
+
+def size(args: argparse.Namespace) -> None:
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    folder, package = work / "pipeline", work / "package"
+    t = time.time()
+    info = build(args, folder) if not (folder / "model_index.json").exists() else json.loads((work / "info.json").read_text())
+    (work / "info.json").write_text(json.dumps(info))
+    built = time.time() - t
+    prof = profile_file(args, work)
+    opts = {"target": str(prof), "method": args.method, "steps": args.steps, "calibration_prompts": 2, "e2e_samples": 1,
+            "overwrite": True, **({"t5": "int4"} if args.t5_layers else {})}
+    rows: list[dict[str, Any]] = []
+    results: dict[str, Any] = {}
+    for name, code, argv in (("export", CHILD_EXPORT, [str(folder), str(package), json.dumps(opts)]),
+                             ("check", CHILD_CHECK, [str(package)]), ("onnxruntime", CHILD_ORT, [str(package)])):
+        stages, res, rc, err = run_child(code, argv, work / f"{name}.log")
+        results[name] = {"rc": rc, **res}
+        rows += [{"step": name, **s} for s in stages]
+        if rc:
+            results[name]["error"] = err.strip().splitlines()[-1] if err.strip() else f"exit {rc}"
+            break
+    fp16 = info["fp16_bytes"]
+    limit = TARGET_FACTOR * fp16 + TARGET_EXTRA
+    title = f"Export of a {info['what']} ({info['parameters'] / 1e9:.3f} B parameters)"
+    lines = [header(title),
+             f"Random weights, built in {built:.0f} s; fp16 bytes {fp16 / 1e9:.2f} GB, fp32 {info['fp32_bytes'] / 1e9:.2f} GB. "
+             f"Profile: rtx4090 at {args.resolution} px, batch 1; INT4 {args.method}; {args.steps} denoising steps for "
+             f"calibration and the end-to-end check. Target: peak RSS <= {TARGET_FACTOR:.1f} x fp16 + 2 GB = "
+             f"{limit / 1e9:.2f} GB.\n",
+             "| step | stage | seconds | peak RSS GB | x fp16 bytes | within target |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['step']} | {r['stage']} | {r['seconds']:.0f} | {r['peak_rss'] / 1e9:.2f} | "
+                     f"{r['peak_rss'] / fp16:.2f} | {'yes' if r['peak_rss'] <= limit else '**no**'} |")
+    peak = max((r["peak_rss"] for r in rows if r["step"] == "export"), default=0)
+    over = [r for r in rows if r["peak_rss"] > limit]
+    lines += ["", f"- whole export: peak RSS {peak / 1e9:.2f} GB = {peak / fp16:.2f} x fp16 bytes "
+              f"({'within' if peak <= limit else 'above'} the target {limit / 1e9:.2f} GB)"]
+    if over:
+        lines.append("- above the target: " + "; ".join(f"{r['step']} / {r['stage']} ({r['peak_rss'] / 1e9:.2f} GB)" for r in over))
+    for name, res in results.items():
+        lines.append(f"- {name}: " + json.dumps(res))
+    if results.get("export", {}).get("rc") == 0:
+        twice = shipped_twice(package)
+        lines.append(f"- files with identical content in the package: {twice or 'none'}")
+        lines.append("- package files: " + ", ".join(f"{p.relative_to(package)} {p.stat().st_size / 1e9:.2f} GB"
+                                                    for p in sorted(package.rglob("*")) if p.is_file() and p.stat().st_size > 5e7))
+    name = args.results_name or (f"size-{args.arch}-t5-{args.t5_layers}" if args.t5_layers else
+                                 f"size-{args.arch}-{info['parameters'] / 1e9:.2f}B")
+    write(f"{name}.md", "\n".join(lines) + "\n")
+    (ROOT / "benchmarks" / "results" / f"{name}.json").write_text(json.dumps({"info": info, "rows": rows, "results": results}, indent=2))
