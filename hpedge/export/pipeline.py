@@ -321,15 +321,6 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         fp32 = (tmp / "transformer" if opts.fp32_reference else work) / "fp32" / "model.onnx"
         exporter = ox.export_transformer(pipe.transformer, spec, fp32, opts.exporter)
         fp32_bytes = ox.size_of(fp32)
-        t5_what = memory["precisions"].get("t5", "").upper() + (f" ({opts.method})" if memory["precisions"].get("t5") == "int4" else "")
-        say(f"exporting text encoders (CLIP {opts.compute}" + ("" if opts.drop_t5 else f", T5 {t5_what}")
-            + f") and VAE decoder ({opts.compute})")
-        text, t5_rep = _export_text(pipe, tmp, work, seq, opts, memory["precisions"].get("t5", ""), prompts[:half])
-        ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "model.onnx", lat_hw, opts.compute)
-        if opts.fp32_reference:
-            ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "fp32" / "model.onnx", lat_hw)
-        toks = _tokenizer_entries(pipe, tmp, seq)
-        pipe.scheduler.save_pretrained(tmp / "scheduler")
         quantize_src = fp32
         if opts.compute == "fp16":
             say("exporting transformer (fp16 ONNX; the model is cast in place)")
@@ -339,8 +330,20 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         pipe.transformer = None  # no PyTorch transformer from here on
         release_memory()
 
+        t5_what = memory["precisions"].get("t5", "").upper() + (f" ({opts.method})" if memory["precisions"].get("t5") == "int4" else "")
+        say(f"exporting text encoders (CLIP {opts.compute}" + ("" if opts.drop_t5 else f", T5 {t5_what}")
+            + f") and VAE decoder ({opts.compute})")
+        text, t5_rep = _export_text(pipe, tmp, work, seq, opts, memory["precisions"].get("t5", ""), prompts[:half])
+        ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "model.onnx", lat_hw, opts.compute)
+        if opts.fp32_reference:
+            ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "fp32" / "model.onnx", lat_hw)
+        toks = _tokenizer_entries(pipe, tmp, seq)
+        pipe.scheduler.save_pretrained(tmp / "scheduler")
+
         say("checking the fp32 graph against PyTorch (fresh min, opt and max-at-batch-1 inputs; held-out inputs)")
         fresh_err, fp32_held = _check_fp32(fp32, fresh, fresh_ref, held, profile)
+        if not opts.fp32_reference and quantize_src != fp32:
+            shutil.rmtree(fp32.parent)  # checked; on disk it would only take room (4 bytes per parameter)
 
         # 2. One INT4 quantization (ModelOpt) of the graph TensorRT builds from: its engine is strongly typed, so the
         #    graph's own types (opts.compute) decide the kernels. int4_cpu (ONNX Runtime CPU, fp32 compute) is made

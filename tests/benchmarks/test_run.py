@@ -258,3 +258,35 @@ def test_weight_distance_is_the_relative_l2_per_component_and_refuses_other_arch
     save_file({"e": np.zeros((5, 4), np.float16)}, str(tmp_path / "b" / "text_encoder" / "model.safetensors"))
     with pytest.raises(SystemExit, match="not the same architecture"):
         bench.weight_distance(tmp_path / "a", tmp_path / "b")
+
+
+def test_size_records_each_stage_of_a_child_with_its_peak_memory(bench, tmp_path) -> None:
+    import sys
+
+    size = sys.modules["size"]
+    code = ("import time, numpy as np\nprint('STAGE', time.time(), 'small', flush=True)\ntime.sleep(0.6)\n"
+            "print('STAGE', time.time(), 'big', flush=True)\nx = np.ones(300_000_000 // 8)\ntime.sleep(0.8)\n"
+            "print('RESULT {\"ok\": 1}')\n")
+    stages, result, rc, _ = size.run_child(code, [], tmp_path / "log")
+    assert rc == 0 and result == {"ok": 1} and [s["stage"] for s in stages] == ["small", "big"]
+    assert stages[1]["peak_rss"] - stages[0]["peak_rss"] > 250e6  # the 300 MB array is seen in its own stage
+
+
+def test_shipped_twice_names_files_with_the_same_content(bench, tmp_path) -> None:
+    import sys
+
+    size = sys.modules["size"]
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": {"a/model.onnx.data": "h1", "b/model.onnx.data": "h1",
+                                                                  "c": "h2"}}))
+    assert size.shipped_twice(tmp_path) == ["a/model.onnx.data, b/model.onnx.data"]
+
+
+def test_real_width_fixture_keeps_the_architectures_width() -> None:
+    from hpedge.models.architectures import architecture
+    from hpedge.models.fixtures import real_width_transformer_config
+
+    real = architecture("sd3.5-medium")["transformer"]
+    cfg = real_width_transformer_config("sd3.5-medium", 7)
+    assert cfg["num_attention_heads"] * cfg["attention_head_dim"] == real["num_attention_heads"] * real["attention_head_dim"] == 1536
+    assert cfg["num_layers"] == 7 and cfg["dual_attention_layers"] == list(range(4))  # 13 of 24 -> 4 of 7
+    assert real_width_transformer_config("flux.1-dev", 2, 3)["num_single_layers"] == 3
