@@ -411,12 +411,13 @@ def export_transformer(transformer: Any, spec: IOSpec, path: Path, exporter: str
         b = Dim("batch", min=max(1, bmin), max=max(2, bmax))
         if family == "sd3":
             hmin, hmax = spec.inputs["hidden_states"][0][2], spec.inputs["hidden_states"][2][2]
-            h = Dim("h", min=max(1, hmin // 2), max=max(2, hmax // 2))
-            w = Dim("w", min=max(1, hmin // 2), max=max(2, hmax // 2))
+            # (a range of one value is widened by one: torch.export wants min < max; the engine's profile stays exact)
+            lo, hi = max(1, hmin // 2), max(2, hmax // 2)
+            h, w = Dim("h", min=lo, max=max(lo + 1, hi)), Dim("w", min=lo, max=max(lo + 1, hi))
             dynamic_shapes = ({0: b, 2: 2 * h, 3: 2 * w}, {0: b}, {0: b}, {0: b})
         else:
             nmin, nmax = spec.inputs["hidden_states"][0][1], spec.inputs["hidden_states"][2][1]
-            n = Dim("img_seq", min=max(1, nmin), max=max(2, nmax))
+            n = Dim("img_seq", min=max(1, nmin), max=max(max(1, nmin) + 1, nmax))
             dynamic_shapes = ({0: b, 1: n}, {0: b}, {0: b}, {0: b}, {0: n}, None)
             if "guidance" in spec.inputs:
                 dynamic_shapes = (*dynamic_shapes, {0: b})

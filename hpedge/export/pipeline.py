@@ -333,7 +333,8 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         t5_what = memory["precisions"].get("t5", "").upper() + (f" ({opts.method})" if memory["precisions"].get("t5") == "int4" else "")
         say(f"exporting text encoders (CLIP {opts.compute}" + ("" if opts.drop_t5 else f", T5 {t5_what}")
             + f") and VAE decoder ({opts.compute})")
-        text, t5_rep = _export_text(pipe, tmp, work, seq, opts, memory["precisions"].get("t5", ""), prompts[:half])
+        text, t5_rep = _export_text(pipe, tmp, work, seq, opts, memory["precisions"].get("t5", ""), prompts[:half],
+                                    int(tr_config["joint_attention_dim"]))
         ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "model.onnx", lat_hw, opts.compute)
         if opts.fp32_reference:
             ox.export_vae_decoder(pipe, tmp / "vae_decoder" / "fp32" / "model.onnx", lat_hw)
@@ -459,7 +460,7 @@ def _fits(ref: Any, profile: Profile, opts: ExportOptions) -> dict[str, Any]:
 
 
 def _export_text(pipe: Any, tmp: Path, work: Path, seq: int, opts: ExportOptions, t5: str,
-                 calibration_prompts: list[str]) -> tuple[dict[str, Any], Any]:
+                 calibration_prompts: list[str], width: int) -> tuple[dict[str, Any], Any]:
     """CLIP graph in ``opts.compute``; T5 in ``opts.compute`` with INT4 weights (ModelOpt, calibrated on the
     calibration prompts' token ids). Returns the manifest's ``text`` section and T5's quantization report."""
     from hpedge.export.quantize import quantize_int4, quantize_int8_weights, store_floats_fp16
@@ -486,7 +487,6 @@ def _export_text(pipe: Any, tmp: Path, work: Path, seq: int, opts: ExportOptions
         for name, e in enc.items():
             e["fp32_file"] = f"text/{name}/fp32/model.onnx"
             ox.export_text_encoder(pipe, name, tmp / e["fp32_file"], seq, "fp32")
-    width = int(pipe.transformer.config.joint_attention_dim)
     return {"encoders": enc, "t5_dropped": "t5" not in enc, "t5_shape": [seq, width]}, rep
 
 

@@ -38,8 +38,10 @@ class QuantReport:
         return asdict(self)
 
 
-def gemm_to_matmul(model: Any) -> int:
-    """Rewrite Gemm(A, W, b) with constant W as MatMul(A, W[K, N]) + Add(b), in place. Returns the count."""
+def gemm_to_matmul(model: Any, base_dir: str = "") -> int:
+    """Rewrite Gemm(A, W, b) with constant W as MatMul(A, W[K, N]) + Add(b), in place. Returns the count.
+    ``base_dir``: where the model's external data lies, if it was loaded without it (each Gemm weight is then
+    read on its own)."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -48,7 +50,7 @@ def gemm_to_matmul(model: Any) -> int:
         if node.op_type == "Gemm" and len(node.input) >= 2 and node.input[1] in inits:
             at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             if at.get("transA", 0) == 0 and at.get("alpha", 1.0) == 1.0 and at.get("beta", 1.0) == 1.0:
-                w = numpy_helper.to_array(inits[node.input[1]])
+                w = numpy_helper.to_array(inits[node.input[1]], base_dir=base_dir)
                 if at.get("transB", 0):
                     w = w.T
                 wname = node.input[1] + "_kn"
@@ -131,8 +133,9 @@ def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, n
     except ImportError as e:
         raise HpedgeError(f"ModelOpt is not installed ({e}); install hpedge[export]") from None
     t0 = time.time()
-    model = onnx.load(str(onnx_path), load_external_data=True)
-    gemm_to_matmul(model)
+    # the graph without its weights (above 2 GB they stay in the external data file, streamed to the prepared copy)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    gemm_to_matmul(model, str(Path(onnx_path).parent))
     quantizable, excluded = plan_exclusions(model, block_size, protect or [])
     if not quantizable:
         raise HpedgeError(f"no linear layer of this model can be INT4 block-quantized (block size {block_size})")
@@ -140,7 +143,7 @@ def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, n
     from hpedge.backends.ort import calibration_providers
     from hpedge.export.onnx_export import rewrite_onnx, save_onnx
 
-    big = save_onnx(model, prepared)
+    big = save_onnx(model, prepared, base_dir=Path(onnx_path).parent)
     old_tqdm = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
     try:

@@ -270,6 +270,7 @@ def test_size_records_each_stage_of_a_child_with_its_peak_memory(bench, tmp_path
     stages, result, rc, _ = size.run_child(code, [], tmp_path / "log")
     assert rc == 0 and result == {"ok": 1} and [s["stage"] for s in stages] == ["small", "big"]
     assert stages[1]["peak_rss"] - stages[0]["peak_rss"] > 250e6  # the 300 MB array is seen in its own stage
+    assert stages[1]["peak_anon"] - stages[0]["peak_anon"] > 250e6 and stages[1]["peak_anon"] <= stages[1]["peak_rss"]
 
 
 def test_shipped_twice_names_files_with_the_same_content(bench, tmp_path) -> None:
