@@ -291,3 +291,16 @@ def test_real_width_fixture_keeps_the_architectures_width() -> None:
     assert cfg["num_attention_heads"] * cfg["attention_head_dim"] == real["num_attention_heads"] * real["attention_head_dim"] == 1536
     assert cfg["num_layers"] == 7 and cfg["dual_attention_layers"] == list(range(4))  # 13 of 24 -> 4 of 7
     assert real_width_transformer_config("flux.1-dev", 2, 3)["num_single_layers"] == 3
+
+
+def test_peer_summary_compares_int4_cpu_with_the_fastest_peer_on_the_pruned_graph(bench) -> None:
+    import sys
+
+    lat = sys.modules["latency"]
+    row = lambda ms, b, cos: {"median_ms": ms, "bytes": b, "cosine": cos}  # noqa: E731
+    m = {"original fp32": row(100.0, 400, 1.0), "int4_cpu": row(30.0, 50, 0.999),
+         "original peer quantize_dynamic": row(40.0, 100, 0.999),  # faster than the pruned peers, but not on the pruned graph
+         "pruned peer quantize_dynamic": row(45.0, 100, 0.998), "pruned peer MatMulNBits": row(60.0, 60, 0.997)}
+    s = lat._peer_summary("m", m)
+    assert "0.30x** (target <= 0.35x: met)" in s and "(pruned peer quantize_dynamic)" in s
+    assert "latency 0.67x" in s and "file bytes 0.50x" in s and "0.99900 vs 0.99800" in s
