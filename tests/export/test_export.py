@@ -215,7 +215,7 @@ def test_parity_failure_writes_no_package(random_sd3, tmp_path) -> None:
     (tmp_path / "strict.json").write_text(json.dumps(prof))
     out = tmp_path / "pkg"
     with pytest.raises(HpedgeError, match="parity failed") as e:
-        export(str(random_sd3), out, ExportOptions(target=str(tmp_path / "strict.json"), method="awq_clip",
+        export(str(random_sd3), out, ExportOptions(target=str(tmp_path / "strict.json"), method="rtn",
                                                   calibration_prompts=1, e2e_samples=1, engine="skip"))
     assert e.value.exit_code == HpedgeError.CHECK_FAILED
     assert not out.exists() and (tmp_path / "pkg.parity.json").exists()
