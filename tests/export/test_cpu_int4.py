@@ -62,6 +62,20 @@ def test_cpu_variant_matches_the_int4_graph(tmp_path: Path, kernel: str) -> None
         assert not np.allclose(got, ref, rtol=1e-6, atol=1e-6)  # it really is the quantized kernel
 
 
+def test_int8_weights_are_folded_once_at_session_start(tmp_path: Path) -> None:
+    """The Cast + blocked QuantizeLinear subgraph is constant: ONNX Runtime folds it, leaving only the int8 GEMM."""
+    import onnx
+    import onnxruntime as ort
+
+    src, dst, opt = tmp_path / "int4.onnx", tmp_path / "int8.onnx", tmp_path / "optimized.onnx"
+    _dq_matmul_model(src, np.random.default_rng(1))
+    convert(src, dst, "int8")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(opt)
+    ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in onnx.load(str(opt)).graph.node] == ["DynamicQuantizeMatMul"]
+
+
 def test_unknown_kernel_is_refused(tmp_path: Path) -> None:
     _dq_matmul_model(tmp_path / "int4.onnx", np.random.default_rng(0))
     with pytest.raises(ValueError, match="unknown CPU INT4 kernel"):
