@@ -17,7 +17,9 @@ from ..conftest import zoo_available
 RTX = eng.library("tensorrt_rtx").build_availability(("8.9",))
 
 
-@pytest.fixture(scope="module", params=["digits-sd3", "digits-flux"])
+# digits-flux's export takes twice digits-sd3's: it runs with -m slow; FLUX engines are built in the default run
+# by the real-configuration chains (tests/test_real_pipelines.py, flux.1-schnell and flux.1-dev)
+@pytest.fixture(scope="module", params=["digits-sd3", pytest.param("digits-flux", marks=pytest.mark.slow)])
 def zoo_package(request, tmp_path_factory) -> Path:
     if not zoo_available(request.param):
         pytest.skip(f"zoo:{request.param} is not in this checkout")

@@ -30,7 +30,8 @@ def _compare(c: dict, variant: str, guidance: float | None) -> list[float]:
     pipe = load_pipeline(str(c["out"]))
     pkg = Package(c["package"], variant=variant, device="cpu")
     h, w = pkg.size()
-    d = with_overrides(defaults(pipe, c["out"]), height=h, width=w, guidance=guidance)
+    d = defaults(pipe, c["out"])  # the model's own scheduler, shift and guidance; 4 of its steps (the comparison
+    d = with_overrides(d, height=h, width=w, guidance=guidance, steps=min(d.steps, 4))  # is per step: 4 show it)
     lat = pkg.initial_latents(len(PROMPTS), seed=3)
     ref = sample(pipe, PROMPTS, d, latents=torch.from_numpy(lat))
     got = pkg.generate(PROMPTS, steps=d.steps, guidance=d.guidance, latents=lat)

@@ -110,6 +110,7 @@ def test_a_pipeline_stage_without_a_vae_in_out_is_refused(tmp_path) -> None:
     assert not (tmp_path / "fresh").exists()  # refused before anything is written
 
 
+@pytest.mark.slow  # a zoo training recipe (the test fixture's, not the product's): about a minute
 def test_t5_pretraining_teaches_slot_binding_and_a_frozen_t5_is_kept_exactly(tmp_path) -> None:
     """Stage flux-t5 pre-trains the T5 so that an order-free readout of its tokens names each slot's digit; a
     FLUX stage started from it with --freeze-t5 changes everything but the T5, and records both flags."""
@@ -139,6 +140,7 @@ def test_t5_pretraining_teaches_slot_binding_and_a_frozen_t5_is_kept_exactly(tmp
         train.main(["flux", "--steps", "1", "--out", str(out), "--t5-from", str(out / "vae" / "missing")])
 
 
+@pytest.mark.slow  # a zoo training recipe (the test fixture's, not the product's): about a minute
 def test_sd3_text_pretraining_teaches_every_encoder_the_prompt_and_frozen_encoders_are_kept_exactly(tmp_path) -> None:
     """Stage sd3-text pre-trains CLIP-L, CLIP-G and T5 so that each one's part of the pipeline's conditioning (token
     block or pooled vector) names every slot; an sd3 stage started from them with --freeze-text changes the

@@ -1,0 +1,108 @@
+"""hpedge's streamed INT4 RTN gives ModelOpt's ``rtn_dq`` result: the same nibbles, scales and graph outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpedge.export.quantize import METHODS, quantize_int4
+
+K, N, BLOCK = 256, 96, 128
+
+
+def _linear_model(path: Path, dtype: type, rng: np.random.Generator) -> None:
+    """x[1, 7, K] -> MatMul(W1 [K, K]) -> Relu -> MatMul(W2 [K, N]) + Gemm-free bias; float32 graph input/output."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    t = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    w1 = (rng.standard_normal((K, K)) * 0.05).astype(dtype)
+    w1[:BLOCK, 3] = 0.0  # an all-zero block: its scale is ModelOpt's floor
+    w2 = (rng.standard_normal((K, N)) * 0.05).astype(dtype)
+    bias = rng.standard_normal(N).astype(dtype)
+    nodes = [helper.make_node("Cast", ["x"], ["xc"], to=t),
+             helper.make_node("MatMul", ["xc", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["hr"]),
+             helper.make_node("MatMul", ["hr", "w2"], ["y0"], name="mm2"),
+             helper.make_node("Add", ["y0", "bias"], ["yb"]),
+             helper.make_node("Cast", ["yb"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 7, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 7, N])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                               numpy_helper.from_array(bias, "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+
+
+def _modelopt_rtn(src: Path, dst: Path) -> None:
+    import os
+
+    from modelopt.onnx.quantization import quantize
+
+    os.environ["TQDM_DISABLE"] = "1"
+    quantize(str(src), quantize_mode="int4", calibration_method=METHODS["rtn"], calibration_data_reader=None,
+             calibration_eps=["cpu"], output_path=str(dst), block_size=BLOCK, high_precision_dtype="fp32",
+             use_external_data_format=False, log_level="ERROR")
+
+
+def _int4_tensors(path: Path) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    model = onnx.load(str(path))
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
+            if i.name.endswith(("_i4", "_scale")) or i.data_type == TensorProto.INT4}
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_streamed_rtn_equals_modelopt_rtn_dq(tmp_path: Path, dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    src = tmp_path / "model.onnx"
+    _linear_model(src, dtype, rng)
+    ours, theirs = tmp_path / "hpedge" / "model.onnx", tmp_path / "modelopt.onnx"
+    report = quantize_int4(src, ours, [], "rtn", BLOCK)
+    _modelopt_rtn(src, theirs)
+    assert report.quantized == ["mm1", "mm2"] and report.implementation.startswith("hpedge")
+    a, b = _int4_tensors(ours), _int4_tensors(theirs)
+    assert sorted(a) == sorted(b) == ["w1_i4", "w1_scale", "w2_i4", "w2_scale"]
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert a["w1_scale"].dtype == dtype
+    x = rng.standard_normal((1, 7, K)).astype(np.float32)
+    np.testing.assert_array_equal(_run(ours, x), _run(theirs, x))
+    assert 0.0 < report.layer_error["w1"] < 0.2
+
+
+def test_streamed_rtn_reads_and_writes_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the size threshold the source's weights stay in its data file and the result gets one of its own."""
+    import onnx
+
+    from hpedge.export import onnx_export
+
+    rng = np.random.default_rng(4)
+    src = tmp_path / "src" / "model.onnx"
+    src.parent.mkdir()
+    _linear_model(src, np.float16, rng)
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    onnx_export.save_onnx(onnx.load(str(src)), src)
+    assert (src.parent / "model.onnx.data").exists()
+    inline = tmp_path / "inline.onnx"
+    onnx.save(onnx.load(str(src)), str(inline))
+    out = tmp_path / "out" / "model.onnx"
+    quantize_int4(src, out, [], "rtn", BLOCK)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    ref = tmp_path / "ref" / "model.onnx"
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1_800_000_000)
+    quantize_int4(inline, ref, [], "rtn", BLOCK)
+    x = rng.standard_normal((1, 7, K)).astype(np.float32)
+    np.testing.assert_array_equal(_run(out, x), _run(ref, x))
