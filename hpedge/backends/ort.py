@@ -16,8 +16,13 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def session(path: str | Path, device: str = "auto", threads: int | None = None) -> Any:
-    """An InferenceSession on CUDA when asked for (or 'auto' and present), else CPU."""
+def session(path: str | Path, device: str = "auto", threads: int | None = None, low_memory: bool = False) -> Any:
+    """An InferenceSession on CUDA when asked for (or 'auto' and present), else CPU.
+
+    ``low_memory``: no pre-packed weight copies (``session.disable_prepacking``): the weights of a file with
+    page-aligned external data then stay memory-mapped (file-backed pages the kernel can drop) instead of being
+    copied into the process, for the few runs of a parity check (measured on a 1.08 GB fp32 transformer: 1.25
+    -> 0.18 GB anonymous memory, a run 20 % slower)."""
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -31,6 +36,8 @@ def session(path: str | Path, device: str = "auto", threads: int | None = None) 
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    if low_memory:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:

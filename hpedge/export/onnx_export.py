@@ -276,6 +276,20 @@ def save_onnx(proto: Any, path: Path, base_dir: Path | None = None) -> bool:
     return True
 
 
+def read_array(tensor: Any, base_dir: str | Path = "") -> Any:
+    """The values of one initializer as a numpy array, its external data read from ``base_dir``. Unlike
+    ``onnx.numpy_helper.to_array`` this leaves ``tensor`` as it was (to_array stores the bytes it reads in the
+    proto, so reading every weight of a graph loaded without its weights would end holding all of them)."""
+    import onnx
+    from onnx import numpy_helper
+
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    t = onnx.TensorProto()
+    t.CopyFrom(tensor)  # a header: the data is in the file
+    return numpy_helper.to_array(t, base_dir=str(base_dir))
+
+
 def _copy_range(src: Path, offset: int, length: int, out: Any, name: str) -> None:
     with open(src, "rb") as f:
         f.seek(offset)

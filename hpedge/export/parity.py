@@ -55,13 +55,16 @@ def _quiet() -> None:
     G_LOGGER.module_severity = G_LOGGER.WARNING
 
 
-def run_onnxrt(onnx_path: Path, feeds: list[dict[str, np.ndarray]], name: str) -> Any:
-    """Polygraphy run of an ONNX file on ONNX Runtime; returns its RunResults."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+def run_onnxrt(onnx_path: Path, feeds: list[dict[str, np.ndarray]], name: str, device: str = "auto") -> Any:
+    """Polygraphy run of an ONNX file on ONNX Runtime (CUDA where present, else CPU; no pre-packed weight
+    copies: see :func:`hpedge.backends.ort.session`); returns its RunResults."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
 
+    from hpedge.backends import ort
+
     _quiet()
-    runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name=name)
+    runner = OnnxrtRunner(lambda: ort.session(onnx_path, device, low_memory=True), name=name)
     return Comparator.run([runner], data_loader=feeds)
 
 

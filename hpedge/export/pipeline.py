@@ -206,7 +206,7 @@ def _check_fp32(path: Path, fresh: dict[str, dict[str, np.ndarray]], fresh_ref: 
     from hpedge.backends import ort
     from hpedge.export import parity as par
 
-    sess = ort.session(path, "cpu")
+    sess = ort.session(path, "auto", low_memory=True)
     errs = {}
     for (which, feed), ref in zip(fresh.items(), fresh_ref):
         out = ort.run(sess, feed)[0]
@@ -346,10 +346,11 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         if not opts.fp32_reference and quantize_src != fp32:
             shutil.rmtree(fp32.parent)  # checked; on disk it would only take room (4 bytes per parameter)
 
-        # 2. One INT4 quantization (ModelOpt) of the graph TensorRT builds from: its engine is strongly typed, so the
+        # 2. One INT4 quantization (ModelOpt AWQ, or hpedge's streamed RTN) of the graph TensorRT builds from: its engine is strongly typed, so the
         #    graph's own types (opts.compute) decide the kernels. int4_cpu (ONNX Runtime CPU, fp32 compute) is made
         #    from the very same 4-bit weights and scales.
-        say(f"INT4 quantization ({opts.method}, ModelOpt, {opts.compute} graph)")
+        say(f"INT4 quantization ({opts.method}, {'hpedge, streamed' if opts.method == 'rtn' else 'ModelOpt'}, {opts.compute} graph)"
+            " and its int4_cpu variant")
         int4 = tmp / "transformer" / "int4" / "model.onnx"
         int4_cpu = tmp / "transformer" / "int4_cpu" / "model.onnx"
         qrep = quantize_int4(quantize_src, int4, calib, opts.method, 128, opts.protect)
@@ -511,7 +512,7 @@ def _text_parity(family: str, root: Path, text: dict[str, Any], ids: dict[str, n
 
     outs: dict[str, np.ndarray] = {}
     for e in text["encoders"].values():
-        outs.update(zip(e["outputs"], ort.run(ort.session(root / e["file"], "cpu"), {k: ids[k] for k in e["inputs"]})))
+        outs.update(zip(e["outputs"], ort.run(ort.session(root / e["file"], "auto", low_memory=True), {k: ids[k] for k in e["inputs"]})))
     pe, pooled = combine_text(family, outs, tuple(text["t5_shape"]))
     ref_pe, ref_pooled = ref["text/prompt_embeds"], ref["text/pooled"]
     if ref_pe.shape != pe.shape:
@@ -544,7 +545,7 @@ def _vae_parity(path: Path, ref: dict[str, np.ndarray], compute: str, min_psnr: 
     from hpedge.backends import ort
     from hpedge.export import parity as par
 
-    got = ort.run(ort.session(path, "cpu"), {"latents": ref["vae/latents"]})[0]
+    got = ort.run(ort.session(path, "auto", low_memory=True), {"latents": ref["vae/latents"]})[0]
     return par.compare_quality(f"VAE decoder ({compute}) vs PyTorch fp32 decode", [ref["vae/image"]], [got], 0.0, min_psnr)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from hpedge.errors import HpedgeError
+from hpedge.export.onnx_export import read_array
 
 METHODS = {"awq_clip": "awq_clip", "rtn": "rtn_dq"}  # hpedge name -> ModelOpt's (rtn: the formula hpedge streams)
 CLIP_MIN = 1e-5  # ModelOpt's smallest block scale
@@ -47,11 +48,12 @@ class QuantReport:
         return asdict(self)
 
 
-def gemm_to_matmul(model: Any, base_dir: str = "") -> int:
+def gemm_to_matmul(model: Any, base_dir: str = "", lazy: dict[str, tuple[Any, bool]] | None = None) -> int:
     """Rewrite Gemm(A, W, b) with constant W as MatMul(A, W[K, N]) + Add(b), in place. Returns the count.
     ``base_dir``: where the model's external data lies, if it was loaded without it (each Gemm weight is then
-    read on its own)."""
-    from onnx import helper, numpy_helper
+    read on its own). With ``lazy`` no weight is read: each new ``W_kn`` initializer is a placeholder (dims and
+    type, no data) and ``lazy[W_kn] = (W's TensorProto, transposed)`` says how to read it later."""
+    from onnx import TensorProto, helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     nodes, n = [], 0
@@ -59,11 +61,18 @@ def gemm_to_matmul(model: Any, base_dir: str = "") -> int:
         if node.op_type == "Gemm" and len(node.input) >= 2 and node.input[1] in inits:
             at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             if at.get("transA", 0) == 0 and at.get("alpha", 1.0) == 1.0 and at.get("beta", 1.0) == 1.0:
-                w = numpy_helper.to_array(inits[node.input[1]], base_dir=base_dir)
-                if at.get("transB", 0):
-                    w = w.T
                 wname = node.input[1] + "_kn"
-                model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), wname))
+                if lazy is not None:
+                    src, trans = inits[node.input[1]], bool(at.get("transB", 0))
+                    ph = TensorProto(name=wname, data_type=src.data_type)
+                    ph.dims.extend(list(src.dims)[::-1] if trans else list(src.dims))
+                    model.graph.initializer.append(ph)
+                    lazy[wname] = (src, trans)
+                else:
+                    w = read_array(inits[node.input[1]], base_dir)
+                    if at.get("transB", 0):
+                        w = w.T
+                    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), wname))
                 mm_out = node.output[0] + "_mm" if len(node.input) > 2 else node.output[0]
                 nodes.append(helper.make_node("MatMul", [node.input[0], wname], [mm_out], name=node.name + "_matmul"))
                 if len(node.input) > 2:
@@ -204,6 +213,17 @@ def rtn_int4(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+def _relative_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, block_size: int) -> float:
+    """||w - q * scale|| / ||w||, one block row at a time (no full-size float32 temporaries)."""
+    num = den = 0.0
+    for b in range(scale.shape[0]):
+        wb = w[b * block_size:(b + 1) * block_size].astype(np.float32)
+        d = wb - q[b * block_size:(b + 1) * block_size].astype(np.float32) * scale[b].astype(np.float32)
+        num += float(np.square(d).sum())
+        den += float(np.square(wb).sum())
+    return float(np.sqrt(num) / (np.sqrt(den) + 1e-12))
+
+
 def quantize_int4_rtn(onnx_path: Path, out_path: Path, block_size: int = 128, protect: list[str] | None = None) -> QuantReport:
     """INT4 RTN of ``onnx_path`` (fp32 or fp16, any size), streamed: the graph is read without its weights, each
     quantizable weight is read, quantized and dropped in turn, every other tensor is copied from the source's
@@ -216,7 +236,16 @@ def quantize_int4_rtn(onnx_path: Path, out_path: Path, block_size: int = 128, pr
     t0 = time.time()
     src_dir = Path(onnx_path).parent
     model = onnx.load(str(onnx_path), load_external_data=False)
-    gemm_to_matmul(model, str(src_dir))
+    lazy: dict[str, tuple[Any, bool]] = {}  # Gemm weights, read (and transposed) only when quantized
+    gemm_to_matmul(model, str(src_dir), lazy)
+
+    def read(name: str) -> np.ndarray:
+        if name not in lazy:
+            return read_array(inits[name], src_dir)
+        src, trans = lazy.pop(name)
+        w = read_array(src, src_dir)
+        return np.ascontiguousarray(w.T) if trans else w
+
     quantizable, excluded = plan_exclusions(model, block_size, protect or [])
     if not quantizable:
         raise HpedgeError(f"no linear layer of this model can be INT4 block-quantized (block size {block_size})")
@@ -236,12 +265,9 @@ def quantize_int4_rtn(onnx_path: Path, out_path: Path, block_size: int = 128, pr
         if init.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
             raise HpedgeError(f"{onnx_path}: weight {wname!r} of {node.name} is not float (type {init.data_type})")
         base = wname if readers[wname] == 1 else f"{wname}_{node.name}"  # a shared weight: one copy per reader
-        w = numpy_helper.to_array(init, base_dir=str(src_dir))
+        w = read(wname)
         q, scale = rtn_int4(w, block_size)
-        deq = q.astype(np.float32) * np.repeat(scale.astype(np.float32), block_size, axis=0)
-        w32 = w.astype(np.float32)
-        errors[wname] = float(np.linalg.norm(w32 - deq) / (np.linalg.norm(w32) + 1e-12))
-        del deq, w32
+        errors[wname] = _relative_error(w, q, scale, block_size)
         new.append(helper.make_tensor(base + "_i4", TensorProto.INT4, list(q.shape), _int4_bytes(q), raw=True))
         new.append(numpy_helper.from_array(scale.astype(w.dtype), base + "_scale"))
         nodes.append(helper.make_node("DequantizeLinear", [base + "_i4", base + "_scale"], [base + "_DequantizeLinear_Output"],
@@ -249,6 +275,9 @@ def quantize_int4_rtn(onnx_path: Path, out_path: Path, block_size: int = 128, pr
         node.input[1] = base + "_DequantizeLinear_Output"
         nodes.append(node)
         del w, q
+    for i, init in enumerate(model.graph.initializer):  # converted Gemms left unquantized (excluded) get their data
+        if init.name in lazy:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(read(init.name), init.name))
     model.graph.initializer.extend(new)
     _replace_nodes(model, nodes)
     for op in model.opset_import:  # blocked DequantizeLinear is opset 21 (20 -> 21 only adds 4-bit types)
@@ -326,7 +355,7 @@ def layer_errors(fp32_model: Any, int4_model: Any, base_dir: str = "") -> dict[s
         block = int(at.get("block_size", 0)) or w_q.shape[0]
         zp = numpy_helper.to_array(q[node.input[2]]).astype(np.float32) if len(node.input) > 2 and node.input[2] in q else 0.0
         deq = (w_q - (np.repeat(zp, block, axis=0)[: w_q.shape[0]] if not np.isscalar(zp) else zp)) * np.repeat(scale, block, axis=0)[: w_q.shape[0]]
-        w = numpy_helper.to_array(orig[wname], base_dir=base_dir).astype(np.float32)
+        w = read_array(orig[wname], base_dir).astype(np.float32)
         if w.shape == deq.shape:
             out[wname] = float(np.linalg.norm(w - deq) / (np.linalg.norm(w) + 1e-12))
     return out

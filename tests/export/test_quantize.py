@@ -106,3 +106,45 @@ def test_streamed_rtn_reads_and_writes_external_data(tmp_path: Path, monkeypatch
     quantize_int4(inline, ref, [], "rtn", BLOCK)
     x = rng.standard_normal((1, 7, K)).astype(np.float32)
     np.testing.assert_array_equal(_run(out, x), _run(ref, x))
+
+
+def test_a_gemm_weight_is_read_only_when_quantized_and_equals_modelopt_on_the_matmul_form(tmp_path: Path) -> None:
+    """Gemm(x, W [N, K], b, transB=1) becomes DequantizeLinear(W^T) -> MatMul + Add, as ModelOpt quantizes the
+    MatMul form of the same graph; a Gemm excluded by a pattern keeps its (transposed) weight exactly."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hpedge.export.quantize import gemm_to_matmul
+
+    rng = np.random.default_rng(5)
+    w1 = (rng.standard_normal((N, K)) * 0.05).astype(np.float32)
+    w2 = (rng.standard_normal((N, N)) * 0.05).astype(np.float32)  # K = 96: not a multiple of 128, excluded
+    b1 = rng.standard_normal(N).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Gemm", ["h", "w2"], ["y"], name="fc2", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, N])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                               numpy_helper.from_array(b1, "b1")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 10
+    src, mm = tmp_path / "gemm.onnx", tmp_path / "matmul.onnx"
+    onnx.save(model, str(src))
+    gemm_to_matmul(model)
+    onnx.save(model, str(mm))
+    ours, theirs = tmp_path / "hpedge.onnx", tmp_path / "modelopt.onnx"
+    report = quantize_int4(src, ours, [], "rtn", BLOCK)
+    _modelopt_rtn(mm, theirs)
+    assert report.quantized == ["fc1_matmul"] and "fc2_matmul" in report.excluded
+    a, b = _int4_tensors(ours), _int4_tensors(theirs)  # (ModelOpt, not told to exclude fc2, pads and quantizes it)
+    assert sorted(a) == ["w1_kn_i4", "w1_kn_scale"]
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    kept = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(ours)).graph.initializer}
+    np.testing.assert_array_equal(kept["w2_kn"], w2.T)
+    import onnxruntime as ort
+
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    h = x @ (a["w1_kn_i4"].astype(np.float32) * np.repeat(a["w1_kn_scale"], BLOCK, axis=0)) + b1
+    got = ort.InferenceSession(str(ours), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, h @ w2.T, rtol=1e-4, atol=1e-4)
