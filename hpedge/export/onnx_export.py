@@ -219,7 +219,7 @@ def _external(t: Any) -> dict[str, str]:
     return {e.key: e.value for e in t.external_data}
 
 
-def save_onnx(proto: Any, path: Path, base_dir: Path | None = None) -> bool:
+def save_onnx(proto: Any, path: Path, base_dir: Path | None = None, stream: bool = False) -> bool:
     """Write ``proto`` to ``path``: weights in one ``PATH.data`` file next to it when the model would pass
     protobuf's 2 GB limit (with room for the graph itself), inline otherwise. The one place hpedge writes
     ONNX files; returns whether external data was used.
@@ -227,7 +227,9 @@ def save_onnx(proto: Any, path: Path, base_dir: Path | None = None) -> bool:
     ``proto`` may refer to external data relative to ``base_dir`` (a model loaded with
     ``load_external_data=False``): those tensors are copied into ``PATH.data`` 64 MB at a time, never loaded
     as a whole model, so a graph above 2 GB is written holding only its graph in memory (``PATH.data`` may
-    itself be the source: the new file is written beside it first).
+    itself be the source: the new file is written beside it first). ``stream``: such a model is streamed into
+    ``PATH.data`` whatever its size (inlining it holds its weights twice, as tensors and serialized: for the
+    intermediate exports, which are read again from disk and never shipped inline).
     """
     import onnx
 
@@ -239,7 +241,7 @@ def save_onnx(proto: Any, path: Path, base_dir: Path | None = None) -> bool:
     if external and base_dir is None:
         raise ValueError("save_onnx: the model refers to external data; pass base_dir")
     ext_bytes = sum(int(_external(t).get("length", 0)) for t in external)
-    if tensor_bytes(proto) + ext_bytes <= EXTERNAL_DATA_THRESHOLD:
+    if tensor_bytes(proto) + ext_bytes <= EXTERNAL_DATA_THRESHOLD and not (stream and external):
         if external:
             from onnx.external_data_helper import load_external_data_for_model
 
@@ -340,7 +342,7 @@ def _export(module: Any, args: tuple[Any, ...], path: Path, names: list[str], ou
                                   dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True)
         light = onnx.load(str(tmp), load_external_data=False)
         drop_noop_casts(light, light)
-        save_onnx(light, path, base_dir=scratch)
+        save_onnx(light, path, base_dir=scratch, stream=True)  # the dynamo exporter's weights: never all in memory
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
