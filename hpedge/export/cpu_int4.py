@@ -1,5 +1,5 @@
 """The CPU variant of the INT4 transformer (``int4_cpu``): the same 4-bit weights and scales as
-ModelOpt's DequantizeLinear + MatMul graph, in a form ONNX Runtime's CPU provider runs fast.
+the INT4 DequantizeLinear + MatMul graph (ModelOpt's AWQ or hpedge's RTN, one layout), in a form ONNX Runtime's CPU provider runs fast.
 
 ONNX Runtime's CPU provider does not fuse blocked DequantizeLinear + MatMul, so that graph runs slower
 than fp32 (it dequantizes every weight on every call). Two kernels are offered; only ONNX is needed
