@@ -69,7 +69,10 @@ def random_sd3_pipeline(tmp: Path, name: str, num_layers: int, heads: int) -> Pa
     folder = tmp / name
     pipe.save_pretrained(folder)
     write_marker(folder)
-    (folder / "hpedge_zoo.json").write_text(json.dumps({"max_sequence_length": 16, "resolution": 64}))
+    # the sampling marker of a zoo-style pipeline (hpedge.models.sampling reads every field), at 64 px
+    marker = {**json.loads((ROOT / "hpedge" / "zoo" / "models" / "digits-sd3" / "hpedge_zoo.json").read_text()), "resolution": 64}
+    marker.pop("evaluator", None)  # random weights: no digit to score
+    (folder / "hpedge_zoo.json").write_text(json.dumps(marker))
     return folder
 
 

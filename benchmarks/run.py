@@ -21,6 +21,8 @@
     python benchmarks/run.py size --arch sd3.5-medium --layers 7 --work DIR
                                                # a real-width transformer > 2 GB through export, check, ORT: time, peak RSS per stage
     python benchmarks/run.py gpu               # real-scale SD3.5-Large step in PyTorch on a CUDA GPU (bf16, pruned, INT4)
+    python benchmarks/run.py curve --family sd3 --jobs 2
+                                               # the compression curve: methods x 25/40/50 % of blocks removed, LR sweep, PNG
     python benchmarks/run.py retrain --family sd3 --work DIR [--device cuda]
                                                # replay the zoo model's recorded training commands
 
@@ -37,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark modules beside this file
 
 # one module per benchmark; the names below are what the dispatcher (and the tests) use
+import curve as curve_benchmark  # noqa: E402
 import distill_memory as distill_memory_benchmark  # noqa: E402
 import engines as engines_benchmark  # noqa: E402
 import fit as fit_benchmark  # noqa: E402
@@ -103,6 +106,7 @@ def main() -> None:
     distill_memory_benchmark.add_parser(sub)
     fit_benchmark.add_parser(sub)
     size_benchmark.add_parser(sub)
+    curve_benchmark.add_parser(sub)
     t = sub.add_parser("retrain")
     t.add_argument("--family", choices=["sd3", "flux"], required=True)
     t.add_argument("--work", type=Path, required=True, help="folder for the retrained pipeline")
@@ -118,7 +122,7 @@ def main() -> None:
      "runtime-env": runtime_env, "ratio": ratio, "weights": weights, "binding": binding,
      "engines": engines_benchmark.engines, "pwp-prefix": pwp_prefix_benchmark.pwp_prefix,
      "distill-memory": distill_memory_benchmark.distill_memory, "fit": fit_benchmark.fit,
-     "size": size_benchmark.size}[args.cmd](args)
+     "size": size_benchmark.size, "curve": curve_benchmark.curve, "curve-row": curve_benchmark.curve_row}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -110,10 +110,25 @@ def calibration_providers() -> list[str]:
 
 
 def quantize_dynamic_int8(src: Path, dst: Path) -> None:
-    """ONNX Runtime's own dynamic quantization: int8 weights per output channel, activations quantized on the fly."""
+    """ONNX Runtime's own dynamic quantization: int8 weights per output channel, activations quantized on the fly.
+
+    The quantizer runs ONNX shape inference again after its own edits, and on the FLUX export that second pass
+    disagrees with shapes the exporter recorded for intermediate tensors ("Inferred shape and existing shape differ
+    in dimension 0: (256) vs (128)", onnxruntime 1.24); it is given a copy without them (what clearing value_info
+    by hand, the usual answer to that error, does; the graph's inputs and outputs keep their shapes)."""
+    import tempfile
+
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8)
+    model = onnx.load(str(src))
+    del model.graph.value_info[:]
+    with tempfile.TemporaryDirectory(dir=Path(dst).parent) as tmp:
+        plain = Path(tmp) / "model.onnx"
+        big = model.ByteSize() > 2**31 - 2**26
+        onnx.save(model, str(plain), save_as_external_data=big, location="model.onnx.data" if big else None)
+        del model
+        quantize_dynamic(str(plain), str(dst), per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=big)
 
 
 def quantize_matmul_4bits(src: Path, dst: Path, block_size: int = 128, accuracy_level: int = 4) -> None:

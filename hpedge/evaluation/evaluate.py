@@ -147,6 +147,28 @@ def paired_ratio(teacher: EvalResult | dict[str, Any], student: EvalResult | dic
             "teacher_only_correct": int(((tc == 1) & (sc == 0)).sum())}
 
 
+def paired_difference(teacher: EvalResult | dict[str, Any], a: EvalResult | dict[str, Any], b: EvalResult | dict[str, Any],
+                      n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """How far student ``a`` leads student ``b``, both as a share of the teacher, with a paired bootstrap 95 %
+    interval: each draw resamples prompts and keeps the three verdicts of a prompt together. ``outside`` is
+    true when the interval excludes 0 (the lead is not explained by which prompts happened to be drawn)."""
+    rs = [asdict(r) if isinstance(r, EvalResult) else r for r in (teacher, a, b)]
+    if len({json.dumps(r.get("settings"), sort_keys=True) for r in rs}) != 1:
+        raise HpedgeError("the three results were evaluated with different settings: a paired difference needs the same prompts")
+    tc, ac, bc = (np.asarray(r.get("correct") or [], dtype=float) for r in rs)
+    if len(tc) == 0 or not len(tc) == len(ac) == len(bc):
+        raise HpedgeError("a paired difference needs per-prompt verdicts ('correct') of equal length in all three results")
+    if tc.sum() == 0:
+        raise HpedgeError("the teacher judged no prompt correct: shares of the teacher are undefined")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(tc), size=(n_boot, len(tc)))
+    tb = tc[idx].sum(1)
+    diffs = np.where(tb > 0, (ac[idx].sum(1) - bc[idx].sum(1)) / np.maximum(tb, 1), np.nan)
+    lo, hi = np.nanpercentile(diffs, [2.5, 97.5])
+    return {"difference": float((ac.sum() - bc.sum()) / tc.sum()), "ci95": [float(lo), float(hi)],
+            "outside": bool(lo > 0 or hi < 0), "n_boot": n_boot, "samples": len(tc)}
+
+
 from hpedge.evaluation.image import save_grid  # noqa: E402
 
 

@@ -304,3 +304,56 @@ def test_peer_summary_compares_int4_cpu_with_the_fastest_peer_on_the_pruned_grap
     s = lat._peer_summary("m", m)
     assert "0.30x** (target <= 0.35x: met)" in s and "(pruned peer quantize_dynamic)" in s
     assert "latency 0.67x" in s and "file bytes 0.50x" in s and "0.99900 vs 0.99800" in s
+
+
+def _curve_row(method, fraction, lr, overall, correct, cut, kept, status="ok"):
+    from hpedge.evaluation.evaluate import EvalSettings
+
+    row = {"family": "sd3", "method": method, "fraction": fraction, "lr": lr, "steps": 600, "cut": cut, "status": status,
+           "protect_early": 0.25, "jobs": 2, "date": "2026-12-02 22:00 UTC", "name": f"{method}-{fraction}-{lr}"}
+    if status != "ok":
+        return {**row, "why": "PWP would freeze every kept block"}
+    settings = {**EvalSettings(per_category=2).__dict__}
+    return {**row, "kept_ratio": kept, "distill_seconds": 100.0, "frozen_blocks_pwp": [0, 1, 2] if method == "hp" else [],
+            "eval": {"overall": overall, "frechet_distance": 300.0, "correct": correct, "settings": settings, "samples": len(correct)}}
+
+
+def test_curve_takes_each_methods_best_rate_and_says_whether_the_lead_is_outside_the_interval(bench, tmp_path, monkeypatch) -> None:
+    """From rows on disk: the sweep picks each method's rate, the table and the PNG use those rows, the leader is named."""
+    import sys
+
+    from PIL import Image
+
+    cur = sys.modules["curve"]
+    patch_everywhere(monkeypatch, bench, "RESULTS", tmp_path)
+    rows = tmp_path / "curve-sd3" / "rows"
+    rows.mkdir(parents=True)
+    teacher = [1] * 90 + [0] * 10
+    (tmp_path / "curve-sd3" / "teacher.json").write_text(json.dumps({"eval": {
+        "overall": 0.9, "frechet_distance": 280.0, "correct": teacher, "samples": 100,
+        "settings": _curve_row("x", 0.4, 1e-3, 0.9, teacher, [], 1.0)["eval"]["settings"]}}))
+    lose = lambda k: [1] * (90 - k) + [0] * (10 + k)  # noqa: E731  (loses k of the teacher's prompts)
+    for r in (_curve_row("hp", 0.4, 3e-4, 0.80, lose(10), [3, 6, 9, 10, 8], 0.6),
+              _curve_row("hp", 0.4, 1e-3, 0.89, lose(1), [3, 6, 9, 10, 8], 0.6),
+              _curve_row("last-n-kd", 0.4, 3e-4, 0.70, lose(20), [6, 7, 8, 9, 10], 0.6),
+              _curve_row("last-n-kd", 0.4, 1e-3, 0.60, lose(30), [6, 7, 8, 9, 10], 0.6),
+              _curve_row("hp-no-sgd", 0.4, 3e-4, 0, [], [3, 6, 9, 10, 8], 0.6, status="refused"),
+              _curve_row("hp-no-sgd", 0.4, 1e-3, 0, [], [3, 6, 9, 10, 8], 0.6, status="refused"),
+              _curve_row("hp", 0.25, 1e-3, 0.90, teacher, [6, 9, 10], 0.75),
+              _curve_row("hp", 0.25, 3e-4, 0.10, lose(80), [6, 9, 10], 0.75),  # not the chosen rate: not in the table
+              _curve_row("no-distill", 0.4, None, 0.30, lose(60), [3, 6, 9, 10, 8], 0.6)):
+        (rows / f"{r['name']}.json").write_text(json.dumps(r))
+    assert cur.best_lrs(cur.load_rows("sd3"), 0.4, 600) == {"hp": 1e-3, "last-n-kd": 3e-4, "hp-no-sgd": 3e-4}
+    cur.curve(bench.argparse.Namespace(family="sd3", fractions=[0.25, 0.4], sweep_fraction=0.4, steps=600,
+                                       lrs=[3e-4, 1e-3], report_only=True))
+    text = (tmp_path / "curve-sd3.md").read_text()
+    sec40 = text.split("## 40% of the blocks removed")[1].split("##")[0]
+    assert "| HierarchicalPrune (HPP + PWP + SGDistill) | [3, 6, 9, 10, 8] | 60.0% | 0.001 | 0.890 | 98.9% |" in sec40
+    assert "| last-N removal + plain KD | [6, 7, 8, 9, 10] | 60.0% | 0.0003 | 0.700 |" in sec40 and "0.600" not in sec40
+    assert "| HP without SGDistill | [3, 6, 9, 10, 8] | - | 0.0003 | refused |" in sec40
+    assert "**Leader: HierarchicalPrune (HPP + PWP + SGDistill)**, 21.1% of the teacher ahead of last-N" in sec40
+    assert "outside the paired interval" in sec40 and "Not run yet at 40%: HP without PWP" in sec40
+    sec25 = text.split("## 25% of the blocks removed")[1].split("##")[0]
+    assert "0.100" not in sec25 and "Leader: too few rows" in sec25
+    assert "| HierarchicalPrune (HPP + PWP + SGDistill) | 0.800 | **0.890** |" in text  # the sweep, chosen rate in bold
+    assert Image.open(tmp_path / "curve-sd3.png").size == (900, 560)

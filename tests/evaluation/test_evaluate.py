@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from hpedge.errors import HpedgeError
-from hpedge.evaluation.evaluate import JUDGE_WEIGHTS, EvalResult, EvalSettings, paired_ratio, real_canvases, score
+from hpedge.evaluation.evaluate import (JUDGE_WEIGHTS, EvalResult, EvalSettings, paired_difference, paired_ratio, real_canvases,
+                                      score)
 from hpedge.evaluation.judge import Judge
 from hpedge.zoo.digits import eval_prompts
 
@@ -37,6 +38,22 @@ def test_paired_ratio_point_value_and_interval():
     assert r["ratio"] == pytest.approx(s.sum() / t.sum())
     assert r["ci95"][0] < r["ratio"] < r["ci95"][1] < 1.0
     assert r["teacher_only_correct"] == 40 and r["student_only_correct"] == 0
+
+
+def test_paired_difference_separates_a_real_lead_from_noise():
+    rng = np.random.default_rng(2)
+    t = (rng.random(500) < 0.9).astype(int)
+    a = t.copy()
+    b = t.copy()
+    b[np.flatnonzero(t)[:60]] = 0  # b loses 60 of the teacher's prompts that a keeps: a clear lead
+    d = paired_difference(_result(list(t)), _result(list(a)), _result(list(b)), n_boot=2000)
+    assert d["difference"] == pytest.approx(60 / t.sum()) and d["outside"] and 0 < d["ci95"][0] < d["difference"] < d["ci95"][1]
+    c = t.copy()
+    c[np.flatnonzero(t)[:2]] = 0  # a lead of 2 prompts out of 500 is within the noise
+    d = paired_difference(_result(list(t)), _result(list(a)), _result(list(c)), n_boot=2000)
+    assert not d["outside"] and d["ci95"][0] <= 0 < d["ci95"][1]
+    with pytest.raises(HpedgeError, match="different settings"):
+        paired_difference(_result([1, 0]), _result([1, 0]), _result([1, 0], seed=3))
 
 
 def test_paired_ratio_refuses_unpaired_results():
