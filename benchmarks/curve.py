@@ -41,7 +41,8 @@ DISTILLED = [m for m, v in METHODS.items() if v[2] is not None]
 def add_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("curve", help="the compression curve: methods x 25/40/50 % of blocks removed")
     c.add_argument("--family", choices=["sd3", "flux"], required=True)
-    c.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.4, 0.5], help="shares of the blocks removed")
+    c.add_argument("--fractions", type=float, nargs="+", default=[0.4, 0.5, 0.25],
+                   help="shares of the blocks removed, in the order their rows run (the table sorts them)")
     c.add_argument("--steps", type=int, default=600, help="distillation steps of every distilled row")
     c.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3], help="the learning-rate sweep")
     c.add_argument("--sweep-fraction", type=float, default=0.4, help="where each method's learning rate is chosen")
@@ -189,9 +190,9 @@ def curve(args: argparse.Namespace) -> None:
         first += [spec("no-distill", f, None) for f in args.fractions if "no-distill" in args.methods]
         _run_rows(first, args, t0)
         best = best_lrs(load_rows(args.family), args.sweep_fraction, args.steps)
-        later = [spec(m, f, best[m]) for m in distilled if m in best for f in args.fractions if f != args.sweep_fraction]
+        later = [spec(m, f, best[m]) for f in args.fractions if f != args.sweep_fraction for m in distilled if m in best]
         _run_rows(later, args, t0)
-    report(args.family, args.fractions, args.sweep_fraction, args.steps, args.lrs, command)
+    report(args.family, sorted(args.fractions), args.sweep_fraction, args.steps, args.lrs, command)
 
 
 def _run_rows(specs: list[dict], args: argparse.Namespace, t0: float) -> None:
