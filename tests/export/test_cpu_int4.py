@@ -145,3 +145,45 @@ def test_store_floats_fp16_keeps_fp32_compute(tmp_path: Path) -> None:
     got = _run(src, x)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3 * float(np.abs(ref).max()))
+
+
+def _qkv_model(path: Path, rng: np.random.Generator) -> None:
+    """Three INT4 projections of the same x (a block's Q, K, V), each with its bias Add, and a fourth without bias
+    on another input: the layout a Linear exports to."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits, nodes = [], []
+    for j, (src, bias) in enumerate((("x", True), ("x", True), ("x", True), ("h", False))):
+        q = rng.integers(-8, 8, size=(K, N)).astype(np.int8)
+        inits += [helper.make_tensor(f"w{j}_i4", TensorProto.INT4, [K, N], q.flatten().tolist()),
+                  numpy_helper.from_array((rng.random((K // BLOCK, N)) * 0.05 + 0.01).astype(np.float32), f"w{j}_scale")]
+        nodes += [helper.make_node("DequantizeLinear", [f"w{j}_i4", f"w{j}_scale"], [f"w{j}"], axis=0, block_size=BLOCK),
+                  helper.make_node("MatMul", [src, f"w{j}"], [f"m{j}" if bias else f"y{j}"], name=f"mm{j}")]
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(N).astype(np.float32), f"b{j}"))
+            nodes.append(helper.make_node("Add", [f"b{j}", f"m{j}"] if j == 1 else [f"m{j}", f"b{j}"], [f"y{j}"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 5, K]) for n in "xh"],
+                              [helper.make_tensor_value_info(f"y{j}", TensorProto.FLOAT, [2, 5, N]) for j in range(4)], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+
+
+def test_int8_fuses_biases_and_quantizes_shared_activations_once(tmp_path: Path) -> None:
+    """As ONNX Runtime's quantize_dynamic lays it out: the bias Adds become the kernels' bias inputs and the three
+    projections of x share one DynamicQuantizeLinear; the product stays that of the INT4 graph."""
+    import onnx
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    src, dst, opt = tmp_path / "int4.onnx", tmp_path / "int8.onnx", tmp_path / "optimized.onnx"
+    _qkv_model(src, rng)
+    assert convert(src, dst, "int8") == 4
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(opt)
+    sess = ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
+    ops = sorted(n.op_type for n in onnx.load(str(opt)).graph.node)
+    assert ops == ["DynamicQuantizeLinear", "DynamicQuantizeMatMul"] + ["MatMulIntegerToFloat"] * 3, ops
+    feeds = {n: rng.standard_normal((2, 5, K)).astype(np.float32) for n in "xh"}
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for r, g in zip(ref, sess.run(None, feeds)):
+        assert float((r * g).sum() / np.linalg.norm(r) / np.linalg.norm(g)) > 0.9999
