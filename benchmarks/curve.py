@@ -254,7 +254,8 @@ def report(family: str, fractions: list[float], sweep_fraction: float, steps: in
     n = teacher["samples"]
     text = header(f"Compression curve on zoo:digits-{family}: methods x share of blocks removed ({n} prompts)")
     dates = sorted(r["date"] for r in rows)
-    text += (f"Rows were run one per process ({rows[0]['jobs'] if rows else 1} at a time, the cores split between them) "
+    jobs = "/".join(str(j) for j in sorted({r.get("jobs", 1) for r in rows})) or "1"
+    text += (f"Rows were run one per process ({jobs} at a time, the cores split between them) "
              f"and kept in [curve-{family}/rows/](curve-{family}/rows/) with their own command, machine and date "
              f"({dates[0] if dates else '-'} to {dates[-1] if dates else '-'}); this file is written from them. "
              f"Every distilled row: {steps} steps, batch 16, seed 0, at its method's best learning rate of "

@@ -97,7 +97,9 @@ def latency(args: argparse.Namespace) -> None:
              "that process's VmHWM, session creation included (ru_maxrss would include the parent's peak, which Linux carries across exec); "
              "steady RSS = VmRSS after the timed steps. 'original' = unpruned model exported fp32; 'pruned' = 25 % of blocks removed "
              "(later blocks). INT4 = ModelOpt weights (file bytes); int4_cpu = the same INT4 weights, expanded by ONNX Runtime's "
-             "constant folding to per-channel int8 when the session starts and run by its int8 GEMM (DynamicQuantizeMatMul); "
+             "constant folding to per-channel int8 when the session starts and run by its int8 GEMM (DynamicQuantizeMatMul, or "
+             "MatMulIntegerToFloat after one shared DynamicQuantizeLinear where several MatMuls read the same activations; "
+             "bias Adds folded into the kernels: the layout of ORT's quantize_dynamic); "
              "MatMulNBits = the same nibbles on ORT's 4-bit kernel. The TensorRT input (int4) computes in fp16 (what a strongly typed "
              "engine runs on the GPU); ORT's CPU provider has few fp16 kernels and wraps most of its nodes in casts, so its CPU "
              "latency here says nothing about TensorRT and is not a target. Its bytes are what the package ships for the GPU.\n\n")
