@@ -237,12 +237,16 @@ def best_lrs(rows: list[dict], sweep_fraction: float, steps: int) -> dict[str, f
 
 # --------------------------------------------------------------------------------------------- table and plot
 def report(family: str, fractions: list[float], sweep_fraction: float, steps: int, lrs: list[float], command: str) -> None:
+    from hpedge.compress.distill import DistillSettings, resolve_pwp
     from hpedge.evaluation.evaluate import paired_difference, paired_ratio
+    from hpedge.models import adapters
+    from hpedge.models.loading import load_pipeline
 
     teacher_file = rows_dir(family).parent / "teacher.json"
     if not teacher_file.exists():
         raise SystemExit(f"{teacher_file} is missing: run the curve first")
     teacher = json.loads(teacher_file.read_text())["eval"]
+    num_blocks = len(adapters.blocks(load_pipeline(f"zoo:digits-{family}").transformer))
     rows = [r for r in load_rows(family) if r.get("steps") == steps or r["lr"] is None]
     best = best_lrs(rows, sweep_fraction, steps)
     chosen = {f: [r for r in rows if r["fraction"] == f and (r["lr"] is None or best.get(r["method"]) == r["lr"])]
@@ -281,6 +285,11 @@ def report(family: str, fractions: list[float], sweep_fraction: float, steps: in
         if missing:
             text += f"\nNot run yet at {f:.0%}: {', '.join(missing)}.\n"
         text += "\n" + leader_line([r for r in rs if r["status"] == "ok"], teacher, paired_difference) + "\n\n"
+        hp_cut = next((r["cut"] for r in rs if METHODS[r["method"]][1] == "hp"), None)
+        if hp_cut is not None:
+            on, why = resolve_pwp(hp_cut, num_blocks, DistillSettings())
+            text += (f"`hpedge compress`'s default at this cut: {why}; that is the row "
+                     f"\"{METHODS['hp' if on else 'hp-no-pwp'][0]}\".\n\n")
         for r in rs:
             if r["status"] != "ok":
                 text += f"- {METHODS[r['method']][0]}: refused by `hpedge compress`: {r['why']}\n"

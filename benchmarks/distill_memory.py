@@ -64,7 +64,7 @@ def _settings(args, mp: str, ckpt: bool, steps: int):  # type: ignore[no-untyped
     from hpedge.compress.distill import DistillSettings
 
     return DistillSettings(steps=steps, batch_size=args["batch"], pool_size=4, pool_steps=2, checkpoint_every=10**9,
-                           sgd="off", mixed_precision=mp, gradient_checkpointing=ckpt)
+                           sgd="off", pwp=True, mixed_precision=mp, gradient_checkpointing=ckpt)
 
 
 def _rss() -> int:

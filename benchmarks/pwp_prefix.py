@@ -37,7 +37,7 @@ def pwp_prefix(args) -> None:  # type: ignore[no-untyped-def]
     prompts = [f"a {d} on the left" for d in range(10)] * 4
     work = Path(tempfile.mkdtemp(prefix="pwp-prefix-"))
     student, kept = adapters.prune(pipe.transformer, CUT)  # builds the shared sample pool outside the timed runs
-    distill(pipe, student, kept, None, prompts, work / "shared", DistillSettings(steps=0, pool_size=32, sgd="off"), gen,
+    distill(pipe, student, kept, None, prompts, work / "shared", DistillSettings(steps=0, pool_size=32, sgd="off", pwp=True), gen,
             resume=False)
     seconds: dict[bool, list[float]] = {True: [], False: []}
     losses: dict[bool, list[list[float]]] = {}
@@ -45,7 +45,7 @@ def pwp_prefix(args) -> None:  # type: ignore[no-untyped-def]
         for replay in (True, False) if rep % 2 == 0 else (False, True):
             student, kept = adapters.prune(pipe.transformer, CUT)
             s = DistillSettings(steps=args.steps, batch_size=args.batch_size, pool_size=32, checkpoint_every=10**9,
-                                sgd="off", replay_frozen_prefix=replay)
+                                sgd="off", pwp=True, replay_frozen_prefix=replay)
             t0 = time.perf_counter()
             _, state, _ = distill(pipe, student, kept, None, prompts, work / "shared", s, gen, resume=False)
             seconds[replay].append((time.perf_counter() - t0) / args.steps)

@@ -293,8 +293,9 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
          processes: Annotated[int, typer.Option(help="--distill: GPUs sharing the batch (data parallel)")] = 1,
          resolution: Annotated[Optional[int], typer.Option(help="--distill: square image side (default: the model's)")] = None,
          mixed_precision: Annotated[str, typer.Option(help="--distill: no | bf16 | fp16 (compress --mixed-precision; GPU runs use bf16)")] = "bf16",
-         pwp: Annotated[bool, typer.Option(help="--distill: Positional Weight Preservation (compress --pwp)")] = True) -> None:
+         pwp: Annotated[Optional[bool], typer.Option("--pwp/--no-pwp", help="Positional Weight Preservation as compress uses it (default: hpedge's rule)")] = None) -> None:
     """Print which blocks Hierarchical Position Pruning removes, and the sizes before/after (no weights touched)."""
+    from hpedge.compress.distill import DistillSettings, resolve_pwp
     from hpedge.compress.pipeline import plan_for
     from hpedge.compress.plan import Budget
     from hpedge.io import atomic_file
@@ -303,8 +304,11 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
                  protect_early)
     _print_plan(p)
     out = p.to_dict()
+    use_pwp, why = resolve_pwp(p.remove, p.num_blocks, DistillSettings(pwp=pwp))
+    console.print(f"compress: {why}")
+    out["pwp"] = {"used": use_pwp, "why": why}
     if distill:
-        out["distill_memory"] = _print_distill_memory(model, p, batch_size, processes, resolution, mixed_precision, pwp)
+        out["distill_memory"] = _print_distill_memory(model, p, batch_size, processes, resolution, mixed_precision, use_pwp)
     if json_out:
         with atomic_file(json_out) as tmp:
             tmp.write_text(json.dumps(out, indent=2))
@@ -352,7 +356,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
              pool_size: Annotated[int, typer.Option(help="teacher samples distilled from (data-free)")] = 256,
              lr: Annotated[float, typer.Option()] = 3e-4,
              sgd: Annotated[str, typer.Option(help="SGDistill: continuous | binary | off")] = "continuous",
-             pwp: Annotated[bool, typer.Option(help="Positional Weight Preservation")] = True,
+             pwp: Annotated[Optional[bool], typer.Option("--pwp/--no-pwp", help="Positional Weight Preservation (default: hpedge's rule, on while at least one kept block stays trainable per two removed)")] = None,
              lambda_feat: Annotated[float, typer.Option(help="feature KD weight")] = 0.1,
              data: Annotated[Optional[Path], typer.Option(help="captioned image folder instead of teacher samples")] = None,
              checkpoint_every: Annotated[int, typer.Option()] = 100,
@@ -389,6 +393,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
     if not is_main_process():  # every process of a launch ran the command; the main one reports
         return
     console.print(f"removed blocks {report['removed_blocks']}; kept {report['params']['kept_ratio']:.1%} of parameters")
+    console.print(report["pwp"]["why"])
     sc = report["scores"]
     if sc:
         ci = sc["paired"]["ci95"] if sc.get("paired") else None

@@ -1,7 +1,9 @@
 """Knowledge distillation of the pruned student from the original teacher, on Hugging Face Accelerate.
 
 * Positional Weight Preservation (PWP): every kept block before the first removed position, and the
-  input embedders, are frozen.
+  input embedders, are frozen. On by hpedge's rule unless given (``resolve_pwp``): PWP is used when at least
+  one kept block stays trainable for every two removed blocks; a deeper cut that would leave fewer (the
+  distillation then has too few blocks to absorb the removed ones) is distilled without it.
 * Sensitivity-Guided Distillation (SGDistill): each trainable block gets an update weight (a learning
   rate multiplier) that decreases with its sensitivity. Sensitivity is the block's harm in the
   contribution analysis (how much removing it distorts the original model's output), divided by the
@@ -30,7 +32,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -53,7 +55,7 @@ class DistillSettings:
     weighting: str = "logit_normal"  # SD3 density / weighting scheme
     sgd: str = "continuous"  # continuous | binary | off
     sgd_min_weight: float = 0.1
-    pwp: bool = True
+    pwp: bool | None = None  # True / False as given (--pwp / --no-pwp); None: hpedge's rule (resolve_pwp)
     pool_size: int = 256
     pool_steps: int | None = None  # None: the model's default steps
     checkpoint_every: int = 100
@@ -73,27 +75,55 @@ class TrainState:
     resumed_from: int | None = None  # the checkpoint step a resumed run continued from
 
 
+# hpedge's PWP rule: PWP is used when (kept blocks after the first removed position) >= this x (removed blocks).
+# Measured on the compression curve (benchmarks/results/curve-sd3.md, curve-flux.md): with PWP, 3 trainable blocks
+# for 5 removed distil as well as without it; 2 for 6 lose 11 % of the teacher's score against PWP off.
+PWP_MIN_TRAINABLE_PER_REMOVED = 0.5
+
+
+def resolve_pwp(remove: list[int], num_blocks: int, s: DistillSettings) -> tuple[bool, str]:
+    """Whether PWP is used for this cut, and a one-line reason (printed by ``hpedge compress`` and kept in its report).
+
+    ``s.pwp`` True or False is used as given. None applies hpedge's rule: PWP freezes the kept blocks before the
+    first removed position, so only the kept blocks after it (and the output layers) learn to make up for the
+    removed ones; when fewer than one such block is left for every two removed blocks, PWP is off."""
+    first = min(remove) if remove else num_blocks
+    frozen = [b for b in range(first) if b not in remove]
+    trainable = [b for b in range(first, num_blocks) if b not in remove]
+    span = f"kept blocks 0-{first - 1}" if frozen else "no kept block"
+    if s.pwp is not None:
+        return s.pwp, (f"PWP on (--pwp): freezes {span}, {len(trainable)} kept block(s) trainable for {len(remove)} removed"
+                       if s.pwp else "PWP off (--no-pwp)")
+    counts = f"{len(trainable)} kept block(s) after the first removed block {first} for {len(remove)} removed"
+    if len(trainable) >= PWP_MIN_TRAINABLE_PER_REMOVED * len(remove):
+        return True, f"PWP on (hpedge's rule): freezes {span}; {counts}, at least one per two removed"
+    return False, (f"PWP off (hpedge's rule): it would freeze {span} and train {counts}, fewer than one per two "
+                   "removed; --pwp forces it")
+
+
 def check_pwp_leaves_a_block(remove: list[int], num_blocks: int, s: DistillSettings) -> None:
-    """Refuse a distillation in which PWP would freeze every kept block.
+    """Refuse a distillation in which PWP, asked for explicitly (``--pwp``), would freeze every kept block.
 
     PWP freezes each kept block before the first removed position. When the cut is the last blocks of the
     model (HPP's choice whenever the final blocks matter least), no kept block sits after it, and only the
     output layers (norm_out, proj_out) would be distilled: the run would cost its full time for a student
     that is the truncated teacher with a retuned output head. Said as one error instead of done silently.
     """
-    if not s.pwp or s.steps == 0 or not remove:
+    if s.pwp is not True or s.steps == 0 or not remove:
         return
     if sorted(remove) == list(range(min(remove), num_blocks)):
         raise HpedgeError(
             f"PWP would freeze every kept block: the cut removes the last {len(remove)} blocks ({min(remove)}-{num_blocks - 1}), "
             "so no kept block sits after the first removed position and only the output layers would be distilled; "
-            "pass --no-pwp (SGDistill still scales each block's updates by its sensitivity) or choose a cut that keeps a "
+            "pass --no-pwp or leave PWP to hpedge's rule (SGDistill still scales each block's updates by its sensitivity), or choose a cut that keeps a "
             "later block (--remove-blocks); with the same OUT add --resume to reuse the contribution analysis")
 
 
 def update_weights(kept: list[int], first_removed: int, harm: dict[int, float] | None, s: DistillSettings
                    ) -> dict[int, float]:
-    """Per kept block (original index): its update weight in [0, 1] (0 = frozen)."""
+    """Per kept block (original index): its update weight in [0, 1] (0 = frozen). ``s.pwp`` must be resolved."""
+    if s.pwp is None:
+        raise ValueError("update_weights needs PWP resolved to True or False (resolve_pwp)")
     weights = {b: 1.0 for b in kept}
     if s.pwp:
         for b in kept:
@@ -357,6 +387,9 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
     teacher = teacher_pipe.transformer
     teacher.requires_grad_(False).eval()
     first_removed = next((i for i in range(len(kept) + 1) if i >= len(kept) or kept[i] != i), len(kept))
+    if s.pwp is None:  # hpedge's rule, as `hpedge compress` resolves it before calling
+        n = len(adapters.blocks(teacher))
+        s = replace(s, pwp=resolve_pwp(sorted(set(range(n)) - set(kept)), n, s)[0])
     weights = update_weights(kept, first_removed, harm, s)
 
     # pool of x0 (split across ranks) and the frozen text conditioning (kept on the CPU, a batch at a time moved)

@@ -12,14 +12,14 @@ import json
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from hpedge.compress.analyze import AnalysisSettings, analyze, calibration, evaluator_of, heatmap
-from hpedge.compress.distill import DistillSettings, check_pwp_leaves_a_block, distill
+from hpedge.compress.distill import DistillSettings, check_pwp_leaves_a_block, distill, resolve_pwp
 from hpedge.compress.importance import Importance, load as load_importance
 from hpedge.compress.plan import Budget, Plan, make_plan
 from hpedge.compress.processes import Processes
@@ -144,6 +144,9 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
         with atomic_file(plan_file) as tmp:
             tmp.write_text(json.dumps(plan.to_dict(), indent=2))
     check_pwp_leaves_a_block(plan.remove, plan.num_blocks, opts.distill)  # before the teacher samples its pool
+    use_pwp, pwp_why = resolve_pwp(plan.remove, plan.num_blocks, opts.distill)
+    ds = replace(opts.distill, pwp=use_pwp)
+    say(pwp_why, 0, 1)
 
     # 3. prune physically, 4-5. distil with PWP + SGDistill
     student, kept = adapters.prune(teacher_pipe.transformer, plan.remove)
@@ -151,7 +154,7 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     prompts = training_prompts(evaluator, opts.distill.pool_size, opts.distill.seed, opts.prompts_file)
     harm = imp.block_harm() if imp else None
     student, state, weights = distill(
-        teacher_pipe, student, kept, harm, prompts, work, opts.distill, gen, resume=opts.resume,
+        teacher_pipe, student, kept, harm, prompts, work, ds, gen, resume=opts.resume,
         progress=lambda what, k, n, info: say(f"{what}: loss {info['loss']:.4f}" if what == "distilling" else what, k, n),
         procs=procs,
     )
@@ -181,12 +184,14 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
         "removed_blocks": plan.remove,
         "kept_blocks": kept,
         "first_removed_position": plan.first_removed,
-        "frozen_blocks_pwp": [b for b in kept if b < plan.first_removed] if opts.distill.pwp else [],
+        "pwp": {"requested": {None: "hpedge's rule", True: "--pwp", False: "--no-pwp"}[opts.distill.pwp],
+                "used": use_pwp, "why": pwp_why},
+        "frozen_blocks_pwp": [b for b in kept if b < plan.first_removed] if use_pwp else [],
         "update_weights": {str(k): v for k, v in weights.items()},
         "sensitivity": "block harm from the contribution analysis" if harm else None,
         "plan": plan.to_dict(),
         "importance": {"source": imp.source, "metric": imp.metric} if imp else None,
-        "distill": asdict(opts.distill),
+        "distill": asdict(ds),
         "sampling": gen.to_dict(),
         "losses": state.losses,
         "distill_seconds": round(state.seconds, 1),

@@ -14,7 +14,7 @@ SIZE = 64
 
 def settings(steps: int) -> DistillSettings:
     # SGDistill continuous: every trainable block its own learning rate (param group); PWP freezes blocks 0-1
-    return DistillSettings(steps=steps, batch_size=4, pool_size=8, checkpoint_every=2, sgd="continuous")
+    return DistillSettings(steps=steps, batch_size=4, pool_size=8, checkpoint_every=2, sgd="continuous", pwp=True)
 
 
 def run(src: str, work: Path, steps: int, resume: bool = False, procs: Any = None) -> tuple[Any, Any]:

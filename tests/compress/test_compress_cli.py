@@ -23,7 +23,10 @@ def test_compress_writes_a_stock_pipeline_and_resumes(random_sd3, tmp_path) -> N
     report = json.loads((out / "hpedge_compress.json").read_text())
     assert report["removed_blocks"] == [8, 9, 10]
     assert report["kept_blocks"] == [0, 1, 2, 3, 4, 5, 6, 7, 11]
-    assert report["frozen_blocks_pwp"] == [0, 1, 2, 3, 4, 5, 6, 7]
+    # hpedge's PWP rule: block 11 alone would learn for 3 removed blocks, so PWP is off (said and recorded)
+    assert "PWP off (hpedge's rule)" in r.output
+    assert report["pwp"]["requested"] == "hpedge's rule" and report["pwp"]["used"] is False
+    assert report["frozen_blocks_pwp"] == [] and report["distill"]["pwp"] is False
     assert (out / "teacher_vs_student.png").read_bytes()[:4] == b"\x89PNG"
     pipe = StableDiffusion3Pipeline.from_pretrained(out)  # stock diffusers
     assert pipe.transformer.config.num_layers == 9
@@ -61,14 +64,15 @@ def test_interrupted_run_leaves_no_out_and_resumes(random_sd3, tmp_path, monkeyp
     assert r.exit_code == 2 and "context_pre_only" in r.output
 
 
-def test_a_suffix_cut_with_pwp_is_refused_before_distilling_and_no_pwp_resumes_it(random_flux, tmp_path) -> None:
+def test_a_suffix_cut_with_pwp_is_refused_before_distilling_and_the_default_resumes_it(random_flux, tmp_path) -> None:
     out = tmp_path / "small"
     args = ["compress", str(random_flux), "-o", str(out), "--remove-blocks", "10,11", "--sgd", "off",
             "--steps", "2", "--batch-size", "2", "--eval-per-category", "0", "--pool-size", "8"]
-    r = runner.invoke(app, args)
+    r = runner.invoke(app, args + ["--pwp"])  # asked for explicitly: refused, not turned off
     assert r.exit_code == 2 and "PWP would freeze every kept block" in r.output and "Traceback" not in r.output
     assert not out.exists() and not (work_dir(out) / "checkpoints").exists()  # refused before any distillation
-    r = runner.invoke(app, args + ["--no-pwp", "--resume"])  # what the message advises
+    r = runner.invoke(app, args + ["--resume"])  # what the message advises: hpedge's rule turns PWP off here
     assert r.exit_code == 0, r.output
+    assert "PWP off (hpedge's rule): it would freeze kept blocks 0-9 and train 0 kept block(s)" in r.output
     report = json.loads((out / "hpedge_compress.json").read_text())
     assert report["frozen_blocks_pwp"] == [] and report["update_weights"]["9"] == 1.0

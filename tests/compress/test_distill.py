@@ -8,6 +8,7 @@ from hpedge.compress.distill import (
     check_pwp_leaves_a_block,
     distill,
     latest_checkpoint,
+    resolve_pwp,
     update_weights,
 )
 from hpedge.errors import HpedgeError
@@ -18,35 +19,54 @@ from hpedge.models.sampling import Defaults
 
 def test_pwp_freezes_blocks_before_first_removed_position() -> None:
     kept = [0, 1, 2, 3, 5, 6, 9, 11]
-    w = update_weights(kept, first_removed=4, harm=None, s=DistillSettings(sgd="off"))
+    w = update_weights(kept, first_removed=4, harm=None, s=DistillSettings(sgd="off", pwp=True))
     assert [w[b] for b in (0, 1, 2, 3)] == [0.0] * 4
     assert all(w[b] == 1.0 for b in (5, 6, 9, 11))
 
 
 def test_pwp_refuses_a_cut_that_leaves_no_kept_block_after_it() -> None:
     with pytest.raises(HpedgeError, match="PWP would freeze every kept block.*--no-pwp"):
-        check_pwp_leaves_a_block([11, 9, 10], 12, DistillSettings())
-    check_pwp_leaves_a_block([8, 9, 11], 12, DistillSettings())  # block 10 is kept after the first removed one
+        check_pwp_leaves_a_block([11, 9, 10], 12, DistillSettings(pwp=True))
+    check_pwp_leaves_a_block([8, 9, 11], 12, DistillSettings(pwp=True))  # block 10 is kept after the first removed one
     check_pwp_leaves_a_block([9, 10, 11], 12, DistillSettings(pwp=False))
-    check_pwp_leaves_a_block([9, 10, 11], 12, DistillSettings(steps=0))  # nothing is distilled
+    check_pwp_leaves_a_block([9, 10, 11], 12, DistillSettings())  # hpedge's rule turns PWP off here (below)
+    check_pwp_leaves_a_block([9, 10, 11], 12, DistillSettings(steps=0, pwp=True))  # nothing is distilled
+
+
+def test_pwp_rule_keeps_one_trainable_block_per_two_removed() -> None:
+    rule = DistillSettings()  # pwp None: hpedge's rule
+    # the digits-sd3 curve's cuts: 40 % leaves blocks 5, 8, 11 trainable for 5 removed (on); 50 % leaves 8, 11 for 6 (off)
+    on, why = resolve_pwp([4, 6, 7, 9, 10], 12, rule)
+    assert on and why.startswith("PWP on (hpedge's rule): freezes kept blocks 0-3; 3 kept block(s)")
+    off, why = resolve_pwp([4, 5, 6, 7, 9, 10], 12, rule)
+    assert not off and "2 kept block(s) after the first removed block 4 for 6 removed" in why and "--pwp forces it" in why
+    assert resolve_pwp([9, 10, 11], 12, rule)[0] is False  # a suffix cut: PWP would freeze every kept block
+    assert resolve_pwp([8, 9, 11], 12, rule)[0] is False and resolve_pwp([9, 11], 12, rule)[0] is True  # 1 for 3; 1 for 2
+    assert resolve_pwp([0, 5], 12, rule)[0] is True  # nothing before the first removed block to freeze
+    # given explicitly, as given
+    assert resolve_pwp([4, 5, 6, 7, 9, 10], 12, DistillSettings(pwp=True)) == (
+        True, "PWP on (--pwp): freezes kept blocks 0-3, 2 kept block(s) trainable for 6 removed")
+    assert resolve_pwp([4, 6, 7, 9, 10], 12, DistillSettings(pwp=False)) == (False, "PWP off (--no-pwp)")
+    with pytest.raises(ValueError, match="resolve"):
+        update_weights([0, 1, 2], 1, None, rule)
 
 
 def test_sgdistill_weight_decreases_with_sensitivity() -> None:
     kept = [0, 1, 5, 6, 9, 11]
     harm = {0: 2.0, 1: 1.0, 5: 0.1, 6: 0.4, 9: 0.2, 11: 0.9, 3: -0.05}
-    w = update_weights(kept, 2, harm, DistillSettings(sgd="continuous", sgd_min_weight=0.1))
+    w = update_weights(kept, 2, harm, DistillSettings(sgd="continuous", sgd_min_weight=0.1, pwp=True))
     assert w[0] == w[1] == 0.0
     order = sorted((5, 6, 9, 11), key=harm.get)
     assert [w[b] for b in order] == sorted([w[b] for b in order], reverse=True)
     # s = harm / the model's largest harm (2.0): w = 0.1 + 0.9 * (1 - s)
     assert w[5] == pytest.approx(0.1 + 0.9 * 0.95) and w[11] == pytest.approx(0.1 + 0.9 * 0.55)
     # a block's weight is its own: it does not move when other blocks join or leave the trainable set
-    w2 = update_weights([0, 1, 6, 11], 2, harm, DistillSettings(sgd="continuous", sgd_min_weight=0.1))
+    w2 = update_weights([0, 1, 6, 11], 2, harm, DistillSettings(sgd="continuous", sgd_min_weight=0.1, pwp=True))
     assert w2[6] == pytest.approx(w[6]) and w2[11] == pytest.approx(w[11])
     # the most harmful block of the model gets the floor; a harmless (negative-harm) block gets 1
     w3 = update_weights([0, 3], 0, harm, DistillSettings(sgd="continuous", sgd_min_weight=0.1, pwp=False))
     assert w3[0] == pytest.approx(0.1) and w3[3] == pytest.approx(1.0)
-    wb = update_weights(kept, 2, harm, DistillSettings(sgd="binary"))
+    wb = update_weights(kept, 2, harm, DistillSettings(sgd="binary", pwp=True))
     assert wb[11] == wb[6] == 0.0 and wb[5] == wb[9] == 1.0
 
 
@@ -104,7 +124,7 @@ def test_replaying_the_frozen_prefix_gives_the_same_losses_as_recomputing_it(ran
         n = calls[replay] = [0]
         student.transformer_blocks[7].register_forward_hook(lambda *_a, n=n: n.__setitem__(0, n[0] + 1))
         s = DistillSettings(steps=2, batch_size=2, pool_size=4, pool_steps=2, checkpoint_every=100, sgd="off",
-                            replay_frozen_prefix=replay)
+                            pwp=True, replay_frozen_prefix=replay)
         _, state, weights = distill(pipe, student, kept, None, prompts, tmp_path / f"w{replay}", s, gen, resume=False)
         losses[replay] = state.losses
         assert [b for b, w in weights.items() if w == 0] == list(range(8))  # the prefix PWP freezes
