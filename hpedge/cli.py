@@ -293,7 +293,7 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
          processes: Annotated[int, typer.Option(help="--distill: GPUs sharing the batch (data parallel)")] = 1,
          resolution: Annotated[Optional[int], typer.Option(help="--distill: square image side (default: the model's)")] = None,
          mixed_precision: Annotated[str, typer.Option(help="--distill: no | bf16 | fp16 (compress --mixed-precision; GPU runs use bf16)")] = "bf16",
-         pwp: Annotated[Optional[bool], typer.Option("--pwp/--no-pwp", help="Positional Weight Preservation as compress uses it (default: hpedge's rule)")] = None) -> None:
+         pwp: Annotated[Optional[bool], typer.Option("--pwp/--no-pwp", help="Positional Weight Preservation as compress uses it (default: compress's)")] = None) -> None:
     """Print which blocks Hierarchical Position Pruning removes, and the sizes before/after (no weights touched)."""
     from hpedge.compress.distill import DistillSettings, resolve_pwp
     from hpedge.compress.pipeline import plan_for
@@ -356,7 +356,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
              pool_size: Annotated[int, typer.Option(help="teacher samples distilled from (data-free)")] = 256,
              lr: Annotated[float, typer.Option()] = 3e-4,
              sgd: Annotated[str, typer.Option(help="SGDistill: continuous | binary | off")] = "continuous",
-             pwp: Annotated[Optional[bool], typer.Option("--pwp/--no-pwp", help="Positional Weight Preservation (default: hpedge's rule, on while at least one kept block stays trainable per two removed)")] = None,
+             pwp: Annotated[Optional[bool], typer.Option("--pwp/--no-pwp", help="Positional Weight Preservation (default: on, off only for a cut that leaves no kept block after it)")] = None,
              lambda_feat: Annotated[float, typer.Option(help="feature KD weight")] = 0.1,
              data: Annotated[Optional[Path], typer.Option(help="captioned image folder instead of teacher samples")] = None,
              checkpoint_every: Annotated[int, typer.Option()] = 100,

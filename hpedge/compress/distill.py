@@ -1,9 +1,8 @@
 """Knowledge distillation of the pruned student from the original teacher, on Hugging Face Accelerate.
 
 * Positional Weight Preservation (PWP): every kept block before the first removed position, and the
-  input embedders, are frozen. On by hpedge's rule unless given (``resolve_pwp``): PWP is used when at least
-  one kept block stays trainable for every two removed blocks; a deeper cut that would leave fewer (the
-  distillation then has too few blocks to absorb the removed ones) is distilled without it.
+  input embedders, are frozen. On unless given (``resolve_pwp``), except for a cut that leaves no kept block
+  after the first removed position (PWP would freeze them all): distilled without PWP, said and recorded.
 * Sensitivity-Guided Distillation (SGDistill): each trainable block gets an update weight (a learning
   rate multiplier) that decreases with its sensitivity. Sensitivity is the block's harm in the
   contribution analysis (how much removing it distorts the original model's output), divided by the
@@ -55,7 +54,7 @@ class DistillSettings:
     weighting: str = "logit_normal"  # SD3 density / weighting scheme
     sgd: str = "continuous"  # continuous | binary | off
     sgd_min_weight: float = 0.1
-    pwp: bool | None = None  # True / False as given (--pwp / --no-pwp); None: hpedge's rule (resolve_pwp)
+    pwp: bool | None = None  # True / False as given (--pwp / --no-pwp); None: hpedge's default (resolve_pwp)
     pool_size: int = 256
     pool_steps: int | None = None  # None: the model's default steps
     checkpoint_every: int = 100
@@ -75,30 +74,37 @@ class TrainState:
     resumed_from: int | None = None  # the checkpoint step a resumed run continued from
 
 
-# hpedge's PWP rule: PWP is used when (kept blocks after the first removed position) >= this x (removed blocks).
-# Measured on the compression curve (benchmarks/results/curve-sd3.md, curve-flux.md): with PWP, 3 trainable blocks
-# for 5 removed distil as well as without it; 2 for 6 lose 11 % of the teacher's score against PWP off.
-PWP_MIN_TRAINABLE_PER_REMOVED = 0.5
+# Below this many trainable kept blocks per removed block, PWP is kept (the paper's method, and what keeps a
+# real model's distillation in memory) but `hpedge compress` says what the compression curve measured there.
+PWP_FEW_TRAINABLE_PER_REMOVED = 0.5
 
 
 def resolve_pwp(remove: list[int], num_blocks: int, s: DistillSettings) -> tuple[bool, str]:
     """Whether PWP is used for this cut, and a one-line reason (printed by ``hpedge compress`` and kept in its report).
 
-    ``s.pwp`` True or False is used as given. None applies hpedge's rule: PWP freezes the kept blocks before the
-    first removed position, so only the kept blocks after it (and the output layers) learn to make up for the
-    removed ones; when fewer than one such block is left for every two removed blocks, PWP is off."""
+    ``s.pwp`` True or False is used as given. None is hpedge's default: PWP on, except for a cut that leaves no
+    kept block after the first removed position (PWP would freeze every kept block; distilled without it). PWP
+    freezes the kept blocks before the first removed position, so only the kept blocks after it learn to make
+    up for the removed ones; when fewer than one is left per two removed, the message says what the compression
+    curve measured (benchmarks/results/curve-sd3.md: 2 trainable blocks for 6 removed scored 74.5 % of the
+    teacher with PWP, 85.7 % without). PWP stays on there because turning it off trains every kept block: at
+    SD3.5 Large's reference cut, 452 GB per GPU instead of 53 GB (``hpedge plan --distill``)."""
     first = min(remove) if remove else num_blocks
     frozen = [b for b in range(first) if b not in remove]
     trainable = [b for b in range(first, num_blocks) if b not in remove]
     span = f"kept blocks 0-{first - 1}" if frozen else "no kept block"
-    if s.pwp is not None:
-        return s.pwp, (f"PWP on (--pwp): freezes {span}, {len(trainable)} kept block(s) trainable for {len(remove)} removed"
-                       if s.pwp else "PWP off (--no-pwp)")
-    counts = f"{len(trainable)} kept block(s) after the first removed block {first} for {len(remove)} removed"
-    if len(trainable) >= PWP_MIN_TRAINABLE_PER_REMOVED * len(remove):
-        return True, f"PWP on (hpedge's rule): freezes {span}; {counts}, at least one per two removed"
-    return False, (f"PWP off (hpedge's rule): it would freeze {span} and train {counts}, fewer than one per two "
-                   "removed; --pwp forces it")
+    counts = f"{len(trainable)} kept block(s) after the first removed block {first} train for {len(remove)} removed"
+    few = ("; fewer than one per two removed: on the compression curve such cuts distilled better with --no-pwp, "
+           "which trains every kept block (see hpedge plan --distill --no-pwp for its memory)"
+           if trainable and len(trainable) < PWP_FEW_TRAINABLE_PER_REMOVED * len(remove) else "")
+    if s.pwp is False:
+        return False, "PWP off (--no-pwp)"
+    if s.pwp is True:
+        return True, f"PWP on (--pwp): freezes {span}; {counts}{few}"
+    if not trainable and remove:
+        return False, (f"PWP off (hpedge's default for this cut): it would freeze every kept block (0-{first - 1}), the cut "
+                       f"removes the last blocks; every kept block is distilled (--pwp refuses such a cut)")
+    return True, f"PWP on (hpedge's default): freezes {span}; {counts}{few}"
 
 
 def check_pwp_leaves_a_block(remove: list[int], num_blocks: int, s: DistillSettings) -> None:
@@ -115,7 +121,7 @@ def check_pwp_leaves_a_block(remove: list[int], num_blocks: int, s: DistillSetti
         raise HpedgeError(
             f"PWP would freeze every kept block: the cut removes the last {len(remove)} blocks ({min(remove)}-{num_blocks - 1}), "
             "so no kept block sits after the first removed position and only the output layers would be distilled; "
-            "pass --no-pwp or leave PWP to hpedge's rule (SGDistill still scales each block's updates by its sensitivity), or choose a cut that keeps a "
+            "pass --no-pwp or leave PWP to hpedge's default (SGDistill still scales each block's updates by its sensitivity), or choose a cut that keeps a "
             "later block (--remove-blocks); with the same OUT add --resume to reuse the contribution analysis")
 
 
@@ -387,7 +393,7 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
     teacher = teacher_pipe.transformer
     teacher.requires_grad_(False).eval()
     first_removed = next((i for i in range(len(kept) + 1) if i >= len(kept) or kept[i] != i), len(kept))
-    if s.pwp is None:  # hpedge's rule, as `hpedge compress` resolves it before calling
+    if s.pwp is None:  # hpedge's default, as `hpedge compress` resolves it before calling
         n = len(adapters.blocks(teacher))
         s = replace(s, pwp=resolve_pwp(sorted(set(range(n)) - set(kept)), n, s)[0])
     weights = update_weights(kept, first_removed, harm, s)

@@ -184,7 +184,7 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
         "removed_blocks": plan.remove,
         "kept_blocks": kept,
         "first_removed_position": plan.first_removed,
-        "pwp": {"requested": {None: "hpedge's rule", True: "--pwp", False: "--no-pwp"}[opts.distill.pwp],
+        "pwp": {"requested": {None: "hpedge's default", True: "--pwp", False: "--no-pwp"}[opts.distill.pwp],
                 "used": use_pwp, "why": pwp_why},
         "frozen_blocks_pwp": [b for b in kept if b < plan.first_removed] if use_pwp else [],
         "update_weights": {str(k): v for k, v in weights.items()},

@@ -353,12 +353,12 @@ def test_curve_takes_each_methods_best_rate_and_says_whether_the_lead_is_outside
     assert "| HP without SGDistill | [3, 6, 9, 10, 8] | - | 0.0003 | refused |" in sec40
     assert "**Leader: HierarchicalPrune (HPP + PWP + SGDistill)**, 21.1% of the teacher ahead of last-N" in sec40
     assert "outside the paired interval" in sec40 and "Not run yet at 40%: HP without PWP" in sec40
-    # which row `hpedge compress` gives by default there (its PWP rule on HP's cut; digits-sd3 has 12 blocks)
-    assert ("`hpedge compress`'s default at this cut: PWP on (hpedge's rule): freezes kept blocks 0-2; 4 kept block(s) "
-            "after the first removed block 3 for 5 removed") in sec40
+    # which row `hpedge compress` gives by default there (its PWP default on HP's cut; digits-sd3 has 12 blocks)
+    assert ("`hpedge compress`'s default at this cut: PWP on (hpedge's default): freezes kept blocks 0-2; 4 kept block(s) "
+            "after the first removed block 3 train for 5 removed") in sec40
     assert 'that is the row "HierarchicalPrune (HPP + PWP + SGDistill)"' in sec40
     sec25 = text.split("## 25% of the blocks removed")[1].split("##")[0]
-    assert "PWP on (hpedge's rule): freezes kept blocks 0-5; 3 kept block(s)" in sec25
+    assert "PWP on (hpedge's default): freezes kept blocks 0-5; 3 kept block(s)" in sec25
     assert "0.100" not in sec25 and "Leader: too few rows" in sec25
     assert "| HierarchicalPrune (HPP + PWP + SGDistill) | 0.800 | **0.890** |" in text  # the sweep, chosen rate in bold
     assert Image.open(tmp_path / "curve-sd3.png").size == (900, 560)

@@ -23,10 +23,10 @@ def test_compress_writes_a_stock_pipeline_and_resumes(random_sd3, tmp_path) -> N
     report = json.loads((out / "hpedge_compress.json").read_text())
     assert report["removed_blocks"] == [8, 9, 10]
     assert report["kept_blocks"] == [0, 1, 2, 3, 4, 5, 6, 7, 11]
-    # hpedge's PWP rule: block 11 alone would learn for 3 removed blocks, so PWP is off (said and recorded)
-    assert "PWP off (hpedge's rule)" in r.output
-    assert report["pwp"]["requested"] == "hpedge's rule" and report["pwp"]["used"] is False
-    assert report["frozen_blocks_pwp"] == [] and report["distill"]["pwp"] is False
+    # PWP on by default; block 11 alone learns for 3 removed blocks, and the message says what the curve measured
+    assert "PWP on (hpedge's default): freezes kept blocks 0-7" in r.output and "fewer than one per two" in r.output
+    assert report["pwp"]["requested"] == "hpedge's default" and report["pwp"]["used"] is True
+    assert report["frozen_blocks_pwp"] == [0, 1, 2, 3, 4, 5, 6, 7] and report["distill"]["pwp"] is True
     assert (out / "teacher_vs_student.png").read_bytes()[:4] == b"\x89PNG"
     pipe = StableDiffusion3Pipeline.from_pretrained(out)  # stock diffusers
     assert pipe.transformer.config.num_layers == 9
@@ -71,8 +71,8 @@ def test_a_suffix_cut_with_pwp_is_refused_before_distilling_and_the_default_resu
     r = runner.invoke(app, args + ["--pwp"])  # asked for explicitly: refused, not turned off
     assert r.exit_code == 2 and "PWP would freeze every kept block" in r.output and "Traceback" not in r.output
     assert not out.exists() and not (work_dir(out) / "checkpoints").exists()  # refused before any distillation
-    r = runner.invoke(app, args + ["--resume"])  # what the message advises: hpedge's rule turns PWP off here
+    r = runner.invoke(app, args + ["--resume"])  # what the message advises: hpedge's default is PWP off here
     assert r.exit_code == 0, r.output
-    assert "PWP off (hpedge's rule): it would freeze kept blocks 0-9 and train 0 kept block(s)" in r.output
+    assert "PWP off (hpedge's default for this cut): it would freeze every kept block (0-9)" in r.output
     report = json.loads((out / "hpedge_compress.json").read_text())
     assert report["frozen_blocks_pwp"] == [] and report["update_weights"]["9"] == 1.0

@@ -29,26 +29,28 @@ def test_pwp_refuses_a_cut_that_leaves_no_kept_block_after_it() -> None:
         check_pwp_leaves_a_block([11, 9, 10], 12, DistillSettings(pwp=True))
     check_pwp_leaves_a_block([8, 9, 11], 12, DistillSettings(pwp=True))  # block 10 is kept after the first removed one
     check_pwp_leaves_a_block([9, 10, 11], 12, DistillSettings(pwp=False))
-    check_pwp_leaves_a_block([9, 10, 11], 12, DistillSettings())  # hpedge's rule turns PWP off here (below)
+    check_pwp_leaves_a_block([9, 10, 11], 12, DistillSettings())  # hpedge's default turns PWP off here (below)
     check_pwp_leaves_a_block([9, 10, 11], 12, DistillSettings(steps=0, pwp=True))  # nothing is distilled
 
 
-def test_pwp_rule_keeps_one_trainable_block_per_two_removed() -> None:
-    rule = DistillSettings()  # pwp None: hpedge's rule
-    # the digits-sd3 curve's cuts: 40 % leaves blocks 5, 8, 11 trainable for 5 removed (on); 50 % leaves 8, 11 for 6 (off)
-    on, why = resolve_pwp([4, 6, 7, 9, 10], 12, rule)
-    assert on and why.startswith("PWP on (hpedge's rule): freezes kept blocks 0-3; 3 kept block(s)")
-    off, why = resolve_pwp([4, 5, 6, 7, 9, 10], 12, rule)
-    assert not off and "2 kept block(s) after the first removed block 4 for 6 removed" in why and "--pwp forces it" in why
-    assert resolve_pwp([9, 10, 11], 12, rule)[0] is False  # a suffix cut: PWP would freeze every kept block
-    assert resolve_pwp([8, 9, 11], 12, rule)[0] is False and resolve_pwp([9, 11], 12, rule)[0] is True  # 1 for 3; 1 for 2
-    assert resolve_pwp([0, 5], 12, rule)[0] is True  # nothing before the first removed block to freeze
-    # given explicitly, as given
-    assert resolve_pwp([4, 5, 6, 7, 9, 10], 12, DistillSettings(pwp=True)) == (
-        True, "PWP on (--pwp): freezes kept blocks 0-3, 2 kept block(s) trainable for 6 removed")
+def test_pwp_default_is_on_unless_the_cut_leaves_no_kept_block_after_it() -> None:
+    default = DistillSettings()  # pwp None: hpedge's default
+    on, why = resolve_pwp([4, 6, 7, 9, 10], 12, default)  # the digits-sd3 curve's 40 % cut: blocks 5, 8, 11 train
+    assert on and why == ("PWP on (hpedge's default): freezes kept blocks 0-3; 3 kept block(s) after the first removed "
+                          "block 4 train for 5 removed")
+    # the 50 % cut: on, with what the compression curve measured when fewer than one block trains per two removed
+    on, why = resolve_pwp([4, 5, 6, 7, 9, 10], 12, default)
+    assert on and "2 kept block(s) after the first removed block 4 train for 6 removed; fewer than one per two" in why
+    assert "--no-pwp" in why
+    off, why = resolve_pwp([9, 10, 11], 12, default)  # a suffix cut: PWP would freeze every kept block
+    assert not off and why.startswith("PWP off (hpedge's default for this cut): it would freeze every kept block (0-8)")
+    assert resolve_pwp([0, 5], 12, default) == (
+        True, "PWP on (hpedge's default): freezes no kept block; 10 kept block(s) after the first removed block 0 train for 2 removed")
+    # given explicitly, as given (an explicit --pwp on a suffix cut is refused by check_pwp_leaves_a_block)
+    assert resolve_pwp([9, 10, 11], 12, DistillSettings(pwp=True))[0] is True
     assert resolve_pwp([4, 6, 7, 9, 10], 12, DistillSettings(pwp=False)) == (False, "PWP off (--no-pwp)")
     with pytest.raises(ValueError, match="resolve"):
-        update_weights([0, 1, 2], 1, None, rule)
+        update_weights([0, 1, 2], 1, None, default)
 
 
 def test_sgdistill_weight_decreases_with_sensitivity() -> None:
