@@ -60,7 +60,7 @@ def text_paths(args: argparse.Namespace) -> None:
 
     import torch
 
-    from hpedge.evaluation.evaluate import EvalSettings, evaluate
+    from hpedge.zoo.evaluate import EvalSettings, evaluate
     from hpedge.models.denoise import family_of
     from hpedge.zoo.text import MAX_LENGTH as MAX_SEQUENCE_LENGTH
     from hpedge.models.loading import load_pipeline

@@ -102,7 +102,7 @@ def curve_row(args: argparse.Namespace) -> None:
     from hpedge.compress.pipeline import CompressOptions, compress
     from hpedge.compress.plan import Budget
     from hpedge.errors import HpedgeError
-    from hpedge.evaluation.evaluate import EvalSettings, evaluate
+    from hpedge.zoo.evaluate import EvalSettings, evaluate
     from hpedge.io import atomic_file
     from hpedge.models import adapters
     from hpedge.models.loading import load_pipeline
@@ -155,7 +155,7 @@ def curve(args: argparse.Namespace) -> None:
 
     from hpedge.compress.analyze import AnalysisSettings, analyze
     from hpedge.compress.importance import load as load_importance
-    from hpedge.evaluation.evaluate import EvalSettings, evaluate
+    from hpedge.zoo.evaluate import EvalSettings, evaluate
     from hpedge.io import atomic_file
     from hpedge.models.loading import load_pipeline, resolve
 
@@ -238,7 +238,7 @@ def best_lrs(rows: list[dict], sweep_fraction: float, steps: int) -> dict[str, f
 # --------------------------------------------------------------------------------------------- table and plot
 def report(family: str, fractions: list[float], sweep_fraction: float, steps: int, lrs: list[float], command: str) -> None:
     from hpedge.compress.distill import DistillSettings, resolve_pwp
-    from hpedge.evaluation.evaluate import paired_difference, paired_ratio
+    from hpedge.zoo.evaluate import paired_difference, paired_ratio
     from hpedge.models import adapters
     from hpedge.models.loading import load_pipeline
 

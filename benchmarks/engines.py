@@ -41,7 +41,7 @@ def anatomy(engine: Path) -> dict[str, int]:
 
 def engines(args: argparse.Namespace) -> None:
 
-    from hpedge.export.pipeline import ExportOptions, export
+    from hpedge.export.export import ExportOptions, export
     from hpedge.models.loading import ZOO_DIR
 
     tmp = Path(tempfile.mkdtemp(prefix="hpedge-bench-engines-"))

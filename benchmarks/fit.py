@@ -5,7 +5,7 @@ alone: no weights) in each supported configuration: residency auto (resident on 
 shared-memory Jetsons) and sequential, with T5 (``--t5 auto``: INT8 where it costs no block, else INT4) and
 without (``--drop-t5``, SD3 only). A row says how many blocks the planner removes to fit, the kept parameters,
 T5's precision and the package's peak against what the profile leaves free. Computed, not measured: the
-activations come from meta-device runs (hpedge.export.footprint).
+activations come from meta-device runs (hpedge.targets.footprint).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def fit(args: argparse.Namespace) -> None:
     from hpedge.compress.plan import Budget
     from hpedge.errors import HpedgeError
     from hpedge.models.loading import resolve
-    from hpedge.targets import all_profiles
+    from hpedge.targets.profiles import all_profiles
 
     family = resolve(args.arch, allow_architecture=True).family
     lines = ["| profile | residency | T5 | blocks removed | kept parameters | needed GB | available GB |",

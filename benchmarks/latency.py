@@ -86,8 +86,8 @@ def latency(args: argparse.Namespace) -> None:
 
     from hpedge.backends import ort as ort_backend
     from hpedge.export.cpu_int4 import convert as convert_cpu
-    from hpedge.export.onnx_export import size_of
-    from hpedge.export.pipeline import ExportOptions, export
+    from hpedge.export.onnx_io import size_of
+    from hpedge.export.export import ExportOptions, export
     from hpedge.models import adapters
     from hpedge.models.loading import load_pipeline
 
@@ -185,7 +185,7 @@ def _torch_out(transformer, feeds: dict):
     """PyTorch's output of ``transformer`` for one feed (the reference of the cosine column)."""
     from types import SimpleNamespace
 
-    from hpedge.export.pipeline import _torch_outputs
+    from hpedge.export.verify import torch_outputs as _torch_outputs
 
     return _torch_outputs(SimpleNamespace(transformer=transformer), [feeds])[0]
 
@@ -208,7 +208,7 @@ def _peer_summary(label: str, m: dict) -> str:
 
 
 def _e2e(pipe, pkg_dir: Path, _pruned_dir: Path) -> dict:
-    from hpedge.evaluation.evaluate import generate
+    from hpedge.zoo.evaluate import generate
     from hpedge.runtime import Package
 
     pkg = Package(pkg_dir, variant="int4_cpu", device="cpu")

@@ -27,7 +27,7 @@ def scores_row(label: str, r: dict) -> str:
 def quality(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from hpedge.evaluation.evaluate import EvalSettings, evaluate
+    from hpedge.zoo.evaluate import EvalSettings, evaluate
     from hpedge.models.loading import load_pipeline
 
     text = header("GenEval-style scores (500 prompts, guidance 1, 16 steps)") + SCORES_HEAD
@@ -41,7 +41,7 @@ def quality(args: argparse.Namespace) -> None:
 def blocks(args: argparse.Namespace) -> None:
     """Remove each single block without retraining and evaluate: does every block matter?"""
     from hpedge.compress.analyze import ablated
-    from hpedge.evaluation.evaluate import EvalSettings, evaluate
+    from hpedge.zoo.evaluate import EvalSettings, evaluate
     from hpedge.models import adapters
     from hpedge.models.loading import load_pipeline
 
@@ -76,7 +76,7 @@ def ablation(args: argparse.Namespace) -> None:
     from hpedge.compress.pipeline import CompressOptions, compress, work_dir
     from hpedge.compress.plan import Budget
     from hpedge.errors import HpedgeError
-    from hpedge.evaluation.evaluate import EvalSettings, evaluate, paired_ratio
+    from hpedge.zoo.evaluate import EvalSettings, evaluate, paired_ratio
     from hpedge.models import adapters
     from hpedge.models.loading import load_pipeline
 

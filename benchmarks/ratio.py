@@ -47,7 +47,7 @@ def ratio(args: argparse.Namespace) -> None:
     """Teacher and student evaluated side by side (same prompts, same seeds), ratio with a paired interval."""
     from dataclasses import asdict
 
-    from hpedge.evaluation.evaluate import EvalSettings, evaluate, paired_ratio
+    from hpedge.zoo.evaluate import EvalSettings, evaluate, paired_ratio
     from hpedge.models.loading import load_pipeline
 
     if args.tolerance and args.per_category != 100:  # fewer prompts score with more noise than the tolerance allows for

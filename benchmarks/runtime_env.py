@@ -29,9 +29,9 @@ def runtime_env(args: argparse.Namespace) -> None:
     judged by the evaluator here: the fraction the evaluator scores correct."""
     import numpy as np
 
-    from hpedge.evaluation.evaluate import JUDGE_WEIGHTS
+    from hpedge.zoo.evaluate import JUDGE_WEIGHTS
     from hpedge.evaluation.image import save_grid
-    from hpedge.evaluation.judge import Judge
+    from hpedge.zoo.judge import Judge
     from hpedge.zoo.digits import eval_prompts
 
     py = args.python

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from hpedge.evaluation.evaluate import evaluate
+from hpedge.zoo.evaluate import evaluate
 from hpedge.models.denoise import Conditioning
 from hpedge.models.loading import load_pipeline
 from hpedge.zoo.train import without_clip

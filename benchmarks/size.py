@@ -30,7 +30,7 @@ T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_heads=64)
 CHILD_EXPORT = r"""
 import json, sys, time
 from pathlib import Path
-from hpedge.export.pipeline import ExportOptions, export
+from hpedge.export.export import ExportOptions, export
 opts = ExportOptions(**json.loads(sys.argv[3]))
 def say(msg):
     print("STAGE", time.time(), msg, flush=True)
@@ -45,7 +45,7 @@ CHILD_CHECK = r"""
 import json, sys, time
 from pathlib import Path
 print("STAGE", time.time(), "check", flush=True)
-from hpedge.export.pipeline import check
+from hpedge.export.verify import check
 r = check(Path(sys.argv[1]))
 print("RESULT", json.dumps({"passed": r["passed"], "checks": len(r["checks"])}))
 """
@@ -103,7 +103,7 @@ def build(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
 
 def profile_file(args: argparse.Namespace, folder: Path) -> Path:
-    from hpedge.targets import load_profile
+    from hpedge.targets.profiles import load_profile
 
     d = load_profile("rtx4090").to_dict()
     r = args.resolution

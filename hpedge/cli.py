@@ -131,7 +131,7 @@ def eval_(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NAME
           seed: Annotated[int, typer.Option(help="seed of the sampling noise")] = 0,
           drop_t5: Annotated[bool, typer.Option("--drop-t5", help="SD3: sample without T5 (zeros in its place, as diffusers without text_encoder_3; what `export --drop-t5` ships)")] = False) -> None:
     """GenEval-style score per category, overall score and Frechet distance of a digits pipeline."""
-    from hpedge.evaluation.evaluate import EvalSettings, evaluate, grid_of_result
+    from hpedge.zoo.evaluate import EvalSettings, evaluate, grid_of_result
     from hpedge.io import atomic_file
     from hpedge.models.loading import load_pipeline, resolve
 
@@ -316,7 +316,8 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
 
 def _print_distill_memory(model: str, p: Any, batch: int, processes: int, resolution: Optional[int], mp: str,
                           pwp: bool) -> dict:
-    from hpedge.compress.memory import estimate, meta_transformer, text_tokens
+    from hpedge.compress.memory import estimate
+    from hpedge.models.meta import meta_transformer, text_tokens
     from hpedge.models.loading import resolve
     from hpedge.models.sampling import defaults_of_ref
 
@@ -407,7 +408,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
 @command()
 def targets() -> None:
     """List the built-in device profiles."""
-    from hpedge.targets import all_profiles
+    from hpedge.targets.profiles import all_profiles
 
     t = Table(Column("name", no_wrap=True), "device", "sm", "memory", "precisions", "resolution", "batch",
               "engine library", "engine built on")
@@ -438,7 +439,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
            residency: Residency = "auto", drop_t5: DropT5 = False, t5: T5Precision = "auto",
            overwrite: Annotated[bool, typer.Option()] = False) -> None:
     """ONNX + INT4 AWQ + TensorRT engines (TensorRT-RTX on any host, or an on-device build) + parity -> a self-describing package."""
-    from hpedge.export.pipeline import ExportOptions, export as run
+    from hpedge.export.export import ExportOptions, export as run
 
     opts = ExportOptions(target=target, engine=engine, steps=steps, method=method, exporter=exporter, cpu_kernel=cpu_kernel, compute=compute,
                          fp32_reference=fp32_reference,
@@ -475,7 +476,7 @@ def _print_engines(e: dict[str, Any]) -> None:
 def check(package: Annotated[Path, typer.Argument(help="package folder")],
           no_parity: Annotated[bool, typer.Option("--no-parity", help="only verify checksums")] = False) -> None:
     """CI gate: verify checksums and rerun parity. Exit 0 pass, 3 parity failure or tampering, 2 usage error."""
-    from hpedge.export.pipeline import check as run
+    from hpedge.export.verify import check as run
 
     r = run(package, rerun_parity=not no_parity)
     for c in r.get("checks", []):
@@ -486,7 +487,7 @@ def check(package: Annotated[Path, typer.Argument(help="package folder")],
 @command()
 def build(package: Annotated[Path, typer.Argument(help="package folder whose engines are pending")]) -> None:
     """Build the package's pending engines here (Jetson: on the board with its JetPack TensorRT)."""
-    from hpedge.export.pipeline import build as run
+    from hpedge.export.build import build as run
 
     _print_engines(run(package)["engines"])
 

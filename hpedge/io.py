@@ -12,7 +12,7 @@ from pathlib import Path
 from hpedge.errors import HpedgeError
 
 
-def _check_parent(path: Path) -> None:
+def check_parent(path: Path) -> None:
     """Create the parent folder if needed; a clear error when the location is not writable."""
     parent = path.resolve().parent
     try:
@@ -27,7 +27,7 @@ def _check_parent(path: Path) -> None:
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path next to ``path``; renamed onto ``path`` when the block succeeds."""
     path = Path(path)
-    _check_parent(path)
+    check_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
     os.close(fd)
     try:
@@ -42,7 +42,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yields a temporary folder next to ``path``; it replaces ``path`` only when the block succeeds."""
     path = Path(path)
-    _check_parent(path)
+    check_parent(path)
     if path.exists() and not overwrite:
         raise HpedgeError(f"{path} already exists; pass --overwrite to replace it")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.resolve().parent))

@@ -54,7 +54,7 @@ def read_json(path: Path) -> dict:
 @pytest.fixture(scope="session")
 def sd3_package(random_sd3, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pkg") / "sd3"
-    from hpedge.export.pipeline import ExportOptions, export
+    from hpedge.export.export import ExportOptions, export
 
     export(str(random_sd3), out, ExportOptions(target="rtx4090", method="rtn", calibration_prompts=2, e2e_samples=2))
     return out
@@ -77,7 +77,7 @@ def real_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_rtx4090(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The rtx4090 profile with small resolution and batch ranges (engines, parity limits: rtx4090's own)."""
-    from hpedge.targets import PROFILE_DIR
+    from hpedge.targets.profiles import PROFILE_DIR
 
     p = json.loads((PROFILE_DIR / "rtx4090.json").read_text())
     p.update(name="test-rtx4090", resolution={"min": REAL_SIZE, "opt": REAL_SIZE, "max": 2 * REAL_SIZE},

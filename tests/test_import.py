@@ -3,7 +3,7 @@ import sys
 
 
 def test_import_hpedge_does_not_import_torch() -> None:
-    code = "import sys, hpedge, hpedge.cli, hpedge.targets, hpedge.errors; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    code = "import sys, hpedge, hpedge.cli, hpedge.targets.profiles, hpedge.errors; print('torch' in sys.modules, 'diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
 

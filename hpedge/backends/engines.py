@@ -9,9 +9,8 @@ Two engine libraries share this interface, each imported by one adapter module o
 - :mod:`hpedge.backends.trt` -- standard TensorRT (``tensorrt``). Builds where the library and a GPU of
   the target's architecture are: Jetson boards build on the board (``hpedge build``).
 
-Both libraries expose the same network-building API (Builder, OnnxParser, IBuilderConfig, Runtime), so the
-build and run code below takes the library module from its adapter and never imports one itself. Device
-memory for running an engine comes from CuPy (no torch).
+Both libraries expose the same network-building API; the code that drives it, for either library, is
+:mod:`hpedge.backends.trt_api`. This module is the registry over the two adapters and the engine cache.
 
 Built engines are kept in a user-level cache (``$HPEDGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/hpedge``, else
 ``~/.cache/hpedge``) under a key of the ONNX file's sha256, the build settings, the library and its version
@@ -26,52 +25,19 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
+from hpedge.backends import trt, trt_rtx
+from hpedge.backends.trt_api import Availability, BuildSettings, EngineRunner
 from hpedge.errors import HpedgeError
-
-Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
-
-
-@dataclass(frozen=True)
-class Availability:
-    ok: bool
-    reason: str
-    version: str = ""
-    compute_capability: str = ""  # the local GPU's, when one was looked at
-
-
-@dataclass(frozen=True)
-class BuildSettings:
-    """Everything that decides an engine besides the ONNX file and the library (part of the cache key)."""
-
-    shapes: Shapes  # input name -> (min, opt, max): one optimization profile
-    compute_capabilities: tuple[str, ...]
-    optimization_level: int
-    workspace_bytes: int
-    strongly_typed: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["shapes"] = {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in self.shapes.items()}
-        d["compute_capabilities"] = list(self.compute_capabilities)
-        return d
 
 
 def library(name: str) -> Any:
     """The adapter module of engine library ``name`` ("tensorrt_rtx" or "tensorrt")."""
     if name == "tensorrt_rtx":
-        from hpedge.backends import trt_rtx
-
         return trt_rtx
     if name == "tensorrt":
-        from hpedge.backends import trt
-
         return trt
     raise HpedgeError(f"unknown engine library {name!r} (tensorrt_rtx, tensorrt)")
 
@@ -89,66 +55,6 @@ def precision_refusal(library_name: str, compute_capabilities: tuple[str, ...], 
                     "engine.compute_capabilities, or export with --engine skip (the package still runs its "
                     "int4_cpu variant on ONNX Runtime)")
     return None
-
-
-def gpu_compute_capability() -> str | None:
-    """The first NVIDIA GPU's compute capability via NVML, or None when there is no GPU."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(0)
-        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-        return f"{major}.{minor}"
-    except Exception:
-        return None
-
-
-# -- building (shared by both adapters; ``mod`` is the library module) ------------------------------------
-def _logger(mod: Any) -> Any:
-    """A logger that keeps the library's error messages, so a failed build can say why in one line."""
-
-    class Collecting(mod.ILogger):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            mod.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            if severity in (mod.ILogger.Severity.INTERNAL_ERROR, mod.ILogger.Severity.ERROR):
-                self.errors.append(msg)
-
-    return Collecting()
-
-
-def build_serialized(mod: Any, onnx_path: Path, settings: BuildSettings,
-                     configure: Callable[[Any], None] | None = None) -> bytes:
-    """Parse ``onnx_path`` and build one serialized engine with one optimization profile."""
-    logger = _logger(mod)
-    builder = mod.Builder(logger)
-    flags = 1 << int(mod.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if settings.strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = mod.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise HpedgeError(f"{mod.__name__} could not parse {onnx_path}: {errors[:300]}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(mod.MemoryPoolType.WORKSPACE, int(settings.workspace_bytes))
-    config.builder_optimization_level = int(settings.optimization_level)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        name = network.get_input(i).name
-        if name not in settings.shapes:
-            raise HpedgeError(f"no shape range for engine input {name!r} of {onnx_path}")
-        lo, opt, hi = settings.shapes[name]
-        profile.set_shape(name, mod.Dims(list(lo)), mod.Dims(list(opt)), mod.Dims(list(hi)))
-    config.add_optimization_profile(profile)
-    if configure is not None:
-        configure(config)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        why = next((e for e in logger.errors if "Cannot compile" in e), logger.errors[-1] if logger.errors else "no message")
-        raise HpedgeError(f"{mod.__name__} failed to build an engine for {onnx_path}: {why.strip()[:300]}")
-    return bytes(memoryview(serialized))
 
 
 # -- the user-level engine cache ---------------------------------------------------------------------------
@@ -222,49 +128,3 @@ def open_runner(root: Path, section: dict[str, Any], component: str) -> "EngineR
     c = section["components"][component]
     cache = runtime_cache_path(c["cache_key"]) if section["library"] == "tensorrt_rtx" else None
     return library(section["library"]).runner(root / c["file"], cache)  # type: ignore[no-any-return]
-
-
-# -- running (needs a GPU the library supports; device memory from CuPy) -----------------------------------
-class EngineRunner:
-    """One deserialized engine and an execution context; ``run`` takes and returns numpy arrays."""
-
-    def __init__(self, mod: Any, engine_bytes: bytes, make_context: Callable[[Any], Any] | None = None) -> None:
-        try:
-            import cupy
-        except ImportError as e:
-            raise HpedgeError(f"running a TensorRT engine needs CuPy for device memory (pip install cupy-cuda12x): {e}") from None
-        self.mod, self.cp = mod, cupy
-        self.runtime = mod.Runtime(_logger(mod))
-        self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
-        if self.engine is None:
-            raise HpedgeError(f"{mod.__name__} could not load the engine (built for another GPU or library version?)")
-        self.context = make_context(self.engine) if make_context else self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mod.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == mod.TensorIOMode.OUTPUT]
-
-    def save_cache(self) -> None:
-        """Keep what the library compiled at run time (TensorRT-RTX's runtime cache); nothing to keep here."""
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        cp, mod = self.cp, self.mod
-        keep = []
-        for name in self.inputs:
-            if name not in feeds:
-                raise HpedgeError(f"engine input {name!r} was not given")
-            dt = mod.nptype(self.engine.get_tensor_dtype(name))
-            d = cp.asarray(np.ascontiguousarray(feeds[name], dtype=dt))
-            keep.append(d)
-            self.context.set_input_shape(name, tuple(d.shape))
-            self.context.set_tensor_address(name, d.data.ptr)
-        outs = []
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            o = cp.empty(shape, dtype=mod.nptype(self.engine.get_tensor_dtype(name)))
-            self.context.set_tensor_address(name, o.data.ptr)
-            outs.append(o)
-        stream = cp.cuda.Stream(non_blocking=True)
-        if not self.context.execute_async_v3(stream.ptr):
-            raise HpedgeError(f"{mod.__name__} execution failed")
-        stream.synchronize()
-        return [cp.asnumpy(o).astype(np.float32) if o.dtype.kind == "f" else cp.asnumpy(o) for o in outs]

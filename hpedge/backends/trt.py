@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpedge.backends.engines import Availability, BuildSettings, EngineRunner, build_serialized, gpu_compute_capability
+from hpedge.backends.trt_api import Availability, BuildSettings, EngineRunner, build_serialized, gpu_compute_capability
 
 if TYPE_CHECKING:  # the stubs give the type checker the real API
     import tensorrt as trt  # noqa: F401

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hpedge.backends.engines import Availability, BuildSettings, EngineRunner, build_serialized, gpu_compute_capability
+from hpedge.backends.trt_api import Availability, BuildSettings, EngineRunner, build_serialized, gpu_compute_capability
 from hpedge.errors import HpedgeError
 
 NAME = "tensorrt_rtx"

@@ -23,13 +23,16 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from hpedge.compress.importance import Entry, Importance
+from hpedge.compress.importance import Entry, Importance, load
 from hpedge.compress.processes import Processes
 from hpedge.errors import HpedgeError
+from hpedge.evaluation.scorers import load_scorer
+from hpedge.io import atomic_file
 from hpedge.models import adapters
 from hpedge.models.denoise import family_of
-
-PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "calibration_prompts.txt"
+from hpedge.models.sampling import defaults, sample, with_overrides
+from hpedge.prompts import PROMPTS_FILE, calibration
+from hpedge.zoo.evaluator import evaluator_for
 
 
 @dataclass
@@ -86,42 +89,6 @@ def ablated(transformer: Any, block: int, component: str | None = None) -> Itera
             h.remove()
 
 
-def evaluator_of(model_path: Path | None) -> str | None:
-    """The evaluator named by a pipeline's ``hpedge_zoo.json`` marker (digits pipelines), if any."""
-    if model_path is None:
-        return None
-    marker = Path(model_path) / "hpedge_zoo.json"
-    if marker.exists():
-        return json.loads(marker.read_text()).get("evaluator")
-    return None
-
-
-def read_prompts(path: str | Path | None) -> list[str]:
-    """Prompts from a text file, one per line (blank lines and lines starting with # skipped)."""
-    p = Path(path) if path else PROMPTS_FILE
-    if not p.is_file():
-        raise HpedgeError(f"prompt file {p} not found")
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
-    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not prompts:
-        raise HpedgeError(f"prompt file {p} holds no prompts")
-    return prompts
-
-
-def calibration(evaluator: str | None, n: int, seed: int, prompts_file: str | None = None
-                ) -> tuple[list[str], list[Any] | None]:
-    """``n`` calibration prompts: the digits grammar for a digits pipeline, else ``prompts_file`` or the
-    project's calibration set (the first n, a seeded rotation of the list when ``seed`` differs)."""
-    if evaluator == "digits" and prompts_file is None:
-        from hpedge.zoo.digits import eval_prompts
-
-        prompts = eval_prompts(max(1, n // 5), seed=10_000 + seed, heldout_fraction=0.0)
-        return [p.text for p in prompts], prompts
-    pool = read_prompts(prompts_file)
-    start = (seed * 37) % len(pool)
-    return [pool[(start + i) % len(pool)] for i in range(n)], None
-
-
 def _fingerprint(pipe: Any, settings: AnalysisSettings, gen: dict[str, Any], texts: list[str]) -> str:
     h = hashlib.sha256(json.dumps([asdict(settings), gen, texts], sort_keys=True).encode())
     h.update(json.dumps(dict(pipe.transformer.config), sort_keys=True, default=str).encode())
@@ -138,18 +105,17 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
     With several processes (``procs``) each rank scores every world-th ablation and keeps its results in its
     own ``OUT.partial-RANK`` file (so each share resumes on its own); the main process merges them into
     ``out``, which every rank then reads. ``out`` is required then."""
-    from hpedge.models.sampling import defaults, sample, with_overrides
 
     s = settings or AnalysisSettings()
     world, rank = (procs.world, procs.rank) if procs else (1, 0)
     if world > 1 and out is None:
         raise HpedgeError("a contribution analysis over several processes needs a file to merge into")
-    evaluator = evaluator_of(model_path)
+    evaluator = evaluator_for(model_path)
     gen = with_overrides(defaults(pipe, model_path), height=s.resolution, width=s.resolution, steps=s.steps,
                          guidance=s.guidance)
     texts, prompt_objs = calibration(evaluator, s.prompts, s.seed, s.prompts_file)
-    if evaluator == "digits" and s.prompts_file is not None:
-        evaluator = None  # the digits judge needs its own prompts
+    if s.prompts_file is not None:
+        evaluator = None  # an evaluator's judge needs its own prompts
     seeds = [s.seed * 7919 + i for i in range(len(texts))]
     tr = pipe.transformer
     refs = adapters.blocks(tr)
@@ -163,7 +129,6 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
         try:
             prev = json.loads(out.read_text())
             if prev.get("fingerprint") == fp:
-                from hpedge.compress.importance import load
 
                 return load(out)
         except json.JSONDecodeError:
@@ -174,16 +139,10 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
     done = _read_partial(partial, fp)
     mine = procs.share(todo) if procs else todo
 
-    judge = None
-    if evaluator == "digits":
-        from hpedge.evaluation.evaluate import JUDGE_WEIGHTS
-        from hpedge.evaluation.judge import Judge
-
-        judge = Judge(str(JUDGE_WEIGHTS))
+    judge = evaluator.judge() if evaluator is not None else None
 
     scorer = None
     if s.scorer:
-        from hpedge.evaluation.scorers import load_scorer
 
         scorer = load_scorer(s.scorer)
 
@@ -215,7 +174,6 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
         procs.barrier()  # type: ignore[union-attr]
         if rank != 0:
             procs.barrier()  # type: ignore[union-attr]  # the main process merges and writes ``out``
-            from hpedge.compress.importance import load
 
             return load(out)
         for r in range(1, world):
@@ -236,11 +194,10 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
         entries=entries, fingerprint=fp,
         settings={**asdict(s), "baseline_accuracy": ref_acc, "sampling": gen.to_dict(),
                   **({"scorer": scorer.describe(), "baseline_score": ref_score} if scorer else {}), "prompt_list": texts,
-                  "prompts_source": s.prompts_file or ("digits grammar" if judge else str(PROMPTS_FILE.name)),
+                  "prompts_source": s.prompts_file or (f"{evaluator.name} grammar" if evaluator else str(PROMPTS_FILE.name)),
                   "seeds": seeds},
     )
     if out:
-        from hpedge.io import atomic_file
 
         with atomic_file(out) as tmp:
             tmp.write_text(json.dumps(imp.to_dict(), indent=2))
@@ -267,7 +224,6 @@ def _read_partial(path: Path | None, fp: str) -> dict[str, dict[str, Any]]:
 
 
 def _write_partial(path: Path, fp: str, done: dict[str, dict[str, Any]]) -> None:
-    from hpedge.io import atomic_file
 
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps({"fingerprint": fp, "entries": done}))
@@ -300,7 +256,6 @@ def heatmap(imp: Importance, path: Path) -> None:
             col = (255, int(255 * (1 - t)), int(255 * (1 - t)))
             d.rectangle([x0, y0, x0 + cw - 2, y0 + ch - 2], fill=col)
             d.text((x0 + 3, y0 + 3), f"{v:.3g}", fill="black" if t < 0.6 else "white")
-    from hpedge.io import atomic_file
 
     with atomic_file(path) as tmp:
         img.save(tmp, format="PNG")

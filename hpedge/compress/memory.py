@@ -203,23 +203,3 @@ def _saved_bytes(student: Any, batch: int, height: int, width: int, text_tokens:
             hd.remove()
     # a block that saves nothing (no input or weight needs a gradient: PWP's prefix) keeps no inputs either
     return outside[0], per_block, [i if b else 0 for i, b in zip(inputs, per_block)]
-
-
-def meta_transformer(ref: Any) -> Any:
-    """The transformer of a resolved model on the meta device, from its config alone (no weights read)."""
-    import json
-
-    import torch
-
-    from hpedge.models.architectures import build_on_meta, transformer_class
-
-    if ref.architecture is not None:
-        return build_on_meta(ref.architecture).to("meta")
-    cfg = json.loads((ref.path / "transformer" / "config.json").read_text())
-    with torch.device("meta"):
-        return transformer_class(ref.family).from_config(cfg)
-
-
-def text_tokens(family: str, max_sequence_length: int) -> int:
-    """The joint sequence's text part: SD3 concatenates CLIP's 77 tokens and T5's; FLUX uses T5's alone."""
-    return 77 + max_sequence_length if family == "sd3" else max_sequence_length

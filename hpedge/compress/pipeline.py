@@ -9,6 +9,7 @@ checkpoint and insists on the same plan.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import time
@@ -16,18 +17,22 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
-from hpedge.compress.analyze import AnalysisSettings, analyze, calibration, evaluator_of, heatmap
+from hpedge.compress.analyze import AnalysisSettings, analyze, heatmap
 from hpedge.compress.distill import DistillSettings, check_pwp_leaves_a_block, distill, resolve_pwp
-from hpedge.compress.importance import Importance, load as load_importance
-from hpedge.compress.plan import Budget, Plan, make_plan
+from hpedge.compress.importance import Importance
+from hpedge.compress.importance import load as load_importance
+from hpedge.compress.plan import Budget, Plan, make_plan, parse_blocks
 from hpedge.compress.processes import Processes
 from hpedge.errors import HpedgeError
-from hpedge.io import atomic_dir, atomic_file
+from hpedge.evaluation.image import save_grid
+from hpedge.io import atomic_dir, atomic_file, check_parent
 from hpedge.models import adapters
-from hpedge.models.loading import TORCH_DTYPES, ModelRef, load_pipeline, make_stock_loadable, resolve
+from hpedge.models.loading import TORCH_DTYPES, ModelRef, load_pipeline, load_transformer, make_stock_loadable, resolve
 from hpedge.models.sampling import Defaults, check_pipeline, defaults, sample, with_overrides
+from hpedge.prompts import calibration, training_prompts
+from hpedge.targets.footprint import choose_t5, estimate
+from hpedge.targets.profiles import load_profile
+from hpedge.zoo.evaluator import DigitsEvaluator, evaluator_for
 
 REPORT = "hpedge_compress.json"
 
@@ -51,43 +56,38 @@ def work_dir(out: Path) -> Path:
     return out.resolve().parent / f".{out.name}.hpedge-work"
 
 
-def target_footprint(ref: ModelRef, budget: Budget, t5: str | None = None) -> Any:
-    """The whole transformer's package footprint on ``budget.target`` (None without a target budget)."""
-    if budget.target is None:
-        return None
-    from hpedge.export.footprint import estimate
-
-    return estimate(ref, budget.target, budget.residency, budget.drop_t5, t5=t5 or budget.t5)
-
-
 def plan_on_target(transformer: Any, budget: Budget, imp: Importance | None, protect_early: float, ref: ModelRef) -> Plan:
-    """:func:`make_plan`; a ``--target`` budget with ``--t5 auto`` takes T5 in INT8 unless that costs blocks
-    (then INT4: a removed transformer block costs more quality than T5's 4-bit weights)."""
-    if budget.target is None or budget.t5 != "auto" or budget.drop_t5:
-        return make_plan(transformer, budget, imp, protect_early, target_footprint(ref, budget, "int4" if budget.t5 == "auto" else None))
-    p4 = make_plan(transformer, budget, imp, protect_early, target_footprint(ref, budget, "int4"))
-    try:
-        p8 = make_plan(transformer, budget, imp, protect_early, target_footprint(ref, budget, "int8"))
-    except HpedgeError:
-        return p4
-    return p8 if len(p8.remove) <= len(p4.remove) else p4
+    """:func:`make_plan`; a ``--target`` budget sizes the package with its footprint on the target, and with
+    ``--t5 auto`` takes T5's precision by :func:`hpedge.targets.footprint.choose_t5` (a removed transformer
+    block costs more quality than T5's 4-bit weights)."""
+    if budget.target is None:
+        return make_plan(transformer, budget, imp, protect_early)
+    profile = load_profile(budget.target)
 
+    def plan_with(t5: str) -> Plan:
+        return make_plan(transformer, budget, imp, protect_early,
+                         estimate(ref, profile, budget.residency, budget.drop_t5, t5=t5), profile)
 
-def training_prompts(evaluator: str | None, n: int, seed: int, prompts_file: str | None = None) -> list[str]:
-    if evaluator == "digits" and prompts_file is None:
-        from hpedge.zoo.digits import sample_prompt
+    if budget.t5 != "auto" or budget.drop_t5:
+        return plan_with(budget.t5)
+    plans: dict[str, Plan] = {}
 
-        rng = np.random.default_rng(50_000 + seed)
-        return [sample_prompt(rng).text for _ in range(n)]
-    return calibration(None, n, seed, prompts_file)[0]
+    def cost(t5: str) -> float:
+        try:
+            plans[t5] = plan_with(t5)
+        except HpedgeError:
+            return math.inf
+        return len(plans[t5].remove)
+
+    chosen, _ = choose_t5(cost)
+    return plans[chosen] if chosen in plans else plan_with(chosen)
 
 
 def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..., None] | None = None) -> dict[str, Any]:
     import torch
 
-    from hpedge.io import _check_parent
 
-    _check_parent(out)
+    check_parent(out)
     if out.exists() and not opts.overwrite:
         raise HpedgeError(f"{out} already exists; pass --overwrite to replace it")
     opts.budget.check()
@@ -110,14 +110,13 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     check_pipeline(teacher_pipe)
     # analysis and the sample pool run where training will: this rank's accelerator, in the mixed-precision dtype
     teacher_pipe.to(procs.device, TORCH_DTYPES[opts.distill.mixed_precision])
-    evaluator = evaluator_of(ref.path)
+    evaluator = evaluator_for(ref.path)
     gen = with_overrides(defaults(teacher_pipe, ref.path), height=opts.resolution, width=opts.resolution)
     if opts.analysis.prompts_file is None:
         opts.analysis.prompts_file = opts.prompts_file
     if opts.analysis.resolution is None:  # the analysis at the size the student is distilled at
         opts.analysis.resolution = opts.resolution
     if opts.budget.remove_blocks:  # explicit indices are checked before the (long) analysis
-        from hpedge.compress.plan import parse_blocks
 
         indices = parse_blocks(opts.budget.remove_blocks)
         if isinstance(indices, list):
@@ -166,17 +165,8 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
         procs.barrier()  # the main process evaluates and writes OUT
         return _report_of(out)
     scores: dict[str, Any] = {}
-    if evaluator == "digits" and opts.eval_per_category > 0:
-        from hpedge.evaluation.evaluate import EvalSettings, evaluate, paired_ratio
-
-        es = EvalSettings(per_category=opts.eval_per_category)
-        say("evaluating teacher", 0, 2)
-        t_res = evaluate(teacher_pipe, model, es)[0]
-        say("evaluating student", 1, 2)
-        s_res = evaluate(student_pipe, str(out), es)[0]
-        paired = paired_ratio(t_res, s_res) if t_res.overall else None
-        scores = {"teacher": asdict(t_res), "student": asdict(s_res),
-                  "student_over_teacher": paired["ratio"] if paired else float("nan"), "paired": paired}
+    if evaluator is not None and opts.eval_per_category > 0:
+        scores = evaluator.compare(teacher_pipe, model, student_pipe, str(out), opts.eval_per_category, say)
     report = {
         "format": "hpedge-compress/1",
         "source": model,
@@ -230,10 +220,9 @@ def _report_of(out: Path) -> dict[str, Any]:
     return json.loads((out / REPORT).read_text())
 
 
-def _teacher_student_grid(teacher: Any, student: Any, evaluator: str | None, n: int, gen: Defaults, path: Path,
+def _teacher_student_grid(teacher: Any, student: Any, evaluator: DigitsEvaluator | None, n: int, gen: Defaults, path: Path,
                           prompts_file: str | None = None) -> None:
     """Row pairs: teacher images above the student's, same prompts and seeds, at the sampling defaults."""
-    from hpedge.evaluation.image import save_grid
 
     prompts, _ = calibration(evaluator, max(n, 5), seed=3, prompts_file=prompts_file)
     prompts = prompts[:: max(1, len(prompts) // n)][:n]
@@ -261,7 +250,6 @@ def teacher_student_rows(a: list[Any], b: list[Any], prompts: list[str], cols: i
 
 
 def plan_for(model: str, budget: Budget, importance: str | None, protect_early: float) -> Plan:
-    from hpedge.models.loading import load_transformer
 
     ref = resolve(model, allow_architecture=True)
     imp = load_importance(importance, family_hint=ref.family) if importance else None

@@ -6,7 +6,7 @@ first until the budget holds. A budget is exactly one of: a number of blocks or 
 (``--remove-blocks 3`` / ``25-29,31-35``), a fraction of blocks (``--remove-fraction``), a kept
 parameter ratio (``--keep-ratio``), or a target device (``--target``): the package as it ships (the kept
 transformer and T5 in INT4, CLIPs and the VAE decoder in fp16), the activations of its phases at the
-profile's opt resolution and batch, under the residency chosen (see :mod:`hpedge.export.footprint`), plus
+profile's opt resolution and batch, under the residency chosen (see :mod:`hpedge.targets.footprint`), plus
 the profile's reserve, must fit its memory.
 """
 
@@ -20,6 +20,8 @@ from hpedge.compress.importance import Importance
 from hpedge.errors import HpedgeError
 from hpedge.models import adapters
 from hpedge.models.denoise import family_of
+from hpedge.targets.footprint import Footprint
+from hpedge.targets.profiles import Profile
 
 
 @dataclass
@@ -28,9 +30,9 @@ class Budget:
     remove_fraction: float | None = None
     keep_ratio: float | None = None
     target: str | None = None
-    residency: str = "auto"  # --target only: how the package's components share the device (hpedge.export.footprint)
+    residency: str = "auto"  # --target only: how the package's components share the device (hpedge.targets.footprint)
     drop_t5: bool = False  # --target only: the package ships no T5 (SD3)
-    t5: str = "auto"  # --target only: T5's precision in the package (auto | int4 | int8; hpedge.export.footprint)
+    t5: str = "auto"  # --target only: T5's precision in the package (auto | int4 | int8; hpedge.targets.footprint)
 
     KINDS = ("remove_blocks", "remove_fraction", "keep_ratio", "target")
 
@@ -116,15 +118,15 @@ def _block_stats(transformer: Any) -> tuple[list[int], list[int], int, int]:
 
 
 def make_plan(transformer: Any, budget: Budget, importance: Importance | None = None, protect_early: float = 0.5,
-              footprint: Any = None) -> Plan:
-    """``footprint`` (a :class:`hpedge.export.footprint.Footprint` of the whole transformer on the target) is
-    required by a ``--target`` budget."""
+              footprint: Footprint | None = None, profile: Profile | None = None) -> Plan:
+    """``footprint`` (the :class:`~hpedge.targets.footprint.Footprint` of the whole transformer on the target)
+    and ``profile`` (the target's) are required by a ``--target`` budget."""
     budget.check()
     capacity = 0
     if budget.target is not None:
-        from hpedge.targets import load_profile
-
-        prof = load_profile(budget.target)
+        if profile is None:
+            raise HpedgeError("internal: a --target budget needs the target's profile")
+        prof = profile
         if "int4" not in prof.precisions:
             raise HpedgeError(f"target {prof.name} does not support int4 weights")
         if footprint is None:

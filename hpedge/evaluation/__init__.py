@@ -1,1 +1,1 @@
-"""GenEval-style evaluation of the digits pipelines."""
+"""Images people look at (PNG grids and single images) and the optional text-image scorers (``--scorer``)."""

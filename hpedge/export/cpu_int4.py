@@ -40,6 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from hpedge.export.onnx_io import drop_casts, save_onnx, value_types
+from hpedge.export.quantize import floats_to_fp16
+
 KERNELS = ("int8", "nbits")
 
 
@@ -79,7 +82,6 @@ def to_fp32_compute(model: Any, light: Any | None = None) -> int:
     """
     from onnx import AttributeProto, TensorProto, numpy_helper
 
-    from hpedge.export.onnx_export import drop_casts, value_types
 
     floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
     if not any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer):
@@ -142,7 +144,6 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from hpedge.export.quantize import floats_to_fp16
 
     if kernel not in KERNELS:
         raise ValueError(f"unknown CPU INT4 kernel {kernel!r} (choose from {', '.join(KERNELS)})")
@@ -239,7 +240,6 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     floats_to_fp16(model, keep_dq_scales=False)
-    from hpedge.export.onnx_export import save_onnx
 
     save_onnx(model, out_path)
     return converted

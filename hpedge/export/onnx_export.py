@@ -1,20 +1,16 @@
-"""ONNX export of a pipeline's parts: the transformer (dynamic shapes), the text encoding and the VAE decoder.
+"""torch -> ONNX: the transformer with dynamic shapes (the text encoding and the VAE decoder are
+:mod:`hpedge.export.encoders`; files on disk, :mod:`hpedge.export.onnx_io`).
 
 Each part is wrapped in a small module with positional tensor inputs so the graph has stable names.
-The text wrapper reproduces the pipeline's own ``encode_prompt`` arithmetic (SD3: penultimate CLIP
-states of both encoders, concatenated, zero-padded to the T5 width and joined with the T5 states;
-FLUX: CLIP pooled output and T5 states) and is verified against it. The VAE wrapper takes the
-transformer's normalised latents and returns images in [0, 1].
 
 SD3 uses the TorchScript exporter (fast; what ModelOpt's diffusers example uses) up to protobuf's 2 GB and
 the dynamo exporter above it (:func:`auto_exporter`). FLUX uses the dynamo exporter, because the TorchScript
 one bakes its rotary-embedding shapes into the graph. Weights above 2 GB go to one external data file
-(:func:`save_onnx`), streamed from the exporter's own files: no export loads a whole model's weights.
+(:func:`hpedge.export.onnx_io.save_onnx`), streamed from the exporter's own files: no export loads a whole model's weights.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from hpedge.errors import HpedgeError
+from hpedge.export.onnx_io import EXTERNAL_DATA_THRESHOLD, drop_noop_casts, save_onnx
 from hpedge.models.denoise import family_of
 
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's 2 GB limit, less room for the graph
 OPSET = 20
 
 
@@ -161,165 +157,6 @@ def transformer_spec(pipe: Any, res: tuple[int, int, int], batch: tuple[int, int
     return IOSpec(inputs=ins, outputs=["out"], dynamic_axes=axes)  # type: ignore[arg-type]
 
 
-def tensor_bytes(proto: Any) -> int:
-    """Bytes of a model's tensors held in the proto (initializers and Constant attributes, external ones
-    excluded). ``ByteSize()`` cannot say: protobuf refuses to size a message above 2 GB."""
-    def size(t: Any) -> int:
-        if t.data_location == 1:  # EXTERNAL
-            return 0
-        return len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (len(t.int64_data) + len(t.double_data))
-
-    total = sum(size(t) for t in proto.graph.initializer)
-    for n in proto.graph.node:
-        for a in n.attribute:
-            if a.HasField("t"):
-                total += size(a.t)
-            total += sum(size(t) for t in a.tensors)
-    return total
-
-
-def external_files(path: Path) -> set[Path]:
-    """The external data files an ONNX file refers to (read from the graph alone)."""
-    import onnx
-
-    light = onnx.load(str(path), load_external_data=False)
-    tensors = list(light.graph.initializer) + [a.t for n in light.graph.node for a in n.attribute if a.HasField("t")]
-    return {Path(path).parent / e.value for t in tensors for e in t.external_data if e.key == "location"}
-
-
-def rewrite_onnx(path: Path) -> None:
-    """Re-save an ONNX file written by another tool (ModelOpt) through :func:`save_onnx`, so that its weights
-    sit where hpedge puts them (one ``PATH.data`` above the 2 GB limit, inline below) and no second copy of
-    them is left beside it. The weights are streamed, never loaded as a whole."""
-    import onnx
-
-    path = Path(path)
-    ours = path.with_name(path.name + ".data")
-    others = external_files(path)
-    if not others or others == {ours}:
-        return
-    light = onnx.load(str(path), load_external_data=False)
-    save_onnx(light, path, base_dir=path.parent)
-    for f in others - {ours}:
-        f.unlink(missing_ok=True)
-
-
-def _tensors(proto: Any) -> list[Any]:
-    """Every tensor a model holds: initializers and node attributes (Constant values)."""
-    out = list(proto.graph.initializer)
-    for n in proto.graph.node:
-        for a in n.attribute:
-            if a.HasField("t"):
-                out.append(a.t)
-            out.extend(a.tensors)
-    return out
-
-
-def _external(t: Any) -> dict[str, str]:
-    return {e.key: e.value for e in t.external_data}
-
-
-def save_onnx(proto: Any, path: Path, base_dir: Path | None = None, stream: bool = False) -> bool:
-    """Write ``proto`` to ``path``: weights in one ``PATH.data`` file next to it when the model would pass
-    protobuf's 2 GB limit (with room for the graph itself), inline otherwise. The one place hpedge writes
-    ONNX files; returns whether external data was used.
-
-    ``proto`` may refer to external data relative to ``base_dir`` (a model loaded with
-    ``load_external_data=False``): those tensors are copied into ``PATH.data`` 64 MB at a time, never loaded
-    as a whole model, so a graph above 2 GB is written holding only its graph in memory (``PATH.data`` may
-    itself be the source: the new file is written beside it first). ``stream``: such a model is streamed into
-    ``PATH.data`` whatever its size (inlining it holds its weights twice, as tensors and serialized: for the
-    intermediate exports, which are read again from disk and never shipped inline).
-    """
-    import onnx
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = path.with_name(path.name + ".data")
-    tensors = _tensors(proto)
-    external = [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
-    if external and base_dir is None:
-        raise ValueError("save_onnx: the model refers to external data; pass base_dir")
-    ext_bytes = sum(int(_external(t).get("length", 0)) for t in external)
-    if tensor_bytes(proto) + ext_bytes <= EXTERNAL_DATA_THRESHOLD and not (stream and external):
-        if external:
-            from onnx.external_data_helper import load_external_data_for_model
-
-            load_external_data_for_model(proto, str(base_dir))
-        onnx.save_model(proto, str(path))
-        data.unlink(missing_ok=True)  # a stale file of an earlier, larger save
-        return False
-    partial = data.with_name(data.name + ".partial")
-    with open(partial, "wb") as out:
-        for t in tensors:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                info = _external(t)
-                src = Path(base_dir) / info["location"]  # type: ignore[arg-type]
-                offset = int(info.get("offset", 0))
-                length = int(info["length"]) if "length" in info else src.stat().st_size - offset
-                pos = _align(out)
-                _copy_range(src, offset, length, out, t.name)
-            else:
-                raw = _raw_bytes(t)
-                if len(raw) < 1024:
-                    continue
-                pos = _align(out)
-                out.write(raw)
-                for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                    t.ClearField(f)
-                length = len(raw)
-            del t.external_data[:]
-            for k, v in (("location", data.name), ("offset", str(pos)), ("length", str(length))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
-            t.data_location = onnx.TensorProto.EXTERNAL
-    partial.replace(data)
-    onnx.save_model(proto, str(path))
-    return True
-
-
-def read_array(tensor: Any, base_dir: str | Path = "") -> Any:
-    """The values of one initializer as a numpy array, its external data read from ``base_dir``. Unlike
-    ``onnx.numpy_helper.to_array`` this leaves ``tensor`` as it was (to_array stores the bytes it reads in the
-    proto, so reading every weight of a graph loaded without its weights would end holding all of them)."""
-    import onnx
-    from onnx import numpy_helper
-
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(tensor)
-    t = onnx.TensorProto()
-    t.CopyFrom(tensor)  # a header: the data is in the file
-    return numpy_helper.to_array(t, base_dir=str(base_dir))
-
-
-def _copy_range(src: Path, offset: int, length: int, out: Any, name: str) -> None:
-    with open(src, "rb") as f:
-        f.seek(offset)
-        left = length
-        while left:
-            chunk = f.read(min(left, 64 << 20))
-            if not chunk:
-                raise HpedgeError(f"{src} ends before tensor {name!r} does (truncated external data)")
-            out.write(chunk)
-            left -= len(chunk)
-
-
-def _align(f: Any, to: int = 4096) -> int:
-    """Pad ``f`` to a multiple of ``to`` (ONNX Runtime can map aligned external tensors); returns the offset."""
-    pad = -f.tell() % to
-    if pad:
-        f.write(b"\0" * pad)
-    return int(f.tell())
-
-
-def _raw_bytes(t: Any) -> bytes:
-    from onnx import numpy_helper
-
-    if t.HasField("raw_data"):
-        return bytes(t.raw_data)
-    return bytes(numpy_helper.to_array(t).tobytes())
-
-
 def _export(module: Any, args: tuple[Any, ...], path: Path, names: list[str], outputs: list[str],
             dynamic_axes: dict[str, dict[int, str]], exporter: str, dynamic_shapes: Any = None) -> None:
     """torch.onnx.export into a scratch folder, no-op Casts dropped, then :func:`save_onnx` to ``path``: the
@@ -345,44 +182,6 @@ def _export(module: Any, args: tuple[Any, ...], path: Path, names: list[str], ou
         save_onnx(light, path, base_dir=scratch, stream=True)  # the dynamo exporter's weights: never all in memory
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def drop_noop_casts(proto: Any, light: Any) -> int:
-    """Remove ``Cast`` nodes whose input already has the target type (e.g. diffusers' ``.to(x.dtype)`` in
-    AdaLayerNormContinuous, traced in an fp16 graph as an fp16 -> fp16 Cast). ModelOpt's INT4 pass
-    rewrites such a Cast into an fp32 one and ONNX Runtime then rejects the graph. Types come from shape
-    inference on ``light`` (the same graph without weights, so models above 2 GB work too)."""
-    return drop_casts(proto, value_types(light), lambda src, to: src == to)
-
-
-def value_types(light: Any) -> dict[str, int]:
-    """Element type of every value of a graph (shape inference on ``light``: a graph without its weights works)."""
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(light)
-    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.input,
-                                                             *inferred.graph.output)}
-    types.update({t.name: t.data_type for t in light.graph.initializer})
-    return types
-
-
-def drop_casts(proto: Any, types: dict[str, int], noop: Any) -> int:
-    """Remove the ``Cast`` nodes for which ``noop(input type, to)`` holds (consumers read the input instead);
-    returns how many."""
-    graph_outputs = {o.name for o in proto.graph.output}
-    rename: dict[str, str] = {}
-    keep = []
-    for n in proto.graph.node:
-        n.input[:] = [rename.get(i, i) for i in n.input]
-        to = next((a.i for a in n.attribute if a.name == "to"), None) if n.op_type == "Cast" else None
-        if to is not None and noop(types.get(n.input[0]), to) and n.output[0] not in graph_outputs:
-            rename[n.output[0]] = n.input[0]
-            continue
-        keep.append(n)
-    if rename:
-        del proto.graph.node[:]
-        proto.graph.node.extend(keep)
-    return len(rename)
 
 
 def auto_exporter(transformer: Any) -> str:
@@ -547,157 +346,3 @@ def half_copy(module: Any) -> Any:
     for b in module.buffers():
         memo[id(b)] = b.to(torch.float16) if b.is_floating_point() else b.clone()
     return copy.deepcopy(module, memo)
-
-
-class TextEncoders:
-    """The text encoders as the package ships them: ``clip`` (the CLIP encoders, one graph) and ``t5`` (one
-    graph), combined by the runtime exactly as the pipeline's ``encode_prompt`` combines them.
-
-    SD3: ``clip(clip_ids, clip2_ids) -> clip_embeds`` (the penultimate hidden states of CLIP-L and CLIP-G side
-    by side) and ``pooled``; ``t5(t5_ids) -> t5_embeds``; prompt embeddings = [clip_embeds padded to T5's width,
-    t5_embeds] along the sequence. FLUX.1: ``clip(clip_ids) -> pooled``; prompt embeddings = ``t5_embeds``.
-    Without T5 (SD3 only) its part is zeros of (max_sequence_length, joint_attention_dim), as in diffusers.
-    The combination: :func:`hpedge.runtime.combine_text`.
-    """
-
-    INPUTS = {"sd3": {"clip": ["clip_ids", "clip2_ids"], "t5": ["t5_ids"]},
-              "flux": {"clip": ["clip_ids"], "t5": ["t5_ids"]}}
-    OUTPUTS = {"sd3": {"clip": ["clip_embeds", "pooled"], "t5": ["t5_embeds"]},
-               "flux": {"clip": ["pooled"], "t5": ["t5_embeds"]}}
-
-    @staticmethod
-    def module(pipe: Any, which: str, half: bool) -> Any:
-        import torch
-
-        family = family_of(pipe)
-
-        def copy(m: Any) -> Any:
-            if not half:
-                return m
-            m = half_copy(m)
-            # the legacy exporter's SDPA symbolic computes in fp32 and leaks fp32 into an fp16 graph (ONNX Runtime
-            # then rejects its LayerNormalization): export fp16 CLIPs with their eager attention (same arithmetic)
-            if hasattr(m, "set_attn_implementation") and type(m).__name__.startswith("CLIP"):
-                m.set_attn_implementation("eager")
-            return m
-
-        class SD3Clip(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.l, self.g = copy(pipe.text_encoder), copy(pipe.text_encoder_2)
-
-            def forward(self, clip_ids, clip2_ids):  # type: ignore[no-untyped-def]
-                a = self.l(clip_ids, output_hidden_states=True)
-                b = self.g(clip2_ids, output_hidden_states=True)
-                clip = torch.cat([a.hidden_states[-2], b.hidden_states[-2]], dim=-1)
-                return clip.float(), torch.cat([a.text_embeds, b.text_embeds], dim=-1).float()
-
-        class FluxClip(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.clip = copy(pipe.text_encoder)
-
-            def forward(self, clip_ids):  # type: ignore[no-untyped-def]
-                return self.clip(clip_ids).pooler_output.float()
-
-        class T5(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.t5 = copy(pipe.text_encoder_3 if family == "sd3" else pipe.text_encoder_2)
-
-            def forward(self, t5_ids):  # type: ignore[no-untyped-def]
-                return self.t5(t5_ids)[0].float()
-
-        if which == "t5":
-            return T5().eval()
-        return (SD3Clip if family == "sd3" else FluxClip)().eval()
-
-
-def text_inputs(pipe: Any, max_sequence_length: int) -> dict[str, tuple[str, int]]:
-    """Input name -> (tokenizer attribute, length)."""
-    clip_len = int(pipe.tokenizer_max_length)
-    if family_of(pipe) == "sd3":
-        clips = {"clip_ids": ("tokenizer", clip_len), "clip2_ids": ("tokenizer_2", clip_len)}
-        return clips if pipe.text_encoder_3 is None else {**clips, "t5_ids": ("tokenizer_3", max_sequence_length)}
-    return {"clip_ids": ("tokenizer", clip_len), "t5_ids": ("tokenizer_2", max_sequence_length)}
-
-
-def tokenize(pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, np.ndarray]:
-    out = {}
-    for name, (attr, length) in text_inputs(pipe, max_sequence_length).items():
-        tok = getattr(pipe, attr)
-        out[name] = np.asarray(tok(prompts, padding="max_length", max_length=length, truncation=True,
-                                   return_tensors="np").input_ids, dtype=np.int64)
-    return out
-
-
-def export_text_encoder(pipe: Any, which: str, path: Path, max_sequence_length: int, dtype: str = "fp32") -> dict[str, Any]:
-    """Export text encoder graph ``which`` (``clip`` | ``t5``) computing in ``dtype`` (fp32 | fp16; inputs int64,
-    outputs float32) and check it against the pipeline's own encoders; returns its manifest entry."""
-    import torch
-
-    family = family_of(pipe)
-    if dtype not in COMPUTE_DTYPES:
-        raise HpedgeError(f"unknown compute dtype {dtype!r} for the text encoders (choose from {', '.join(COMPUTE_DTYPES)})")
-    module = TextEncoders.module(pipe, which, dtype == "fp16")
-    names, outputs = TextEncoders.INPUTS[family][which], TextEncoders.OUTPUTS[family][which]
-    ids = tokenize(pipe, ["a 1", "two 3s"], max_sequence_length)
-    args = tuple(torch.from_numpy(ids[n]) for n in names)
-    axes = {n: {0: "batch"} for n in [*names, *outputs]}
-    _export(module, args, path, names, outputs, axes, "legacy")
-    return {"inputs": names, "outputs": outputs, "compute": dtype}
-
-
-def export_vae_decoder(pipe: Any, path: Path, latent_hw: int, dtype: str = "fp32") -> None:
-    import torch
-
-    if dtype not in COMPUTE_DTYPES:
-        raise HpedgeError(f"unknown compute dtype {dtype!r} for the VAE decoder (choose from {', '.join(COMPUTE_DTYPES)})")
-    half = dtype == "fp16"
-    vae = half_copy(pipe.vae) if half else pipe.vae
-
-    class Decoder(torch.nn.Module):  # float32 in and out; computes in the VAE's dtype
-        def __init__(self) -> None:
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, latents):  # type: ignore[no-untyped-def]
-            z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
-            img = self.vae.decode(z, return_dict=False)[0]
-            return (img / 2 + 0.5).clamp(0, 1).float()
-
-    c = vae.config.latent_channels
-    args = (torch.randn(1, c, latent_hw, latent_hw),)
-    axes = {"latents": {0: "batch", 2: "height", 3: "width"}, "image": {0: "batch", 2: "img_height", 3: "img_width"}}
-    _export(Decoder().eval(), args, path, ["latents"], ["image"], axes, "legacy")
-
-
-def onnx_files(path: Path) -> list[Path]:
-    """The ONNX file and its external data file, if any."""
-    files = [path]
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        files.append(data)
-    return files
-
-
-def size_of(path: Path) -> int:
-    return sum(os.path.getsize(f) for f in onnx_files(path))
-
-
-def initializer_bytes(path: Path) -> int:
-    """Bytes of an ONNX file's weights (initializers and Constant tensors, external data included) as stored."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-
-    def size(t: Any) -> int:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            return int(next((e.value for e in t.external_data if e.key == "length"), 0))
-        return len(t.raw_data) if t.raw_data else t.ByteSize()
-
-    total = sum(size(t) for t in model.graph.initializer)
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            total += sum(size(a.t) for a in n.attribute if a.type == onnx.AttributeProto.TENSOR)
-    return total

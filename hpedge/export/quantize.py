@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from hpedge.backends.ort import calibration_providers
 from hpedge.errors import HpedgeError
-from hpedge.export.onnx_export import read_array
+from hpedge.export.onnx_io import read_array, rewrite_onnx, save_onnx
 
 METHODS = {"awq_clip": "awq_clip", "rtn": "rtn_dq"}  # hpedge name -> ModelOpt's (rtn: the formula hpedge streams)
 CLIP_MIN = 1e-5  # ModelOpt's smallest block scale
@@ -160,8 +161,6 @@ def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, n
     if not quantizable:
         raise HpedgeError(f"no linear layer of this model can be INT4 block-quantized (block size {block_size})")
     prepared = out_path.with_name(out_path.stem + ".prepared.onnx")
-    from hpedge.backends.ort import calibration_providers
-    from hpedge.export.onnx_export import rewrite_onnx, save_onnx
 
     big = save_onnx(model, prepared, base_dir=Path(onnx_path).parent)
     old_tqdm = os.environ.get("TQDM_DISABLE")
@@ -231,7 +230,6 @@ def quantize_int4_rtn(onnx_path: Path, out_path: Path, block_size: int = 128, pr
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from hpedge.export.onnx_export import save_onnx
 
     t0 = time.time()
     src_dir = Path(onnx_path).parent
@@ -327,7 +325,6 @@ def quantize_int8_weights(onnx_path: Path, out_path: Path) -> QuantReport:
     if not quantized:
         raise HpedgeError(f"{onnx_path}: no linear layer to quantize")
     _replace_nodes(model, nodes)
-    from hpedge.export.onnx_export import save_onnx
 
     save_onnx(model, out_path)
     report = QuantReport(method="int8_weight_only", block_size=0, quantized=quantized, seconds=round(time.time() - t0, 1))
@@ -367,7 +364,6 @@ def store_floats_fp16(path: Path, keep_dq_scales: bool = True, min_elements: int
 
     model = onnx.load(str(path), load_external_data=True)
     n = floats_to_fp16(model, keep_dq_scales, min_elements)
-    from hpedge.export.onnx_export import save_onnx
 
     save_onnx(model, Path(path))
     return n

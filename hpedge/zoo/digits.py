@@ -81,7 +81,7 @@ def digit_split(split: str) -> np.ndarray:
     return idx[idx % 5 != 0] if split == "train" else idx[idx % 5 == 0]
 
 
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
+def resize(img: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize of a square image (numpy only, deterministic)."""
     n = img.shape[0]
     pos = (np.arange(size) + 0.5) * n / size - 0.5
@@ -106,7 +106,7 @@ def render(items: tuple[Item, ...], rng: np.random.Generator, split: str = "trai
         candidates = pool[labels[pool] == it.digit]
         img = images[rng.choice(candidates)]
         s = SIZES[it.size]
-        glyph = _resize(img, s)
+        glyph = resize(img, s)
         jitter = 2 if s <= 16 else 1
         cx = _slot_center_x(it.slot) + int(rng.integers(-1, 2))
         cy = CANVAS // 2 + int(rng.integers(-jitter, jitter + 1))

@@ -80,7 +80,7 @@ def train_judge(out: Path, steps: int, seed: int) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from hpedge.evaluation.judge import classifier_model, crop, region
+    from hpedge.zoo.judge import classifier_model, crop, region
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -109,7 +109,7 @@ def _profile(tmp_path: Path, name: str, **change) -> str:
 
 
 def test_profiles_name_their_engine_library_and_capabilities(tmp_path) -> None:
-    from hpedge.targets import all_profiles, load_profile
+    from hpedge.targets.profiles import all_profiles, load_profile
 
     libs = {p.name: (p.engine.library, p.engine.compute_capabilities, p.build_on) for p in all_profiles()}
     assert libs["rtx4090"] == ("tensorrt_rtx", ("8.9",), "host") and libs["rtx5090"][1] == ("12.0",)

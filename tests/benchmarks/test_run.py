@@ -161,7 +161,7 @@ def test_ablation_records_refused_rows_and_runs_the_other_variants_on_hps_analys
     from dataclasses import dataclass, field
 
     import hpedge.compress.pipeline as cp
-    import hpedge.evaluation.evaluate as ev
+    import hpedge.zoo.evaluate as ev
     from hpedge.models import loading
 
     @dataclass
@@ -201,7 +201,7 @@ def test_ablation_records_refused_rows_and_runs_the_other_variants_on_hps_analys
 def test_ratio_tolerance_names_the_scores_outside_it_from_the_recorded_flux_retrain(bench, tmp_path, monkeypatch) -> None:
     import argparse
 
-    import hpedge.evaluation.evaluate as ev
+    import hpedge.zoo.evaluate as ev
     from hpedge.models import loading
 
     # the recorded FLUX replay (--retrain-t5), judged by hand: overall -0.024 and size -0.12 outside, the rest within
@@ -307,7 +307,7 @@ def test_peer_summary_compares_int4_cpu_with_the_fastest_peer_on_the_pruned_grap
 
 
 def _curve_row(method, fraction, lr, overall, correct, cut, kept, status="ok"):
-    from hpedge.evaluation.evaluate import EvalSettings
+    from hpedge.zoo.evaluate import EvalSettings
 
     row = {"family": "sd3", "method": method, "fraction": fraction, "lr": lr, "steps": 600, "cut": cut, "status": status,
            "protect_early": 0.25, "jobs": 2, "date": "2026-12-02 22:00 UTC", "name": f"{method}-{fraction}-{lr}"}

@@ -6,6 +6,7 @@ from hpedge.compress.importance import load
 from hpedge.compress.plan import Budget, make_plan, parse_blocks
 from hpedge.errors import HpedgeError
 from hpedge.models.architectures import build_on_meta
+from hpedge.targets.profiles import load_profile
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "sd35-large-turbo-contribution-hpsv2.json"  # Apache-2.0, see tests/data
 
@@ -50,13 +51,15 @@ def test_impossible_budgets(large) -> None:
     with pytest.raises(HpedgeError, match=r"\(resident\): the package needs 9\.\d\d GB even after removing all 18 "
                                           r"removable blocks, 3\.\d\d GB more than the 5\.50 GB available; "
                                           r"try --residency sequential or --drop-t5"):
-        make_plan(large, Budget(target="jetson-orin-nano-8gb"), _uniform(38), footprint=_footprint("jetson-orin-nano-8gb", 7e9))
+        make_plan(large, Budget(target="jetson-orin-nano-8gb"), _uniform(38), footprint=_footprint("jetson-orin-nano-8gb", 7e9),
+                  profile=load_profile("jetson-orin-nano-8gb"))
     with pytest.raises(HpedgeError, match="only 18 are removable"):
         make_plan(large, Budget(remove_blocks="30"), _uniform(38))
 
 
 def test_target_budget_fits_memory(large) -> None:
-    p = make_plan(large, Budget(target="rtx4090"), _uniform(38), footprint=_footprint("rtx4090", 17e9))
+    p = make_plan(large, Budget(target="rtx4090"), _uniform(38), footprint=_footprint("rtx4090", 17e9),
+                  profile=load_profile("rtx4090"))
     assert p.target_memory_bytes == 21e9 and p.remove
     assert p.package_memory["weights"]["transformer"] == p.bytes_int4_after
     assert p.package_memory["need"] == p.bytes_int4_after + 17e9 + 1e8 <= p.target_memory_bytes
@@ -75,8 +78,7 @@ def test_residency_and_drop_t5_need_a_target() -> None:
 
 def _footprint(target: str, others: float):
     """A resident footprint whose non-transformer weights sum to ``others`` bytes, 0.1 GB of activations."""
-    from hpedge.export.footprint import Footprint
-    from hpedge.targets import load_profile
+    from hpedge.targets.footprint import Footprint
 
     prof = load_profile(target)
     return Footprint(target, "resident", 1024, 1, False, int((prof.memory_gb - prof.reserve_gb) * 1e9),

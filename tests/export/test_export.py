@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from hpedge.cli import app
 from hpedge.errors import HpedgeError
-from hpedge.export.pipeline import ExportOptions, check, export
+from hpedge.export.export import ExportOptions, export
+from hpedge.export.verify import check
 
 runner = CliRunner()
 

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from hpedge.cli import app
 from hpedge.errors import HpedgeError
-from hpedge.export.footprint import _peak, estimate
+from hpedge.targets.footprint import _peak, choose_t5, estimate
+from hpedge.targets.profiles import load_profile
 from hpedge.models.loading import resolve
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "sd35-large-turbo-contribution-hpsv2.json"
@@ -34,7 +35,7 @@ def large():
 
 
 def test_sd35_large_components_as_shipped(large) -> None:
-    fp = estimate(large, "rtx3060", t5="int4")
+    fp = estimate(large, load_profile("rtx3060"), t5="int4")
     assert fp.residency == "resident" and fp.resolution == 768 and fp.prompts == 1
     assert fp.precisions == {"transformer": "int4", "clip": "fp16", "t5": "int4", "vae_decoder": "fp16"}
     gb = {k: round(v / 1e9, 2) for k, v in fp.weights.items()}
@@ -42,25 +43,25 @@ def test_sd35_large_components_as_shipped(large) -> None:
     assert gb["clip"] == 1.64 and 2.5 < gb["t5"] < 2.8 and gb["vae_decoder"] == 0.10
     assert fp.need() == sum(fp.weights.values()) + max(fp.activations.values())
     assert 0 < fp.activations["transformer"] < fp.activations["vae_decoder"]  # VAE decode at 768 px peaks higher
-    bigger = estimate(large, "rtx4090", t5="int4")  # opt 1024 px: 4096 image tokens instead of 2304
+    bigger = estimate(large, load_profile("rtx4090"), t5="int4")  # opt 1024 px: 4096 image tokens instead of 2304
     assert bigger.activations["transformer"] > 1.5 * fp.activations["transformer"]
-    eight = estimate(large, "rtx3060", t5="int8")
+    eight = estimate(large, load_profile("rtx3060"), t5="int8")
     assert 1.6 < eight.weights["t5"] / fp.weights["t5"] < 2.0
-    assert estimate(large, "rtx3060").precisions["t5"] == "int4"  # auto: INT8 does not fit a 12 GB card whole
-    assert estimate(large, "rtx5090").precisions["t5"] == "int8"
+    assert estimate(large, load_profile("rtx3060")).precisions["t5"] == "int4"  # auto: INT8 does not fit a 12 GB card whole
+    assert estimate(large, load_profile("rtx5090")).precisions["t5"] == "int8"
 
 
 def test_sequential_residency_on_shared_memory_boards(large) -> None:
-    fp = estimate(large, "jetson-orin-nano-8gb", t5="int4")
+    fp = estimate(large, load_profile("jetson-orin-nano-8gb"), t5="int4")
     assert fp.residency == "sequential"  # auto on a shared-memory profile
     assert fp.need() == max(fp.phase_bytes(p) for p in ("text", "transformer", "vae_decoder")) < \
-        estimate(large, "jetson-orin-nano-8gb", "resident", t5="int4").need()
-    dropped = estimate(large, "jetson-orin-nano-8gb", drop_t5=True)
+        estimate(large, load_profile("jetson-orin-nano-8gb"), "resident", t5="int4").need()
+    dropped = estimate(large, load_profile("jetson-orin-nano-8gb"), drop_t5=True)
     assert "t5" not in dropped.weights and dropped.phase_bytes("text") < fp.phase_bytes("text")
     with pytest.raises(HpedgeError, match="SD3 pipelines only"):
-        estimate(resolve("flux.1-dev", allow_architecture=True), "rtx4090", drop_t5=True)
+        estimate(resolve("flux.1-dev", allow_architecture=True), load_profile("rtx4090"), drop_t5=True)
     with pytest.raises(HpedgeError, match="--residency must be"):
-        estimate(large, "rtx4090", "streaming")
+        estimate(large, load_profile("rtx4090"), "streaming")
 
 
 def test_plan_prints_the_package_table_and_fits_rtx3060() -> None:
@@ -83,7 +84,7 @@ def test_plan_json_records_the_footprint(tmp_path) -> None:
 
 
 def test_export_refuses_a_package_that_cannot_fit_before_any_work(tmp_path) -> None:
-    from hpedge.targets import PROFILE_DIR
+    from hpedge.targets.profiles import PROFILE_DIR
 
     prof = json.loads((PROFILE_DIR / "rtx4090.json").read_text())
     prof.update(name="tiny-card", memory_gb=3.001, reserve_gb=3.0)  # 1 MB for the whole package
@@ -92,3 +93,20 @@ def test_export_refuses_a_package_that_cannot_fit_before_any_work(tmp_path) -> N
     r = runner.invoke(app, ["export", "zoo:digits-sd3", "--target", str(path), "-o", str(tmp_path / "pkg")])
     assert r.exit_code != 0 and "does not fit tiny-card" in r.output and "compress it first" in r.output
     assert not (tmp_path / "pkg").exists() and not list(tmp_path.glob(".pkg*"))
+
+
+def test_t5_auto_is_one_rule_for_export_and_compress() -> None:
+    inf = float("inf")
+    asked: list[str] = []
+
+    def costs(c8: float, c4: float):
+        def cost(p: str) -> float:
+            asked.append(p)
+            return {"int8": c8, "int4": c4}[p]
+        return cost
+
+    assert choose_t5(costs(0, 0))[0] == "int8" and asked == ["int8"]  # fits with INT8: INT4 never sized
+    assert choose_t5(costs(inf, 0))[0] == "int4"  # export: INT8 does not fit
+    assert choose_t5(costs(inf, inf))[0] == "int4"  # neither fits: the smaller one is refused later, with numbers
+    assert choose_t5(costs(3, 3))[0] == "int8"  # compress: INT4 would not save a block
+    assert choose_t5(costs(4, 3)) == ("int4", "T5 INT4: INT8 would cost 1 more transformer block(s)")

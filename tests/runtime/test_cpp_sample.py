@@ -87,10 +87,10 @@ def test_ort_sample_matches_python(request: pytest.FixtureRequest, tmp_path: Pat
 @pytest.mark.parametrize("library,binary,root", [("tensorrt", "trt_step", "TENSORRT_ROOT"),
                                                  ("tensorrt_rtx", "trt_rtx_step", "TENSORRT_RTX_ROOT")])
 def test_trt_sample_matches_python(request: pytest.FixtureRequest, tmp_path: Path, library: str, binary: str, root: str) -> None:
-    from hpedge.backends import engines
+    from hpedge.backends import engines, trt_api
 
     target = "rtx4090" if library == "tensorrt_rtx" else None
-    av = engines.library(library).run_availability(("8.9",) if target else ((engines.gpu_compute_capability() or "8.7"),))
+    av = engines.library(library).run_availability(("8.9",) if target else ((trt_api.gpu_compute_capability() or "8.7"),))
     if not av.ok:
         pytest.skip(f"{library} C++ sample not run: {av.reason}")
     if shutil.which("cmake") is None:
@@ -102,7 +102,7 @@ def test_trt_sample_matches_python(request: pytest.FixtureRequest, tmp_path: Pat
     if target is None:  # pragma: no cover - a standard-TensorRT GPU machine: a profile of this GPU
         pytest.skip("standard TensorRT sample: export for this GPU's own profile (a Jetson board) and run it there")
 
-    from hpedge.export.pipeline import ExportOptions, export
+    from hpedge.export.export import ExportOptions, export
     from hpedge.runtime import Package, read_manifest
 
     pkg = tmp_path / "pkg"

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpedge.runtime import pack, sigmas, unpack
+from hpedge.runtime.sampler import pack, unpack
+from hpedge.runtime.schedule import sigmas
 
 
 @pytest.mark.parametrize("name", ["sd3.5-large", "sd3.5-medium", "flux.1-schnell", "flux.1-dev"])
@@ -14,7 +15,7 @@ def test_sigma_schedules_match_the_real_schedulers_as_the_pipelines_call_them(na
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from hpedge.models.architectures import architecture
-    from hpedge.runtime import calculate_shift
+    from hpedge.runtime.schedule import calculate_shift
 
     a = architecture(name)
     cfg = {k: v for k, v in a["scheduler"].items() if not k.startswith("_")}

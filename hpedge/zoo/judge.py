@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpedge.zoo.digits import CANVAS, Item, Prompt, _resize
+from hpedge.zoo.digits import CANVAS, Item, Prompt, resize
 
 INK = 0.3
 MIN_INK = 4.0
@@ -48,7 +48,7 @@ def crop(area: np.ndarray) -> np.ndarray:
     h, w = y1 - y0, x1 - x0
     oy, ox = (side - h) // 2, (side - w) // 2
     sq[oy : oy + h, ox : ox + w] = area[y0:y1, x0:x1]
-    return _resize(sq, CROP).astype(np.float32)
+    return resize(sq, CROP).astype(np.float32)
 
 
 def half_crops(canvas: np.ndarray) -> np.ndarray:

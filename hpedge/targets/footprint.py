@@ -24,12 +24,19 @@ profile's ``reserve_gb`` (runtime, CUDA context, the OS on a Jetson) is kept fre
 
 from __future__ import annotations
 
+import math
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hpedge.errors import HpedgeError
+from hpedge.models import adapters
+from hpedge.models.denoise import Conditioning, predict
+from hpedge.models.meta import meta_components, meta_transformer, text_tokens
+from hpedge.models.sampling import defaults_of_ref, zoo_marker
+from hpedge.targets.profiles import Profile
+from hpedge.targets.shapes import batch_range, resolution_range
 
 RESIDENCIES = ("auto", "resident", "sequential")
 PHASES = {"text": ("clip", "t5"), "transformer": ("transformer",), "vae_decoder": ("vae_decoder",)}
@@ -85,27 +92,44 @@ def residency_for(profile: Any, residency: str) -> str:
 T5_PRECISIONS = ("auto", "int4", "int8")
 
 
-def estimate(ref: Any, target: str, residency: str = "auto", drop_t5: bool = False,
+def choose_t5(cost: Callable[[str], float]) -> tuple[str, str]:
+    """``--t5 auto``, the one rule for export and compress alike: T5 in INT8 (weight-only, closer to PyTorch)
+    unless it costs more than INT4, else INT4 (half its bytes). ``cost(precision)`` is what that precision
+    costs the package: transformer blocks removed to fit (compress) or 0 / inf for fits / does not (export).
+    Returns the precision and why."""
+    c8 = cost("int8")
+    if c8 == 0:
+        return "int8", "T5 INT8: the package fits with it"
+    c4 = cost("int4")
+    if math.isfinite(c8) and c8 <= c4:
+        return "int8", "T5 INT8: INT4 would not save a transformer block"
+    return "int4", ("T5 INT4: with INT8 the package does not fit" if not math.isfinite(c8)
+                    else f"T5 INT4: INT8 would cost {c8 - c4:g} more transformer block(s)")
+
+
+def estimate(ref: Any, profile: Profile, residency: str = "auto", drop_t5: bool = False,
              remove: list[int] | None = None, max_sequence_length: int | None = None, t5: str = "auto") -> Footprint:
-    """The package's device memory on ``target`` for a resolved model (an architecture name or a pipeline
+    """The package's device memory on ``profile`` for a resolved model (an architecture name or a pipeline
     folder), from configs alone: every module is built on the meta device, no weight is read.
 
-    ``t5``: ``int8`` (weight-only, closer to PyTorch), ``int4`` (half its bytes) or ``auto``: int8 where the
-    package fits with it, int4 otherwise."""
+    ``t5``: ``int8``, ``int4`` or ``auto`` (:func:`choose_t5`: int8 where the package fits with it)."""
     if t5 not in T5_PRECISIONS:
         raise HpedgeError(f"--t5 must be one of {', '.join(T5_PRECISIONS)}, got {t5!r}")
     if t5 == "auto":
-        fp = estimate(ref, target, residency, drop_t5, remove, max_sequence_length, "int8")
-        return fp if fp.fits() or drop_t5 else estimate(ref, target, residency, drop_t5, remove, max_sequence_length, "int4")
+        if drop_t5:
+            return estimate(ref, profile, residency, drop_t5, remove, max_sequence_length, "int8")
+        fps: dict[str, Footprint] = {}
+
+        def cost(precision: str) -> float:
+            fps[precision] = estimate(ref, profile, residency, drop_t5, remove, max_sequence_length, precision)
+            return 0 if fps[precision].fits() else math.inf
+
+        chosen, _ = choose_t5(cost)
+        return fps[chosen]
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from hpedge.compress.memory import meta_transformer
-    from hpedge.export.engine_build import batch_range
-    from hpedge.models import adapters
-    from hpedge.targets import load_profile
-
-    prof = load_profile(target)
+    prof = profile
     family = ref.family
     if drop_t5 and family != "sd3":
         raise HpedgeError("--drop-t5 applies to SD3 pipelines only: FLUX.1 takes its prompt embeddings from T5")
@@ -154,9 +178,6 @@ def estimate(ref: Any, target: str, residency: str = "auto", drop_t5: bool = Fal
 
 def _resolution(ref: Any, tr: Any, vae: Any, prof: Any) -> int:
     """The opt resolution the package's engines are built for (the export's rule)."""
-    from hpedge.export.pipeline import resolution_range
-    from hpedge.models.sampling import zoo_marker
-
     vs = 2 ** (len(vae.config.block_out_channels) - 1)
     return resolution_range(ref.family, dict(tr.config), vs, prof, zoo_marker(ref.path))[1]
 
@@ -182,48 +203,10 @@ def _params(m: Any) -> int:
 
 
 def _default_msl(ref: Any) -> int:
-    from hpedge.models.sampling import defaults_of_ref
-
     d = defaults_of_ref(ref)
     if d is None:
         raise HpedgeError(f"{ref.path}: no transformer/config.json; cannot size the package")
     return int(d.max_sequence_length)
-
-
-def meta_components(ref: Any) -> dict[str, Any]:
-    """Text encoders (``clip_l``, ``clip_g``, ``t5``) and the VAE of a resolved model on the meta device."""
-    import json
-
-    import transformers
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL
-
-    from hpedge.models.architectures import architecture, text_encoder, vae_config
-
-    out: dict[str, Any] = {}
-    with init_empty_weights():
-        if ref.architecture is not None:
-            a = architecture(ref.architecture)
-            out["vae"] = AutoencoderKL(**vae_config(a["vae"]))
-            encoders = [text_encoder(spec) for spec in a["text_encoders"].values()]
-        else:
-            folder = Path(ref.path)
-            index = json.loads((folder / "model_index.json").read_text())
-            out["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(str(folder / "vae")))
-            encoders = []
-            for name in sorted(k for k in index if k.startswith("text_encoder")):
-                if index[name] is None or index[name][1] is None:
-                    continue
-                cls = getattr(transformers, index[name][1])
-                encoders.append(cls(cls.config_class.from_pretrained(str(folder / name))))
-    clips = [e for e in encoders if type(e).__name__.startswith("CLIP")]
-    for i, e in enumerate(clips):
-        out[f"clip_{i}"] = e
-    t5 = [e for e in encoders if type(e).__name__.startswith("T5")]
-    if t5:  # the input embedding is T5's ``shared`` table; on the meta device the tie must be made
-        t5[0].encoder.embed_tokens = t5[0].shared
-        out["t5"] = t5[0]
-    return out
 
 
 class _Live:
@@ -290,9 +273,6 @@ def _peak(module: Any, run: Any) -> int:
 
 def _transformer_peak(tr: Any, family: str, batch: int, side: int, msl: int, vae_scale: int) -> int:
     import torch
-
-    from hpedge.compress.memory import text_tokens
-    from hpedge.models.denoise import Conditioning, predict
 
     cfg = tr.config
     half = torch.float16

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from hpedge.errors import HpedgeError
-from hpedge.evaluation.evaluate import (JUDGE_WEIGHTS, EvalResult, EvalSettings, paired_difference, paired_ratio, real_canvases,
+from hpedge.zoo.evaluate import (JUDGE_WEIGHTS, EvalResult, EvalSettings, paired_difference, paired_ratio, real_canvases,
                                       score)
-from hpedge.evaluation.judge import Judge
+from hpedge.zoo.judge import Judge
 from hpedge.zoo.digits import eval_prompts
 
 

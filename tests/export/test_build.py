@@ -9,8 +9,8 @@ import pytest
 
 from hpedge.backends import engines as eng
 from hpedge.errors import HpedgeError
-from hpedge.export import engine_build
-from hpedge.targets import load_profile
+from hpedge.export import build as engine_build
+from hpedge.targets.profiles import load_profile
 
 from ..conftest import zoo_available
 
@@ -25,7 +25,7 @@ def zoo_package(request, tmp_path_factory) -> Path:
         pytest.skip(f"zoo:{request.param} is not in this checkout")
     if not RTX.ok:
         pytest.skip(f"TensorRT-RTX not importable: {RTX.reason}")
-    from hpedge.export.pipeline import ExportOptions, export
+    from hpedge.export.export import ExportOptions, export
 
     out = tmp_path_factory.mktemp("zoo-pkg") / request.param
     export(f"zoo:{request.param}", out, ExportOptions(target="rtx4090", method="rtn", calibration_prompts=2,
@@ -57,8 +57,9 @@ def test_hpedge_build_builds_pending_engines_and_keeps_them_only_if_they_match(s
     """`hpedge build` on a package exported with --engine skip: real TensorRT-RTX builds; the parity gate is
     exercised with a stand-in runner (no RTX GPU here) whose outputs are the stored reference, exact or with
     an error as large as the signal. A failing engine set is deleted and the package stays as it was."""
-    from hpedge.export import pipeline
-    from hpedge.runtime import read_manifest
+    from hpedge.export import build as pipeline
+    from hpedge.runtime.format import load_reference
+    from hpedge.runtime.format import read_manifest
 
     if not RTX.ok:
         pytest.skip(f"TensorRT-RTX not importable: {RTX.reason}")
@@ -78,7 +79,7 @@ def test_hpedge_build_builds_pending_engines_and_keeps_them_only_if_they_match(s
     assert "not run: no RTX GPU" in m["engines"]["parity"]["reason"]
     assert all(c["file"] in m["files"] for c in m["engines"]["components"].values())
 
-    _, ref = pipeline.load_reference(pkg, m)
+    _, ref, _ = load_reference(pkg, m)
     rng = np.random.default_rng(0)
 
     class Stand:

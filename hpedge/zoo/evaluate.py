@@ -17,7 +17,7 @@ import numpy as np
 from hpedge.errors import HpedgeError
 from hpedge.zoo.digits import CATEGORIES, Prompt, eval_prompts, render
 
-JUDGE_WEIGHTS = Path(__file__).resolve().parent.parent / "zoo" / "models" / "judge" / "digit-classifier.safetensors"
+JUDGE_WEIGHTS = Path(__file__).resolve().parent / "models" / "judge" / "digit-classifier.safetensors"
 
 
 @dataclass
@@ -85,7 +85,7 @@ def real_canvases(prompts: list[Prompt], seed: int) -> np.ndarray:
 
 def evaluate(pipe: Any, model_name: str, settings: EvalSettings | None = None, progress: Any = None,
              judge: Any = None) -> tuple[EvalResult, np.ndarray, list[Prompt]]:
-    from hpedge.evaluation.judge import Judge
+    from hpedge.zoo.judge import Judge
 
     s = settings or EvalSettings()
     prompts = eval_prompts(s.per_category, seed=s.prompt_seed)

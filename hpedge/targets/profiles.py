@@ -20,7 +20,7 @@ from typing import Any
 
 from hpedge.errors import HpedgeError
 
-PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 SCHEMA = "hpedge-profile/2"
 ENGINE_LIBRARIES = ("tensorrt_rtx", "tensorrt")
 # compute capabilities TensorRT-RTX 1.7 compiles for (its ComputeCapability enum: SM75 ... SM121)

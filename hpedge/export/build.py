@@ -1,4 +1,4 @@
-"""The engine stage of ``hpedge export`` (and of ``hpedge build`` on a device).
+"""Engines: the engine stage of ``hpedge export``, and ``hpedge build`` (a package's pending engines, on a device).
 
 One engine per packaged component (text encoding, INT4 transformer, VAE decoder), one optimization
 profile each, from the device profile's resolution and batch ranges. Which library builds them and for
@@ -15,8 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from hpedge.backends import engines as eng
+from hpedge.backends.trt_api import BuildSettings, Shapes
 from hpedge.errors import HpedgeError
-from hpedge.targets import Profile
+from hpedge.export import verify
+from hpedge.export.onnx_io import initializer_bytes
+from hpedge.runtime.format import finalize_manifest, load_reference, sha256
+from hpedge.runtime.package import Package
+from hpedge.targets.profiles import Profile
+from hpedge.targets.shapes import batch_range
 
 COMPONENTS = ("text_clip", "text_t5", "transformer", "vae_decoder")
 
@@ -43,19 +49,6 @@ def plan(mode: str, profile: Profile, precisions: set[str]) -> tuple[bool, str]:
             raise HpedgeError(f"--engine require: cannot build the {spec.library} engines here: {av.reason}")
         return False, f"{av.reason}; build them later with `hpedge build PACKAGE`"
     return True, av.reason
-
-
-def batch_range(profile: Profile, family: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(batch of prompts, batch of the transformer and text engines).
-
-    SD3 pipelines sample with classifier-free guidance: the negative and the positive prompt run as one
-    batch of twice the prompts, so their engines cover twice the profile's batch (opt and max); FLUX.1 has
-    no CFG (FLUX.1-dev's guidance is an input of the transformer).
-    """
-    b = (profile.batch.min, profile.batch.opt, profile.batch.max)
-    if family == "sd3":
-        return b, (b[0], 2 * b[1], 2 * b[2])
-    return b, b
 
 
 def _with_batch(shapes: tuple[tuple[int, ...], ...], batch: tuple[int, int, int]) -> list[list[int]]:
@@ -88,7 +81,7 @@ def component_plan(family: str, transformer_io: dict[str, Any], batch_axes: dict
     }
 
 
-def _shapes(d: dict[str, Any]) -> eng.Shapes:
+def _shapes(d: dict[str, Any]) -> Shapes:
     return {k: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"])) for k, v in d.items()}
 
 
@@ -106,19 +99,17 @@ def build_all(root: Path, components: dict[str, Any], target: dict[str, Any],
 
     ``target`` is the profile as the manifest stores it (``Profile.to_dict()``).
     """
-    from hpedge.export.onnx_export import initializer_bytes
-    from hpedge.runtime import sha256
 
     spec = target["engine"]
     adapter = eng.library(spec["library"])
     out = {}
-    for name in COMPONENTS:
+    for name in (n for n in COMPONENTS if n in components):  # a package without T5 has no text_t5 engine
         c = components[name]
         if progress:
             progress(f"building the {name} engine ({spec['library']}, "
                      f"{', '.join('sm_' + x.replace('.', '') for x in spec['compute_capabilities'])})")
         onnx = root / c["onnx"]
-        settings = eng.BuildSettings(_shapes(c["shapes"]), tuple(spec["compute_capabilities"]),
+        settings = BuildSettings(_shapes(c["shapes"]), tuple(spec["compute_capabilities"]),
                                      int(target["builder_optimization_level"]), int(target["workspace_gb"] * 2**30))
         facts = eng.build_cached(adapter, onnx, sha256(onnx), root / "engines" / f"{name}.plan", settings)
         out[name] = {**c, **facts, "file": f"engines/{facts['file']}", "onnx_weight_bytes": initializer_bytes(onnx)}
@@ -133,9 +124,44 @@ def runtime_cache_note(library: str) -> str | None:
             "$XDG_CACHE_HOME/hpedge, else ~/.cache/hpedge")
 
 
-def within_batch(component: dict[str, Any], feeds: list[dict[str, Any]], ref: list[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Transformer feeds (and their references) cut to the engine's largest batch."""
-    names = list(component["shapes"])
-    cap = min(component["shapes"][k]["max"][0] for k in component["batch_inputs"])
-    cut = [{k: (f[k][:cap] if k in component["batch_inputs"] else f[k]) for k in names} for f in feeds]
-    return cut, [r[:cap] for r in ref]
+def plan_engines(family: str, transformer_io: dict[str, Any], batch_axes: dict[str, bool], text_lengths: dict[str, int],
+                 latent_channels: int, latent_range: tuple[int, int, int], profile: Profile, mode: str, reason: str,
+                 text: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``engines`` section before any build: library, GPUs, and each component's ONNX and shapes."""
+    comps = component_plan(family, transformer_io, batch_axes, text_lengths, latent_channels, latent_range, profile,
+                           text["encoders"])
+    section: dict[str, Any] = {
+        "status": "skipped" if mode == "skip" else "pending", "reason": reason, "library": profile.engine.library,
+        "compute_capabilities": list(profile.engine.compute_capabilities), "portable": profile.engine.portable,
+        "components": comps,
+    }
+    note = runtime_cache_note(profile.engine.library)
+    if note:
+        section["runtime_cache"] = note
+    return section
+
+
+def build(package: Path) -> dict[str, Any]:
+    """``hpedge build PACKAGE``: build the package's pending engines on this machine (a Jetson board for
+    standard TensorRT; any host for TensorRT-RTX). They join the package only if the transformer engine
+    matches the PyTorch reference stored at export time, where this machine can run it."""
+    pkg = Package(package, variant="int4", device="cpu")
+    section = pkg.manifest.get("engines")
+    if not section:
+        raise HpedgeError(f"{package} has no engines section (written by an older hpedge); export it again")
+    target = pkg.manifest["target"]
+    av = eng.library(section["library"]).build_availability(tuple(section["compute_capabilities"]))
+    if not av.ok:
+        raise HpedgeError(f"cannot build the {section['library']} engines here: {av.reason}")
+    built = build_all(package, planned(section["components"]), target)
+    new = {**section, "status": "built", "reason": av.reason, "components": built}
+    feeds, ref, _ = load_reference(package, pkg.manifest)
+    new["parity"] = verify.engine_summary(verify.engine_checks(package, new, feeds, ref, target["parity"], ("transformer",)))
+    if new["parity"].get("run") and not new["parity"]["passed"]:
+        for c in built.values():
+            (package / c["file"]).unlink(missing_ok=True)
+        raise HpedgeError(f"the engines built but the transformer engine failed parity, not added to the package: "
+                          f"{new['parity']}", HpedgeError.CHECK_FAILED)
+    manifest = {k: v for k, v in pkg.manifest.items() if k not in ("files", "manifest_sha256")}
+    manifest["engines"] = new
+    return finalize_manifest(package, manifest)

@@ -1,0 +1,68 @@
+"""Polygraphy adapter: the only module that imports ``polygraphy``.
+
+ONNX Runtime runs through Polygraphy's ``OnnxrtRunner`` (sessions from :func:`hpedge.backends.ort.session`),
+and element-wise comparisons through its ``Comparator.compare_accuracy``; results are Polygraphy's
+``RunResults``. Engines run through their own adapters (Polygraphy's TensorRT runner only knows standard
+TensorRT).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpedge.backends import ort
+
+
+def _quiet() -> None:
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+
+
+def run_onnxrt(onnx_path: Path, feeds: list[dict[str, np.ndarray]], name: str, device: str = "auto") -> Any:
+    """Polygraphy run of an ONNX file on ONNX Runtime (CUDA where present, else CPU; no pre-packed weight
+    copies: see :func:`hpedge.backends.ort.session`); returns its RunResults."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.comparator import Comparator
+
+    _quiet()
+    runner = OnnxrtRunner(lambda: ort.session(onnx_path, device, low_memory=True), name=name)
+    return Comparator.run([runner], data_loader=feeds)
+
+
+def outputs_of(results: Any) -> list[np.ndarray]:
+    (_, iterations), = list(results.items())
+    return [np.asarray(next(iter(it.values()))) for it in iterations]
+
+
+def reference_results(reference: list[np.ndarray], output_name: str, runner: str = "pytorch") -> Any:
+    """Outputs computed elsewhere as Polygraphy results of runner ``runner``."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+
+    return RunResults([(runner, [IterationResult({output_name: r}, runner_name=runner) for r in reference])])
+
+
+def matches_elementwise(reference: list[np.ndarray], results: Any, output_name: str, atol: float, rtol: float) -> bool:
+    """Polygraphy's ``Comparator.compare_accuracy`` with its simple element-wise comparison."""
+    from polygraphy.comparator import Comparator, RunResults
+
+    try:
+        from polygraphy.comparator import SimpleCompareFunc as simple
+    except ImportError:  # older Polygraphy
+        from polygraphy.comparator import CompareFunc
+
+        simple = CompareFunc.simple
+
+    _quiet()
+    merged = RunResults(list(reference_results(reference, output_name).items()) + list(results.items()))
+    return bool(Comparator.compare_accuracy(merged, compare_func=simple(atol=atol, rtol=rtol, check_shapes=True)))
+
+
+def version() -> str:
+    import polygraphy
+
+    return str(polygraphy.__version__)

@@ -1,0 +1,443 @@
+"""``hpedge export``: pipeline folder -> verified package for a device profile, as a sequence of named stages.
+
+1. :func:`_capture` -- calibration inputs from real denoising runs of the pipeline (never random data) and every
+   PyTorch reference (transformer on held-out and fresh inputs, text encoders, VAE, end-to-end images); the
+   PyTorch transformer leaves memory right after its ONNX export, so no ONNX Runtime session or ModelOpt pass
+   ever runs beside it;
+2. :func:`_export_graphs` -- the transformer as ONNX fp32 (checked against PyTorch on fresh inputs before
+   anything else runs) and, with ``--compute fp16``, fp16; the text encoding and the VAE decoder;
+3. :func:`_quantize` -- INT4 (ModelOpt AWQ, or hpedge's streamed RTN) of the graph TensorRT builds from: its
+   engine is strongly typed, so the graph's types (``--compute``) decide the kernels; ``int4_cpu`` (ONNX
+   Runtime's CPU provider) is made from the very same 4-bit weights and scales (:mod:`hpedge.export.cpu_int4`);
+4. engines (:mod:`hpedge.export.build`): TensorRT-RTX profiles build here on any host; standard TensorRT
+   profiles (Jetson) plan them for an on-device ``hpedge build``;
+5. :func:`_parity` -- every component against PyTorch (:mod:`hpedge.export.verify`); it gates packaging;
+6. a manifest with the sha256 of every file (:mod:`hpedge.runtime.format`); the folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from hpedge.errors import HpedgeError
+from hpedge.export import build as engine_build
+from hpedge.export import onnx_export as ox
+from hpedge.export import verify
+from hpedge.export.cpu_int4 import KERNELS, convert
+from hpedge.export.encoders import export_text_encoder, export_vae_decoder, text_inputs, tokenize
+from hpedge.export.onnx_io import size_of
+from hpedge.export.quantize import QuantReport, quantize_int4, quantize_int8_weights, store_floats_fp16
+from hpedge.export.verify import Check, ParityReport
+from hpedge.io import atomic_dir, check_parent
+from hpedge.models.denoise import family_of
+from hpedge.models.loading import ModelRef, compute_device, drop_t5, load_pipeline, resolve
+from hpedge.models.sampling import Defaults, check_pipeline, sample, with_overrides, zoo_marker
+from hpedge.models.sampling import defaults as sampling_defaults
+from hpedge.prompts import calibration
+from hpedge.runtime.format import finalize_manifest, save_reference, write_archive
+from hpedge.runtime.package import Package
+from hpedge.runtime.schedule import initial_latents
+from hpedge.targets.footprint import estimate
+from hpedge.targets.profiles import Profile, load_profile
+from hpedge.targets.shapes import resolution_range
+from hpedge.zoo.evaluator import evaluator_for
+
+REFERENCE_SAMPLES = 2
+E2E_SEED = 5
+
+
+@dataclass
+class ExportOptions:
+    target: str = "rtx4090"
+    engine: str = "auto"  # auto | require | skip
+    method: str = "awq_clip"  # awq_clip | rtn
+    exporter: str = "auto"
+    calibration_prompts: int = 8
+    steps: int | None = None  # denoising steps of the calibration runs and the end-to-end check; None: the model's
+    allow_parity_failure: bool = False
+    archive: bool = False
+    overwrite: bool = False
+    protect: list[str] = field(default_factory=list)
+    e2e_samples: int = 4
+    cpu_kernel: str = "int8"  # int8 | nbits (see hpedge.export.cpu_int4)
+    compute: str = "fp16"  # what the TensorRT-input INT4 graph computes in: fp16 | fp32 (int4_cpu is always fp32)
+    fp32_reference: bool = False  # also ship fp32 graphs of every component (variant "fp32": the exact reference; for debugging)
+    residency: str = "auto"  # auto | resident | sequential (hpedge.targets.footprint)
+    drop_t5: bool = False  # SD3: ship no T5 (zeros in its place, as diffusers without text_encoder_3)
+    t5: str = "auto"  # T5's weights: int4 (ModelOpt, --method) | int8 (weight-only, per channel) | auto (int8 where it fits)
+
+
+@dataclass
+class _Run:
+    """What the stages share: the resolved inputs, then what each stage produced."""
+
+    model: str
+    opts: ExportOptions
+    profile: Profile
+    ref: ModelRef
+    memory: dict[str, Any]
+    build_now: bool
+    engine_reason: str
+    say: Callable[[str], None]
+    pipe: Any = None
+    family: str = ""
+    res: tuple[int, int, int] = (0, 0, 0)
+    gen: Any = None  # the calibration and end-to-end sampling settings (Defaults)
+    model_gen: Any = None  # the model's own defaults
+    spec: Any = None  # the transformer's IOSpec
+    prompts: list[str] = field(default_factory=list)
+    refs: dict[str, Any] = field(default_factory=dict)  # PyTorch references and captured inputs
+    fp32: Path = Path()
+    exporter: str = ""
+    fp32_bytes: int = 0
+
+    @property
+    def seq(self) -> int:
+        return int(self.gen.max_sequence_length)
+
+
+def capture_inputs(pipe: Any, prompts: list[str], gen: Defaults, names: list[str], seed: int,
+                   every: int = 4) -> list[dict[str, np.ndarray]]:
+    """Transformer inputs recorded during real denoising runs (every ``every``-th call) at sampling
+    defaults ``gen``: with CFG, the [negative, positive] batch the pipeline really feeds the transformer."""
+    feeds: list[dict[str, np.ndarray]] = []
+    counter = {"n": 0}
+
+    def hook(_m: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        if counter["n"] % every == 0:
+            feeds.append({k: kwargs[k].detach().float().cpu().numpy() for k in names if kwargs.get(k) is not None})
+        counter["n"] += 1
+
+    h = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        sample(pipe, prompts, gen, seeds=[seed * 1000 + i for i in range(len(prompts))], output="latent")
+    finally:
+        h.remove()
+    for f in feeds:  # the pipeline passes one guidance value per sample; the graph takes one per batch row
+        if "guidance" in names and "guidance" in f and f["guidance"].shape[0] != f["hidden_states"].shape[0]:
+            f["guidance"] = np.broadcast_to(f["guidance"], (f["hidden_states"].shape[0],)).astype(np.float32)
+    return feeds
+
+
+def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    run = _prepare(model, out, opts, progress or (lambda _s: None))
+    report_path = out.resolve().parent / f"{out.name}.parity.json"
+    with atomic_dir(out, overwrite=opts.overwrite) as tmp:
+        work = tmp / ".work"  # intermediate files, removed before the manifest is written
+        _load(run)
+        _capture(run)
+        text, t5_rep = _export_graphs(run, tmp, work)
+        fp32_check = _check_fp32(run, tmp)
+        qrep, n_cpu = _quantize(run, tmp, work)
+        engines = _engines(run, tmp, text)
+        manifest = _manifest(run, tmp, text, engines, qrep, n_cpu, t5_rep)
+        shutil.rmtree(work, ignore_errors=True)
+        hashes: dict[str, Any] = {}  # each file's sha256 is computed once, however often the manifest is finished
+        finalize_manifest(tmp, manifest, hashes)  # the runtime reads the manifest: finish it once before parity
+        report = _parity(run, tmp, text, engines, fp32_check)
+        (tmp / "parity.json").write_text(json.dumps(report.to_dict(), indent=2))
+        _gate(run, report, report_path)
+        manifest["engines"] = engines
+        manifest["parity"] = {"passed": report.passed, "overridden": not report.passed, "report": "parity.json",
+                              "checks": {c.name: c.passed for c in report.checks}}
+        manifest["seconds"] = round(time.time() - run.refs["t0"], 1)
+        manifest = finalize_manifest(tmp, manifest, hashes)
+    if report_path.exists() and report.passed:
+        report_path.unlink()
+    if opts.archive:
+        write_archive(out, out.with_name(out.name + ".tar"))
+    return manifest
+
+
+def _prepare(model: str, out: Path, opts: ExportOptions, say: Callable[[str], None]) -> _Run:
+    """Every option and the target checked, and the package's footprint sized, before any work."""
+    if opts.cpu_kernel not in KERNELS:
+        raise HpedgeError(f"--cpu-kernel must be one of {', '.join(KERNELS)}, got {opts.cpu_kernel!r}")
+    profile = load_profile(opts.target)
+    if "int4" not in profile.precisions:
+        raise HpedgeError(f"target {profile.name} cannot run INT4 weights (precisions: {', '.join(profile.precisions)})")
+    if opts.compute not in ox.COMPUTE_DTYPES:
+        raise HpedgeError(f"--compute must be one of {', '.join(ox.COMPUTE_DTYPES)}, got {opts.compute!r}")
+    if opts.compute not in profile.precisions:
+        raise HpedgeError(f"target {profile.name} cannot compute in {opts.compute} (precisions: {', '.join(profile.precisions)})")
+    check_parent(out)
+    if out.exists() and not opts.overwrite:
+        raise HpedgeError(f"{out} already exists; pass --overwrite to replace it")
+    build_now, engine_reason = engine_build.plan(opts.engine, profile, {"int4", opts.compute})
+    ref = resolve(model)
+    t0 = time.time()
+    memory = _fits(ref, profile, opts)  # a package that cannot fit is not built
+    run = _Run(model, opts, profile, ref, memory, build_now, engine_reason, say)
+    run.refs["t0"] = t0
+    return run
+
+
+def _fits(ref: ModelRef, profile: Profile, opts: ExportOptions) -> dict[str, Any]:
+    """The package's footprint on the profile (:mod:`hpedge.targets.footprint`); refuses one that cannot fit."""
+    fp = estimate(ref, profile, opts.residency, opts.drop_t5, t5=opts.t5)
+    if not fp.fits():
+        parts = ", ".join(f"{c} {b / 1e9:.2f}" for c, b in fp.weights.items())
+        acts = ", ".join(f"{c} {b / 1e9:.2f}" for c, b in fp.activations.items())
+        raise HpedgeError(f"this package does not fit {profile.name} ({fp.residency}, {fp.resolution} px): it needs "
+                          f"{fp.need() / 1e9:.2f} GB (weights GB: {parts}; activations GB: {acts}), "
+                          f"{(fp.need() - fp.capacity) / 1e9:.2f} GB more than the {fp.capacity / 1e9:.2f} GB available; "
+                          f"compress it first (`hpedge compress --target {profile.name}`), or see `hpedge plan --target`")
+    return fp.to_dict()
+
+
+def _load(run: _Run) -> None:
+    """The pipeline, its family, the resolution range and the sampling settings of calibration and checks."""
+    run.say("loading pipeline")
+    pipe = run.pipe = load_pipeline(run.ref)
+    if run.opts.drop_t5:
+        drop_t5(pipe)  # diffusers' own T5-less SD3 (zeros in T5's place)
+    check_pipeline(pipe)
+    run.family = family_of(pipe)
+    run.refs["transformer_config"] = {k: v for k, v in dict(pipe.transformer.config).items() if not k.startswith("_")}
+    run.res = resolution_range(run.family, dict(pipe.transformer.config), pipe.vae_scale_factor, run.profile,
+                               zoo_marker(run.ref.path))
+    run.model_gen = sampling_defaults(pipe, run.ref.path)
+    # calibration and the end-to-end check sample at the model's defaults, at the profile's opt size
+    run.gen = with_overrides(run.model_gen, height=run.res[1], width=run.res[1], steps=run.opts.steps)
+    batch = (run.profile.batch.min, run.profile.batch.opt, run.profile.batch.max)
+    run.spec = ox.transformer_spec(pipe, run.res, batch, run.seq)
+
+
+def _capture(run: _Run) -> None:
+    """Everything PyTorch is asked for, first (on the accelerator where there is one)."""
+    pipe, gen, r = run.pipe, run.gen, run.refs
+    run.say("capturing calibration inputs from real denoising runs")
+    prompts, _ = calibration(evaluator_for(run.ref.path), 2 * run.opts.calibration_prompts, seed=21)
+    half = len(prompts) // 2
+    run.prompts = prompts
+    names = ox.input_names(pipe.transformer)
+    pipe.to(compute_device())
+    r["calib"] = capture_inputs(pipe, prompts[:half], gen, names, seed=1)
+    r["held"] = capture_inputs(pipe, prompts[half:], gen, names, seed=2)
+    run.say("PyTorch references: transformer (held-out and fresh inputs), text encoders, VAE, end-to-end images")
+    r["fresh"] = verify.fresh_feeds(run.spec, run.family)
+    r["out"] = verify.torch_outputs(pipe, r["held"])
+    r["fresh_out"] = verify.torch_outputs(pipe, list(r["fresh"].values()))
+    r["text"] = verify.text_reference(pipe, prompts[half:], run.seq)
+    r["vae"] = verify.vae_reference(pipe, run.res[1] // pipe.vae_scale_factor)
+    r["e2e_prompts"] = prompts[half:][: run.opts.e2e_samples]
+    vs = pipe.vae_scale_factor
+    channels = int(pipe.transformer.config.in_channels) // (1 if run.family == "sd3" else 4)
+    r["e2e_latents"] = initial_latents(len(r["e2e_prompts"]), E2E_SEED, channels, gen.height // vs, gen.width // vs)
+    r["e2e_images"] = verify.stock_images(pipe, r["e2e_prompts"], gen, r["e2e_latents"])
+    pipe.to("cpu")
+
+
+def _export_graphs(run: _Run, tmp: Path, work: Path) -> tuple[dict[str, Any], QuantReport | None]:
+    """The transformer (fp32, and fp16 for the INT4 graph), then the text encoders, VAE decoder and tokenizers."""
+    pipe, opts = run.pipe, run.opts
+    run.say("exporting transformer (fp32 ONNX)")
+    run.fp32 = (tmp / "transformer" if opts.fp32_reference else work) / "fp32" / "model.onnx"
+    run.exporter = ox.export_transformer(pipe.transformer, run.spec, run.fp32, opts.exporter)
+    run.fp32_bytes = size_of(run.fp32)
+    if opts.compute == "fp16":
+        run.say("exporting transformer (fp16 ONNX; the model is cast in place)")
+        pipe.transformer.half()
+        ox.export_transformer(pipe.transformer, run.spec, work / "fp16" / "model.onnx", run.exporter, dtype="fp16")
+    pipe.transformer = None  # no PyTorch transformer from here on
+    verify.release_memory()
+
+    t5 = run.memory["precisions"].get("t5", "")
+    t5_what = t5.upper() + (f" ({opts.method})" if t5 == "int4" else "")
+    run.say(f"exporting text encoders (CLIP {opts.compute}" + ("" if opts.drop_t5 else f", T5 {t5_what}")
+            + f") and VAE decoder ({opts.compute})")
+    text, t5_rep = _export_text(run, tmp, work, t5)
+    lat_hw = run.res[1] // pipe.vae_scale_factor
+    export_vae_decoder(pipe, tmp / "vae_decoder" / "model.onnx", lat_hw, opts.compute)
+    if opts.fp32_reference:
+        export_vae_decoder(pipe, tmp / "vae_decoder" / "fp32" / "model.onnx", lat_hw)
+    run.refs["tokenizers"] = _tokenizer_entries(pipe, tmp, run.seq)
+    pipe.scheduler.save_pretrained(tmp / "scheduler")
+    return text, t5_rep
+
+
+def _export_text(run: _Run, tmp: Path, work: Path, t5: str) -> tuple[dict[str, Any], QuantReport | None]:
+    """CLIP graph in ``--compute``; T5 in ``--compute`` with INT8 weights or INT4 (``--method``, calibrated on the
+    calibration prompts' token ids). Returns the manifest's ``text`` section and T5's quantization report."""
+    pipe, opts, seq = run.pipe, run.opts, run.seq
+    enc = {"clip": {"file": "text/clip/model.onnx", "precision": opts.compute,
+                    **export_text_encoder(pipe, "clip", tmp / "text" / "clip" / "model.onnx", seq, opts.compute)}}
+    rep = None
+    if run.family == "flux" or pipe.text_encoder_3 is not None:
+        src = work / "t5" / "model.onnx"
+        entry = export_text_encoder(pipe, "t5", src, seq, opts.compute)
+        ids = tokenize(pipe, run.prompts[: len(run.prompts) // 2], seq)["t5_ids"]
+        dst = tmp / "text" / "t5" / "model.onnx"
+        if t5 == "int4":
+            rep = quantize_int4(src, dst, [{"t5_ids": ids[i : i + 1]} for i in range(len(ids))], opts.method, 128)
+        else:
+            rep = quantize_int8_weights(src, dst)
+        store_floats_fp16(dst)
+        enc["t5"] = {"file": "text/t5/model.onnx", "precision": t5, **entry,
+                     "quantization": {"method": rep.method, "block_size": rep.block_size, "quantized": len(rep.quantized),
+                                      "excluded": len(rep.excluded),
+                                      "max_layer_error": max(rep.layer_error.values(), default=0.0)}}
+    if opts.fp32_reference:  # the exact graphs, for the package's fp32 variant
+        for name, e in enc.items():
+            e["fp32_file"] = f"text/{name}/fp32/model.onnx"
+            export_text_encoder(pipe, name, tmp / e["fp32_file"], seq, "fp32")
+    width = int(run.refs["transformer_config"]["joint_attention_dim"])
+    return {"encoders": enc, "t5_dropped": "t5" not in enc, "t5_shape": [seq, width]}, rep
+
+
+def _tokenizer_entries(pipe: Any, root: Path, max_sequence_length: int) -> dict[str, Any]:
+    out = {}
+    for name, (attr, length) in text_inputs(pipe, max_sequence_length).items():
+        tok = getattr(pipe, attr)
+        folder = root / "tokenizers" / attr
+        tok.save_pretrained(folder)
+        if not (folder / "tokenizer.json").exists():
+            raise HpedgeError(f"{attr} has no fast tokenizer.json; the runtime needs one")
+        out[name] = {"file": f"tokenizers/{attr}/tokenizer.json", "length": length, "pad_id": int(tok.pad_token_id),
+                     "pad_token": str(tok.pad_token)}
+    return out
+
+
+def _check_fp32(run: _Run, tmp: Path) -> Check:
+    """The fp32 graph against PyTorch: fresh min / opt / max-at-batch-1 inputs abort the export on a mismatch;
+    the held-out inputs' comparison joins the parity report."""
+    run.say("checking the fp32 graph against PyTorch (fresh min, opt and max-at-batch-1 inputs; held-out inputs)")
+    r = run.refs
+    r["fresh_err"], held = verify.check_fp32(run.fp32, r["fresh"], r["fresh_out"], r["held"], run.profile.parity)
+    if not run.opts.fp32_reference and run.opts.compute == "fp16":
+        shutil.rmtree(run.fp32.parent)  # checked; on disk it would only take room (4 bytes per parameter)
+    p = run.profile.parity
+    return verify.compare_fp32(r["out"], held, "out", p.fp32_atol, p.fp32_rtol)
+
+
+def _quantize(run: _Run, tmp: Path, work: Path) -> tuple[QuantReport, int]:
+    """One INT4 quantization of the graph TensorRT builds from, and its int4_cpu variant from the same weights."""
+    opts = run.opts
+    src = work / "fp16" / "model.onnx" if opts.compute == "fp16" else run.fp32
+    run.say(f"INT4 quantization ({opts.method}, {'hpedge, streamed' if opts.method == 'rtn' else 'ModelOpt'}, "
+            f"{opts.compute} graph) and its int4_cpu variant")
+    int4 = tmp / "transformer" / "int4" / "model.onnx"
+    qrep = quantize_int4(src, int4, run.refs["calib"], opts.method, 128, opts.protect)
+    n_cpu = convert(int4, tmp / "transformer" / "int4_cpu" / "model.onnx", opts.cpu_kernel)  # reads the scales first
+    store_floats_fp16(int4)  # 4-bit weights, 16-bit rest (an fp32 graph keeps its DequantizeLinear scales fp32)
+    if src != run.fp32 or not opts.fp32_reference:
+        for f in src.parent.glob("*"):
+            f.unlink()
+    return qrep, n_cpu
+
+
+def _engines(run: _Run, tmp: Path, text: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's engine section, built here where the profile's library can."""
+    spec, pipe = run.spec, run.pipe
+    io = spec.to_dict()["inputs"]
+    batch_axes = {k: spec.dynamic_axes.get(k, {}).get(0) == "batch" for k in io}
+    lengths = {name: length for name, (_, length) in text_inputs(pipe, run.seq).items()}
+    latents = tuple(r // pipe.vae_scale_factor for r in run.res)
+    engines = engine_build.plan_engines(run.family, io, batch_axes, lengths, int(pipe.vae.config.latent_channels),
+                                        latents, run.profile, run.opts.engine, run.engine_reason, text)  # type: ignore[arg-type]
+    if run.build_now:
+        engines["components"] = engine_build.build_all(tmp, engines["components"], run.profile.to_dict(), run.say)
+        engines["status"] = "built"
+    return engines
+
+
+def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any], qrep: QuantReport, n_cpu: int,
+              t5_rep: QuantReport | None) -> dict[str, Any]:
+    """The manifest before parity, and the quantization report (``quant_report.json``) beside it."""
+    pipe, family, res, model_gen, ref, opts = run.pipe, run.family, run.res, run.model_gen, run.ref, run.opts
+    compress_file = ref.path / "hpedge_compress.json" if ref.path else None
+    compress_report = json.loads(compress_file.read_text()) if compress_file and compress_file.exists() else None
+    variants = {v: f"transformer/{v}/model.onnx" for v in ("fp32", "int4", "int4_cpu") if (tmp / "transformer" / v).exists()}
+    within = lambda value: value if res[0] <= value <= res[2] else res[1]  # noqa: E731 - the model's size if covered
+    channels = int(run.refs["transformer_config"]["in_channels"]) // (1 if family == "sd3" else 4)
+    reference = save_reference(tmp, run.refs["held"][:REFERENCE_SAMPLES], run.refs["out"][:REFERENCE_SAMPLES],
+                               {**run.refs["text"], **run.refs["vae"]})
+    (tmp / "quant_report.json").write_text(json.dumps(
+        {**qrep.to_dict(), "compute": opts.compute, **({"t5": t5_rep.to_dict()} if t5_rep is not None else {})}, indent=2))
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"model": run.model, "family": ref.family, "evaluator": zoo_marker(ref.path).get("evaluator"),
+                   "kept_blocks": compress_report["kept_blocks"] if compress_report else None,
+                   "removed_blocks": compress_report["removed_blocks"] if compress_report else [],
+                   "transformer_config": run.refs["transformer_config"]},
+        "target": run.profile.to_dict(),
+        "components": {
+            "text": text,
+            "transformer": {"variants": variants, "io": run.spec.to_dict(), "exporter": run.exporter,
+                            "fresh_input_max_abs_error": run.refs["fresh_err"], "fp32_bytes": run.fp32_bytes,
+                            "bytes": {v: size_of(tmp / f) for v, f in variants.items()}, "reference": reference},
+            "vae_decoder": {"file": "vae_decoder/model.onnx", "precision": opts.compute,
+                            **({"fp32_file": "vae_decoder/fp32/model.onnx"} if opts.fp32_reference else {})},
+        },
+        "generation": {
+            "family": family, "resolution": res[1], "resolution_range": list(res), "latent_channels": channels,
+            "vae_scale_factor": pipe.vae_scale_factor, "max_sequence_length": run.seq,
+            "tokenizers": run.refs["tokenizers"], "default_steps": model_gen.steps,
+            "timestep_scale": 1000.0 if family == "sd3" else 1.0,
+            "height": within(model_gen.height), "width": within(model_gen.width), "size_multiple": pipe.vae_scale_factor * 2,
+            "guidance": {"kind": model_gen.guidance_kind, "default": model_gen.guidance},
+            "scheduler": {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},
+            "defaults_source": model_gen.source,
+        },
+        "int4": {**{k: v for k, v in qrep.to_dict().items() if k != "layer_error"}, "compute": opts.compute,
+                 "cpu_kernel": opts.cpu_kernel, "cpu_converted": n_cpu, "cpu_source": "int4", "report": "quant_report.json"},
+        "engines": engines,
+        "memory": run.memory,
+        "tools": _versions(),
+    }
+
+
+def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any], fp32_check: Check) -> ParityReport:
+    """Every packaged component against PyTorch (:mod:`hpedge.export.verify`, the checks ``hpedge check`` reruns)."""
+    run.say("parity checks (Polygraphy)")
+    r, p, opts = run.refs, run.profile.parity, run.opts
+    lim = run.profile.to_dict()["parity"]
+    report = ParityReport([fp32_check])
+    for v, what in (("int4", f"DequantizeLinear, {opts.compute} compute"), ("int4_cpu", opts.cpu_kernel)):
+        results = verify.run_variant(tmp / "transformer" / v / "model.onnx", r["held"], f"onnxrt-{v.replace('_', '-')}")
+        report.checks.append(verify.transformer_check(f"transformer {v} ({what}) vs PyTorch", v, results, r["out"], "out", lim))
+    pkg = Package(tmp, variant="int4_cpu", device="cpu", verify=False)  # hashed when the manifest was finished
+    what = "CLIP " + text["encoders"]["clip"]["compute"] + ("" if text["t5_dropped"] else
+                                                            f", T5 {text['encoders']['t5']['precision'].upper()}")
+    report.checks.append(verify.text_check(f"text encoders ({what}) vs PyTorch encode_prompt: prompt embeddings, "
+                                           "held-out prompts", pkg, r["text"], p.text_min_cosine))
+    report.checks.append(verify.vae_check(f"VAE decoder ({opts.compute}) vs PyTorch fp32 decode", pkg, r["vae"], p.vae_min_psnr_db))
+    if engines["status"] == "built":
+        checks = verify.engine_checks(tmp, engines, r["held"], r["out"], lim, ("transformer",))
+        engines["parity"] = verify.engine_summary(checks)
+        report.checks += [c for c in checks if not c.skipped]
+    run.say("end-to-end check through the packaged components")
+    report.checks.append(verify.e2e_check(pkg, r["e2e_prompts"], r["e2e_latents"], r["e2e_images"], run.gen,
+                                          p.e2e_min_psnr_db))
+    return report
+
+
+def _gate(run: _Run, report: ParityReport, report_path: Path) -> None:
+    """No package unless parity passed (or ``--allow-parity-failure``); the report is kept beside OUT."""
+    if report.passed or run.opts.allow_parity_failure:
+        return
+    report_path.write_text(json.dumps(report.to_dict(), indent=2))
+    first = report.failures()[0]
+    hint = ("; T5 in INT8 keeps more of it (--t5 int8)" if first.startswith("text encoders")
+            and run.memory["precisions"].get("t5") == "int4" else "")
+    raise HpedgeError(f"parity failed, no package written (report: {report_path}): {first}{hint}", HpedgeError.CHECK_FAILED)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("hpedge", "torch", "diffusers", "transformers", "onnx", "onnxruntime-gpu", "onnxruntime",
+                "nvidia-modelopt", "polygraphy", "tensorrt", "tensorrt-rtx-cu12"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,307 @@
+"""Parity: every check of a package against PyTorch, one code per check, used by export, check and build alike.
+
+At export, PyTorch's outputs are computed here (:func:`torch_outputs`, :func:`text_reference`,
+:func:`vae_reference`, :func:`stock_images`) and stored in the package (:func:`hpedge.runtime.format.save_reference`);
+``hpedge check`` reruns the same checks against the stored outputs, without the original model. The fp32 graph
+is judged element-wise (the profile's atol / rtol, through Polygraphy); INT4 graphs, text encoders, the VAE
+decoder and engines by cosine similarity and PSNR (an element-wise tolerance is meaningless for 4-bit
+weights); the end-to-end check runs the package's own runtime against stock diffusers' images.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpedge.backends import engines as eng
+from hpedge.backends import ort
+from hpedge.backends import polygraphy_runner as pgy
+from hpedge.errors import HpedgeError
+from hpedge.export.onnx_export import IOSpec, _transformer_wrapper, input_names
+from hpedge.export.encoders import tokenize
+from hpedge.models.denoise import encode
+from hpedge.models.sampling import Defaults, sample
+from hpedge.runtime.format import load_reference
+from hpedge.runtime.package import Package
+from hpedge.targets.profiles import Parity
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    metrics: dict[str, float]
+    limits: dict[str, float]
+    skipped: bool = False  # not run on this machine (the name says why); counts as passed
+
+
+@dataclass
+class ParityReport:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
+
+    def failures(self) -> list[str]:
+        return [f"{c.name} {c.metrics} vs {c.limits}" for c in self.checks if not c.passed]
+
+
+# -- measures -------------------------------------------------------------------------------------------------
+def quality(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    r, o = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
+    cos = float(r @ o / (np.linalg.norm(r) * np.linalg.norm(o) + 1e-12))
+    mse = float(((r - o) ** 2).mean())
+    peak = float(np.abs(r).max()) or 1.0
+    psnr = float(10 * np.log10(peak**2 / mse)) if mse > 0 else float("inf")
+    return {"cosine": cos, "psnr_db": psnr, "max_abs": float(np.abs(r - o).max())}
+
+
+def compare_quality(name: str, reference: list[np.ndarray], outs: list[np.ndarray], min_cosine: float,
+                    min_psnr: float) -> Check:
+    qs = [quality(r, o) for r, o in zip(reference, outs)]
+    cos = min(q["cosine"] for q in qs)
+    psnr = min(q["psnr_db"] for q in qs)
+    return Check(name, cos >= min_cosine and psnr >= min_psnr, {"min_cosine": cos, "min_psnr_db": psnr},
+                 {"min_cosine": min_cosine, "min_psnr_db": min_psnr})
+
+
+def compare_fp32(reference: list[np.ndarray], results: Any, output_name: str, atol: float, rtol: float,
+                 name: str = "transformer fp32: ONNX Runtime vs PyTorch") -> Check:
+    """Element-wise comparison through Polygraphy's Comparator.compare_accuracy."""
+    passed = pgy.matches_elementwise(reference, results, output_name, atol, rtol)
+    err = max(float(np.abs(r - o).max()) for r, o in zip(reference, pgy.outputs_of(results)))
+    return Check(name, passed, {"max_abs": err}, {"atol": atol, "rtol": rtol})
+
+
+# -- PyTorch references (export time) -------------------------------------------------------------------------
+def torch_outputs(pipe: Any, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    import torch
+
+    wrapper = _transformer_wrapper(pipe.transformer)
+    dev = next(pipe.transformer.parameters()).device
+    outs = []
+    with torch.no_grad():
+        for f in feeds:
+            outs.append(wrapper(*(torch.from_numpy(f[n]).to(dev) for n in input_names(pipe.transformer))).cpu().numpy())
+    return outs
+
+
+def fresh_feeds(spec: IOSpec, family: str) -> dict[str, dict[str, np.ndarray]]:
+    """New random inputs at the profile's min and opt shapes and at its max resolution with batch 1 (the max
+    batch at the max resolution is the engine's to cover, not a CPU check's)."""
+    out = {}
+    for which in ("min", "opt", "max"):
+        feed = spec.sample(which, seed=7)
+        if which == "max":
+            feed = {k: v[:1] if spec.dynamic_axes.get(k, {}).get(0) == "batch" else v for k, v in feed.items()}
+        if "timestep" in feed and family == "sd3":
+            feed["timestep"] = feed["timestep"] * 1000
+        out[which if which != "max" else "max_batch1"] = feed
+    return out
+
+
+def text_reference(pipe: Any, prompts: list[str], seq: int) -> dict[str, np.ndarray]:
+    """Held-out prompts' token ids (``text/ids/...``) and the pipeline's own ``encode_prompt`` embeddings for them."""
+    import torch
+
+    ids = tokenize(pipe, prompts, seq)
+    with torch.no_grad():
+        ref = encode(pipe, prompts, seq)
+    return {**{f"text/ids/{k}": v for k, v in ids.items()},
+            "text/prompt_embeds": ref.prompt_embeds.float().cpu().numpy(), "text/pooled": ref.pooled.float().cpu().numpy()}
+
+
+def vae_reference(pipe: Any, latent_hw: int) -> dict[str, np.ndarray]:
+    """Seeded N(0, 1) latents at the package's opt size and PyTorch's decode of them (the VAE's own dtype)."""
+    import torch
+
+    c = int(pipe.vae.config.latent_channels)
+    lat = np.random.default_rng(11).standard_normal((1, c, latent_hw, latent_hw)).astype(np.float32)
+    vae = pipe.vae
+    with torch.no_grad():
+        z = torch.from_numpy(lat).to(vae.device) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        ref = (vae.decode(z.to(vae.dtype), return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1).cpu().numpy()
+    return {"vae/latents": lat, "vae/image": ref}
+
+
+def stock_images(pipe: Any, prompts: list[str], gen: Defaults, latents: np.ndarray) -> np.ndarray:
+    """Stock diffusers' images (the original pipeline's own call) from initial noise ``latents``."""
+    import torch
+
+    ref = sample(pipe, prompts, gen, latents=torch.from_numpy(latents))
+    return ref[..., 0] if ref.shape[-1] == 1 else ref
+
+
+# -- the checks -----------------------------------------------------------------------------------------------
+def release_memory() -> None:
+    """Collect what Python no longer references and give freed heap memory back to the OS (between the export's
+    stages, so that the next one starts from what is really in use)."""
+    gc.collect()
+    ort.return_freed_memory()
+
+
+def check_fp32(path: Path, fresh: dict[str, dict[str, np.ndarray]], fresh_ref: list[np.ndarray],
+               held: list[dict[str, np.ndarray]], parity: Parity) -> tuple[dict[str, float], Any]:
+    """The fp32 graph in one ONNX Runtime session: fresh inputs against PyTorch's outputs for them (the export
+    aborts on a mismatch), then the held-out inputs (returned as Polygraphy results for the parity report)."""
+    sess = ort.session(path, "auto", low_memory=True)
+    errs = {}
+    for (which, feed), ref in zip(fresh.items(), fresh_ref):
+        out = ort.run(sess, feed)[0]
+        err = float(np.abs(out - ref).max())
+        tol = parity.fp32_atol + parity.fp32_rtol * float(np.abs(ref).max())
+        errs[which] = err
+        if not np.isfinite(out).all() or err > tol:
+            raise HpedgeError(f"the exported transformer does not match PyTorch on fresh {which} inputs "
+                              f"(max abs error {err:.2e} > {tol:.2e}); export aborted")
+    held_out = [ort.run(sess, f)[0] for f in held]
+    del sess
+    release_memory()
+    return errs, pgy.reference_results(held_out, "out", "onnxrt-fp32")
+
+
+def transformer_check(name: str, variant: str, results: Any, ref: list[np.ndarray], output: str,
+                      lim: dict[str, Any]) -> Check:
+    """One transformer variant's outputs (Polygraphy results) against PyTorch's: fp32 element-wise, INT4 by
+    cosine and PSNR (the profile's limits, ``lim`` as the manifest stores them)."""
+    if variant == "fp32":
+        return compare_fp32(ref, results, output, lim["fp32_atol"], lim["fp32_rtol"], name)
+    return compare_quality(name, ref, pgy.outputs_of(results), lim["int4_min_cosine"], lim["int4_min_psnr_db"])
+
+
+def run_variant(path: Path, feeds: list[dict[str, np.ndarray]], variant: str) -> Any:
+    return pgy.run_onnxrt(path, feeds, variant)
+
+
+def text_check(name: str, pkg: Package, ref: dict[str, np.ndarray], min_cosine: float) -> Check:
+    """Prompt embeddings of the packaged encoders (through the runtime) vs the pipeline's ``encode_prompt``."""
+    if "text/prompt_embeds" not in ref:
+        raise HpedgeError(f"{pkg.root}: the parity reference has no text encoder outputs; export it again",
+                          HpedgeError.CHECK_FAILED)
+    ids = {k.split("/", 2)[2]: v for k, v in ref.items() if k.startswith("text/ids/")}
+    pe, pooled = pkg.encode_ids(ids)
+    if ref["text/prompt_embeds"].shape != pe.shape:
+        raise HpedgeError(f"internal: packaged prompt embeddings {pe.shape} differ in shape from encode_prompt's "
+                          f"{ref['text/prompt_embeds'].shape}")
+    c = compare_quality(name, list(ref["text/prompt_embeds"]), list(pe), min_cosine, 0.0)
+    c2 = compare_quality("pooled", list(ref["text/pooled"]), list(pooled), min_cosine, 0.0)
+    c.metrics["pooled_min_cosine"] = c2.metrics["min_cosine"]
+    c.passed = c.passed and c2.passed
+    return c
+
+
+def vae_check(name: str, pkg: Package, ref: dict[str, np.ndarray], min_psnr: float) -> Check:
+    """The packaged VAE decoder (through the runtime) vs PyTorch's decode of the same latents."""
+    return compare_quality(name, [ref["vae/image"]], [pkg.decode(ref["vae/latents"])], 0.0, min_psnr)
+
+
+def engine_checks(root: Path, section: dict[str, Any], feeds: list[dict[str, np.ndarray]], ref: list[np.ndarray],
+                  lim: dict[str, Any], components: tuple[str, ...] | None = None, against: str = "PyTorch") -> list[Check]:
+    """Each built engine (of ``components``, all by default) where this machine can run it, else a skip that
+    says why. The transformer engine is compared with PyTorch's outputs (the profile's INT4 limits); the text
+    and VAE engines with ONNX Runtime running their own ONNX files on the same inputs (cosine >= 0.999)."""
+    names = [n for n in section["components"] if components is None or n in components]
+    av = eng.can_run(section)
+    caps = ", ".join("sm_" + c.replace(".", "") for c in section["compute_capabilities"])
+    if not av.ok:
+        return [Check(f"{n} engine ({section['library']}, {caps}): built here; not run: {av.reason}", True, {}, {}, True)
+                for n in names]
+    out = []
+    for name in names:
+        c = section["components"][name]
+        runner = eng.open_runner(root, section, name)
+        if name == "transformer":
+            tf, tr = within_batch(c, feeds, ref)
+            got = [runner.run(f)[0] for f in tf]
+            chk = compare_quality(f"transformer engine ({section['library']}) vs {against}", tr, got,
+                                  lim["int4_min_cosine"], lim["int4_min_psnr_db"])
+        else:
+            feed = {k: _sample_input(k, v["opt"]) for k, v in c["shapes"].items()}
+            want = ort.run(ort.session(root / c["onnx"], "cpu"), feed)
+            chk = compare_quality(f"{name} engine ({section['library']}) vs ONNX Runtime", want[:1], runner.run(feed)[:1],
+                                  0.999, 0.0)
+        runner.save_cache()
+        out.append(chk)
+    return out
+
+
+def engine_summary(checks: list[Check]) -> dict[str, Any]:
+    """The manifest's ``engines.parity``: the transformer engine's check, or why it did not run."""
+    c = checks[0]
+    if c.skipped:
+        return {"run": False, "reason": c.name.split(": ", 1)[1]}
+    return {"run": True, "passed": c.passed, **c.metrics}
+
+
+def within_batch(component: dict[str, Any], feeds: list[dict[str, Any]], ref: list[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Transformer feeds (and their references) cut to the engine's largest batch."""
+    names = list(component["shapes"])
+    cap = min(component["shapes"][k]["max"][0] for k in component["batch_inputs"])
+    cut = [{k: (f[k][:cap] if k in component["batch_inputs"] else f[k]) for k in names} for f in feeds]
+    return cut, [r[:cap] for r in ref]
+
+
+def _sample_input(name: str, shape: list[int]) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    if name.endswith("_ids"):
+        return rng.integers(0, 100, size=shape).astype(np.int64)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def e2e_check(pkg: Package, prompts: list[str], latents: np.ndarray, ref: np.ndarray, gen: Defaults,
+              min_psnr: float) -> Check:
+    """Full generations through the packaged components vs stock diffusers' images ``ref``: same prompts,
+    initial noise, steps, size and guidance (the model's default: CFG batches, FLUX.1-dev's guidance input and
+    the scheduler's shift are all in the comparison)."""
+    got = pkg.generate(prompts, steps=gen.steps, guidance=gen.guidance, latents=latents)
+    q = [quality(r, g) for r, g in zip(ref, got)]
+    psnr = min(x["psnr_db"] for x in q)
+    return Check(f"end-to-end images: package ({pkg.variant}) vs stock diffusers", psnr >= min_psnr,
+                 {"min_psnr_db": psnr, "mean_psnr_db": float(np.mean([x["psnr_db"] for x in q])),
+                  "steps": gen.steps, "guidance": gen.guidance, "size": [gen.height, gen.width]},
+                 {"min_psnr_db": min_psnr})
+
+
+# -- hpedge check ---------------------------------------------------------------------------------------------
+def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
+    """``hpedge check``: verify checksums and the manifest, then rerun parity.
+
+    Parity is rerun without the original model: every transformer variant in the package runs on the
+    held-out inputs stored at export time and is compared with the PyTorch outputs stored next to them
+    (cosine/PSNR limits from the manifest's profile for INT4, atol/rtol for fp32), the text encoders, VAE
+    decoder and engines likewise, and the packaged pipeline must produce finite images in [0, 1].
+    """
+    pkg = Package(package, variant="int4", device="cpu")  # raises CHECK_FAILED on any tampering
+    result: dict[str, Any] = {"package": str(package), "files": len(pkg.manifest["files"]), "checks": []}
+    if not rerun_parity:
+        return result
+    feeds, ref, extra = load_reference(package, pkg.manifest)
+    tr = pkg.manifest["components"]["transformer"]
+    lim = pkg.manifest["target"]["parity"]
+    checks = [transformer_check(f"{v} vs PyTorch (stored reference)", v, run_variant(package / rel, feeds, v), ref,
+                                tr["io"]["outputs"][0], lim) for v, rel in tr["variants"].items()]
+    checks.append(text_check("text encoders vs PyTorch (stored reference): prompt embeddings", pkg, extra,
+                             float(lim.get("text_min_cosine", 0.99))))
+    checks.append(vae_check("VAE decoder vs PyTorch (stored reference)", pkg, extra, float(lim.get("vae_min_psnr_db", 30.0))))
+    section = pkg.manifest.get("engines") or {}
+    if section.get("status") == "built":
+        checks += engine_checks(package, section, feeds, ref, lim, against="PyTorch (stored reference)")
+    else:
+        checks.append(Check(f"engines {section.get('status', 'absent')}: {section.get('reason', '')}", True, {}, {}, True))
+    result["checks"] = [asdict(c) for c in checks]
+    img = pkg.generate(["a photo of a cat"], seed=0, steps=min(4, pkg.manifest["generation"]["default_steps"]))
+    ok = bool(np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1)
+    result["checks"].append({"name": "package generates finite images in [0, 1]", "passed": ok})
+    result["passed"] = all(c["passed"] for c in result["checks"])
+    if not result["passed"]:
+        failed = [c["name"] for c in result["checks"] if not c["passed"]]
+        raise HpedgeError(f"parity failed for {package}: {', '.join(failed)}", HpedgeError.CHECK_FAILED)
+    return result
