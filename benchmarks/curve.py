@@ -237,7 +237,8 @@ def best_lrs(rows: list[dict], sweep_fraction: float, steps: int) -> dict[str, f
 
 # --------------------------------------------------------------------------------------------- table and plot
 def report(family: str, fractions: list[float], sweep_fraction: float, steps: int, lrs: list[float], command: str) -> None:
-    from hpedge.compress.distill import DistillSettings, resolve_pwp
+    from hpedge.compress.pwp import resolve_pwp
+    from hpedge.compress.settings import DistillSettings
     from hpedge.zoo.evaluate import paired_difference, paired_ratio
     from hpedge.models import adapters
     from hpedge.models.loading import load_pipeline

@@ -295,7 +295,8 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
          mixed_precision: Annotated[str, typer.Option(help="--distill: no | bf16 | fp16 (compress --mixed-precision; GPU runs use bf16)")] = "bf16",
          pwp: Annotated[Optional[bool], typer.Option("--pwp/--no-pwp", help="Positional Weight Preservation as compress uses it (default: compress's)")] = None) -> None:
     """Print which blocks Hierarchical Position Pruning removes, and the sizes before/after (no weights touched)."""
-    from hpedge.compress.distill import DistillSettings, resolve_pwp
+    from hpedge.compress.pwp import resolve_pwp
+    from hpedge.compress.settings import DistillSettings
     from hpedge.compress.pipeline import plan_for
     from hpedge.compress.plan import Budget
     from hpedge.io import atomic_file

@@ -35,35 +35,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
-
+from hpedge.compress.pool import _pool
 from hpedge.compress.processes import Processes
+from hpedge.compress.pwp import resolve_pwp, update_weights
+from hpedge.compress.settings import DistillSettings
 from hpedge.errors import HpedgeError
 from hpedge.models import adapters
 from hpedge.models.denoise import Conditioning, encode, predict
 from hpedge.models.sampling import Defaults
-
-
-@dataclass
-class DistillSettings:
-    steps: int = 600
-    batch_size: int = 16
-    lr: float = 3e-4
-    lambda_out: float = 1.0
-    lambda_feat: float = 0.1
-    weighting: str = "logit_normal"  # SD3 density / weighting scheme
-    sgd: str = "continuous"  # continuous | binary | off
-    sgd_min_weight: float = 0.1
-    pwp: bool | None = None  # True / False as given (--pwp / --no-pwp); None: hpedge's default (resolve_pwp)
-    pool_size: int = 256
-    pool_steps: int | None = None  # None: the model's default steps
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    seed: int = 0
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    gradient_checkpointing: bool = False
-    data_dir: str | None = None
-    replay_frozen_prefix: bool = True  # under PWP: feed the student the teacher's prefix outputs (see _replaying)
 
 
 @dataclass
@@ -72,87 +51,6 @@ class TrainState:
     losses: list[list[float]] = field(default_factory=list)  # [step, total, out, feat], means over the ranks
     seconds: float = 0.0
     resumed_from: int | None = None  # the checkpoint step a resumed run continued from
-
-
-# Below this many trainable kept blocks per removed block, PWP is kept (the paper's method, and what keeps a
-# real model's distillation in memory) but `hpedge compress` says what the compression curve measured there.
-PWP_FEW_TRAINABLE_PER_REMOVED = 0.5
-
-
-def resolve_pwp(remove: list[int], num_blocks: int, s: DistillSettings) -> tuple[bool, str]:
-    """Whether PWP is used for this cut, and a one-line reason (printed by ``hpedge compress`` and kept in its report).
-
-    ``s.pwp`` True or False is used as given. None is hpedge's default: PWP on, except for a cut that leaves no
-    kept block after the first removed position (PWP would freeze every kept block; distilled without it). PWP
-    freezes the kept blocks before the first removed position, so only the kept blocks after it learn to make
-    up for the removed ones; when fewer than one is left per two removed, the message says what the compression
-    curve measured (benchmarks/results/curve-sd3.md: 2 trainable blocks for 6 removed scored 74.5 % of the
-    teacher with PWP, 85.7 % without). PWP stays on there because turning it off trains every kept block: at
-    SD3.5 Large's reference cut, 452 GB per GPU instead of 53 GB (``hpedge plan --distill``)."""
-    first = min(remove) if remove else num_blocks
-    frozen = [b for b in range(first) if b not in remove]
-    trainable = [b for b in range(first, num_blocks) if b not in remove]
-    span = f"kept blocks 0-{first - 1}" if frozen else "no kept block"
-    counts = f"{len(trainable)} kept block(s) after the first removed block {first} train for {len(remove)} removed"
-    few = ("; fewer than one per two removed: on the compression curve such cuts distilled better with --no-pwp, "
-           "which trains every kept block (see hpedge plan --distill --no-pwp for its memory)"
-           if trainable and len(trainable) < PWP_FEW_TRAINABLE_PER_REMOVED * len(remove) else "")
-    if s.pwp is False:
-        return False, "PWP off (--no-pwp)"
-    if s.pwp is True:
-        return True, f"PWP on (--pwp): freezes {span}; {counts}{few}"
-    if not trainable and remove:
-        return False, (f"PWP off (hpedge's default for this cut): it would freeze every kept block (0-{first - 1}), the cut "
-                       f"removes the last blocks; every kept block is distilled (--pwp refuses such a cut)")
-    return True, f"PWP on (hpedge's default): freezes {span}; {counts}{few}"
-
-
-def check_pwp_leaves_a_block(remove: list[int], num_blocks: int, s: DistillSettings) -> None:
-    """Refuse a distillation in which PWP, asked for explicitly (``--pwp``), would freeze every kept block.
-
-    PWP freezes each kept block before the first removed position. When the cut is the last blocks of the
-    model (HPP's choice whenever the final blocks matter least), no kept block sits after it, and only the
-    output layers (norm_out, proj_out) would be distilled: the run would cost its full time for a student
-    that is the truncated teacher with a retuned output head. Said as one error instead of done silently.
-    """
-    if s.pwp is not True or s.steps == 0 or not remove:
-        return
-    if sorted(remove) == list(range(min(remove), num_blocks)):
-        raise HpedgeError(
-            f"PWP would freeze every kept block: the cut removes the last {len(remove)} blocks ({min(remove)}-{num_blocks - 1}), "
-            "so no kept block sits after the first removed position and only the output layers would be distilled; "
-            "pass --no-pwp or leave PWP to hpedge's default (SGDistill still scales each block's updates by its sensitivity), or choose a cut that keeps a "
-            "later block (--remove-blocks); with the same OUT add --resume to reuse the contribution analysis")
-
-
-def update_weights(kept: list[int], first_removed: int, harm: dict[int, float] | None, s: DistillSettings
-                   ) -> dict[int, float]:
-    """Per kept block (original index): its update weight in [0, 1] (0 = frozen). ``s.pwp`` must be resolved."""
-    if s.pwp is None:
-        raise ValueError("update_weights needs PWP resolved to True or False (resolve_pwp)")
-    weights = {b: 1.0 for b in kept}
-    if s.pwp:
-        for b in kept:
-            if b < first_removed:
-                weights[b] = 0.0
-    trainable = [b for b in kept if weights[b] > 0]
-    if s.sgd == "off" or not trainable:
-        return weights
-    if harm is None:
-        raise HpedgeError("SGDistill needs block sensitivities: provide an importance table or pass --sgd off")
-    vals = np.array([harm.get(b, 0.0) for b in trainable])
-    if s.sgd == "continuous":
-        scale = max([*harm.values(), 0.0])  # the model's largest block harm
-        norm = np.clip(vals / scale, 0.0, 1.0) if scale > 0 else np.zeros_like(vals)
-        for b, v in zip(trainable, norm):
-            weights[b] = s.sgd_min_weight + (1 - s.sgd_min_weight) * (1 - float(v))
-    elif s.sgd == "binary":
-        order = np.argsort(-vals)
-        for rank, j in enumerate(order):
-            weights[trainable[j]] = 0.0 if rank < len(trainable) // 2 else 1.0
-    else:
-        raise HpedgeError(f"unknown --sgd mode {s.sgd!r} (continuous, binary, off)")
-    return weights
 
 
 class _Capture:
@@ -219,53 +117,6 @@ def _global_variances(procs: Processes, tensors: list[Any]) -> Any:
     return ((s2 - s1 * s1 / n) / (n - 1)).float()
 
 
-def build_pool(pipe: Any, prompts: list[str], s: DistillSettings, gen: Defaults, seeds: list[int] | None = None,
-               progress: Callable[[int], None] | None = None) -> tuple[Any, list[str]]:
-    """x0 latents (N, C, h, w) in the transformer's normalised space: the teacher's own samples at the
-    sampling defaults ``gen`` (its guidance, T5 length, size; ``pool_steps`` if set), or a folder.
-    ``seeds`` (one per prompt) default to the pool's own; ``progress(k)`` gets the samples done so far."""
-    import torch
-
-    from hpedge.models.sampling import sample, with_overrides
-
-    if s.data_dir:
-        return _pool_from_folder(pipe, Path(s.data_dir), gen.height, gen.width)
-    d = with_overrides(gen, steps=s.pool_steps)
-    out = []
-    bs = max(1, min(32, (32 * 256 * 256) // (d.height * d.width)))  # 32 samples at 256 px, 2 at 1024 px
-    seeds = seeds if seeds is not None else [_pool_seed(s, i) for i in range(len(prompts))]
-    for i in range(0, len(prompts), bs):
-        chunk = prompts[i : i + bs]
-        out.append(sample(pipe, chunk, d, seeds=seeds[i : i + bs], output="latent"))
-        if progress:
-            progress(i + len(chunk))
-    return torch.cat(out), prompts
-
-
-def _pool_from_folder(pipe: Any, folder: Path, height: int, width: int) -> tuple[Any, list[str]]:
-    import torch
-    from PIL import Image
-
-    if not folder.is_dir():
-        raise HpedgeError(f"--data {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
-    pairs = [(p, p.with_suffix(".txt")) for p in files if p.with_suffix(".txt").exists()]
-    if not pairs:
-        raise HpedgeError(f"--data {folder} has no images with same-named .txt captions")
-    channels = pipe.vae.config.in_channels
-    xs, caps = [], []
-    for img_path, cap in pairs:
-        img = Image.open(img_path).convert("L" if channels == 1 else "RGB").resize((width, height))
-        a = np.asarray(img, dtype=np.float32) / 127.5 - 1
-        xs.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
-        caps.append(cap.read_text().strip())
-    x = torch.from_numpy(np.stack(xs))
-    with torch.no_grad():
-        z = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.sample()
-    shift = pipe.vae.config.shift_factor or 0.0
-    return ((z - shift) * pipe.vae.config.scaling_factor).float().cpu(), caps
-
-
 def _save_checkpoint(procs: Processes, ckdir: Path, state: TrainState, keep: int) -> None:
     """``accelerator.save_state`` (model as safetensors; optimizer, every rank's RNG and, under FSDP /
     DeepSpeed, each rank's shards as Accelerate writes them) into a temporary folder that the main process
@@ -305,52 +156,6 @@ def _load_checkpoint(procs: Processes, path: Path) -> TrainState:
         raise HpedgeError(f"checkpoint {path} cannot be resumed ({str(e).splitlines()[0][:160]}); "
                           "delete it to resume from an earlier one") from None
     return state
-
-
-def _pool(procs: Processes, work: Path, pipe: Any, prompts: list[str], s: DistillSettings, gen: Defaults,
-          progress: Callable[[int, int], None] | None) -> tuple[Any, list[str]]:
-    """The x0 pool, split across ranks: rank r samples prompts r, r + world, ...; each share is written
-    atomically to ``pool-R-of-W.safetensors`` (resumable on its own); every rank then reads all shares
-    and puts the samples back in prompt order, so the pool equals a single-process run's."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from hpedge.io import atomic_file
-
-    if s.data_dir:  # a captioned folder: encoded by every rank (one VAE pass per image)
-        return build_pool(pipe, prompts, s, gen)
-    n = len(prompts)
-
-    def shares(world: int) -> list[Path]:
-        return [work / f"pool-{r}-of-{world}.safetensors" for r in range(world)]
-
-    def complete(world: int) -> bool:
-        return all(p.exists() for p in shares(world))
-
-    have = sorted({int(p.stem.rsplit("-", 1)[1]) for p in work.glob("pool-*-of-*.safetensors")})
-    world = next((w for w in have if complete(w)), procs.world)
-    if not complete(world):
-        mine = shares(world)[procs.rank]
-        if not mine.exists():
-            idx = procs.share(list(range(n)))  # world == procs.world: no other complete set exists
-            x0, _ = build_pool(pipe, [prompts[i] for i in idx], s, gen, seeds=[_pool_seed(s, i) for i in idx],
-                               progress=(lambda k: progress(k * world, n)) if progress else None)
-            with atomic_file(mine) as tmp:
-                save_file({"x0": x0.contiguous(), "index": torch.tensor(idx, dtype=torch.int64)}, str(tmp),
-                          metadata={"prompts": str(n)})
-        procs.barrier()
-    x0_all: Any = None
-    for path in shares(world):
-        part = load_file(str(path))
-        if x0_all is None:
-            x0_all = torch.empty((n, *part["x0"].shape[1:]), dtype=part["x0"].dtype)
-        x0_all[part["index"]] = part["x0"]
-    return x0_all, prompts
-
-
-def _pool_seed(s: DistillSettings, i: int) -> int:
-    """The sampling seed of the pool's i-th prompt (independent of how the pool is split)."""
-    return s.seed * 1_000_003 + i
 
 
 def _step_draws(s: DistillSettings, step: int, n: int, shape: tuple[int, ...]) -> tuple[Any, Any, Any]:

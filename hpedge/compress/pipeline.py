@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hpedge.compress.analyze import AnalysisSettings, analyze, heatmap
-from hpedge.compress.distill import DistillSettings, check_pwp_leaves_a_block, distill, resolve_pwp
+from hpedge.compress.distill import DistillSettings, distill
+from hpedge.compress.pwp import resolve_pwp
 from hpedge.compress.importance import Importance
 from hpedge.compress.importance import load as load_importance
 from hpedge.compress.plan import Budget, Plan, make_plan, parse_blocks
@@ -142,8 +143,7 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     if procs.is_main and not plan_file.exists():
         with atomic_file(plan_file) as tmp:
             tmp.write_text(json.dumps(plan.to_dict(), indent=2))
-    check_pwp_leaves_a_block(plan.remove, plan.num_blocks, opts.distill)  # before the teacher samples its pool
-    use_pwp, pwp_why = resolve_pwp(plan.remove, plan.num_blocks, opts.distill)
+    use_pwp, pwp_why = resolve_pwp(plan.remove, plan.num_blocks, opts.distill)  # before the teacher samples its pool
     ds = replace(opts.distill, pwp=use_pwp)
     say(pwp_why, 0, 1)
 

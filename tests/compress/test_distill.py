@@ -3,14 +3,8 @@ import json
 import pytest
 import torch
 
-from hpedge.compress.distill import (
-    DistillSettings,
-    check_pwp_leaves_a_block,
-    distill,
-    latest_checkpoint,
-    resolve_pwp,
-    update_weights,
-)
+from hpedge.compress.distill import DistillSettings, distill, latest_checkpoint
+from hpedge.compress.pwp import resolve_pwp, update_weights
 from hpedge.errors import HpedgeError
 from hpedge.models import adapters
 from hpedge.models.loading import load_pipeline
@@ -26,11 +20,11 @@ def test_pwp_freezes_blocks_before_first_removed_position() -> None:
 
 def test_pwp_refuses_a_cut_that_leaves_no_kept_block_after_it() -> None:
     with pytest.raises(HpedgeError, match="PWP would freeze every kept block.*--no-pwp"):
-        check_pwp_leaves_a_block([11, 9, 10], 12, DistillSettings(pwp=True))
-    check_pwp_leaves_a_block([8, 9, 11], 12, DistillSettings(pwp=True))  # block 10 is kept after the first removed one
-    check_pwp_leaves_a_block([9, 10, 11], 12, DistillSettings(pwp=False))
-    check_pwp_leaves_a_block([9, 10, 11], 12, DistillSettings())  # hpedge's default turns PWP off here (below)
-    check_pwp_leaves_a_block([9, 10, 11], 12, DistillSettings(steps=0, pwp=True))  # nothing is distilled
+        resolve_pwp([11, 9, 10], 12, DistillSettings(pwp=True))
+    assert resolve_pwp([8, 9, 11], 12, DistillSettings(pwp=True))[0]  # block 10 is kept after the first removed one
+    assert not resolve_pwp([9, 10, 11], 12, DistillSettings(pwp=False))[0]
+    assert not resolve_pwp([9, 10, 11], 12, DistillSettings())[0]  # hpedge's default turns PWP off here (below)
+    assert resolve_pwp([9, 10, 11], 12, DistillSettings(steps=0, pwp=True))[0]  # nothing is distilled
 
 
 def test_pwp_default_is_on_unless_the_cut_leaves_no_kept_block_after_it() -> None:
@@ -46,8 +40,8 @@ def test_pwp_default_is_on_unless_the_cut_leaves_no_kept_block_after_it() -> Non
     assert not off and why.startswith("PWP off (hpedge's default for this cut): it would freeze every kept block (0-8)")
     assert resolve_pwp([0, 5], 12, default) == (
         True, "PWP on (hpedge's default): freezes no kept block; 10 kept block(s) after the first removed block 0 train for 2 removed")
-    # given explicitly, as given (an explicit --pwp on a suffix cut is refused by check_pwp_leaves_a_block)
-    assert resolve_pwp([9, 10, 11], 12, DistillSettings(pwp=True))[0] is True
+    # given explicitly, as given (an explicit --pwp on a suffix cut is refused, above, unless nothing is distilled)
+    assert resolve_pwp([9, 10, 11], 12, DistillSettings(pwp=True, steps=0))[0] is True
     assert resolve_pwp([4, 6, 7, 9, 10], 12, DistillSettings(pwp=False)) == (False, "PWP off (--no-pwp)")
     with pytest.raises(ValueError, match="resolve"):
         update_weights([0, 1, 2], 1, None, default)
