@@ -44,7 +44,7 @@ def _pipeline(folder: Path, layers: int) -> Path:
     import torch
 
     from hpedge.models.architectures import ARCHITECTURES, transformer_class
-    from hpedge.models.fixtures import tiny_pipeline, tiny_transformer_config
+    from hpedge.testing import tiny_pipeline, tiny_transformer_config
     from hpedge.models.loading import make_stock_loadable
 
     real = ARCHITECTURES[NAME][1]

@@ -1,7 +1,7 @@
 """``python benchmarks/run.py size``: a real-width transformer above 2 GB through the whole export, on this host.
 
 A random-weight transformer of architecture ``--arch`` at its real width (``--layers`` blocks; default: the
-real depth) beside tiny text encoders and VAE (hpedge.models.fixtures.real_width_transformer_config) goes
+real depth) beside tiny text encoders and VAE (hpedge.testing.real_width_transformer_config) goes
 through ``hpedge export`` (fp32 ONNX, fp16 ONNX, INT4 AWQ, int4_cpu, engines where the profile builds them,
 parity), then ``hpedge check``, then a plain ONNX Runtime load of every ONNX file in the package. Each runs in
 a child process whose memory (the whole process tree's RSS, sampled every 0.2 s) is recorded per stage, from
@@ -82,7 +82,7 @@ def build(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """The pipeline folder (random weights) and what it holds."""
     import torch
 
-    from hpedge.models.fixtures import real_width_transformer_config, tiny_pipeline
+    from hpedge.testing import real_width_transformer_config, tiny_pipeline
     from hpedge.models.loading import make_stock_loadable
 
     torch.manual_seed(0)

@@ -6,24 +6,18 @@ error's exit code, without a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Column, Table
 
+from hpedge.console import console, err_console, gb, params, print_distill_memory, print_engines, print_plan, progress
 from hpedge.errors import HpedgeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="HierarchicalPrune compression and edge deployment.")
-console = Console()
-err_console = Console(stderr=True)
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -45,50 +39,6 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callabl
     return deco
 
 
-@contextlib.contextmanager
-def _progress(title: str) -> Iterator[Callable[[str, int, int], None]]:
-    """``cb(what, done, total)`` for a long step: a live bar on a terminal; in a log (stderr not a TTY) one
-    line per stage and about every 10 % of a long loop, each with the elapsed time."""
-    if err_console.is_terminal:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=err_console, transient=True) as prog:
-            task = prog.add_task(title, total=1)
-            yield lambda what, k, n: prog.update(task, description=what, completed=k, total=n)
-        return
-    t0 = time.monotonic()
-    last = {"what": None, "tenth": -1}
-
-    def line(text: str) -> None:
-        s = int(time.monotonic() - t0)
-        print(f"[{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}] {text}", file=sys.stderr, flush=True)
-
-    def cb(what: str, k: int, n: int) -> None:
-        if last["what"] is None:  # the first report (a usage error before any work prints nothing)
-            line(f"{title}: started")
-        stage = what.split(": ", 1)[0]  # "distilling: loss 0.123" is one stage, however its details change
-        tenth = int(10 * k / n) if n > 0 else 0
-        if stage != last["what"]:
-            line(f"{what} ({k}/{n})" if n > 1 else what)
-            last.update(what=stage, tenth=tenth)
-        elif n >= 10 and tenth > last["tenth"]:
-            line(f"{what} {k}/{n} ({k / n:.0%})")
-            last["tenth"] = tenth
-
-    yield cb
-    if last["what"] is not None:
-        line(f"{title}: done")
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
-
-
-def _params(n: float) -> str:
-    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
-
-
 @command()
 def info(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME, or architecture (sd3.5-large, ...)")],
          json_out: Annotated[Optional[Path], typer.Option("--json", help="write the description as JSON")] = None) -> None:
@@ -100,10 +50,10 @@ def info(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME, o
     ref = resolve(model, allow_architecture=True)
     d = describe(load_transformer(ref))
     console.print(f"[bold]{model}[/]  {d['class']} ({d['family']}), {len(d['blocks'])} blocks")
-    console.print(f"parameters: {_params(d['params'])} ({d['params']:,})")
+    console.print(f"parameters: {params(d['params'])} ({d['params']:,})")
     console.print(
-        f"bytes: fp32 {_gb(d['bytes']['fp32'])}, bf16 {_gb(d['bytes']['bf16'])}, "
-        f"int4 weights {_gb(d['bytes']['int4'])}"
+        f"bytes: fp32 {gb(d['bytes']['fp32'])}, bf16 {gb(d['bytes']['bf16'])}, "
+        f"int4 weights {gb(d['bytes']['int4'])}"
     )
     sampling = defaults_of_ref(ref)
     if sampling is not None:
@@ -112,7 +62,7 @@ def info(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME, o
                       f"guidance {sampling.guidance:g} ({sampling.guidance_kind}), T5 length {sampling.max_sequence_length}")
     t = Table("block", "kind", "params", "components")
     for b in d["blocks"]:
-        t.add_row(str(b["index"]), b["kind"], _params(b["params"]), ", ".join(b["components"]))
+        t.add_row(str(b["index"]), b["kind"], params(b["params"]), ", ".join(b["components"]))
     console.print(t)
     if json_out:
         from hpedge.io import atomic_file
@@ -131,9 +81,9 @@ def eval_(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NAME
           seed: Annotated[int, typer.Option(help="seed of the sampling noise")] = 0,
           drop_t5: Annotated[bool, typer.Option("--drop-t5", help="SD3: sample without T5 (zeros in its place, as diffusers without text_encoder_3; what `export --drop-t5` ships)")] = False) -> None:
     """GenEval-style score per category, overall score and Frechet distance of a digits pipeline."""
-    from hpedge.zoo.evaluate import EvalSettings, evaluate, grid_of_result
     from hpedge.io import atomic_file
     from hpedge.models.loading import load_pipeline, resolve
+    from hpedge.zoo.evaluate import EvalSettings, evaluate, grid_of_result
 
     if per_category < 2:
         raise HpedgeError("--per-category must be at least 2")
@@ -144,7 +94,7 @@ def eval_(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NAME
         without_t5(pipe)
     s = EvalSettings(per_category=per_category, steps=steps, guidance=guidance, seed=seed)
     total, done = 5 * per_category, [0]
-    with _progress("eval") as cb:
+    with progress("eval") as cb:
         def advance(n: int) -> None:
             done[0] += n
             cb("generating", done[0], total)
@@ -223,7 +173,8 @@ def analyze(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NA
             components: Annotated[bool, typer.Option(help="also score sub-components")] = True,
             reference_format: Annotated[Optional[Path], typer.Option("--reference-format", help="also write the reference's <tab> format")] = None) -> None:
     """Contribution analysis: the harm of removing each block and sub-component (cached, resumable)."""
-    from hpedge.compress.analyze import AnalysisSettings, analyze as run, heatmap
+    from hpedge.compress.analyze import AnalysisSettings, heatmap
+    from hpedge.compress.analyze import analyze as run
     from hpedge.io import atomic_file
     from hpedge.models.loading import compute_device, load_pipeline, resolve
 
@@ -233,7 +184,7 @@ def analyze(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NA
     settings = AnalysisSettings(prompts=num_prompts, steps=steps, seed=seed, components=components,
                                 resolution=resolution, guidance=guidance, prompts_file=str(prompts) if prompts else None,
                                 scorer=scorer)
-    with _progress("analysis") as cb:
+    with progress("analysis") as cb:
         imp = run(pipe, ref.path, output, settings, progress=lambda what, k, n: cb(f"analysis: {what}", k, n))
     harm = imp.block_harm()
     t = Table("block", "harm (whole block)", "most harmful component")
@@ -251,35 +202,6 @@ def analyze(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NA
     console.print(f"wrote {output}")
 
 
-def _print_plan(p: Any) -> None:
-    console.print(f"[bold]{p.family}[/] transformer, {p.num_blocks} blocks; protected: 0..{p.first_removable - 1}")
-    console.print(f"remove ({len(p.remove)}): {p.remove}")
-    console.print(f"keep   ({len(p.kept)}): {p.kept}")
-    t = Table("", "before", "after", "change")
-    t.add_row("parameters", _params(p.params_before), _params(p.params_after), f"{p.kept_ratio:.1%} kept")
-    t.add_row("bf16 bytes", _gb(p.bytes_bf16_before), _gb(p.bytes_bf16_after),
-              f"{p.bytes_bf16_after / p.bytes_bf16_before - 1:+.1%}")
-    t.add_row("INT4 weights", "", _gb(p.bytes_int4_after), f"{p.bytes_int4_after / p.bytes_bf16_before - 1:+.1%} vs bf16")
-    console.print(t)
-    if p.package_memory is not None:
-        _print_footprint(p.package_memory)
-    for n in p.notes:
-        console.print(f"note: {n}")
-
-
-def _print_footprint(fp: dict[str, Any]) -> None:
-    t = Table(f"package on {fp['target']} ({fp['residency']}, {fp['resolution']} px, {fp['prompts']} image(s)"
-              f"{', T5 dropped' if fp['drop_t5'] else ''})", "precision", "GB")
-    for c, b in fp["weights"].items():
-        t.add_row(c, fp["precisions"].get(c, ""), f"{b / 1e9:.2f}")
-    for ph, b in fp["activations"].items():
-        t.add_row(f"activations: {ph}", "fp16", f"{b / 1e9:.2f}")
-    how = "all weights + the largest phase's activations" if fp["residency"] == "resident" else "the largest phase"
-    t.add_row(f"[bold]needed[/] ({how})", "", f"{fp['need'] / 1e9:.2f}")
-    t.add_row("available (memory less the profile's reserve)", "", f"{fp['capacity'] / 1e9:.2f}")
-    console.print(t)
-
-
 @command()
 def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or architecture (sd3.5-large, ...)")],
          remove_blocks: BudgetBlocks = None, remove_fraction: BudgetFraction = None, keep_ratio: BudgetKeep = None,
@@ -295,54 +217,27 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
          mixed_precision: Annotated[str, typer.Option(help="--distill: no | bf16 | fp16 (compress --mixed-precision; GPU runs use bf16)")] = "bf16",
          pwp: Annotated[Optional[bool], typer.Option("--pwp/--no-pwp", help="Positional Weight Preservation as compress uses it (default: compress's)")] = None) -> None:
     """Print which blocks Hierarchical Position Pruning removes, and the sizes before/after (no weights touched)."""
-    from hpedge.compress.pwp import resolve_pwp
-    from hpedge.compress.settings import DistillSettings
+    from hpedge.compress.memory import estimate_for
     from hpedge.compress.pipeline import plan_for
     from hpedge.compress.plan import Budget
+    from hpedge.compress.pwp import resolve_pwp
+    from hpedge.compress.settings import DistillSettings
     from hpedge.io import atomic_file
 
     p = plan_for(model, Budget(remove_blocks, remove_fraction, keep_ratio, target, residency, drop_t5, t5), importance,
                  protect_early)
-    _print_plan(p)
+    print_plan(p)
     out = p.to_dict()
     use_pwp, why = resolve_pwp(p.remove, p.num_blocks, DistillSettings(pwp=pwp))
     console.print(f"compress: {why}")
     out["pwp"] = {"used": use_pwp, "why": why}
     if distill:
-        out["distill_memory"] = _print_distill_memory(model, p, batch_size, processes, resolution, mixed_precision, use_pwp)
+        m = estimate_for(model, p.remove, batch_size, processes, resolution, mixed_precision, use_pwp)
+        print_distill_memory(m)
+        out["distill_memory"] = m.to_dict()
     if json_out:
         with atomic_file(json_out) as tmp:
             tmp.write_text(json.dumps(out, indent=2))
-
-
-def _print_distill_memory(model: str, p: Any, batch: int, processes: int, resolution: Optional[int], mp: str,
-                          pwp: bool) -> dict:
-    from hpedge.compress.memory import estimate
-    from hpedge.models.meta import meta_transformer, text_tokens
-    from hpedge.models.loading import resolve
-    from hpedge.models.sampling import defaults_of_ref
-
-    if processes < 1 or batch % processes:
-        raise HpedgeError(f"--batch-size {batch} must be a multiple of --processes {processes}")
-    ref = resolve(model, allow_architecture=True)
-    d = defaults_of_ref(ref)
-    side = resolution or (d.height if d else 1024)
-    tokens = text_tokens(ref.family, d.max_sequence_length if d else 256)
-    m = estimate(meta_transformer(ref), p.remove, batch_per_gpu=batch // processes, height=side, width=side,
-                 text_tokens=tokens, mixed_precision=mp, pwp=pwp)
-    gib = 2**30
-    t = Table(f"distillation, per GPU ({mp}, {side} px, batch {batch // processes} per GPU, {tokens} text tokens)", "GiB")
-    for k, v in m.rows.items():
-        t.add_row(k, f"{v / gib:.2f}")
-    t.add_row("activations", f"{m.activations / gib:.2f}")
-    t.add_row("activations, --gradient-checkpointing", f"{m.activations_checkpointed / gib:.2f}")
-    t.add_row("[bold]total[/]", f"{m.total(False) / gib:.2f}")
-    t.add_row("[bold]total, --gradient-checkpointing[/]", f"{m.total(True) / gib:.2f}")
-    console.print(t)
-    console.print("note: text encoders and VAE leave the GPU while training (they encode the pool's prompts first); "
-                  "under FSDP / ZeRO-3 the student, gradient and AdamW rows divide by the process count (the student "
-                  "then in fp32 throughout); measured against this estimate: benchmarks/results/distill-memory.md")
-    return m.to_dict()
 
 
 @command()
@@ -376,7 +271,8 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
     """HierarchicalPrune: analyse, plan, prune, distil (PWP + SGDistill) and write a stock diffusers pipeline."""
     from hpedge.compress.analyze import AnalysisSettings
     from hpedge.compress.distill import DistillSettings
-    from hpedge.compress.pipeline import CompressOptions, compress as run
+    from hpedge.compress.pipeline import CompressOptions
+    from hpedge.compress.pipeline import compress as run
     from hpedge.compress.plan import Budget
 
     if mixed_precision not in ("no", "bf16", "fp16"):
@@ -388,7 +284,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
     opts = CompressOptions(Budget(remove_blocks, remove_fraction, keep_ratio, target, residency, drop_t5, t5), importance, protect_early,
                            ds, analysis=AnalysisSettings(prompts=analysis_prompts, steps=analysis_steps), resume=resume, overwrite=overwrite, eval_per_category=eval_per_category, grid_samples=grid_samples,
                            resolution=resolution, prompts_file=str(prompts) if prompts else None)
-    with _progress("compress") as cb:
+    with progress("compress") as cb:
         report = run(model, output, opts, progress=cb)
     from hpedge.compress.processes import is_main_process
 
@@ -440,14 +336,15 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
            residency: Residency = "auto", drop_t5: DropT5 = False, t5: T5Precision = "auto",
            overwrite: Annotated[bool, typer.Option()] = False) -> None:
     """ONNX + INT4 AWQ + TensorRT engines (TensorRT-RTX on any host, or an on-device build) + parity -> a self-describing package."""
-    from hpedge.export.export import ExportOptions, export as run
+    from hpedge.export.export import ExportOptions
+    from hpedge.export.export import export as run
 
     opts = ExportOptions(target=target, engine=engine, steps=steps, method=method, exporter=exporter, cpu_kernel=cpu_kernel, compute=compute,
                          fp32_reference=fp32_reference,
                          calibration_prompts=calibration_prompts, allow_parity_failure=allow_parity_failure,
                          archive=archive, overwrite=overwrite, protect=list(protect or []), residency=residency,
                          drop_t5=drop_t5, t5=t5)
-    with _progress("export") as cb:
+    with progress("export") as cb:
         m = run(model, output, opts, progress=lambda what: cb(what, 0, 1))
     b, fp32_bytes = m["components"]["transformer"]["bytes"], m["components"]["transformer"]["fp32_bytes"]
     console.print(f"transformer: fp32 export {fp32_bytes / 1e6:.1f} MB{'' if 'fp32' in b else ' (not shipped)'}, "
@@ -455,22 +352,8 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
                   f"int4_cpu {b['int4_cpu'] / 1e6:.1f} MB; "
                   f"{len(m['int4']['excluded'])} layers not quantized")
     console.print(f"parity: {'passed' if m['parity']['passed'] else '[bold red]FAILED (overridden)[/]'}")
-    _print_engines(m["engines"])
+    print_engines(m["engines"])
     console.print(f"wrote {output}")
-
-
-def _print_engines(e: dict[str, Any]) -> None:
-    if e["status"] != "built":
-        console.print(f"[yellow]notice:[/] engines {e['status']}: {e['reason']}")
-        return
-    caps = ", ".join("sm_" + c.replace(".", "") for c in e["compute_capabilities"])
-    for name, c in e["components"].items():
-        console.print(f"engine {name}: {c['library']} {c['version']} for {caps}, {c['engine_bytes'] / 1e6:.1f} MB "
-                      f"(ONNX weights {c['onnx_weight_bytes'] / 1e6:.1f} MB), "
-                      + ("from the engine cache" if c["cache"] == "hit" else f"built in {c['build_seconds']:.1f} s"))
-    parity = e.get("parity", {})
-    if parity and not parity.get("run"):
-        console.print(f"engine parity: {parity['reason']}")
 
 
 @command()
@@ -490,7 +373,7 @@ def build(package: Annotated[Path, typer.Argument(help="package folder whose eng
     """Build the package's pending engines here (Jetson: on the board with its JetPack TensorRT)."""
     from hpedge.export.build import build as run
 
-    _print_engines(run(package)["engines"])
+    print_engines(run(package)["engines"])
 
 def main() -> None:
     app()

@@ -60,7 +60,7 @@ def sd3_package(random_sd3, tmp_path_factory) -> Path:
     return out
 
 
-# -- real configurations: tiny random-weight SD3.5 / FLUX.1 pipelines (hpedge.models.fixtures) -------------
+# -- real configurations: tiny random-weight SD3.5 / FLUX.1 pipelines (hpedge.testing) -------------
 REAL = ("sd3.5-large", "sd3.5-large-turbo", "sd3.5-medium", "flux.1-schnell", "flux.1-dev")
 REAL_SIZE = 64  # pixels: the reduced resolution the real-configuration tests run at
 REMOVE = {"sd3": "2-2", "flux": "3-3"}  # one block each: a kept block after it, so PWP leaves blocks to train
@@ -68,7 +68,7 @@ REMOVE = {"sd3": "2-2", "flux": "3-3"}  # one block each: a kept block after it,
 
 @pytest.fixture(scope="session")
 def real_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from hpedge.models.fixtures import save_tiny_pipeline
+    from hpedge.testing import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("real")
     return {name: save_tiny_pipeline(name, root / name) for name in REAL}

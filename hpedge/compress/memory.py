@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hpedge.errors import HpedgeError
+from hpedge.models.loading import resolve
+from hpedge.models.meta import meta_transformer, text_tokens
+from hpedge.models.sampling import defaults_of_ref
 
 BYTES = {"no": 4, "bf16": 2, "fp16": 2}
 
@@ -203,3 +206,17 @@ def _saved_bytes(student: Any, batch: int, height: int, width: int, text_tokens:
             hd.remove()
     # a block that saves nothing (no input or weight needs a gradient: PWP's prefix) keeps no inputs either
     return outside[0], per_block, [i if b else 0 for i, b in zip(inputs, per_block)]
+
+
+def estimate_for(model: str, remove: list[int], batch: int, processes: int, resolution: int | None,
+                 mixed_precision: str, pwp: bool) -> DistillMemory:
+    """:func:`estimate` for a model name or folder as ``hpedge plan --distill`` takes it: the global ``batch``
+    shared by ``processes`` GPUs, at ``resolution`` (default: the model's) and its text length."""
+    if processes < 1 or batch % processes:
+        raise HpedgeError(f"--batch-size {batch} must be a multiple of --processes {processes}")
+    ref = resolve(model, allow_architecture=True)
+    d = defaults_of_ref(ref)
+    side = resolution or (d.height if d else 1024)
+    tokens = text_tokens(ref.family, d.max_sequence_length if d else 256)
+    return estimate(meta_transformer(ref), remove, batch_per_gpu=batch // processes, height=side, width=side,
+                    text_tokens=tokens, mixed_precision=mixed_precision, pwp=pwp)

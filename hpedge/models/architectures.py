@@ -3,7 +3,7 @@
 Each file holds what a checkpoint's own config files publish (transformer, scheduler, VAE, text
 encoders, tokenizer lengths) plus the pipeline's recommended sampling defaults. The same data builds
 the meta-device models of ``info`` / ``plan`` (exact parameter counts, no memory) and the tiny
-random-weight fixtures of ``hpedge.models.fixtures``, so the two cannot drift apart.
+random-weight fixtures of ``hpedge.testing``, so the two cannot drift apart.
 """
 
 from __future__ import annotations

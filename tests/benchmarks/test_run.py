@@ -286,7 +286,7 @@ def test_shipped_twice_names_files_with_the_same_content(bench, tmp_path) -> Non
 
 def test_real_width_fixture_keeps_the_architectures_width() -> None:
     from hpedge.models.architectures import architecture
-    from hpedge.models.fixtures import real_width_transformer_config
+    from hpedge.testing import real_width_transformer_config
 
     real = architecture("sd3.5-medium")["transformer"]
     cfg = real_width_transformer_config("sd3.5-medium", 7)

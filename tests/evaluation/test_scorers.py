@@ -14,7 +14,7 @@ def local_clip(tmp_path_factory) -> str:
     """A tiny random CLIPModel saved as a local folder (what a user's downloaded CLIP would be)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from hpedge.models.fixtures import clip_tokenizer
+    from hpedge.testing import clip_tokenizer
 
     tok = clip_tokenizer(77)
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -81,7 +81,7 @@ def test_a_transformer_above_the_limit_exports_with_the_dynamo_exporter_into_one
     """Above protobuf's 2 GB (a lowered threshold here) SD3 switches to the dynamo exporter, whose weights are
     streamed into one external data file; the graph matches PyTorch."""
     from hpedge.export.verify import torch_outputs as _torch_outputs
-    from hpedge.models.fixtures import tiny_pipeline
+    from hpedge.testing import tiny_pipeline
 
     pipe = tiny_pipeline("sd3.5-medium")
     assert ox.auto_exporter(pipe.transformer) == "legacy"

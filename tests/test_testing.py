@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hpedge.models.architectures import architecture
-from hpedge.models.fixtures import NAMES, TINY_FLUX, TINY_SD3, tiny_pipeline, tiny_transformer_config
+from hpedge.testing import NAMES, TINY_FLUX, TINY_SD3, tiny_pipeline, tiny_transformer_config
 
 LONG = " ".join(["a photo of a small red cube on the left of a big blue sphere, highly detailed"] * 4)
 WIDTH_DEPTH = set(TINY_SD3) | set(TINY_FLUX) | {"joint_attention_dim", "pooled_projection_dim", "axes_dims_rope",

@@ -1,11 +1,11 @@
-"""Tiny random-weight pipelines that keep every property of a real architecture except width and depth.
+"""Test fixtures (``hpedge.testing``, not used by any command): tiny random-weight pipelines that keep every property of a real architecture except width and depth.
 
 Built in code from the records in ``hpedge/models/configs`` (no downloads): the real scheduler config,
 VAE factors and 16 latent channels (RGB, 8x), tokenizer lengths (CLIP 77, T5 512), default steps and
 guidance, qk_norm, pos_embed_max_size, patch size, SD3.5 Medium's dual-attention layers (the same share
 of the blocks), FLUX.1-dev's guidance embedding and the final context_pre_only SD3 block. Only the widths
 and depths below are smaller. The weights are random, scaled by ``gain`` so that a prompt, the shift, the
-guidance and the T5 length each visibly change the image (see tests/models/test_fixtures.py); plain
+guidance and the T5 length each visibly change the image (see tests/test_testing.py); plain
 default initialisation is too quiet for a test of the sampler to fail on a wrong schedule.
 """
 
@@ -15,7 +15,8 @@ import string
 from pathlib import Path
 from typing import Any
 
-from hpedge.models.architectures import ARCHITECTURES, architecture, text_encoder, vae_config
+from hpedge.models.architectures import ARCHITECTURES, architecture, text_encoder, transformer_class, vae_config
+from hpedge.models.loading import make_stock_loadable
 
 NAMES = tuple(ARCHITECTURES)
 # width/depth of the fixtures; every other field comes from the architecture record
@@ -119,7 +120,6 @@ def tiny_pipeline(name: str, seed: int = 0, gain: float = GAIN, transformer: dic
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
-    from hpedge.models.architectures import transformer_class
 
     a = architecture(name)
     torch.manual_seed(seed)
@@ -158,7 +158,6 @@ def tiny_pipeline(name: str, seed: int = 0, gain: float = GAIN, transformer: dic
 def save_tiny_pipeline(name: str, folder: str | Path, seed: int = 0, gain: float = GAIN,
                        transformer: dict[str, Any] | None = None) -> Path:
     """Write the fixture as a stock pipeline folder (safetensors) named after its architecture."""
-    from hpedge.models.loading import make_stock_loadable
 
     folder = Path(folder)
     tiny_pipeline(name, seed, gain, transformer).save_pretrained(folder, safe_serialization=True)
