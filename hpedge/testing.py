@@ -120,7 +120,6 @@ def tiny_pipeline(name: str, seed: int = 0, gain: float = GAIN, transformer: dic
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
-
     a = architecture(name)
     torch.manual_seed(seed)
     parts: dict[str, Any] = {}

@@ -12,6 +12,7 @@ from typing import Any
 
 from hpedge.backends.trt_api import Availability, BuildSettings, EngineRunner, build_serialized, gpu_compute_capability
 from hpedge.errors import HpedgeError
+from hpedge.io import atomic_file
 
 NAME = "tensorrt_rtx"
 PACKAGE = "tensorrt-rtx-cu12==1.7.1.116"
@@ -101,7 +102,6 @@ class RtxRunner(EngineRunner):
     def save_cache(self) -> None:
         if self._cache is None or self.cache_path is None:
             return
-        from hpedge.io import atomic_file
 
         with atomic_file(self.cache_path) as tmp:
             tmp.write_bytes(bytes(memoryview(self._cache.serialize())))

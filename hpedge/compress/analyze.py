@@ -119,20 +119,10 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
     seeds = [s.seed * 7919 + i for i in range(len(texts))]
     tr = pipe.transformer
     refs = adapters.blocks(tr)
-    todo: list[tuple[int, str | None]] = []
-    for r in refs:
-        todo.append((r.index, None))
-        if s.components:
-            todo += [(r.index, c) for c in adapters.components(r)]
+    todo = [(r.index, c) for r in refs for c in [None, *(adapters.components(r) if s.components else [])]]
     fp = _fingerprint(pipe, s, gen.to_dict(), texts)
-    if out and out.exists():
-        try:
-            prev = json.loads(out.read_text())
-            if prev.get("fingerprint") == fp:
-
-                return load(out)
-        except json.JSONDecodeError:
-            pass
+    if _cached(out, fp):
+        return load(out)  # type: ignore[arg-type]
     if procs:
         procs.barrier()  # every rank has looked at ``out`` before the main process may write it
     partial = _partial_file(out, rank, world) if out else None
@@ -140,11 +130,7 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
     mine = procs.share(todo) if procs else todo
 
     judge = evaluator.judge() if evaluator is not None else None
-
-    scorer = None
-    if s.scorer:
-
-        scorer = load_scorer(s.scorer)
+    scorer = load_scorer(s.scorer) if s.scorer else None
 
     def run() -> tuple[np.ndarray, float, float]:
         imgs = sample(pipe, texts, gen, seeds=seeds, batch_size=16)  # (N, H, W, C): every channel counts
@@ -170,35 +156,20 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
         if partial:
             _write_partial(partial, fp, done)
     if world > 1:
-        assert out is not None
-        procs.barrier()  # type: ignore[union-attr]
-        if rank != 0:
-            procs.barrier()  # type: ignore[union-attr]  # the main process merges and writes ``out``
-
-            return load(out)
-        for r in range(1, world):
-            done.update(_read_partial(_partial_file(out, r, world), fp))
-        missing = [f"{b}/{c or 'block'}" for b, c in todo if f"{b}\t{c or ''}" not in done]
-        if missing:
-            raise HpedgeError(f"the contribution analysis is missing {len(missing)} entries after merging the ranks' "
-                              f"shares (first: {missing[0]}); run again with --resume")
-    entries = []
-    order = {f"{b}\t{c or ''}": i for i, (b, c) in enumerate(todo)}
-    for key, d in sorted(done.items(), key=lambda kv: order.get(kv[0], len(order))):
-        b, c = key.split("\t")
-        entries.append(Entry(int(b), c or None, d["harm"], {k: v for k, v in d.items() if k != "harm"}))
+        assert out is not None and procs is not None
+        if not _merge_ranks(procs, out, fp, todo, done):
+            return load(out)  # a rank other than the main one: the main process merged and wrote ``out``
     imp = Importance(
         family=family_of(tr), num_blocks=len(refs),
         metric="relative pixel distortion (all channels)" + (" + evaluator accuracy drop" if judge else "")
                + (f" + relative {scorer.name} score drop" if scorer else ""),
-        entries=entries, fingerprint=fp,
+        entries=_entries(done, todo), fingerprint=fp,
         settings={**asdict(s), "baseline_accuracy": ref_acc, "sampling": gen.to_dict(),
                   **({"scorer": scorer.describe(), "baseline_score": ref_score} if scorer else {}), "prompt_list": texts,
                   "prompts_source": s.prompts_file or (f"{evaluator.name} grammar" if evaluator else str(PROMPTS_FILE.name)),
                   "seeds": seeds},
     )
     if out:
-
         with atomic_file(out) as tmp:
             tmp.write_text(json.dumps(imp.to_dict(), indent=2))
         for r in range(world):
@@ -206,6 +177,42 @@ def analyze(pipe: Any, model_path: Path | None, out: Path | None, settings: Anal
     if world > 1:
         procs.barrier()  # type: ignore[union-attr]
     return imp
+
+
+def _cached(out: Path | None, fp: str) -> bool:
+    """Whether ``out`` already holds the analysis of this model and these settings."""
+    if out is None or not out.exists():
+        return False
+    try:
+        return bool(json.loads(out.read_text()).get("fingerprint") == fp)
+    except json.JSONDecodeError:
+        return False
+
+
+def _entries(done: dict[str, dict[str, Any]], todo: list[tuple[int, str | None]]) -> list[Entry]:
+    """The scored ablations in the order of the work list (each block, then its components)."""
+    order = {f"{b}\t{c or ''}": i for i, (b, c) in enumerate(todo)}
+    entries = []
+    for key, d in sorted(done.items(), key=lambda kv: order.get(kv[0], len(order))):
+        b, c = key.split("\t")
+        entries.append(Entry(int(b), c or None, d["harm"], {k: v for k, v in d.items() if k != "harm"}))
+    return entries
+
+
+def _merge_ranks(procs: Processes, out: Path, fp: str, todo: list[tuple[int, str | None]],
+                 done: dict[str, dict[str, Any]]) -> bool:
+    """The main process merges every rank's share into ``done`` (True); the other ranks wait for ``out`` (False)."""
+    procs.barrier()
+    if procs.rank != 0:
+        procs.barrier()
+        return False
+    for r in range(1, procs.world):
+        done.update(_read_partial(_partial_file(out, r, procs.world), fp))
+    missing = [f"{b}/{c or 'block'}" for b, c in todo if f"{b}\t{c or ''}" not in done]
+    if missing:
+        raise HpedgeError(f"the contribution analysis is missing {len(missing)} entries after merging the ranks' "
+                          f"shares (first: {missing[0]}); run again with --resume")
+    return True
 
 
 def _partial_file(out: Path, rank: int, world: int) -> Path:

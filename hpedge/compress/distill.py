@@ -173,6 +173,8 @@ def _step_draws(s: DistillSettings, step: int, n: int, shape: tuple[int, ...]) -
     return idx, u.float(), noise
 
 
+# Over 80 lines on purpose: one training loop whose Accelerate-prepared model, optimizer, pool shard, RNG draws
+# and checkpoint state live together; split, each piece would take and return most of them.
 def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, float] | None, prompts: list[str],
             work: Path, s: DistillSettings, gen: Defaults, resume: bool,
             progress: Callable[[str, int, int, dict[str, float]], None] | None = None,

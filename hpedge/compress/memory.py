@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hpedge.errors import HpedgeError
+from hpedge.models import adapters
+from hpedge.models.denoise import Conditioning, family_of, predict
 from hpedge.models.loading import resolve
 from hpedge.models.meta import meta_transformer, text_tokens
 from hpedge.models.sampling import defaults_of_ref
@@ -53,8 +55,6 @@ def estimate(teacher: Any, remove: list[int], *, batch_per_gpu: int, height: int
              mixed_precision: str = "bf16", pwp: bool = True, lambda_feat: float = 0.1) -> DistillMemory:
     """The memory of one distillation step on one GPU. ``teacher`` may live on the meta device."""
     import torch
-
-    from hpedge.models import adapters
 
     if mixed_precision not in BYTES:
         raise HpedgeError(f"--mixed-precision must be no, bf16 or fp16, got {mixed_precision!r}")
@@ -95,7 +95,6 @@ def estimate(teacher: Any, remove: list[int], *, batch_per_gpu: int, height: int
 def _mark_trainable(student: Any, prefix: int) -> int:
     """requires_grad as distill() sets it (PWP: the prefix blocks and the input embedders frozen); returns the
     number of trainable parameters."""
-    from hpedge.models import adapters
 
     frozen: set[int] = set()
     for ref in adapters.blocks(student)[:prefix]:
@@ -119,15 +118,13 @@ def _latent_channels(tr: Any) -> int:
     return int(c["in_channels"]) // (4 if type(tr).__name__.startswith("Flux") else 1)
 
 
+# Over 80 lines on purpose: one meta-device run whose hooks, dispatch mode and counters share their state.
 def _saved_bytes(student: Any, batch: int, height: int, width: int, text_tokens: int, dtype: Any
                  ) -> tuple[int, list[int], list[int]]:
     """Bytes autograd saves in the student's forward pass on the meta device: outside the blocks, per block,
     and each block's inputs (what a checkpointed block keeps)."""
     import torch
     import torch.nn.functional as F
-
-    from hpedge.models import adapters
-    from hpedge.models.denoise import Conditioning, family_of, predict
 
     student = student.to(dtype)
     params = {p.untyped_storage()._cdata for p in student.parameters()}

@@ -19,11 +19,11 @@ from typing import Any, Callable
 
 from hpedge.compress.analyze import AnalysisSettings, analyze, heatmap
 from hpedge.compress.distill import DistillSettings, distill
-from hpedge.compress.pwp import resolve_pwp
 from hpedge.compress.importance import Importance
 from hpedge.compress.importance import load as load_importance
 from hpedge.compress.plan import Budget, Plan, make_plan, parse_blocks
 from hpedge.compress.processes import Processes
+from hpedge.compress.pwp import resolve_pwp
 from hpedge.errors import HpedgeError
 from hpedge.evaluation.image import save_grid
 from hpedge.io import atomic_dir, atomic_file, check_parent
@@ -85,9 +85,67 @@ def plan_on_target(transformer: Any, budget: Budget, imp: Importance | None, pro
 
 
 def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..., None] | None = None) -> dict[str, Any]:
-    import torch
+    """The stages in order: every rank checks OUT and the work folder, loads the teacher, analyses (or loads the
+    importance table), plans and resolves PWP, prunes and distils; the main process scores and writes OUT."""
+    ref, work, procs = _start(model, out, opts)
+    t_start = time.time()
+    say = progress if progress and procs.is_main else (lambda *a, **k: None)
+    teacher_pipe, gen = _load_teacher(ref, opts, procs, say)
+    imp = _importance(teacher_pipe, ref, work, opts, procs, say)
+    plan = _plan(teacher_pipe, ref, work, imp, opts, procs)
+    use_pwp, pwp_why = resolve_pwp(plan.remove, plan.num_blocks, opts.distill)  # before the teacher samples its pool
+    ds = replace(opts.distill, pwp=use_pwp)
+    say(pwp_why, 0, 1)
+
+    # prune physically, then distil with PWP + SGDistill; distill() holds the trainable parameters in fp32 master
+    # weights, the frozen ones in the teacher's dtype
+    student, kept = adapters.prune(teacher_pipe.transformer, plan.remove)
+    evaluator = evaluator_for(ref.path)
+    prompts = training_prompts(evaluator, opts.distill.pool_size, opts.distill.seed, opts.prompts_file)
+    harm = imp.block_harm() if imp else None
+    student, state, weights = distill(
+        teacher_pipe, student, kept, harm, prompts, work, ds, gen, resume=opts.resume,
+        progress=lambda what, k, n, info: say(f"{what}: loss {info['loss']:.4f}" if what == "distilling" else what, k, n),
+        procs=procs,
+    )
+    student_pipe = type(teacher_pipe)(**{**teacher_pipe.components, "transformer": student.to(teacher_pipe.dtype)})
+    student_pipe.set_progress_bar_config(disable=True)
+
+    if not procs.is_main:
+        procs.barrier()  # the main process evaluates and writes OUT
+        return _report_of(out)
+    scores: dict[str, Any] = {}
+    if evaluator is not None and opts.eval_per_category > 0:
+        scores = evaluator.compare(teacher_pipe, model, student_pipe, str(out), opts.eval_per_category, say)
+    report = {
+        "format": "hpedge-compress/1", "source": model, "family": ref.family,
+        "removed_blocks": plan.remove, "kept_blocks": kept, "first_removed_position": plan.first_removed,
+        "pwp": {"requested": {None: "hpedge's default", True: "--pwp", False: "--no-pwp"}[opts.distill.pwp],
+                "used": use_pwp, "why": pwp_why},
+        "frozen_blocks_pwp": [b for b in kept if b < plan.first_removed] if use_pwp else [],
+        "update_weights": {str(k): v for k, v in weights.items()},
+        "sensitivity": "block harm from the contribution analysis" if harm else None,
+        "plan": plan.to_dict(),
+        "importance": {"source": imp.source, "metric": imp.metric} if imp else None,
+        "distill": asdict(ds), "sampling": gen.to_dict(), "losses": state.losses,
+        "distill_seconds": round(state.seconds, 1), "resumed_from_step": state.resumed_from,
+        "processes": {"count": procs.world, "distributed_type": procs.kind,
+                      "batch_per_process": opts.distill.batch_size // procs.world},
+        "total_seconds": round(time.time() - t_start, 1),
+        "params": {"before": plan.params_before, "after": plan.params_after, "kept_ratio": plan.kept_ratio},
+        "bytes": {"bf16_before": plan.bytes_bf16_before, "bf16_after": plan.bytes_bf16_after,
+                  "int4_after": plan.bytes_int4_after},
+        "scores": scores,
+        "environment": _environment(),
+    }
+    _write(out, opts, ref, teacher_pipe, student_pipe, imp, evaluator, gen, report, say)
+    shutil.rmtree(work, ignore_errors=True)
+    procs.barrier()
+    return report
 
 
+def _start(model: str, out: Path, opts: CompressOptions) -> tuple[ModelRef, Path, Processes]:
+    """Options, OUT and the work folder checked before anything runs; the processes of the launch started."""
     check_parent(out)
     if out.exists() and not opts.overwrite:
         raise HpedgeError(f"{out} already exists; pass --overwrite to replace it")
@@ -103,35 +161,43 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
             shutil.rmtree(work)
         work.mkdir(exist_ok=True)
     procs.barrier()
-    t_start = time.time()
-    say = progress if progress and procs.is_main else (lambda *a, **k: None)
+    return ref, work, procs
 
+
+def _load_teacher(ref: ModelRef, opts: CompressOptions, procs: Processes, say: Callable[..., None]) -> tuple[Any, Defaults]:
+    """The teacher on this rank's accelerator in the mixed-precision dtype (analysis and the sample pool run
+    where training will), its sampling settings, and explicit block indices checked before the long analysis."""
     say("loading", 0, 1)
     teacher_pipe = load_pipeline(ref)
     check_pipeline(teacher_pipe)
-    # analysis and the sample pool run where training will: this rank's accelerator, in the mixed-precision dtype
     teacher_pipe.to(procs.device, TORCH_DTYPES[opts.distill.mixed_precision])
-    evaluator = evaluator_for(ref.path)
     gen = with_overrides(defaults(teacher_pipe, ref.path), height=opts.resolution, width=opts.resolution)
     if opts.analysis.prompts_file is None:
         opts.analysis.prompts_file = opts.prompts_file
     if opts.analysis.resolution is None:  # the analysis at the size the student is distilled at
         opts.analysis.resolution = opts.resolution
-    if opts.budget.remove_blocks:  # explicit indices are checked before the (long) analysis
-
+    if opts.budget.remove_blocks:
         indices = parse_blocks(opts.budget.remove_blocks)
         if isinstance(indices, list):
             adapters.validate_removal(teacher_pipe.transformer, set(indices))
+    return teacher_pipe, gen
 
-    # 1. contribution analysis (cached in the work folder; reused by --resume)
-    imp: Importance | None = None
+
+def _importance(teacher_pipe: Any, ref: ModelRef, work: Path, opts: CompressOptions, procs: Processes,
+                say: Callable[..., None]) -> Importance | None:
+    """The contribution analysis (cached in the work folder; reused by --resume), a given table, or none where
+    explicit indices and no SGDistill need none."""
     if opts.importance:
-        imp = load_importance(opts.importance, family_hint=ref.family)
-    elif not (opts.budget.remove_blocks and "," in opts.budget.remove_blocks and opts.distill.sgd == "off"):
-        imp = analyze(teacher_pipe, ref.path, work / "importance.json", opts.analysis,
-                      progress=lambda what, k, n: say(f"analysis: {what}", k, n), procs=procs)
+        return load_importance(opts.importance, family_hint=ref.family)
+    if opts.budget.remove_blocks and "," in opts.budget.remove_blocks and opts.distill.sgd == "off":
+        return None
+    return analyze(teacher_pipe, ref.path, work / "importance.json", opts.analysis,
+                   progress=lambda what, k, n: say(f"analysis: {what}", k, n), procs=procs)
 
-    # 2. plan (position-aware)
+
+def _plan(teacher_pipe: Any, ref: ModelRef, work: Path, imp: Importance | None, opts: CompressOptions,
+          procs: Processes) -> Plan:
+    """The position-aware plan, written to the work folder (a --resume must plan the same cut)."""
     plan = plan_on_target(teacher_pipe.transformer, opts.budget, imp, opts.protect_early, ref)
     plan_file = work / "plan.json"
     if plan_file.exists():
@@ -143,61 +209,24 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     if procs.is_main and not plan_file.exists():
         with atomic_file(plan_file) as tmp:
             tmp.write_text(json.dumps(plan.to_dict(), indent=2))
-    use_pwp, pwp_why = resolve_pwp(plan.remove, plan.num_blocks, opts.distill)  # before the teacher samples its pool
-    ds = replace(opts.distill, pwp=use_pwp)
-    say(pwp_why, 0, 1)
+    return plan
 
-    # 3. prune physically, 4-5. distil with PWP + SGDistill
-    student, kept = adapters.prune(teacher_pipe.transformer, plan.remove)
-    # distill() holds the trainable parameters in fp32 master weights, the frozen ones in the teacher's dtype
-    prompts = training_prompts(evaluator, opts.distill.pool_size, opts.distill.seed, opts.prompts_file)
-    harm = imp.block_harm() if imp else None
-    student, state, weights = distill(
-        teacher_pipe, student, kept, harm, prompts, work, ds, gen, resume=opts.resume,
-        progress=lambda what, k, n, info: say(f"{what}: loss {info['loss']:.4f}" if what == "distilling" else what, k, n),
-        procs=procs,
-    )
-    student_pipe = type(teacher_pipe)(**{**teacher_pipe.components, "transformer": student.to(teacher_pipe.dtype)})
-    student_pipe.set_progress_bar_config(disable=True)
 
-    # 6. scores, grid, report; OUT written atomically, by the main process alone
-    if not procs.is_main:
-        procs.barrier()  # the main process evaluates and writes OUT
-        return _report_of(out)
-    scores: dict[str, Any] = {}
-    if evaluator is not None and opts.eval_per_category > 0:
-        scores = evaluator.compare(teacher_pipe, model, student_pipe, str(out), opts.eval_per_category, say)
-    report = {
-        "format": "hpedge-compress/1",
-        "source": model,
-        "family": ref.family,
-        "removed_blocks": plan.remove,
-        "kept_blocks": kept,
-        "first_removed_position": plan.first_removed,
-        "pwp": {"requested": {None: "hpedge's default", True: "--pwp", False: "--no-pwp"}[opts.distill.pwp],
-                "used": use_pwp, "why": pwp_why},
-        "frozen_blocks_pwp": [b for b in kept if b < plan.first_removed] if use_pwp else [],
-        "update_weights": {str(k): v for k, v in weights.items()},
-        "sensitivity": "block harm from the contribution analysis" if harm else None,
-        "plan": plan.to_dict(),
-        "importance": {"source": imp.source, "metric": imp.metric} if imp else None,
-        "distill": asdict(ds),
-        "sampling": gen.to_dict(),
-        "losses": state.losses,
-        "distill_seconds": round(state.seconds, 1),
-        "resumed_from_step": state.resumed_from,
-        "processes": {"count": procs.world, "distributed_type": procs.kind,
-                      "batch_per_process": opts.distill.batch_size // procs.world},
-        "total_seconds": round(time.time() - t_start, 1),
-        "params": {"before": plan.params_before, "after": plan.params_after, "kept_ratio": plan.kept_ratio},
-        "bytes": {"bf16_before": plan.bytes_bf16_before, "bf16_after": plan.bytes_bf16_after,
-                  "int4_after": plan.bytes_int4_after},
-        "scores": scores,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "machine": platform.machine()},
-    }
+def _environment() -> dict[str, Any]:
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.machine()}
+
+
+def _write(out: Path, opts: CompressOptions, ref: ModelRef, teacher_pipe: Any, student_pipe: Any, imp: Importance | None,
+           evaluator: DigitsEvaluator | None, gen: Defaults, report: dict[str, Any], say: Callable[..., None]) -> None:
+    """OUT, atomically, by the main process alone: the student pipeline (fp32 weights, stock-loadable, like the
+    source), the importance table and heatmap, the teacher-vs-student grid and the report."""
+    import torch
+
     say("writing", 0, 1)
-    teacher_pipe.to("cpu", torch.float32)  # OUT is saved like the source: fp32 weights, stock-loadable
+    teacher_pipe.to("cpu", torch.float32)
     student_pipe.to("cpu", torch.float32)
     with atomic_dir(out, overwrite=opts.overwrite) as tmp:
         student_pipe.save_pretrained(tmp, safe_serialization=True)
@@ -211,9 +240,6 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
             _teacher_student_grid(teacher_pipe, student_pipe, evaluator, opts.grid_samples, gen,
                                   tmp / "teacher_vs_student.png", opts.prompts_file)
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
-    procs.barrier()
-    return report
 
 
 def _report_of(out: Path) -> dict[str, Any]:

@@ -117,21 +117,13 @@ def _block_stats(transformer: Any) -> tuple[list[int], list[int], int, int]:
             adapters.numel(transformer), adapters.int4_bytes(transformer))
 
 
+# Over 80 lines on purpose: one search whose closures (summary, fits, need) share the block statistics.
 def make_plan(transformer: Any, budget: Budget, importance: Importance | None = None, protect_early: float = 0.5,
               footprint: Footprint | None = None, profile: Profile | None = None) -> Plan:
     """``footprint`` (the :class:`~hpedge.targets.footprint.Footprint` of the whole transformer on the target)
     and ``profile`` (the target's) are required by a ``--target`` budget."""
     budget.check()
-    capacity = 0
-    if budget.target is not None:
-        if profile is None:
-            raise HpedgeError("internal: a --target budget needs the target's profile")
-        prof = profile
-        if "int4" not in prof.precisions:
-            raise HpedgeError(f"target {prof.name} does not support int4 weights")
-        if footprint is None:
-            raise HpedgeError("internal: a --target budget needs the package footprint on the target")
-        capacity = footprint.capacity
+    capacity = _capacity(budget, footprint, profile)
     family = family_of(transformer)
     refs = adapters.blocks(transformer)
     n = len(refs)
@@ -214,11 +206,25 @@ def make_plan(transformer: Any, budget: Budget, importance: Importance | None = 
             return plan
     if budget.keep_ratio is not None:
         raise HpedgeError(f"impossible budget --keep-ratio {budget.keep_ratio}; lower --protect-early")
-    short = need(remove) - capacity
+    raise _impossible_target(budget, footprint, family, need(remove), capacity, len(ranking))
+
+
+def _capacity(budget: Budget, footprint: Footprint | None, profile: Profile | None) -> int:
+    """The bytes a ``--target`` budget may fill (0 for the other budgets)."""
+    if budget.target is None:
+        return 0
+    if profile is None or footprint is None:
+        raise HpedgeError("internal: a --target budget needs the target's profile and the package footprint on it")
+    if "int4" not in profile.precisions:
+        raise HpedgeError(f"target {profile.name} does not support int4 weights")
+    return int(footprint.capacity)
+
+
+def _impossible_target(budget: Budget, footprint: Any, family: str, need: int, capacity: int, removable: int) -> HpedgeError:
     hints = [h for h, ok in (("--residency sequential", footprint.residency == "resident"),
                              ("--drop-t5", family == "sd3" and not footprint.drop_t5)) if ok]
-    raise HpedgeError(
+    return HpedgeError(
         f"impossible budget --target {budget.target} ({footprint.residency}"
-        f"{', T5 dropped' if footprint.drop_t5 else ''}): the package needs {need(remove) / 1e9:.2f} GB even after "
-        f"removing all {len(ranking)} removable blocks, {short / 1e9:.2f} GB more than the {capacity / 1e9:.2f} GB "
+        f"{', T5 dropped' if footprint.drop_t5 else ''}): the package needs {need / 1e9:.2f} GB even after "
+        f"removing all {removable} removable blocks, {(need - capacity) / 1e9:.2f} GB more than the {capacity / 1e9:.2f} GB "
         f"available; " + (f"try {' or '.join(hints)}, " if hints else "") + "lower --protect-early or choose a larger target")

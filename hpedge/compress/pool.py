@@ -22,7 +22,6 @@ def build_pool(pipe: Any, prompts: list[str], s: DistillSettings, gen: Defaults,
     ``seeds`` (one per prompt) default to the pool's own; ``progress(k)`` gets the samples done so far."""
     import torch
 
-
     if s.data_dir:
         return _pool_from_folder(pipe, Path(s.data_dir), gen.height, gen.width)
     d = with_overrides(gen, steps=s.pool_steps)
@@ -68,7 +67,6 @@ def _pool(procs: Processes, work: Path, pipe: Any, prompts: list[str], s: Distil
     and puts the samples back in prompt order, so the pool equals a single-process run's."""
     import torch
     from safetensors.torch import load_file, save_file
-
 
     if s.data_dir:  # a captioned folder: encoded by every rank (one VAE pass per image)
         return build_pool(pipe, prompts, s, gen)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hpedge.io import atomic_file
+
 CHAR_PX = 6  # width of a character of Pillow's default bitmap font
 LINE_PX = 11
 
@@ -39,7 +41,6 @@ def save_grid(canvases: list[np.ndarray | None] | np.ndarray, labels: list[str],
         img.paste(tile, (k * cell, tops[r]))
         for j, line in enumerate(lines):
             draw.text((k * cell + 2, tops[r] + cell + 2 + j * LINE_PX), line, fill="black")
-    from hpedge.io import atomic_file
 
     with atomic_file(path) as tmp:
         img.save(tmp, format="PNG")
@@ -48,8 +49,6 @@ def save_grid(canvases: list[np.ndarray | None] | np.ndarray, labels: list[str],
 def save_image(image: np.ndarray, path: Path) -> None:
     """One image (H, W) or (H, W, C) in [0, 1] as a PNG at its own size (atomically written)."""
     from PIL import Image
-
-    from hpedge.io import atomic_file
 
     a = (np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
     if a.ndim == 3 and a.shape[-1] == 1:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from hpedge.errors import HpedgeError
+from hpedge.models.loading import _quiet_loaders
 
 KNOWN = ("clip", "hpsv2", "imagereward")
 
@@ -25,8 +26,6 @@ class ClipScorer:
 
     def __init__(self, folder: Path) -> None:
         from transformers import CLIPModel, CLIPProcessor
-
-        from hpedge.models.loading import _quiet_loaders
 
         _quiet_loaders()
         if not folder.is_dir():

@@ -82,7 +82,6 @@ def to_fp32_compute(model: Any, light: Any | None = None) -> int:
     """
     from onnx import AttributeProto, TensorProto, numpy_helper
 
-
     floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
     if not any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer):
         return 0  # already fp32 compute
@@ -133,6 +132,7 @@ def _bias_adds(nodes: list[Any], outputs: set[str], matmuls: dict[int, int], ini
     return found
 
 
+# Over 80 lines on purpose: one streamed pass over the graph's nodes, rewriting each INT4 MatMul as it goes.
 def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_level: int = 4) -> int:
     """Write the CPU variant of ``int4_path`` with ``kernel``; returns the number of converted MatMuls.
 
@@ -143,7 +143,6 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-
 
     if kernel not in KERNELS:
         raise ValueError(f"unknown CPU INT4 kernel {kernel!r} (choose from {', '.join(KERNELS)})")

@@ -12,7 +12,6 @@ from typing import Any
 
 from hpedge.errors import HpedgeError
 
-
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's 2 GB limit, less room for the graph
 
 

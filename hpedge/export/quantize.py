@@ -230,7 +230,6 @@ def quantize_int4_rtn(onnx_path: Path, out_path: Path, block_size: int = 128, pr
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-
     t0 = time.time()
     src_dir = Path(onnx_path).parent
     model = onnx.load(str(onnx_path), load_external_data=False)

@@ -21,8 +21,8 @@ from hpedge.backends import engines as eng
 from hpedge.backends import ort
 from hpedge.backends import polygraphy_runner as pgy
 from hpedge.errors import HpedgeError
-from hpedge.export.onnx_export import IOSpec, _transformer_wrapper, input_names
 from hpedge.export.encoders import tokenize
+from hpedge.export.onnx_export import IOSpec, _transformer_wrapper, input_names
 from hpedge.models.denoise import encode
 from hpedge.models.sampling import Defaults, sample
 from hpedge.runtime.format import load_reference

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from hpedge.errors import HpedgeError
-from hpedge.models.architectures import ARCHITECTURES
+from hpedge.models.architectures import ARCHITECTURES, build_on_meta, transformer_class
+from hpedge.models.denoise import family_of
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo" / "models"
 ZOO = {"digits-sd3": "digits-sd3", "digits-flux": "digits-flux"}
@@ -123,12 +124,8 @@ def load_transformer(ref: ModelRef | str) -> Any:
     if isinstance(ref, str):
         ref = resolve(ref, allow_architecture=True)
     if ref.architecture is not None:
-        from hpedge.models.architectures import build_on_meta
-
         return build_on_meta(ref.architecture)
     import torch
-
-    from hpedge.models.architectures import transformer_class
 
     try:
         return transformer_class(ref.family).from_pretrained(
@@ -152,7 +149,6 @@ def make_stock_loadable(folder: Path) -> None:
 
 def drop_t5(pipe: Any) -> None:
     """SD3 without its T5 encoder, as diffusers runs it with ``text_encoder_3=None`` (zeros in T5's place)."""
-    from hpedge.models.denoise import family_of
 
     if family_of(pipe) != "sd3":
         raise HpedgeError("--drop-t5 applies to SD3 pipelines only: FLUX.1 takes its prompt embeddings from T5")

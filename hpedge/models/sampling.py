@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from hpedge.errors import HpedgeError
-from hpedge.models.denoise import family_of
+from hpedge.models.architectures import ARCHITECTURES, architecture, match
+from hpedge.models.denoise import family_of, pack, unpack
 
 GUIDANCE_KINDS = ("cfg", "true_cfg", "distilled", "none")
 SUPPORTED_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
@@ -79,7 +80,6 @@ def defaults_of(family: str, transformer_config: dict[str, Any], path: Path | No
 
 
 def _defaults(family: str, tr: dict[str, Any], path: Path | None, vae_scale_factor: int, cls: Any) -> Defaults:
-    from hpedge.models.architectures import architecture, match
 
     marker = zoo_marker(path)
     if marker:
@@ -107,8 +107,6 @@ def defaults_of_ref(ref: Any) -> Defaults | None:
     """Sampling defaults of a resolved model from configs alone (None where a folder's transformer config
     cannot be read)."""
     import json
-
-    from hpedge.models.architectures import ARCHITECTURES
 
     if ref.architecture is not None:
         return defaults_of(ref.family, ARCHITECTURES[ref.architecture][1], None)
@@ -169,8 +167,6 @@ def sample(pipe: Any, prompts: list[str], d: Defaults, seeds: list[int] | None =
     """
     import numpy as np
     import torch
-
-    from hpedge.models.denoise import pack, unpack
 
     check_pipeline(pipe)
     check_size(pipe, d.height, d.width)

@@ -13,7 +13,6 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-
 from hpedge.errors import HpedgeError
 from hpedge.io import atomic_file
 

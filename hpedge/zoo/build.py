@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hpedge.zoo.text import MAX_LENGTH, clip_tokenizer, t5_tokenizer
+
 SD3_TRANSFORMER: dict[str, Any] = dict(
     sample_size=16,
     patch_size=2,
@@ -54,8 +56,6 @@ TEXT_HIDDEN = 64
 def clip_config(vocab_size: int, bos: int, eos: int):  # -> CLIPTextConfig
     from transformers import CLIPTextConfig
 
-    from hpedge.zoo.text import MAX_LENGTH
-
     return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=TEXT_HIDDEN,
@@ -86,8 +86,6 @@ def new_pipeline(family: str, vae):
     """A freshly initialised pipeline of ``family`` ("sd3" or "flux") around a trained VAE."""
     import torch
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
-
-    from hpedge.zoo.text import clip_tokenizer, t5_tokenizer
 
     tok = clip_tokenizer()
     cfg = clip_config(len(tok), tok.bos_token_id, tok.eos_token_id)
@@ -124,8 +122,6 @@ def new_pipeline(family: str, vae):
 
 def _t5_config(d_model: int):  # -> T5Config
     from transformers import T5Config
-
-    from hpedge.zoo.text import t5_tokenizer
 
     t5tok = t5_tokenizer()
     return T5Config(

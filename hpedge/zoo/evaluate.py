@@ -54,8 +54,6 @@ def generate(pipe: Any, prompts: list[str], seeds: list[int], steps: int, guidan
     The digits pipelines' sampling defaults (32 px, T5 length 16, how guidance is applied) come from the
     zoo marker; the call itself is the shared ``hpedge.models.sampling.sample``.
     """
-    from hpedge.models.sampling import Defaults, sample
-    from hpedge.zoo.text import MAX_LENGTH
 
     kind = "cfg" if type(pipe).__name__.startswith("StableDiffusion3") else "true_cfg"
     d = Defaults(32, 32, steps, guidance, kind, MAX_LENGTH, None, "digits evaluator")
@@ -85,7 +83,6 @@ def real_canvases(prompts: list[Prompt], seed: int) -> np.ndarray:
 
 def evaluate(pipe: Any, model_name: str, settings: EvalSettings | None = None, progress: Any = None,
              judge: Any = None) -> tuple[EvalResult, np.ndarray, list[Prompt]]:
-    from hpedge.zoo.judge import Judge
 
     s = settings or EvalSettings()
     prompts = eval_prompts(s.per_category, seed=s.prompt_seed)
@@ -170,6 +167,9 @@ def paired_difference(teacher: EvalResult | dict[str, Any], a: EvalResult | dict
 
 
 from hpedge.evaluation.image import save_grid  # noqa: E402
+from hpedge.models.sampling import Defaults, sample
+from hpedge.zoo.judge import Judge
+from hpedge.zoo.text import MAX_LENGTH
 
 
 def grid_of_result(canv: np.ndarray, prompts: list[Prompt], path: Path, per_category: int = 8) -> None:

@@ -109,7 +109,6 @@ def train_t5(out: Path, steps: int, seed: int, batch_size: int = 128) -> dict:
     import torch
     from transformers import T5EncoderModel
 
-
     d_model = FLUX_TRANSFORMER["joint_attention_dim"]
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -150,7 +149,6 @@ def train_sd3_text(out: Path, steps: int, seed: int, batch_size: int = 128) -> d
     --freeze-t5``); ``sd3 --text-from OUT/text-sd3 --freeze-text`` takes all three (an experiment).
     """
     import torch
-
 
     pipe = new_pipeline("sd3", None)  # the encoders initialised exactly as a new digits-sd3's
     torch.manual_seed(seed)
