@@ -23,6 +23,7 @@ from typing import Any
 from hpedge.errors import HpedgeError
 from hpedge.models import adapters
 from hpedge.models.denoise import Conditioning, family_of, predict
+from hpedge.models.families import family as family_facts
 from hpedge.models.loading import resolve
 from hpedge.models.meta import meta_transformer, text_tokens
 from hpedge.models.sampling import defaults_of_ref
@@ -115,7 +116,7 @@ def _inner_dim(tr: Any) -> int:
 
 def _latent_channels(tr: Any) -> int:
     c = tr.config
-    return int(c["in_channels"]) // (4 if type(tr).__name__.startswith("Flux") else 1)
+    return int(c["in_channels"]) // family_facts(family_of(tr)).latent_packing
 
 
 # Over 80 lines on purpose: one meta-device run whose hooks, dispatch mode and counters share their state.
@@ -190,7 +191,7 @@ def _saved_bytes(student: Any, batch: int, height: int, width: int, text_tokens:
     sigma = torch.empty(batch, device="meta", dtype=dtype)
     cond = Conditioning(torch.empty(batch, text_tokens, int(cfg["joint_attention_dim"]), device="meta", dtype=dtype),
                         torch.empty(batch, int(cfg["pooled_projection_dim"]), device="meta", dtype=dtype),
-                        torch.empty(text_tokens, 3, device="meta", dtype=dtype) if family_of(student) == "flux" else None,
+                        torch.empty(text_tokens, 3, device="meta", dtype=dtype) if family_facts(family_of(student)).position_ids else None,
                         3.5 if cfg.get("guidance_embeds") else None)
     original = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = sdpa

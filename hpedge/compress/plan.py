@@ -20,6 +20,7 @@ from hpedge.compress.importance import Importance
 from hpedge.errors import HpedgeError
 from hpedge.models import adapters
 from hpedge.models.denoise import family_of
+from hpedge.models.families import family as family_facts
 from hpedge.targets.footprint import Footprint
 from hpedge.targets.profiles import Profile
 
@@ -133,7 +134,7 @@ def make_plan(transformer: Any, budget: Budget, importance: Importance | None = 
     if not 0 <= protect_early < 1:
         raise HpedgeError(f"--protect-early must be in [0, 1), got {protect_early}")
     first_removable = math.ceil(protect_early * n)
-    fixed = {n - 1} if family == "sd3" else set()  # the final SD3 block is context_pre_only
+    fixed = {n - 1} if family_facts(family).final_block_fixed else set()  # the final SD3 block is context_pre_only
     candidates = [i for i in range(first_removable, n) if i not in fixed]
     notes: list[str] = []
 
@@ -222,7 +223,7 @@ def _capacity(budget: Budget, footprint: Footprint | None, profile: Profile | No
 
 def _impossible_target(budget: Budget, footprint: Any, family: str, need: int, capacity: int, removable: int) -> HpedgeError:
     hints = [h for h, ok in (("--residency sequential", footprint.residency == "resident"),
-                             ("--drop-t5", family == "sd3" and not footprint.drop_t5)) if ok]
+                             ("--drop-t5", family_facts(family).t5_optional and not footprint.drop_t5)) if ok]
     return HpedgeError(
         f"impossible budget --target {budget.target} ({footprint.residency}"
         f"{', T5 dropped' if footprint.drop_t5 else ''}): the package needs {need / 1e9:.2f} GB even after "

@@ -39,6 +39,7 @@ from hpedge.export.quantize import QuantReport, quantize_int4, quantize_int8_wei
 from hpedge.export.verify import Check, ParityReport
 from hpedge.io import atomic_dir, check_parent
 from hpedge.models.denoise import family_of
+from hpedge.models.families import family as family_facts
 from hpedge.models.loading import ModelRef, compute_device, drop_t5, load_pipeline, resolve
 from hpedge.models.sampling import Defaults, check_pipeline, sample, with_overrides, zoo_marker
 from hpedge.models.sampling import defaults as sampling_defaults
@@ -231,7 +232,7 @@ def _capture(run: _Run) -> None:
     r["vae"] = verify.vae_reference(pipe, run.res[1] // pipe.vae_scale_factor)
     r["e2e_prompts"] = prompts[half:][: run.opts.e2e_samples]
     vs = pipe.vae_scale_factor
-    channels = int(pipe.transformer.config.in_channels) // (1 if run.family == "sd3" else 4)
+    channels = int(pipe.transformer.config.in_channels) // family_facts(run.family).latent_packing
     r["e2e_latents"] = initial_latents(len(r["e2e_prompts"]), E2E_SEED, channels, gen.height // vs, gen.width // vs)
     r["e2e_images"] = verify.stock_images(pipe, r["e2e_prompts"], gen, r["e2e_latents"])
     pipe.to("cpu")
@@ -272,7 +273,7 @@ def _export_text(run: _Run, tmp: Path, work: Path, t5: str) -> tuple[dict[str, A
     enc = {"clip": {"file": "text/clip/model.onnx", "precision": opts.compute,
                     **export_text_encoder(pipe, "clip", tmp / "text" / "clip" / "model.onnx", seq, opts.compute)}}
     rep = None
-    if run.family == "flux" or pipe.text_encoder_3 is not None:
+    if getattr(pipe, family_facts(run.family).t5_attribute) is not None:
         src = work / "t5" / "model.onnx"
         entry = export_text_encoder(pipe, "t5", src, seq, opts.compute)
         ids = tokenize(pipe, run.prompts[: len(run.prompts) // 2], seq)["t5_ids"]
@@ -358,7 +359,7 @@ def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any
     compress_report = json.loads(compress_file.read_text()) if compress_file and compress_file.exists() else None
     variants = {v: f"transformer/{v}/model.onnx" for v in ("fp32", "int4", "int4_cpu") if (tmp / "transformer" / v).exists()}
     within = lambda value: value if res[0] <= value <= res[2] else res[1]  # noqa: E731 - the model's size if covered
-    channels = int(run.refs["transformer_config"]["in_channels"]) // (1 if family == "sd3" else 4)
+    channels = int(run.refs["transformer_config"]["in_channels"]) // family_facts(family).latent_packing
     reference = save_reference(tmp, run.refs["held"][:REFERENCE_SAMPLES], run.refs["out"][:REFERENCE_SAMPLES],
                                {**run.refs["text"], **run.refs["vae"]})
     (tmp / "quant_report.json").write_text(json.dumps(
@@ -382,7 +383,7 @@ def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any
             "family": family, "resolution": res[1], "resolution_range": list(res), "latent_channels": channels,
             "vae_scale_factor": pipe.vae_scale_factor, "max_sequence_length": run.seq,
             "tokenizers": run.refs["tokenizers"], "default_steps": model_gen.steps,
-            "timestep_scale": 1000.0 if family == "sd3" else 1.0,
+            "timestep_scale": family_facts(family).timestep_scale,
             "height": within(model_gen.height), "width": within(model_gen.width), "size_multiple": pipe.vae_scale_factor * 2,
             "guidance": {"kind": model_gen.guidance_kind, "default": model_gen.guidance},
             "scheduler": {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},

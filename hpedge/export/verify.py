@@ -24,6 +24,7 @@ from hpedge.errors import HpedgeError
 from hpedge.export.encoders import tokenize
 from hpedge.export.onnx_export import IOSpec, _transformer_wrapper, input_names
 from hpedge.models.denoise import encode
+from hpedge.models.families import family as family_facts
 from hpedge.models.sampling import Defaults, sample
 from hpedge.runtime.format import load_reference
 from hpedge.runtime.package import Package
@@ -102,8 +103,8 @@ def fresh_feeds(spec: IOSpec, family: str) -> dict[str, dict[str, np.ndarray]]:
         feed = spec.sample(which, seed=7)
         if which == "max":
             feed = {k: v[:1] if spec.dynamic_axes.get(k, {}).get(0) == "batch" else v for k, v in feed.items()}
-        if "timestep" in feed and family == "sd3":
-            feed["timestep"] = feed["timestep"] * 1000
+        if "timestep" in feed:  # sigma in [0, 1] as the transformer's timestep input
+            feed["timestep"] = feed["timestep"] * np.float32(family_facts(family).timestep_scale)
         out[which if which != "max" else "max_batch1"] = feed
     return out
 

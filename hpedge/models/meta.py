@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hpedge.models.architectures import architecture, build_on_meta, text_encoder, transformer_class, vae_config
+from hpedge.models.families import family as family_facts
 
 
 def meta_transformer(ref: Any) -> Any:
@@ -22,7 +23,7 @@ def meta_transformer(ref: Any) -> Any:
 
 def text_tokens(family: str, max_sequence_length: int) -> int:
     """The joint sequence's text part: SD3 concatenates CLIP's 77 tokens and T5's; FLUX uses T5's alone."""
-    return 77 + max_sequence_length if family == "sd3" else max_sequence_length
+    return family_facts(family).clip_tokens + max_sequence_length
 
 
 def meta_components(ref: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 from hpedge.errors import HpedgeError
 from hpedge.models.architectures import ARCHITECTURES, architecture, match
 from hpedge.models.denoise import family_of, pack, unpack
+from hpedge.models.families import family as family_facts
 
 GUIDANCE_KINDS = ("cfg", "true_cfg", "distilled", "none")
 SUPPORTED_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
@@ -59,7 +60,7 @@ def check_pipeline(pipe: Any) -> None:
                               "Euler schedule (shift, dynamic shifting, shift_terminal) only")
     tr = pipe.transformer.config
     vae = pipe.vae.config
-    expected = tr.in_channels // 4 if family_of(pipe) == "flux" else tr.in_channels
+    expected = tr.in_channels // family_facts(family_of(pipe)).latent_packing
     if vae.latent_channels != expected:
         raise HpedgeError(f"the VAE has {vae.latent_channels} latent channels but the transformer expects {expected}")
 

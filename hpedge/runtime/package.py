@@ -16,6 +16,7 @@ import numpy as np
 from hpedge.backends import engines, ort
 from hpedge.errors import HpedgeError
 from hpedge.io import atomic_dir
+from hpedge.models.families import family as family_facts
 from hpedge.runtime.format import read_manifest, verify_files
 from hpedge.runtime.sampler import combine_text, img_ids, pack, unpack
 from hpedge.runtime.schedule import initial_latents, sigmas
@@ -39,6 +40,7 @@ class Package:
             verify_files(self.root, self.manifest)
         gen = self.manifest["generation"]
         self.family: str = gen["family"]
+        self.facts = family_facts(self.family)
         self.variants: dict[str, str] = self.manifest["components"]["transformer"]["variants"]
         self.engines: dict[str, Any] = self.manifest.get("engines") or {}
         if variant == "auto":
@@ -138,7 +140,7 @@ class Package:
         ``guidance`` is the distilled guidance scale of a FLUX.1-dev package (its default if None)."""
         t = (sigma * np.float32(self.manifest["generation"]["timestep_scale"])).astype(np.float32)
         b, c, h, w = latents.shape
-        if self.family == "sd3":
+        if not self.facts.position_ids:
             return {"hidden_states": latents, "encoder_hidden_states": pe, "pooled_projections": pooled, "timestep": t}
         feeds = {"hidden_states": pack(latents), "encoder_hidden_states": pe, "pooled_projections": pooled,
                  "timestep": t, "img_ids": img_ids(h, w), "txt_ids": np.zeros((pe.shape[1], 3), np.float32)}
@@ -150,7 +152,7 @@ class Package:
     @property
     def guidance_kind(self) -> str:
         g = self.manifest["generation"].get("guidance") or {}
-        return str(g.get("kind", "cfg" if self.family == "sd3" else "true_cfg"))
+        return str(g.get("kind", self.facts.default_guidance_kind))
 
     @property
     def default_guidance(self) -> float:
@@ -162,7 +164,7 @@ class Package:
         h, w = latents.shape[2:]
         feeds = self.transformer_feeds(latents, sigma, pe, pooled, guidance)
         out = self._run("transformer", self.variants.get(self.variant, ""), feeds)[0]
-        return out if self.family == "sd3" else unpack(out, h, w)
+        return unpack(out, h, w) if self.facts.latent_packing > 1 else out
 
     def release(self) -> None:
         """Close every open session and engine (the next call opens them again)."""

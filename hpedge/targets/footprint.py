@@ -33,6 +33,7 @@ from typing import Any
 from hpedge.errors import HpedgeError
 from hpedge.models import adapters
 from hpedge.models.denoise import Conditioning, predict
+from hpedge.models.families import family as family_facts
 from hpedge.models.meta import meta_components, meta_transformer, text_tokens
 from hpedge.models.sampling import defaults_of_ref, zoo_marker
 from hpedge.targets.profiles import Profile
@@ -131,7 +132,7 @@ def estimate(ref: Any, profile: Profile, residency: str = "auto", drop_t5: bool 
 
     prof = profile
     family = ref.family
-    if drop_t5 and family != "sd3":
+    if drop_t5 and not family_facts(family).t5_optional:
         raise HpedgeError("--drop-t5 applies to SD3 pipelines only: FLUX.1 takes its prompt embeddings from T5")
     mode = residency_for(prof, residency)
     comps = meta_components(ref)
@@ -277,14 +278,14 @@ def _transformer_peak(tr: Any, family: str, batch: int, side: int, msl: int, vae
     cfg = tr.config
     half = torch.float16
     lat = side // vae_scale
-    c = int(cfg["in_channels"]) // (4 if family == "flux" else 1)
+    c = int(cfg["in_channels"]) // family_facts(family).latent_packing
     n = text_tokens(family, msl)
 
     def run() -> Any:
         x = torch.empty(batch, c, lat, lat, device="meta", dtype=half)
         cond = Conditioning(torch.empty(batch, n, int(cfg["joint_attention_dim"]), device="meta", dtype=half),
                             torch.empty(batch, int(cfg["pooled_projection_dim"]), device="meta", dtype=half),
-                            torch.empty(n, 3, device="meta", dtype=half) if family == "flux" else None,
+                            torch.empty(n, 3, device="meta", dtype=half) if family_facts(family).position_ids else None,
                             3.5 if cfg.get("guidance_embeds") else None)
         return predict(tr, x, torch.empty(batch, device="meta", dtype=half), cond)
 

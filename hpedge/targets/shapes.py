@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hpedge.models.families import family as family_facts
 from hpedge.targets.profiles import Profile
 
 
@@ -33,6 +34,6 @@ def batch_range(profile: Profile, family: str) -> tuple[tuple[int, int, int], tu
     no CFG (FLUX.1-dev's guidance is an input of the transformer).
     """
     b = (profile.batch.min, profile.batch.opt, profile.batch.max)
-    if family == "sd3":
+    if family_facts(family).cfg_batch:
         return b, (b[0], 2 * b[1], 2 * b[2])
     return b, b

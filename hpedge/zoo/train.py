@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from hpedge.models.denoise import Conditioning, encode, predict
+from hpedge.models.families import family as family_facts
 from hpedge.models.loading import load_pipeline, make_stock_loadable
 from hpedge.zoo.build import new_pipeline, new_vae
 from hpedge.zoo.digits import CATEGORIES, render, sample_prompt
@@ -169,7 +170,7 @@ def train_pipeline(
         rng = np.random.default_rng(seed + 1)
     else:
         pipe = new_pipeline(family, vae)
-    t5_attr = "text_encoder_3" if family == "sd3" else "text_encoder_2"
+    t5_attr = family_facts(family).t5_attribute
     if t5_from is not None:  # a pre-trained T5 (flux-t5's OUT/t5-flux, sd3-text's OUT/text-sd3/text_encoder_3)
         from transformers import T5EncoderModel
 
