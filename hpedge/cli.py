@@ -134,6 +134,8 @@ def generate(model: Annotated[str, typer.Argument(help="package folder, pipeline
         from hpedge.runtime import Package
 
         pkg = Package(model, variant=variant, device=device)
+        if variant == "auto":
+            console.print(f"variant: {pkg.variant} (auto)")
         image = pkg.generate([prompt], seed=seed, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
                              height=height, width=width)[0]
     else:
