@@ -64,9 +64,9 @@ def test_targets_lists_profiles() -> None:
 
 
 def test_progress_in_a_log_is_one_line_per_stage_and_every_tenth(capsys) -> None:
-    from hpedge import cli
+    from hpedge import console
 
-    with cli._progress("compress") as cb:  # stderr is captured here: not a terminal
+    with console.progress("compress") as cb:  # stderr is captured here: not a terminal
         cb("loading", 0, 1)
         for k in range(1, 201):
             cb(f"distilling: loss {1 / k:.4f}", k, 200)

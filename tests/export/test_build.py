@@ -68,7 +68,7 @@ def test_hpedge_build_builds_pending_engines_and_keeps_them_only_if_they_match(s
     m0 = read_manifest(pkg)
     for c in m0["engines"]["components"].values():  # make it a package whose engines are still to build
         (pkg / c["file"]).unlink()
-    from hpedge.export.package import finalize_manifest
+    from hpedge.runtime.format import finalize_manifest
 
     m0 = {k: v for k, v in m0.items() if k not in ("files", "manifest_sha256")}
     m0["engines"] = {**m0["engines"], "status": "skipped", "reason": "engine build skipped (--engine skip)",

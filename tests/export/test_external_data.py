@@ -30,7 +30,7 @@ def test_save_onnx_writes_one_external_data_file_above_the_threshold(tmp_path, m
     small, big = tmp_path / "small" / "model.onnx", tmp_path / "big" / "model.onnx"
     assert onnx_io.save_onnx(_model(64), small) is False
     assert sorted(p.name for p in small.parent.iterdir()) == ["model.onnx"]
-    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 10_000)  # stands in for protobuf's 2 GB
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 10_000)  # stands in for protobuf's 2 GB
     (big.parent).mkdir()
     (big.parent / "model.onnx.data").write_bytes(b"stale" * 1000)  # a stale file is replaced, not appended to
     assert onnx_io.save_onnx(_model(64), big) is True
@@ -57,7 +57,7 @@ def test_save_onnx_streams_weights_from_external_files_without_loading_them(tmp_
     src.parent.mkdir()
     onnx.save_model(_model(64), str(src), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
     assert (src.parent / "w").exists()  # one file per tensor, as the TorchScript exporter writes them
-    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 10_000)
     light = onnx.load(str(src), load_external_data=False)
     dst = tmp_path / "dst" / "model.onnx"
     assert onnx_io.save_onnx(light, dst, base_dir=src.parent) is True
@@ -69,7 +69,7 @@ def test_save_onnx_streams_weights_from_external_files_without_loading_them(tmp_
     again = onnx.load(str(dst), load_external_data=False)  # PATH.data as its own source
     assert onnx_io.save_onnx(again, dst, base_dir=dst.parent) is True
     np.testing.assert_array_equal(run(dst), want)
-    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 1 << 30)  # below the limit: inline again, no stale .data
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 1 << 30)  # below the limit: inline again, no stale .data
     assert onnx_io.save_onnx(onnx.load(str(dst), load_external_data=False), dst, base_dir=dst.parent) is False
     assert sorted(p.name for p in dst.parent.iterdir()) == ["model.onnx"]
     np.testing.assert_array_equal(run(dst), want)
@@ -86,6 +86,7 @@ def test_a_transformer_above_the_limit_exports_with_the_dynamo_exporter_into_one
     pipe = tiny_pipeline("sd3.5-medium")
     assert ox.auto_exporter(pipe.transformer) == "legacy"
     monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 100_000)
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 100_000)
     assert ox.auto_exporter(pipe.transformer) == "dynamo"
     spec = ox.transformer_spec(pipe, (128, 128, 128), (1, 1, 2), 512)  # one resolution: a range torch.export refuses
     path = tmp_path / "fp32" / "model.onnx"

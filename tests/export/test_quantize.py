@@ -87,14 +87,14 @@ def test_streamed_rtn_reads_and_writes_external_data(tmp_path: Path, monkeypatch
     """Above the size threshold the source's weights stay in its data file and the result gets one of its own."""
     import onnx
 
-    from hpedge.export import onnx_export
+    from hpedge.export import onnx_io
 
     rng = np.random.default_rng(4)
     src = tmp_path / "src" / "model.onnx"
     src.parent.mkdir()
     _linear_model(src, np.float16, rng)
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 10_000)
-    onnx_export.save_onnx(onnx.load(str(src)), src)
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    onnx_io.save_onnx(onnx.load(str(src)), src)
     assert (src.parent / "model.onnx.data").exists()
     inline = tmp_path / "inline.onnx"
     onnx.save(onnx.load(str(src)), str(inline))
@@ -102,7 +102,7 @@ def test_streamed_rtn_reads_and_writes_external_data(tmp_path: Path, monkeypatch
     quantize_int4(src, out, [], "rtn", BLOCK)
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
     ref = tmp_path / "ref" / "model.onnx"
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1_800_000_000)
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 1_800_000_000)
     quantize_int4(inline, ref, [], "rtn", BLOCK)
     x = rng.standard_normal((1, 7, K)).astype(np.float32)
     np.testing.assert_array_equal(_run(out, x), _run(ref, x))
