@@ -14,8 +14,30 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 from rich.table import Column, Table
 
+from hpedge.compress import analyze as analysis
+from hpedge.compress import pipeline as compression
+from hpedge.compress.analyze import AnalysisSettings, heatmap
+from hpedge.compress.distill import DistillSettings
+from hpedge.compress.memory import estimate_for
+from hpedge.compress.pipeline import CompressOptions, plan_for
+from hpedge.compress.plan import Budget
+from hpedge.compress.processes import is_main_process
+from hpedge.compress.pwp import resolve_pwp
 from hpedge.console import console, err_console, gb, params, print_distill_memory, print_engines, print_plan, progress
 from hpedge.errors import HpedgeError
+from hpedge.evaluation.image import save_image
+from hpedge.export import build as engine_build
+from hpedge.export import export as packaging
+from hpedge.export import verify
+from hpedge.export.export import ExportOptions
+from hpedge.io import atomic_file
+from hpedge.models.adapters import describe
+from hpedge.models.loading import compute_device, load_pipeline, load_transformer, resolve
+from hpedge.models.loading import drop_t5 as without_t5
+from hpedge.models.sampling import defaults, defaults_of_ref, sample, with_overrides
+from hpedge.runtime import Package
+from hpedge.targets.profiles import all_profiles
+from hpedge.zoo.evaluate import EvalSettings, evaluate, grid_of_result
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="HierarchicalPrune compression and edge deployment.")
 
@@ -43,9 +65,6 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callabl
 def info(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME, or architecture (sd3.5-large, ...)")],
          json_out: Annotated[Optional[Path], typer.Option("--json", help="write the description as JSON")] = None) -> None:
     """Blocks, sub-components, parameters and bytes per precision of a transformer."""
-    from hpedge.models.adapters import describe
-    from hpedge.models.loading import load_transformer, resolve
-    from hpedge.models.sampling import defaults_of_ref
 
     ref = resolve(model, allow_architecture=True)
     d = describe(load_transformer(ref))
@@ -65,8 +84,6 @@ def info(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME, o
         t.add_row(str(b["index"]), b["kind"], params(b["params"]), ", ".join(b["components"]))
     console.print(t)
     if json_out:
-        from hpedge.io import atomic_file
-
         with atomic_file(json_out) as tmp:
             tmp.write_text(json.dumps(d, indent=2))
 
@@ -81,16 +98,11 @@ def eval_(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NAME
           seed: Annotated[int, typer.Option(help="seed of the sampling noise")] = 0,
           drop_t5: Annotated[bool, typer.Option("--drop-t5", help="SD3: sample without T5 (zeros in its place, as diffusers without text_encoder_3; what `export --drop-t5` ships)")] = False) -> None:
     """GenEval-style score per category, overall score and Frechet distance of a digits pipeline."""
-    from hpedge.io import atomic_file
-    from hpedge.models.loading import load_pipeline, resolve
-    from hpedge.zoo.evaluate import EvalSettings, evaluate, grid_of_result
 
     if per_category < 2:
         raise HpedgeError("--per-category must be at least 2")
     pipe = load_pipeline(resolve(model))
     if drop_t5:
-        from hpedge.models.loading import drop_t5 as without_t5
-
         without_t5(pipe)
     s = EvalSettings(per_category=per_category, steps=steps, guidance=guidance, seed=seed)
     total, done = 5 * per_category, [0]
@@ -128,20 +140,14 @@ def generate(model: Annotated[str, typer.Argument(help="package folder, pipeline
              variant: Annotated[str, typer.Option(help="packages only: auto | engine (its TensorRT engines, on a GPU that runs them) | int4 | int4_cpu | fp32 (if exported with --fp32-reference)")] = "auto",
              device: Annotated[str, typer.Option(help="packages only: auto | cpu | cuda")] = "auto") -> None:
     """Generate one image with a package (runtime only: no torch) or a diffusers pipeline."""
-    from hpedge.evaluation.image import save_image
 
     if (Path(model) / "manifest.json").exists():
-        from hpedge.runtime import Package
-
         pkg = Package(model, variant=variant, device=device)
         if variant == "auto":
             console.print(f"variant: {pkg.variant} (auto)")
         image = pkg.generate([prompt], seed=seed, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
                              height=height, width=width)[0]
     else:
-        from hpedge.models.loading import compute_device, load_pipeline, resolve
-        from hpedge.models.sampling import defaults, sample, with_overrides
-
         ref = resolve(model)
         pipe = load_pipeline(ref)
         pipe.to(compute_device())
@@ -175,10 +181,6 @@ def analyze(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NA
             components: Annotated[bool, typer.Option(help="also score sub-components")] = True,
             reference_format: Annotated[Optional[Path], typer.Option("--reference-format", help="also write the reference's <tab> format")] = None) -> None:
     """Contribution analysis: the harm of removing each block and sub-component (cached, resumable)."""
-    from hpedge.compress.analyze import AnalysisSettings, heatmap
-    from hpedge.compress.analyze import analyze as run
-    from hpedge.io import atomic_file
-    from hpedge.models.loading import compute_device, load_pipeline, resolve
 
     ref = resolve(model)
     pipe = load_pipeline(ref)
@@ -187,7 +189,7 @@ def analyze(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NA
                                 resolution=resolution, guidance=guidance, prompts_file=str(prompts) if prompts else None,
                                 scorer=scorer)
     with progress("analysis") as cb:
-        imp = run(pipe, ref.path, output, settings, progress=lambda what, k, n: cb(f"analysis: {what}", k, n))
+        imp = analysis.analyze(pipe, ref.path, output, settings, progress=lambda what, k, n: cb(f"analysis: {what}", k, n))
     harm = imp.block_harm()
     t = Table("block", "harm (whole block)", "most harmful component")
     comp = imp.component_harm()
@@ -219,12 +221,6 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
          mixed_precision: Annotated[str, typer.Option(help="--distill: no | bf16 | fp16 (compress --mixed-precision; GPU runs use bf16)")] = "bf16",
          pwp: Annotated[Optional[bool], typer.Option("--pwp/--no-pwp", help="Positional Weight Preservation as compress uses it (default: compress's)")] = None) -> None:
     """Print which blocks Hierarchical Position Pruning removes, and the sizes before/after (no weights touched)."""
-    from hpedge.compress.memory import estimate_for
-    from hpedge.compress.pipeline import plan_for
-    from hpedge.compress.plan import Budget
-    from hpedge.compress.pwp import resolve_pwp
-    from hpedge.compress.settings import DistillSettings
-    from hpedge.io import atomic_file
 
     p = plan_for(model, Budget(remove_blocks, remove_fraction, keep_ratio, target, residency, drop_t5, t5), importance,
                  protect_early)
@@ -271,11 +267,6 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
              resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
              overwrite: Annotated[bool, typer.Option(help="replace OUT and any earlier work")] = False) -> None:
     """HierarchicalPrune: analyse, plan, prune, distil (PWP + SGDistill) and write a stock diffusers pipeline."""
-    from hpedge.compress.analyze import AnalysisSettings
-    from hpedge.compress.distill import DistillSettings
-    from hpedge.compress.pipeline import CompressOptions
-    from hpedge.compress.pipeline import compress as run
-    from hpedge.compress.plan import Budget
 
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise HpedgeError(f"--mixed-precision must be no, bf16 or fp16, got {mixed_precision!r}")
@@ -287,8 +278,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
                            ds, analysis=AnalysisSettings(prompts=analysis_prompts, steps=analysis_steps), resume=resume, overwrite=overwrite, eval_per_category=eval_per_category, grid_samples=grid_samples,
                            resolution=resolution, prompts_file=str(prompts) if prompts else None)
     with progress("compress") as cb:
-        report = run(model, output, opts, progress=cb)
-    from hpedge.compress.processes import is_main_process
+        report = compression.compress(model, output, opts, progress=cb)
 
     if not is_main_process():  # every process of a launch ran the command; the main one reports
         return
@@ -307,7 +297,6 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
 @command()
 def targets() -> None:
     """List the built-in device profiles."""
-    from hpedge.targets.profiles import all_profiles
 
     t = Table(Column("name", no_wrap=True), "device", "sm", "memory", "precisions", "resolution", "batch",
               "engine library", "engine built on")
@@ -338,8 +327,6 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
            residency: Residency = "auto", drop_t5: DropT5 = False, t5: T5Precision = "auto",
            overwrite: Annotated[bool, typer.Option()] = False) -> None:
     """ONNX + INT4 AWQ + TensorRT engines (TensorRT-RTX on any host, or an on-device build) + parity -> a self-describing package."""
-    from hpedge.export.export import ExportOptions
-    from hpedge.export.export import export as run
 
     opts = ExportOptions(target=target, engine=engine, steps=steps, method=method, exporter=exporter, cpu_kernel=cpu_kernel, compute=compute,
                          fp32_reference=fp32_reference,
@@ -347,7 +334,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
                          archive=archive, overwrite=overwrite, protect=list(protect or []), residency=residency,
                          drop_t5=drop_t5, t5=t5)
     with progress("export") as cb:
-        m = run(model, output, opts, progress=lambda what: cb(what, 0, 1))
+        m = packaging.export(model, output, opts, progress=lambda what: cb(what, 0, 1))
     b, fp32_bytes = m["components"]["transformer"]["bytes"], m["components"]["transformer"]["fp32_bytes"]
     console.print(f"transformer: fp32 export {fp32_bytes / 1e6:.1f} MB{'' if 'fp32' in b else ' (not shipped)'}, "
                   f"int4 ({m['int4']['compute']} compute) {b['int4'] / 1e6:.1f} MB ({b['int4'] / fp32_bytes:.2f}x), "
@@ -362,9 +349,8 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
 def check(package: Annotated[Path, typer.Argument(help="package folder")],
           no_parity: Annotated[bool, typer.Option("--no-parity", help="only verify checksums")] = False) -> None:
     """CI gate: verify checksums and rerun parity. Exit 0 pass, 3 parity failure or tampering, 2 usage error."""
-    from hpedge.export.verify import check as run
 
-    r = run(package, rerun_parity=not no_parity)
+    r = verify.check(package, rerun_parity=not no_parity)
     for c in r.get("checks", []):
         console.print(f"{'skip' if c.get('skipped') else 'ok  ' if c['passed'] else 'FAIL'} {c['name']}", highlight=False)
     console.print(f"{r['files']} files verified; package OK")
@@ -373,9 +359,8 @@ def check(package: Annotated[Path, typer.Argument(help="package folder")],
 @command()
 def build(package: Annotated[Path, typer.Argument(help="package folder whose engines are pending")]) -> None:
     """Build the package's pending engines here (Jetson: on the board with its JetPack TensorRT)."""
-    from hpedge.export.build import build as run
 
-    print_engines(run(package)["engines"])
+    print_engines(engine_build.build(package)["engines"])
 
 def main() -> None:
     app()
