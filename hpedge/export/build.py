@@ -21,7 +21,7 @@ from hpedge.export import verify
 from hpedge.export.onnx_io import initializer_bytes
 from hpedge.runtime.format import finalize_manifest, load_reference, sha256
 from hpedge.runtime.package import Package
-from hpedge.targets.profiles import Profile
+from hpedge.targets.profiles import Profile, profile_from_dict
 from hpedge.targets.shapes import batch_range
 
 COMPONENTS = ("text_clip", "text_t5", "transformer", "vae_decoder")
@@ -93,24 +93,24 @@ def planned(components: dict[str, Any]) -> dict[str, Any]:
     return {k: {kk: v[kk] for kk in PLAN_KEYS if kk in v} for k, v in components.items()}
 
 
-def build_all(root: Path, components: dict[str, Any], target: dict[str, Any],
+def build_all(root: Path, components: dict[str, Any], profile: Profile,
               progress: Any = None) -> dict[str, Any]:
     """Build every component's engine into ``root/engines``; returns the components with their build facts.
 
-    ``target`` is the profile as the manifest stores it (``Profile.to_dict()``).
+    ``profile``: the export's, or the one the package's manifest stores (``hpedge build``).
     """
 
-    spec = target["engine"]
-    adapter = eng.library(spec["library"])
+    spec = profile.engine
+    adapter = eng.library(spec.library)
     out = {}
     for name in (n for n in COMPONENTS if n in components):  # a package without T5 has no text_t5 engine
         c = components[name]
         if progress:
-            progress(f"building the {name} engine ({spec['library']}, "
-                     f"{', '.join('sm_' + x.replace('.', '') for x in spec['compute_capabilities'])})")
+            progress(f"building the {name} engine ({spec.library}, "
+                     f"{', '.join('sm_' + x.replace('.', '') for x in spec.compute_capabilities)})")
         onnx = root / c["onnx"]
-        settings = BuildSettings(_shapes(c["shapes"]), tuple(spec["compute_capabilities"]),
-                                     int(target["builder_optimization_level"]), int(target["workspace_gb"] * 2**30))
+        settings = BuildSettings(_shapes(c["shapes"]), spec.compute_capabilities, profile.builder_optimization_level,
+                                 int(profile.workspace_gb * 2**30))
         facts = eng.build_cached(adapter, onnx, sha256(onnx), root / "engines" / f"{name}.plan", settings)
         out[name] = {**c, **facts, "file": f"engines/{facts['file']}", "onnx_weight_bytes": initializer_bytes(onnx)}
     return out
@@ -149,14 +149,14 @@ def build(package: Path) -> dict[str, Any]:
     section = pkg.manifest.get("engines")
     if not section:
         raise HpedgeError(f"{package} has no engines section (written by an older hpedge); export it again")
-    target = pkg.manifest["target"]
+    profile = profile_from_dict(pkg.manifest["target"], f"{package}/manifest.json target")
     av = eng.library(section["library"]).build_availability(tuple(section["compute_capabilities"]))
     if not av.ok:
         raise HpedgeError(f"cannot build the {section['library']} engines here: {av.reason}")
-    built = build_all(package, planned(section["components"]), target)
+    built = build_all(package, planned(section["components"]), profile)
     new = {**section, "status": "built", "reason": av.reason, "components": built}
     feeds, ref, _ = load_reference(package, pkg.manifest)
-    new["parity"] = verify.engine_summary(verify.engine_checks(package, new, feeds, ref, target["parity"], ("transformer",)))
+    new["parity"] = verify.engine_summary(verify.engine_checks(package, new, feeds, ref, profile.parity, ("transformer",)))
     if new["parity"].get("run") and not new["parity"]["passed"]:
         for c in built.values():
             (package / c["file"]).unlink(missing_ok=True)

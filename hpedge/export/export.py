@@ -346,7 +346,7 @@ def _engines(run: _Run, tmp: Path, text: dict[str, Any]) -> dict[str, Any]:
     engines = engine_build.plan_engines(run.family, io, batch_axes, lengths, int(pipe.vae.config.latent_channels),
                                         latents, run.profile, run.opts.engine, run.engine_reason, text)  # type: ignore[arg-type]
     if run.build_now:
-        engines["components"] = engine_build.build_all(tmp, engines["components"], run.profile.to_dict(), run.say)
+        engines["components"] = engine_build.build_all(tmp, engines["components"], run.profile, run.say)
         engines["status"] = "built"
     return engines
 
@@ -401,7 +401,7 @@ def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any],
     """Every packaged component against PyTorch (:mod:`hpedge.export.verify`, the checks ``hpedge check`` reruns)."""
     run.say("parity checks (Polygraphy)")
     r, p, opts = run.refs, run.profile.parity, run.opts
-    lim = run.profile.to_dict()["parity"]
+    lim = run.profile.parity
     report = ParityReport([fp32_check])
     for v, what in (("int4", f"DequantizeLinear, {opts.compute} compute"), ("int4_cpu", opts.cpu_kernel)):
         results = verify.run_variant(tmp / "transformer" / v / "model.onnx", r["held"], f"onnxrt-{v.replace('_', '-')}")

@@ -28,7 +28,7 @@ from hpedge.models.families import family as family_facts
 from hpedge.models.sampling import Defaults, sample
 from hpedge.runtime.format import load_reference
 from hpedge.runtime.package import Package
-from hpedge.targets.profiles import Parity
+from hpedge.targets.profiles import Parity, profile_from_dict
 
 
 @dataclass
@@ -170,12 +170,12 @@ def check_fp32(path: Path, fresh: dict[str, dict[str, np.ndarray]], fresh_ref: l
 
 
 def transformer_check(name: str, variant: str, results: Any, ref: list[np.ndarray], output: str,
-                      lim: dict[str, Any]) -> Check:
+                      lim: Parity) -> Check:
     """One transformer variant's outputs (Polygraphy results) against PyTorch's: fp32 element-wise, INT4 by
-    cosine and PSNR (the profile's limits, ``lim`` as the manifest stores them)."""
+    cosine and PSNR (the profile's limits)."""
     if variant == "fp32":
-        return compare_fp32(ref, results, output, lim["fp32_atol"], lim["fp32_rtol"], name)
-    return compare_quality(name, ref, pgy.outputs_of(results), lim["int4_min_cosine"], lim["int4_min_psnr_db"])
+        return compare_fp32(ref, results, output, lim.fp32_atol, lim.fp32_rtol, name)
+    return compare_quality(name, ref, pgy.outputs_of(results), lim.int4_min_cosine, lim.int4_min_psnr_db)
 
 
 def run_variant(path: Path, feeds: list[dict[str, np.ndarray]], variant: str) -> Any:
@@ -205,7 +205,7 @@ def vae_check(name: str, pkg: Package, ref: dict[str, np.ndarray], min_psnr: flo
 
 
 def engine_checks(root: Path, section: dict[str, Any], feeds: list[dict[str, np.ndarray]], ref: list[np.ndarray],
-                  lim: dict[str, Any], components: tuple[str, ...] | None = None, against: str = "PyTorch") -> list[Check]:
+                  lim: Parity, components: tuple[str, ...] | None = None, against: str = "PyTorch") -> list[Check]:
     """Each built engine (of ``components``, all by default) where this machine can run it, else a skip that
     says why. The transformer engine is compared with PyTorch's outputs (the profile's INT4 limits); the text
     and VAE engines with ONNX Runtime running their own ONNX files on the same inputs (cosine >= 0.999)."""
@@ -223,7 +223,7 @@ def engine_checks(root: Path, section: dict[str, Any], feeds: list[dict[str, np.
             tf, tr = within_batch(c, feeds, ref)
             got = [runner.run(f)[0] for f in tf]
             chk = compare_quality(f"transformer engine ({section['library']}) vs {against}", tr, got,
-                                  lim["int4_min_cosine"], lim["int4_min_psnr_db"])
+                                  lim.int4_min_cosine, lim.int4_min_psnr_db)
         else:
             feed = {k: _sample_input(k, v["opt"]) for k, v in c["shapes"].items()}
             want = ort.run(ort.session(root / c["onnx"], "cpu"), feed)
@@ -286,12 +286,12 @@ def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
         return result
     feeds, ref, extra = load_reference(package, pkg.manifest)
     tr = pkg.manifest["components"]["transformer"]
-    lim = pkg.manifest["target"]["parity"]
+    lim = profile_from_dict(pkg.manifest["target"], f"{package}/manifest.json target").parity
     checks = [transformer_check(f"{v} vs PyTorch (stored reference)", v, run_variant(package / rel, feeds, v), ref,
                                 tr["io"]["outputs"][0], lim) for v, rel in tr["variants"].items()]
     checks.append(text_check("text encoders vs PyTorch (stored reference): prompt embeddings", pkg, extra,
-                             float(lim.get("text_min_cosine", 0.99))))
-    checks.append(vae_check("VAE decoder vs PyTorch (stored reference)", pkg, extra, float(lim.get("vae_min_psnr_db", 30.0))))
+                             lim.text_min_cosine))
+    checks.append(vae_check("VAE decoder vs PyTorch (stored reference)", pkg, extra, lim.vae_min_psnr_db))
     section = pkg.manifest.get("engines") or {}
     if section.get("status") == "built":
         checks += engine_checks(package, section, feeds, ref, lim, against="PyTorch (stored reference)")

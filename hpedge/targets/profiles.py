@@ -157,6 +157,11 @@ def _parse_engine(d: Any, source: str, cc: str, kind: str, build_on: str) -> Eng
     return EngineSpec(lib, tuple(caps))
 
 
+def profile_from_dict(data: Any, source: str) -> Profile:
+    """A profile as a manifest stores it (:meth:`Profile.to_dict`), validated as a profile file is."""
+    return _parse(data, source)
+
+
 def builtin_names() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
 

@@ -149,7 +149,7 @@ def test_engine_modules_type_check_against_tensorrt_stubs(tmp_path) -> None:
         text = re.sub(r"\bin: list\[", "in_: list[", f.read_text())
         f.write_text(text.replace(", channel_axis: int) -> IScaleLayer", ", channel_axis: int = ...) -> IScaleLayer"))
     env = dict(os.environ, MYPYPATH=str(stubs))
-    files = [str(ROOT / "hpedge" / "backends" / f) for f in ("trt.py", "trt_rtx.py", "engines.py")]
+    files = [str(ROOT / "hpedge" / "backends" / f) for f in ("trt.py", "trt_rtx.py", "engines.py", "trt_api.py")]
     r = subprocess.run([sys.executable, "-m", "mypy", "--follow-imports=silent", "--ignore-missing-imports",
                         "--no-incremental", *files], capture_output=True, text=True, env=env, cwd=ROOT)
     ours = [ln for ln in r.stdout.splitlines() if ln.startswith("hpedge/") or "/hpedge/backends/" in ln]

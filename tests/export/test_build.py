@@ -47,7 +47,7 @@ def test_zoo_packages_carry_built_rtx_engines_for_every_rtx_generation(zoo_packa
     root = tmp_path / "pkg"
     shutil.copytree(zoo_package, root)
     for target, cc in (("rtx3060", "8.6"), ("rtx5090", "12.0")):
-        built = engine_build.build_all(root, comps, load_profile(target).to_dict())
+        built = engine_build.build_all(root, comps, load_profile(target))
         for name, c in built.items():
             assert c["compute_capabilities"] == [cc] and (root / c["file"]).stat().st_size > 0  # the VAE is shared: a hit
             assert c["cache_key"] != e["components"][name]["cache_key"]
