@@ -77,3 +77,30 @@ def test_progress_in_a_log_is_one_line_per_stage_and_every_tenth(capsys) -> None
     distil = [ln for ln in lines if "distilling" in ln]
     assert 10 <= len(distil) <= 12 and distil[-1].endswith("200/200 (100%)")
     assert [ln.split("] ", 1)[1] for ln in lines if "loading" in ln or "writing" in ln] == ["loading", "writing"]
+
+
+def test_bad_compress_input_is_refused_before_any_long_step(tmp_path: Path) -> None:
+    """Each refused in one line, before the teacher is loaded or analysed, and nothing written."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_text("not an image")
+    (data / "a.txt").write_text("a 3")
+    out = tmp_path / "out"
+    base = ("compress", "zoo:digits-sd3", "-o", str(out), "--remove-blocks", "3")
+    for extra, needle in (
+        (("--data", str(data)), "is not a readable image"),
+        (("--data", str(tmp_path / "none")), "is not a folder"),
+        (("--prompts", str(tmp_path / "none.txt")), "not found"),
+        (("--importance", str(data / "a.txt")), "not valid JSON"),
+        (("--steps", "-1"), "--steps must be at least 0"),
+        (("--batch-size", "0"), "--batch-size must be at least 1"),
+        (("--lr", "0"), "--lr must be positive"),
+    ):
+        assert needle in one_line_error(run(*base, *extra)), extra
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_generate_refuses_zero_steps_and_sizes(tmp_path: Path) -> None:
+    for extra, needle in ((("--steps", "0"), "--steps must be at least 1"), (("--height", "0"), "--height must be at least 1")):
+        assert needle in one_line_error(run("generate", "zoo:digits-sd3", "a 3", "-o", str(tmp_path / "x.png"), *extra))
+    assert not (tmp_path / "x.png").exists()

@@ -61,3 +61,21 @@ def test_package_records_the_real_sampling_configuration(real_chain, name) -> No
     e2e = json.loads((c["package"] / "parity.json").read_text())
     names = [ch["name"] for ch in e2e["checks"]]
     assert any("stock diffusers" in n for n in names)
+
+
+def test_drop_t5_builds_its_engines_and_passes_check(real_pipelines, tiny_rtx4090, tmp_path) -> None:
+    """An SD3.5 package without T5, exported with the default --engine auto (engines built for an RTX target)."""
+    from typer.testing import CliRunner
+
+    from hpedge.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "pkg"
+    r = runner.invoke(app, ["export", str(real_pipelines["sd3.5-medium"]), "--target", str(tiny_rtx4090), "-o", str(out),
+                            "--drop-t5", "--method", "rtn", "--calibration-prompts", "1"])
+    assert r.exit_code == 0, f"{r.output[-3000:]}\n{r.exception!r}"
+    e = json.loads((out / "manifest.json").read_text())["engines"]
+    assert e["status"] == "built" and set(e["components"]) == {"text_clip", "transformer", "vae_decoder"}
+    r = runner.invoke(app, ["check", str(out)])
+    assert r.exit_code == 0, r.output[-3000:]
+    assert "text_clip engine" in r.output and "text_t5" not in r.output

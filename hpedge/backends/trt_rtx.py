@@ -16,8 +16,11 @@ from hpedge.io import atomic_file
 
 NAME = "tensorrt_rtx"
 PACKAGE = "tensorrt-rtx-cu12==1.7.1.116"
-# the GPUs TensorRT-RTX runs on (Hopper sm_90 and Jetson sm_87 are not among them)
-RUNS_ON = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
+# The GPUs TensorRT-RTX compiles for and runs on: NVIDIA's support matrix for TensorRT-RTX 1.7 (Turing, Ampere
+# GeForce, Ada, Blackwell). The library's ComputeCapability enum also has SM80 (A100, a datacenter GPU the matrix
+# does not list); Hopper sm_90 and Jetson sm_87 are in neither.
+RUNS_ON = ("7.5", "8.6", "8.9", "12.0", "12.1")
+NOT_IN_SUPPORT_MATRIX = ("8.0",)
 
 
 def _import() -> Any:

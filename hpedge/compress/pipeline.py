@@ -22,6 +22,7 @@ from hpedge.compress.distill import DistillSettings, distill
 from hpedge.compress.importance import Importance
 from hpedge.compress.importance import load as load_importance
 from hpedge.compress.plan import Budget, Plan, make_plan, parse_blocks
+from hpedge.compress.pool import data_pairs
 from hpedge.compress.processes import Processes
 from hpedge.compress.pwp import resolve_pwp
 from hpedge.errors import HpedgeError
@@ -30,7 +31,7 @@ from hpedge.io import atomic_dir, atomic_file, check_parent
 from hpedge.models import adapters
 from hpedge.models.loading import TORCH_DTYPES, ModelRef, load_pipeline, load_transformer, make_stock_loadable, resolve
 from hpedge.models.sampling import Defaults, check_pipeline, defaults, sample, with_overrides
-from hpedge.prompts import calibration, training_prompts
+from hpedge.prompts import calibration, read_prompts, training_prompts
 from hpedge.targets.footprint import choose_t5, estimate
 from hpedge.targets.profiles import load_profile
 from hpedge.zoo.evaluator import DigitsEvaluator, evaluator_for
@@ -150,7 +151,14 @@ def _start(model: str, out: Path, opts: CompressOptions) -> tuple[ModelRef, Path
     if out.exists() and not opts.overwrite:
         raise HpedgeError(f"{out} already exists; pass --overwrite to replace it")
     opts.budget.check()
+    opts.distill.check()
+    if opts.distill.data_dir is not None:
+        data_pairs(Path(opts.distill.data_dir))
+    if opts.prompts_file is not None:
+        read_prompts(opts.prompts_file)
     ref = resolve(model)
+    if opts.importance is not None:
+        load_importance(opts.importance, family_hint=ref.family)
     work = work_dir(out)
     if work.exists() and not opts.resume and not opts.overwrite:
         raise HpedgeError(f"an earlier run left its work in {work}; pass --resume to continue it or --overwrite to start over")

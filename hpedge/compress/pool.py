@@ -36,28 +36,55 @@ def build_pool(pipe: Any, prompts: list[str], s: DistillSettings, gen: Defaults,
     return torch.cat(out), prompts
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+ENCODE_BATCH = 16  # images VAE-encoded together: a caption folder of any size is read a batch at a time
+
+
+def data_pairs(folder: Path) -> list[tuple[Path, Path]]:
+    """The (image, caption) pairs of a ``--data`` folder, every image opened and checked (header and data) and
+    every caption read: a bad folder is refused in one line before any long step."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not folder.is_dir():
+        raise HpedgeError(f"--data {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    pairs = [(p, p.with_suffix(".txt")) for p in files if p.with_suffix(".txt").exists()]
+    if not pairs:
+        raise HpedgeError(f"--data {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}) with same-named .txt captions")
+    for img, cap in pairs:
+        try:
+            with Image.open(img) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise HpedgeError(f"--data: {img} is not a readable image ({e})") from None
+        try:
+            if not cap.read_text(encoding="utf-8").strip():
+                raise HpedgeError(f"--data: caption {cap} is empty")
+        except UnicodeDecodeError:
+            raise HpedgeError(f"--data: caption {cap} is not UTF-8 text") from None
+    return pairs
+
+
 def _pool_from_folder(pipe: Any, folder: Path, height: int, width: int) -> tuple[Any, list[str]]:
     import torch
     from PIL import Image
 
-    if not folder.is_dir():
-        raise HpedgeError(f"--data {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
-    pairs = [(p, p.with_suffix(".txt")) for p in files if p.with_suffix(".txt").exists()]
-    if not pairs:
-        raise HpedgeError(f"--data {folder} has no images with same-named .txt captions")
     channels = pipe.vae.config.in_channels
-    xs, caps = [], []
-    for img_path, cap in pairs:
-        img = Image.open(img_path).convert("L" if channels == 1 else "RGB").resize((width, height))
-        a = np.asarray(img, dtype=np.float32) / 127.5 - 1
-        xs.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
-        caps.append(cap.read_text().strip())
-    x = torch.from_numpy(np.stack(xs))
-    with torch.no_grad():
-        z = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.sample()
     shift = pipe.vae.config.shift_factor or 0.0
-    return ((z - shift) * pipe.vae.config.scaling_factor).float().cpu(), caps
+    zs, caps = [], []
+    pairs = data_pairs(folder)
+    for k in range(0, len(pairs), ENCODE_BATCH):
+        xs = []
+        for img_path, cap in pairs[k : k + ENCODE_BATCH]:
+            img = Image.open(img_path).convert("L" if channels == 1 else "RGB").resize((width, height))
+            a = np.asarray(img, dtype=np.float32) / 127.5 - 1
+            xs.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
+            caps.append(cap.read_text(encoding="utf-8").strip())
+        x = torch.from_numpy(np.stack(xs))
+        with torch.no_grad():
+            z = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.sample()
+        zs.append(((z - shift) * pipe.vae.config.scaling_factor).float().cpu())
+    return torch.cat(zs), caps
 
 
 def _pool(procs: Processes, work: Path, pipe: Any, prompts: list[str], s: DistillSettings, gen: Defaults,

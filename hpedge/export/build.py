@@ -11,6 +11,9 @@ input shapes of each component), so ``hpedge build`` needs nothing but the packa
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from hpedge.backends.trt_api import BuildSettings, Shapes
 from hpedge.errors import HpedgeError
 from hpedge.export import verify
 from hpedge.export.onnx_io import initializer_bytes
+from hpedge.io import check_parent
 from hpedge.runtime.format import finalize_manifest, load_reference, sha256
 from hpedge.runtime.package import Package
 from hpedge.targets.profiles import Profile, profile_from_dict
@@ -93,9 +97,10 @@ def planned(components: dict[str, Any]) -> dict[str, Any]:
     return {k: {kk: v[kk] for kk in PLAN_KEYS if kk in v} for k, v in components.items()}
 
 
-def build_all(root: Path, components: dict[str, Any], profile: Profile,
-              progress: Any = None) -> dict[str, Any]:
-    """Build every component's engine into ``root/engines``; returns the components with their build facts.
+def build_all(root: Path, components: dict[str, Any], profile: Profile, progress: Any = None,
+              into: Path | None = None) -> dict[str, Any]:
+    """Build every component's engine (ONNX files under ``root``) into ``into/engines`` (``root/engines`` by
+    default); returns the components with their build facts.
 
     ``profile``: the export's, or the one the package's manifest stores (``hpedge build``).
     """
@@ -111,7 +116,7 @@ def build_all(root: Path, components: dict[str, Any], profile: Profile,
         onnx = root / c["onnx"]
         settings = BuildSettings(_shapes(c["shapes"]), spec.compute_capabilities, profile.builder_optimization_level,
                                  int(profile.workspace_gb * 2**30))
-        facts = eng.build_cached(adapter, onnx, sha256(onnx), root / "engines" / f"{name}.plan", settings)
+        facts = eng.build_cached(adapter, onnx, sha256(onnx), (into or root) / "engines" / f"{name}.plan", settings)
         out[name] = {**c, **facts, "file": f"engines/{facts['file']}", "onnx_weight_bytes": initializer_bytes(onnx)}
     return out
 
@@ -144,7 +149,8 @@ def plan_engines(family: str, transformer_io: dict[str, Any], batch_axes: dict[s
 def build(package: Path) -> dict[str, Any]:
     """``hpedge build PACKAGE``: build the package's pending engines on this machine (a Jetson board for
     standard TensorRT; any host for TensorRT-RTX). They join the package only if the transformer engine
-    matches the PyTorch reference stored at export time, where this machine can run it."""
+    matches the PyTorch reference stored at export time, where this machine can run it; until then they are
+    built and checked in a folder beside the package, so a failed build leaves the package as it was."""
     pkg = Package(package, variant="int4", device="cpu")
     section = pkg.manifest.get("engines")
     if not section:
@@ -153,15 +159,21 @@ def build(package: Path) -> dict[str, Any]:
     av = eng.library(section["library"]).build_availability(tuple(section["compute_capabilities"]))
     if not av.ok:
         raise HpedgeError(f"cannot build the {section['library']} engines here: {av.reason}")
-    built = build_all(package, planned(section["components"]), profile)
-    new = {**section, "status": "built", "reason": av.reason, "components": built}
-    feeds, ref, _ = load_reference(package, pkg.manifest)
-    new["parity"] = verify.engine_summary(verify.engine_checks(package, new, feeds, ref, profile.parity, ("transformer",)))
-    if new["parity"].get("run") and not new["parity"]["passed"]:
+    check_parent(package)
+    staging = Path(tempfile.mkdtemp(prefix=f".{package.name}.build-", dir=package.resolve().parent))
+    try:
+        built = build_all(package, planned(section["components"]), profile, into=staging)
+        new = {**section, "status": "built", "reason": av.reason, "components": built}
+        feeds, ref, _ = load_reference(package, pkg.manifest)
+        new["parity"] = verify.engine_summary(verify.engine_checks(staging, new, feeds, ref, profile.parity, ("transformer",)))
+        if new["parity"].get("run") and not new["parity"]["passed"]:
+            raise HpedgeError(f"the engines built but the transformer engine failed parity, not added to the package: "
+                              f"{new['parity']}", HpedgeError.CHECK_FAILED)
+        (package / "engines").mkdir(exist_ok=True)
         for c in built.values():
-            (package / c["file"]).unlink(missing_ok=True)
-        raise HpedgeError(f"the engines built but the transformer engine failed parity, not added to the package: "
-                          f"{new['parity']}", HpedgeError.CHECK_FAILED)
+            os.replace(staging / c["file"], package / c["file"])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     manifest = {k: v for k, v in pkg.manifest.items() if k not in ("files", "manifest_sha256")}
     manifest["engines"] = new
     return finalize_manifest(package, manifest)

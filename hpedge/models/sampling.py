@@ -123,6 +123,11 @@ def with_overrides(d: Defaults, height: int | None = None, width: int | None = N
                    guidance: float | None = None, max_sequence_length: int | None = None) -> Defaults:
     kw = {k: v for k, v in dict(height=height, width=width, steps=steps, guidance=guidance,
                                  max_sequence_length=max_sequence_length).items() if v is not None}
+    for k in ("height", "width", "steps", "max_sequence_length"):
+        if k in kw and kw[k] < 1:
+            raise HpedgeError(f"--{k.replace('_', '-')} must be at least 1, got {kw[k]}")
+    if guidance is not None and guidance < 0:
+        raise HpedgeError(f"--guidance must not be negative, got {guidance}")
     return replace(d, **kw)
 
 

@@ -83,7 +83,8 @@ def finalize_manifest(root: Path, manifest: dict[str, Any], hashes: dict[str, An
     body = {**manifest, "schema": SCHEMA, "files": files}
     body.pop("manifest_sha256", None)
     body["manifest_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-    (root / MANIFEST).write_text(json.dumps(body, indent=2))
+    with atomic_file(root / MANIFEST) as tmp:  # a reader sees the old manifest or the new one, never half of it
+        tmp.write_text(json.dumps(body, indent=2))
     return body
 
 

@@ -111,7 +111,7 @@ class Package:
 
     def encode_ids(self, ids: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Prompt embeddings from token ids: each text encoder, then the pipeline's combination (see
-        :class:`hpedge.export.onnx_export.TextEncoders`; a dropped T5 is zeros, as in diffusers)."""
+        :class:`hpedge.export.encoders.TextEncoders`; a dropped T5 is zeros, as in diffusers)."""
         text = self.manifest["components"]["text"]
         outs: dict[str, np.ndarray] = {}
         for name, e in text["encoders"].items():
@@ -213,8 +213,8 @@ class Package:
     def size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """(height, width) in pixels: the package's default unless given; checked against what it covers."""
         gen = self.manifest["generation"]
-        h = height or gen.get("height", gen["resolution"])
-        w = width or gen.get("width", gen["resolution"])
+        h = gen.get("height", gen["resolution"]) if height is None else height
+        w = gen.get("width", gen["resolution"]) if width is None else width
         lo, _, hi = gen.get("resolution_range", [h, h, h])
         m = gen.get("size_multiple", gen["vae_scale_factor"] * 2)
         for name, v in (("height", h), ("width", w)):
@@ -225,7 +225,7 @@ class Package:
     def initial_latents(self, n: int, seed: int, resolution: int | None = None, height: int | None = None,
                         width: int | None = None) -> np.ndarray:
         gen = self.manifest["generation"]
-        h, w = self.size(height or resolution, width or resolution)
+        h, w = self.size(resolution if height is None else height, resolution if width is None else width)
         vs = gen["vae_scale_factor"]
         return initial_latents(n, seed, gen["latent_channels"], h // vs, w // vs)
 
@@ -241,7 +241,9 @@ class Package:
         if not prompts:
             raise HpedgeError("no prompt given")
         gen = self.manifest["generation"]
-        steps = steps or gen["default_steps"]
+        steps = gen["default_steps"] if steps is None else steps
+        if steps < 1:
+            raise HpedgeError(f"--steps must be at least 1, got {steps}")
         g = self.default_guidance if guidance is None else float(guidance)
         kind = self.guidance_kind
         n = len(prompts)

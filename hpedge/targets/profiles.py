@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hpedge.backends import trt_rtx
 from hpedge.errors import HpedgeError
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 SCHEMA = "hpedge-profile/2"
 ENGINE_LIBRARIES = ("tensorrt_rtx", "tensorrt")
-# compute capabilities TensorRT-RTX 1.7 compiles for (its ComputeCapability enum: SM75 ... SM121)
-RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
+RTX_COMPUTE_CAPABILITIES = trt_rtx.RUNS_ON  # what TensorRT-RTX profiles may list
 KNOWN_PRECISIONS = {"fp32", "fp16", "bf16", "int8", "int4", "fp8", "fp4"}
 
 

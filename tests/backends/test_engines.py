@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hpedge.backends import engines as eng
+from hpedge.backends import trt_api
 from hpedge.errors import HpedgeError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,8 +97,15 @@ def test_cache_key_covers_every_input() -> None:
 
 
 def test_standard_tensorrt_explains_itself() -> None:
+    import importlib.util
+
     av = eng.library("tensorrt").build_availability(("8.7",))
-    assert av.ok or av.reason  # here: not installed / no GPU, said in words
+    if importlib.util.find_spec("tensorrt") is None:  # these hosts: the registry's tensorrt is a stub
+        assert not av.ok and av.reason.startswith("TensorRT is not installed here (import tensorrt failed")
+    elif trt_api.gpu_compute_capability() is None:
+        assert not av.ok and "no NVIDIA GPU is visible" in av.reason
+    else:  # a board or a GPU host: ok for its own architecture only
+        assert av.ok == (trt_api.gpu_compute_capability() == "8.7"), av.reason
 
 
 def _profile(tmp_path: Path, name: str, **change) -> str:
@@ -155,3 +163,19 @@ def test_engine_modules_type_check_against_tensorrt_stubs(tmp_path) -> None:
     ours = [ln for ln in r.stdout.splitlines() if ln.startswith("hpedge/") or "/hpedge/backends/" in ln]
     assert "error: Cannot find" not in r.stdout and "syntax" not in r.stdout, r.stdout[-2000:]
     assert not ours, "\n".join(ours)  # errors inside the third-party stubs themselves are not ours to fix
+
+
+def test_rtx_targets_are_the_librarys_list_less_what_nvidia_does_not_support() -> None:
+    from hpedge.backends import trt_rtx
+    from hpedge.errors import HpedgeError
+    from hpedge.targets.profiles import RTX_COMPUTE_CAPABILITIES
+
+    assert RTX_COMPUTE_CAPABILITIES == trt_rtx.RUNS_ON and "8.0" not in RTX_COMPUTE_CAPABILITIES
+    lib = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12 is not installed")
+    enum = {f"{n[2:-1]}.{n[-1]}" for n in dir(lib.ComputeCapability) if n.startswith("SM")}
+    assert set(RTX_COMPUTE_CAPABILITIES) == enum - set(trt_rtx.NOT_IN_SUPPORT_MATRIX)
+    with pytest.raises(HpedgeError, match="cannot target compute capability 8.0"):
+        trt_rtx_profile = {"library": "tensorrt_rtx", "compute_capabilities": ["8.6", "8.0"]}
+        from hpedge.targets.profiles import _parse_engine
+
+        _parse_engine(trt_rtx_profile, "test", "8.6", "discrete", "host")

@@ -99,15 +99,47 @@ def test_hpedge_build_builds_pending_engines_and_keeps_them_only_if_they_match(s
     monkeypatch.setattr(eng, "can_run", lambda section: eng.Availability(True, "stand-in", "x", "8.9"))
     for err in (0.0, 1.0):
         monkeypatch.setattr(eng, "open_runner", lambda root, section, comp, err=err: Stand(err))
-        before = (pkg / "manifest.json").read_text()
+        before = _snapshot(pkg)
         if err:
             with pytest.raises(HpedgeError, match="failed parity") as e:
                 pipeline.build(pkg)
-            assert e.value.exit_code == HpedgeError.CHECK_FAILED and (pkg / "manifest.json").read_text() == before
+            assert e.value.exit_code == HpedgeError.CHECK_FAILED and _snapshot(pkg) == before  # byte for byte
+            assert not list(tmp_path.glob(".pkg.build-*"))
         else:
             m = pipeline.build(pkg)
             p = m["engines"]["parity"]
             assert p["run"] and p["passed"] and p["min_cosine"] > 0.999, p
+
+
+def _snapshot(root) -> dict[str, str]:
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_build_leaves_the_package_as_it_was(sd3_package, tmp_path, monkeypatch) -> None:
+    """A builder that dies after writing part of an engine: nothing of it reaches the package."""
+    from hpedge.export import build as pipeline
+
+    if not RTX.ok:
+        pytest.skip(f"TensorRT-RTX not importable: {RTX.reason}")
+    pkg = tmp_path / "pkg"
+    shutil.copytree(sd3_package, pkg)
+    calls = []
+
+    def dies(adapter, onnx, sha, dest, settings):
+        calls.append(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(b"half an engine")
+        raise HpedgeError("stand-in builder: out of memory")
+
+    monkeypatch.setattr(eng, "build_cached", dies)
+    before = _snapshot(pkg)
+    with pytest.raises(HpedgeError, match="stand-in builder"):
+        pipeline.build(pkg)
+    assert calls and all(pkg not in d.parents for d in calls)  # written beside the package, not into it
+    assert _snapshot(pkg) == before and not list(tmp_path.glob(".pkg.build-*"))
 
 
 def test_a_jetson_package_explains_the_on_device_build(random_flux, tmp_path) -> None:
