@@ -38,7 +38,7 @@ def run_availability(compute_capabilities: tuple[str, ...]) -> Availability:
         return Availability(False, f"TensorRT is not installed here (import tensorrt failed: {e})")
     cc = gpu_compute_capability()
     if cc is None:
-        return Availability(False, "no NVIDIA GPU is visible (NVML found none)", mod.__version__)
+        return Availability(False, "no NVIDIA GPU is visible (neither NVML nor the CUDA runtime found one)", mod.__version__)
     if cc not in compute_capabilities:
         return Availability(False, f"this GPU is sm_{cc.replace('.', '')}, the target needs "
                             f"sm_{compute_capabilities[0].replace('.', '')}; engines are not portable across GPU "

@@ -45,8 +45,13 @@ class BuildSettings:
         return d
 
 
+CUDART_NAMES = ("libcudart.so", "libcudart.so.12", "libcudart.so.11.0")  # JetPack 6 ships CUDA 12; JetPack 5, 11
+CUDA_ATTR_CC_MAJOR, CUDA_ATTR_CC_MINOR = 75, 76  # cudaDevAttrComputeCapabilityMajor / Minor
+
+
 def gpu_compute_capability() -> str | None:
-    """The first NVIDIA GPU's compute capability via NVML, or None when there is no GPU."""
+    """The first NVIDIA GPU's compute capability, or None when there is no GPU: from NVML on discrete GPUs, else
+    from the CUDA runtime (Jetson boards have no NVML; their JetPack ships libcudart)."""
     try:
         import pynvml
 
@@ -55,7 +60,23 @@ def gpu_compute_capability() -> str | None:
         major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
         return f"{major}.{minor}"
     except Exception:
-        return None
+        return _cudart_compute_capability()
+
+
+def _cudart_compute_capability() -> str | None:
+    import ctypes
+
+    for name in CUDART_NAMES:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        if (lib.cudaDeviceGetAttribute(ctypes.byref(major), CUDA_ATTR_CC_MAJOR, 0) == 0
+                and lib.cudaDeviceGetAttribute(ctypes.byref(minor), CUDA_ATTR_CC_MINOR, 0) == 0):
+            return f"{major.value}.{minor.value}"
+        return None  # the runtime is there but sees no GPU
+    return None
 
 
 # -- building (shared by both adapters; ``mod`` is the library module) ------------------------------------

@@ -52,7 +52,7 @@ def run_availability(compute_capabilities: tuple[str, ...]) -> Availability:
         return av
     cc = gpu_compute_capability()
     if cc is None:
-        return Availability(False, "no RTX GPU (NVML found no NVIDIA GPU)", av.version)
+        return Availability(False, "no RTX GPU (no NVIDIA GPU found)", av.version)
     if cc not in RUNS_ON:
         return Availability(False, f"no RTX GPU (this GPU is sm_{cc.replace('.', '')}; TensorRT-RTX runs on "
                             f"{', '.join('sm_' + c.replace('.', '') for c in RUNS_ON)})", av.version, cc)

@@ -179,3 +179,25 @@ def test_rtx_targets_are_the_librarys_list_less_what_nvidia_does_not_support() -
         from hpedge.targets.profiles import _parse_engine
 
         _parse_engine(trt_rtx_profile, "test", "8.6", "discrete", "host")
+
+
+def test_compute_capability_from_the_cuda_runtime_where_nvml_is_absent(monkeypatch) -> None:
+    """Jetson boards have no NVML: the CUDA runtime's device attributes answer instead."""
+    import ctypes
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml fails, as on a board
+
+    class Cudart:
+        def cudaDeviceGetAttribute(self, out, attr, device):  # noqa: N802 - the CUDA runtime's name
+            out._obj.value = {trt_api.CUDA_ATTR_CC_MAJOR: 8, trt_api.CUDA_ATTR_CC_MINOR: 7}[attr]
+            return 0
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Cudart())
+    assert trt_api.gpu_compute_capability() == "8.7"
+
+    def missing(name):
+        raise OSError(name)
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert trt_api.gpu_compute_capability() is None
