@@ -89,6 +89,7 @@ class _Run:
     build_now: bool
     engine_reason: str
     say: Callable[[str], None]
+    t0: float = 0.0  # when the export started (after the up-front checks)
     pipe: Any = None
     family: str = ""
     res: tuple[int, int, int] = (0, 0, 0)
@@ -150,7 +151,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         manifest["engines"] = engines
         manifest["parity"] = {"passed": report.passed, "overridden": not report.passed, "report": "parity.json",
                               "checks": {c.name: c.passed for c in report.checks}}
-        manifest["seconds"] = round(time.time() - run.refs["t0"], 1)
+        manifest["seconds"] = round(time.time() - run.t0, 1)
         manifest = finalize_manifest(tmp, manifest, hashes)
     if report_path.exists() and report.passed:
         report_path.unlink()
@@ -177,9 +178,7 @@ def _prepare(model: str, out: Path, opts: ExportOptions, say: Callable[[str], No
     ref = resolve(model)
     t0 = time.time()
     memory = _fits(ref, profile, opts)  # a package that cannot fit is not built
-    run = _Run(model, opts, profile, ref, memory, build_now, engine_reason, say)
-    run.refs["t0"] = t0
-    return run
+    return _Run(model, opts, profile, ref, memory, build_now, engine_reason, say, t0)
 
 
 def _fits(ref: ModelRef, profile: Profile, opts: ExportOptions) -> dict[str, Any]:

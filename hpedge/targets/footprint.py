@@ -164,8 +164,8 @@ def estimate(ref: Any, profile: Profile, residency: str = "auto", drop_t5: bool 
                                                             dtype=torch.long, device="meta"),
                                                    output_hidden_states=True)) for m in clips]
         if not drop_t5:
-            t5 = comps["t5"].to(half)
-            text.append(_peak(t5, lambda: t5(torch.zeros(b, msl, dtype=torch.long, device="meta"))))
+            t5_model = comps["t5"].to(half)
+            text.append(_peak(t5_model, lambda: t5_model(torch.zeros(b, msl, dtype=torch.long, device="meta"))))
         fp.activations["text"] = max(text)
         fp.activations["transformer"] = _transformer_peak(tr.to(half), family, b, side, msl,
                                                            2 ** (len(vae.config.block_out_channels) - 1))
