@@ -1,4 +1,4 @@
-// Reading the transformer-step files written by `python examples/cpp/save_step.py` (hpedge.runtime.save_step).
+// Reading the transformer-step files written by `python examples/cpp/save_step.py` (hpedge.runtime.Package.save_step).
 //
 // step.txt, one record per line (the format is hpedge's own, plain text so C++ needs no JSON parser):
 //   model <path relative to the package>
