@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hpedge.errors import HpedgeError
+
+if TYPE_CHECKING:  # the type checker holds the shared calls against standard TensorRT's stubs (tensorrt-stubs)
+    import tensorrt as trt
 
 Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
@@ -99,17 +102,17 @@ def build_serialized(mod: Any, onnx_path: Path, settings: BuildSettings,
                      configure: Callable[[Any], None] | None = None) -> bytes:
     """Parse ``onnx_path`` and build one serialized engine with one optimization profile."""
     logger = _logger(mod)
-    builder = mod.Builder(logger)
+    builder: trt.Builder = mod.Builder(logger)
     flags = 1 << int(mod.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if settings.strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = mod.OnnxParser(network, logger)
+    network: trt.INetworkDefinition = builder.create_network(flags)
+    parser: trt.OnnxParser = mod.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise HpedgeError(f"{mod.__name__} could not parse {onnx_path}: {errors[:300]}")
-    config = builder.create_builder_config()
+    config: trt.IBuilderConfig = builder.create_builder_config()
     config.set_memory_pool_limit(mod.MemoryPoolType.WORKSPACE, int(settings.workspace_bytes))
     config.builder_optimization_level = int(settings.optimization_level)
-    profile = builder.create_optimization_profile()
+    profile: trt.IOptimizationProfile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         name = network.get_input(i).name
         if name not in settings.shapes:
@@ -136,11 +139,13 @@ class EngineRunner:
         except ImportError as e:
             raise HpedgeError(f"running a TensorRT engine needs CuPy for device memory (pip install cupy-cuda12x): {e}") from None
         self.mod, self.cp = mod, cupy
-        self.runtime = mod.Runtime(_logger(mod))
-        self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
-        if self.engine is None:
+        self.runtime: trt.Runtime = mod.Runtime(_logger(mod))
+        engine: trt.ICudaEngine | None = self.runtime.deserialize_cuda_engine(engine_bytes)
+        if engine is None:
             raise HpedgeError(f"{mod.__name__} could not load the engine (built for another GPU or library version?)")
-        self.context = make_context(self.engine) if make_context else self.engine.create_execution_context()
+        self.engine: trt.ICudaEngine = engine
+        self.context: trt.IExecutionContext = (make_context(self.engine) if make_context
+                                               else self.engine.create_execution_context())
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mod.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == mod.TensorIOMode.OUTPUT]
@@ -161,7 +166,8 @@ class EngineRunner:
             self.context.set_tensor_address(name, d.data.ptr)
         outs = []
         for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
+            dims = self.context.get_tensor_shape(name)
+            shape = tuple(dims[i] for i in range(len(dims)))
             o = cp.empty(shape, dtype=mod.nptype(self.engine.get_tensor_dtype(name)))
             self.context.set_tensor_address(name, o.data.ptr)
             outs.append(o)
