@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from common import RESULTS, header, write
+from common import header, write, write_json
 from quality import SCORES_HEAD, scores_row
 
 
@@ -94,4 +93,4 @@ def text_paths(args: argparse.Namespace) -> None:
             text += scores_row(r["model"], r)
             print(r["model"], r["overall"], flush=True)
     write("text-paths.md", text)
-    (RESULTS / "text-paths.json").write_text(json.dumps(out, indent=2))
+    write_json("text-paths.json", out)

@@ -12,7 +12,6 @@ carry the CUDA C++ source of their generated kernels, compiled just in time on t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from common import RESULTS, header, write
+from common import header, write, write_json
 from latency import _midsize_pipeline, random_sd3_pipeline
 
 CASES = ("midsize", "digits-sd3", "digits-flux", "wide")
@@ -73,7 +72,7 @@ def engines(args: argparse.Namespace) -> None:
                      f"{a['other_bytes'] / w:.2f}x | {a['zlib_bytes'] / 1e6:.2f} MB | {c['build_seconds']:.1f} s |\n")
         shutil.rmtree(out, ignore_errors=True)
     write("engines.md", text)
-    (RESULTS / "engines.json").write_text(json.dumps(rows, indent=1))
+    write_json("engines.json", {"rows": rows})
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from common import RESULTS, header, write
+from common import header, write, write_json
 from quality import SCORES_HEAD, scores_row
 
 
@@ -83,7 +82,7 @@ def ratio(args: argparse.Namespace) -> None:
         outside = ", ".join(f"{r['score']} {r['difference']:+.3f}" for r in rows if not r["within"])
         print(f"retrain OUTSIDE the stated tolerance: {outside}" if outside else "retrain within the stated tolerance", flush=True)
     write(f"ratio-{name}.md", text)
-    (RESULTS / f"ratio-{name}.json").write_text(json.dumps(out, indent=2))
+    write_json(f"ratio-{name}.json", out)
 
 
 def weight_distance(a: Path, b: Path) -> list[dict]:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, header, write
+from common import header, write, write_json
 
 TARGET_FACTOR, TARGET_EXTRA = 2.0, 2e9
 T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_heads=64)
@@ -223,4 +223,4 @@ def size(args: argparse.Namespace) -> None:
     name = args.results_name or (f"size-{args.arch}-t5-{args.t5_layers}" if args.t5_layers else
                                  f"size-{args.arch}-{info['parameters'] / 1e9:.2f}B")
     write(f"{name}.md", "\n".join(lines) + "\n")
-    (ROOT / "benchmarks" / "results" / f"{name}.json").write_text(json.dumps({"info": info, "rows": rows, "results": results}, indent=2))
+    write_json(f"{name}.json", {"info": info, "rows": rows, "results": results})

@@ -364,3 +364,19 @@ def test_curve_takes_each_methods_best_rate_and_says_whether_the_lead_is_outside
     assert "0.100" not in sec25 and "Leader: too few rows" in sec25
     assert "| HierarchicalPrune (HPP + PWP + SGDistill) | 0.800 | **0.890** |" in text  # the sweep, chosen rate in bold
     assert Image.open(tmp_path / "curve-sd3.png").size == (900, 560)
+
+
+def test_every_results_file_says_its_command_machine_date_and_commit(bench, tmp_path, monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    common = sys.modules["common"]
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    head = common.header("t")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    for field in ("- command: `python", "- machine: ", "- date: 20", f"- commit: {commit}"):
+        assert field in head, head
+    common.write_json("x.json", {"rows": [1]})
+    data = json.loads((tmp_path / "x.json").read_text())
+    assert data["rows"] == [1] and set(data["provenance"]) == {"command", "machine", "date", "commit"}
+    assert data["provenance"]["commit"].startswith(commit)
