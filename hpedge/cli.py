@@ -182,12 +182,13 @@ def analyze(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:NA
             reference_format: Annotated[Optional[Path], typer.Option("--reference-format", help="also write the reference's <tab> format")] = None) -> None:
     """Contribution analysis: the harm of removing each block and sub-component (cached, resumable)."""
 
-    ref = resolve(model)
-    pipe = load_pipeline(ref)
-    pipe.to(compute_device())
     settings = AnalysisSettings(prompts=num_prompts, steps=steps, seed=seed, components=components,
                                 resolution=resolution, guidance=guidance, prompts_file=str(prompts) if prompts else None,
                                 scorer=scorer)
+    settings.check()
+    ref = resolve(model)
+    pipe = load_pipeline(ref)
+    pipe.to(compute_device())
     with progress("analysis") as cb:
         imp = analysis.analyze(pipe, ref.path, output, settings, progress=lambda what, k, n: cb(f"analysis: {what}", k, n))
     harm = imp.block_harm()

@@ -104,3 +104,16 @@ def test_generate_refuses_zero_steps_and_sizes(tmp_path: Path) -> None:
     for extra, needle in ((("--steps", "0"), "--steps must be at least 1"), (("--height", "0"), "--height must be at least 1")):
         assert needle in one_line_error(run("generate", "zoo:digits-sd3", "a 3", "-o", str(tmp_path / "x.png"), *extra))
     assert not (tmp_path / "x.png").exists()
+
+
+def test_bad_analyze_and_export_numbers_are_refused_before_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "imp.json"
+    for extra, needle in ((("--num-prompts", "0"), "--num-prompts must be at least 1"),
+                          (("--resolution", "0"), "--resolution must be at least 1"),
+                          (("--prompts", str(tmp_path / "none.txt")), "not found")):
+        assert needle in one_line_error(run("analyze", "zoo:digits-sd3", "-o", str(out), *extra)), extra
+    pkg = tmp_path / "pkg"
+    for extra, needle in ((("--calibration-prompts", "0"), "--calibration-prompts must be at least 1"),
+                          (("--steps", "0"), "--steps must be at least 1")):
+        assert needle in one_line_error(run("export", "zoo:digits-sd3", "--target", "rtx4090", "-o", str(pkg), *extra)), extra
+    assert not out.exists() and not pkg.exists() and not list(tmp_path.glob(".pkg*"))

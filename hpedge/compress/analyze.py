@@ -31,7 +31,7 @@ from hpedge.io import atomic_file
 from hpedge.models import adapters
 from hpedge.models.denoise import family_of
 from hpedge.models.sampling import defaults, sample, with_overrides
-from hpedge.prompts import PROMPTS_FILE, calibration
+from hpedge.prompts import PROMPTS_FILE, calibration, read_prompts
 from hpedge.zoo.evaluator import evaluator_for
 
 
@@ -45,6 +45,16 @@ class AnalysisSettings:
     guidance: float | None = None  # None: the model's default
     prompts_file: str | None = None  # one prompt per line; None: the project's calibration set
     scorer: str | None = None  # e.g. "clip=FOLDER": a learned score's relative drop is added to the harm
+
+    def check(self) -> None:
+        """Numbers in range and the prompts file readable, before the pipeline is loaded."""
+        for name, v in (("num-prompts", self.prompts), ("steps", self.steps), ("resolution", self.resolution)):
+            if v is not None and v < 1:
+                raise HpedgeError(f"--{name} must be at least 1, got {v}")
+        if self.guidance is not None and self.guidance < 0:
+            raise HpedgeError(f"--guidance must not be negative, got {self.guidance}")
+        if self.prompts_file is not None:
+            read_prompts(self.prompts_file)
 
 
 class _Skip:

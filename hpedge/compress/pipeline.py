@@ -152,6 +152,7 @@ def _start(model: str, out: Path, opts: CompressOptions) -> tuple[ModelRef, Path
         raise HpedgeError(f"{out} already exists; pass --overwrite to replace it")
     opts.budget.check()
     opts.distill.check()
+    opts.analysis.check()
     if opts.distill.data_dir is not None:
         data_pairs(Path(opts.distill.data_dir))
     if opts.prompts_file is not None:

@@ -162,6 +162,10 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
 
 def _prepare(model: str, out: Path, opts: ExportOptions, say: Callable[[str], None]) -> _Run:
     """Every option and the target checked, and the package's footprint sized, before any work."""
+    for name, v in (("calibration-prompts", opts.calibration_prompts), ("e2e-samples", opts.e2e_samples),
+                    ("steps", opts.steps)):
+        if v is not None and v < 1:
+            raise HpedgeError(f"--{name} must be at least 1, got {v}")
     if opts.cpu_kernel not in KERNELS:
         raise HpedgeError(f"--cpu-kernel must be one of {', '.join(KERNELS)}, got {opts.cpu_kernel!r}")
     profile = load_profile(opts.target)
