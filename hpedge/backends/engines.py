@@ -10,7 +10,7 @@ Two engine libraries share this interface, each imported by one adapter module o
   the target's architecture are: Jetson boards build on the board (``hpedge build``).
 
 Both libraries expose the same network-building API; the code that drives it, for either library, is
-:mod:`hpedge.backends.trt_api`. This module is the registry over the two adapters and the engine cache.
+:mod:`hpedge.backends.trt`. This module is the registry over the two adapters and the engine cache.
 
 Built engines are kept in a user-level cache (``$HPEDGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/hpedge``, else
 ``~/.cache/hpedge``) under a key of the ONNX file's sha256, the build settings, the library and its version
@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from hpedge.backends import trt, trt_rtx
-from hpedge.backends.trt_api import Availability, BuildSettings, EngineRunner
+from hpedge.backends.trt import EngineRunner
+from hpedge.backends.trt_api import Availability, BuildSettings
 from hpedge.errors import HpedgeError
 
 

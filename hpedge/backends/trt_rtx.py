@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hpedge.backends.trt_api import Availability, BuildSettings, EngineRunner, build_serialized, gpu_compute_capability
+from hpedge.backends.trt import EngineRunner, build_serialized
+from hpedge.backends.trt_api import Availability, BuildSettings, gpu_compute_capability
 from hpedge.errors import HpedgeError
 from hpedge.io import atomic_file
 
