@@ -36,6 +36,7 @@ from hpedge.models.loading import compute_device, load_pipeline, load_transforme
 from hpedge.models.loading import drop_t5 as without_t5
 from hpedge.models.sampling import defaults, defaults_of_ref, sample, with_overrides
 from hpedge.runtime import Package
+from hpedge.targets.host import MEASURED_PEAK, available_bytes, export_need
 from hpedge.targets.profiles import all_profiles
 from hpedge.zoo.evaluate import EvalSettings, evaluate, grid_of_result
 
@@ -230,6 +231,12 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
     use_pwp, why = resolve_pwp(p.remove, p.num_blocks, DistillSettings(pwp=pwp))
     console.print(f"compress: {why}")
     out["pwp"] = {"used": use_pwp, "why": why}
+    needs = {m: export_need(p.params_after, m) for m in MEASURED_PEAK}
+    avail = available_bytes()
+    console.print("host memory to export it (measured factors of the transformer's fp16 bytes): "
+                  + ", ".join(f"{m} {n.need / 1e9:.1f} GB ({n.factor}x)" for m, n in needs.items())
+                  + (f"; this host has {avail / 1e9:.1f} GB available" if avail is not None else ""))
+    out["export_host_memory"] = {m: n.to_dict() for m, n in needs.items()}
     if distill:
         m = estimate_for(model, p.remove, batch_size, processes, resolution, mixed_precision, use_pwp)
         print_distill_memory(m)
@@ -325,6 +332,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
            protect: Annotated[Optional[list[str]], typer.Option(help="regex of layers kept in full precision (repeatable)")] = None,
            allow_parity_failure: Annotated[bool, typer.Option(help="write the package even if parity fails (recorded in the manifest)")] = False,
            archive: Annotated[bool, typer.Option(help="also write PACKAGE.tar")] = False,
+           ignore_host_memory: Annotated[bool, typer.Option(help="go ahead although this host has less memory available than the export is measured to need")] = False,
            residency: Residency = "auto", drop_t5: DropT5 = False, t5: T5Precision = "auto",
            overwrite: Annotated[bool, typer.Option()] = False) -> None:
     """ONNX + INT4 AWQ + TensorRT engines (TensorRT-RTX on any host, or an on-device build) + parity -> a self-describing package."""
@@ -333,7 +341,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
                          fp32_reference=fp32_reference,
                          calibration_prompts=calibration_prompts, allow_parity_failure=allow_parity_failure,
                          archive=archive, overwrite=overwrite, protect=list(protect or []), residency=residency,
-                         drop_t5=drop_t5, t5=t5)
+                         drop_t5=drop_t5, t5=t5, ignore_host_memory=ignore_host_memory)
     with progress("export") as cb:
         m = packaging.export(model, output, opts, progress=lambda what: cb(what, 0, 1))
     b, fp32_bytes = m["components"]["transformer"]["bytes"], m["components"]["transformer"]["fp32_bytes"]

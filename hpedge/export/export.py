@@ -38,16 +38,19 @@ from hpedge.export.onnx_io import size_of
 from hpedge.export.quantize import QuantReport, quantize_int4, quantize_int8_weights, store_floats_fp16
 from hpedge.export.verify import Check, ParityReport
 from hpedge.io import atomic_dir, check_parent
+from hpedge.models import adapters
 from hpedge.models.denoise import family_of
 from hpedge.models.families import family as family_facts
 from hpedge.models.loading import ModelRef, compute_device, drop_t5, load_pipeline, resolve
+from hpedge.models.meta import meta_transformer
 from hpedge.models.sampling import Defaults, check_pipeline, sample, with_overrides, zoo_marker
 from hpedge.models.sampling import defaults as sampling_defaults
 from hpedge.prompts import calibration
 from hpedge.runtime.format import finalize_manifest, save_reference, write_archive
 from hpedge.runtime.package import Package
 from hpedge.runtime.schedule import initial_latents
-from hpedge.targets.footprint import estimate
+from hpedge.targets.footprint import estimate, refuse_unless_fits
+from hpedge.targets.host import check_host
 from hpedge.targets.profiles import Profile, load_profile
 from hpedge.targets.shapes import resolution_range
 from hpedge.zoo.evaluator import evaluator_for
@@ -75,6 +78,7 @@ class ExportOptions:
     residency: str = "auto"  # auto | resident | sequential (hpedge.targets.footprint)
     drop_t5: bool = False  # SD3: ship no T5 (zeros in its place, as diffusers without text_encoder_3)
     t5: str = "auto"  # T5's weights: int4 (ModelOpt, --method) | int8 (weight-only, per channel) | auto (int8 where it fits)
+    ignore_host_memory: bool = False  # go ahead although the host has less memory available than measured to be needed
 
 
 @dataclass
@@ -181,21 +185,12 @@ def _prepare(model: str, out: Path, opts: ExportOptions, say: Callable[[str], No
     build_now, engine_reason = engine_build.plan(opts.engine, profile, {"int4", opts.compute})
     ref = resolve(model)
     t0 = time.time()
-    memory = _fits(ref, profile, opts)  # a package that cannot fit is not built
-    return _Run(model, opts, profile, ref, memory, build_now, engine_reason, say, t0)
-
-
-def _fits(ref: ModelRef, profile: Profile, opts: ExportOptions) -> dict[str, Any]:
-    """The package's footprint on the profile (:mod:`hpedge.targets.footprint`); refuses one that cannot fit."""
     fp = estimate(ref, profile, opts.residency, opts.drop_t5, t5=opts.t5)
-    if not fp.fits():
-        parts = ", ".join(f"{c} {b / 1e9:.2f}" for c, b in fp.weights.items())
-        acts = ", ".join(f"{c} {b / 1e9:.2f}" for c, b in fp.activations.items())
-        raise HpedgeError(f"this package does not fit {profile.name} ({fp.residency}, {fp.resolution} px): it needs "
-                          f"{fp.need() / 1e9:.2f} GB (weights GB: {parts}; activations GB: {acts}), "
-                          f"{(fp.need() - fp.capacity) / 1e9:.2f} GB more than the {fp.capacity / 1e9:.2f} GB available; "
-                          f"compress it first (`hpedge compress --target {profile.name}`), or see `hpedge plan --target`")
-    return fp.to_dict()
+    refuse_unless_fits(fp)  # a package that cannot fit is not built
+    memory = fp.to_dict()
+    # nor one this host is measured to run out of memory exporting
+    memory["host"] = check_host(adapters.numel(meta_transformer(ref)), opts.method, opts.ignore_host_memory)
+    return _Run(model, opts, profile, ref, memory, build_now, engine_reason, say, t0)
 
 
 def _load(run: _Run) -> None:

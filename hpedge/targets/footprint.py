@@ -82,6 +82,18 @@ class Footprint:
         return out
 
 
+def refuse_unless_fits(fp: Footprint) -> None:
+    """One line, before any work, for a package that cannot fit its target."""
+    if fp.fits():
+        return
+    parts = ", ".join(f"{c} {b / 1e9:.2f}" for c, b in fp.weights.items())
+    acts = ", ".join(f"{c} {b / 1e9:.2f}" for c, b in fp.activations.items())
+    raise HpedgeError(f"this package does not fit {fp.target} ({fp.residency}, {fp.resolution} px): it needs "
+                      f"{fp.need() / 1e9:.2f} GB (weights GB: {parts}; activations GB: {acts}), "
+                      f"{(fp.need() - fp.capacity) / 1e9:.2f} GB more than the {fp.capacity / 1e9:.2f} GB available; "
+                      f"compress it first (`hpedge compress --target {fp.target}`), or see `hpedge plan --target`")
+
+
 def residency_for(profile: Any, residency: str) -> str:
     if residency not in RESIDENCIES:
         raise HpedgeError(f"--residency must be one of {', '.join(RESIDENCIES)}, got {residency!r}")

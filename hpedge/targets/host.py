@@ -1,0 +1,71 @@
+"""The host memory an export needs, from the size benchmark's measured peaks, and what this host has available.
+
+An export's peak resident memory grows with the transformer (measured with random weights at real width,
+benchmarks/results/size-*.md): with RTN 4.53x the transformer's fp16 bytes at 2.24 B parameters and 5.21x at
+0.67 B (the larger is used); with ModelOpt's AWQ (the default) 13.54x at 0.64 B, where its clip search holds
+calibration activations beside the weights. These are the measured whole-export peaks, CPU path, not a formula;
+a model whose text encoders are larger than its transformer (T5-XXL beside a small transformer) needs more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hpedge.errors import HpedgeError
+
+# peak RSS of a whole `hpedge export` / the transformer's fp16 bytes, and the result each was measured in
+MEASURED_PEAK = {
+    "rtn": (5.21, "size-flux.1-dev-width-0.67B.md (2026-12-03); 4.53x at 2.24 B, size-sd3.5-medium-2.24B.md"),
+    "awq_clip": (13.54, "size-sd3.5-medium-0.64B-awq-clip.md (2026-12-02)"),
+}
+PROCESS_BYTES = 1_000_000_000  # Python, torch and ONNX Runtime before any weight (measured: 0.57 GB at loading)
+
+
+@dataclass(frozen=True)
+class HostNeed:
+    method: str
+    transformer_fp16_bytes: int
+    factor: float
+    need: int
+    source: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"method": self.method, "transformer_fp16_bytes": self.transformer_fp16_bytes, "factor": self.factor,
+                "need": self.need, "source": self.source}
+
+
+def export_need(transformer_params: int, method: str) -> HostNeed:
+    """The host memory ``hpedge export --method METHOD`` needs for a transformer of ``transformer_params``."""
+    if method not in MEASURED_PEAK:
+        raise HpedgeError(f"--method must be one of {', '.join(MEASURED_PEAK)}, got {method!r}")
+    factor, source = MEASURED_PEAK[method]
+    fp16 = 2 * transformer_params
+    return HostNeed(method, fp16, factor, int(max(PROCESS_BYTES, factor * fp16)), source)
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of this host (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_host(transformer_params: int, method: str, ignore: bool = False) -> dict[str, Any]:
+    """:func:`export_need` against this host's available memory: refused up front, in one line, where the host has
+    less (unless ``ignore``, ``--ignore-host-memory``). Returns what the manifest records."""
+    need = export_need(transformer_params, method)
+    avail = available_bytes()
+    short = avail is not None and need.need > avail
+    if short and not ignore:
+        other = "" if method == "rtn" else f"; --method rtn needs about {export_need(transformer_params, 'rtn').need / 1e9:.1f} GB"
+        raise HpedgeError(f"this export needs about {need.need / 1e9:.1f} GB of host memory ({method}: {need.factor}x the "
+                          f"transformer's {need.transformer_fp16_bytes / 1e9:.2f} GB of fp16 weights, measured by the size "
+                          f"benchmark) and this host has {avail / 1e9:.1f} GB available{other}; "  # type: ignore[operator]
+                          "pass --ignore-host-memory to go ahead")
+    return {**need.to_dict(), "available": avail, "ignored": bool(short and ignore)}
