@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hpedge.backends import polygraphy_runner as pgy
 from hpedge.errors import HpedgeError
 from hpedge.export import build as engine_build
 from hpedge.export import onnx_export as ox
@@ -402,7 +403,7 @@ def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any],
     lim = run.profile.parity
     report = ParityReport([fp32_check])
     for v, what in (("int4", f"DequantizeLinear, {opts.compute} compute"), ("int4_cpu", opts.cpu_kernel)):
-        results = verify.run_variant(tmp / "transformer" / v / "model.onnx", r["held"], f"onnxrt-{v.replace('_', '-')}")
+        results = pgy.run_onnxrt(tmp / "transformer" / v / "model.onnx", r["held"], f"onnxrt-{v.replace('_', '-')}")
         report.checks.append(verify.transformer_check(f"transformer {v} ({what}) vs PyTorch", v, results, r["out"], "out", lim))
     pkg = Package(tmp, variant="int4_cpu", device="cpu", verify=False)  # hashed when the manifest was finished
     what = "CLIP " + text["encoders"]["clip"]["compute"] + ("" if text["t5_dropped"] else

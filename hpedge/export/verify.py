@@ -178,10 +178,6 @@ def transformer_check(name: str, variant: str, results: Any, ref: list[np.ndarra
     return compare_quality(name, ref, pgy.outputs_of(results), lim.int4_min_cosine, lim.int4_min_psnr_db)
 
 
-def run_variant(path: Path, feeds: list[dict[str, np.ndarray]], variant: str) -> Any:
-    return pgy.run_onnxrt(path, feeds, variant)
-
-
 def text_check(name: str, pkg: Package, ref: dict[str, np.ndarray], min_cosine: float) -> Check:
     """Prompt embeddings of the packaged encoders (through the runtime) vs the pipeline's ``encode_prompt``."""
     if "text/prompt_embeds" not in ref:
@@ -287,7 +283,7 @@ def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
     feeds, ref, extra = load_reference(package, pkg.manifest)
     tr = pkg.manifest["components"]["transformer"]
     lim = profile_from_dict(pkg.manifest["target"], f"{package}/manifest.json target").parity
-    checks = [transformer_check(f"{v} vs PyTorch (stored reference)", v, run_variant(package / rel, feeds, v), ref,
+    checks = [transformer_check(f"{v} vs PyTorch (stored reference)", v, pgy.run_onnxrt(package / rel, feeds, v), ref,
                                 tr["io"]["outputs"][0], lim) for v, rel in tr["variants"].items()]
     checks.append(text_check("text encoders vs PyTorch (stored reference): prompt embeddings", pkg, extra,
                              lim.text_min_cosine))

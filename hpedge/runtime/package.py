@@ -241,9 +241,7 @@ class Package:
         if not prompts:
             raise HpedgeError("no prompt given")
         gen = self.manifest["generation"]
-        steps = gen["default_steps"] if steps is None else steps
-        if steps < 1:
-            raise HpedgeError(f"--steps must be at least 1, got {steps}")
+        steps = gen["default_steps"] if steps is None else steps  # 0 is refused by sigmas(), not replaced
         g = self.default_guidance if guidance is None else float(guidance)
         kind = self.guidance_kind
         n = len(prompts)
