@@ -8,6 +8,7 @@ TensorRT).
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,11 @@ def run_onnxrt(onnx_path: Path, feeds: list[dict[str, np.ndarray]], name: str, d
 
     _quiet()
     runner = OnnxrtRunner(lambda: ort.session(onnx_path, device, low_memory=True), name=name)
-    return Comparator.run([runner], data_loader=feeds)
+    results = Comparator.run([runner], data_loader=feeds)
+    del runner
+    gc.collect()  # the session goes now, not at some later collection: the next check starts without it
+    ort.return_freed_memory()
+    return results
 
 
 def outputs_of(results: Any) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""The CPU variant of the INT4 transformer (``int4_cpu``): the same 4-bit weights and scales as
+"""The CPU variant of the INT4 transformer (``int4_cpu``): made from the same 4-bit weights and scales as
 the INT4 DequantizeLinear + MatMul graph (ModelOpt's AWQ or hpedge's RTN, one layout), in a form ONNX Runtime's CPU provider runs fast.
 
 ONNX Runtime's CPU provider does not fuse blocked DequantizeLinear + MatMul, so that graph runs slower
@@ -6,16 +6,13 @@ than fp32 (it dequantizes every weight on every call). Two kernels are offered; 
 here and the package's parity gate judges either result:
 
 ``int8`` (default)
-    Each weight stays INT4 in the file. A two-node constant subgraph (Cast int4 -> float, then a blocked
-    QuantizeLinear to int8 whose per-(block, channel) step is the channel's scale over the block's) turns it
-    into an int8 weight with one
-    scale per output channel; ONNX Runtime's constant folding evaluates it once when the session is
-    created, so at run time the MatMul is ``com.microsoft.DynamicQuantizeMatMul``: activations quantized
-    per tensor to uint8 on the fly, an int8 GEMM (VNNI / AMX kernels). Disk and download size are those
-    of INT4; resident weights are int8. Folding briefly holds an fp32 copy of every weight (ONNX Runtime
-    drops folded intermediates only after the pass): about 5.7 bytes per parameter at session start, measured
-    on 226 M parameters (10.5 with the earlier Cast, Mul, QuantizeLinear, Reshape chain); glibc keeps that
-    memory unless trimmed, which the hpedge runtime does. A bias Add right after a MatMul becomes the
+    Each weight's INT4 values and block scales become int8 values with one scale per output channel
+    (:func:`int8_weight`), stored as such: the MatMul is ``com.microsoft.DynamicQuantizeMatMul``, activations
+    quantized per tensor to uint8 on the fly, an int8 GEMM (VNNI / AMX kernels). The file holds 1 byte per
+    weight (twice INT4's), and ONNX Runtime opens it at about that size: the earlier layout kept INT4 in the file
+    behind a constant Cast + QuantizeLinear subgraph that ONNX Runtime folded at session start, holding an fp32
+    copy of every weight while it did (3.2x the transformer's fp16 bytes measured at 2.24 B parameters,
+    benchmarks/results/size-sd3.5-medium-2.24B.md). A bias Add right after a MatMul becomes the
     kernel's bias input, and MatMuls that read the same activations (a block's Q, K and V projections) share one
     ``DynamicQuantizeLinear`` and run as ``com.microsoft.MatMulIntegerToFloat``, as ONNX Runtime's own
     ``quantize_dynamic`` lays them out (on the pruned digits-flux step, 73 separate bias Adds and 83 activation
@@ -40,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from hpedge.export.onnx_io import drop_casts, save_onnx, value_types
+from hpedge.export.onnx_io import Spill, drop_casts, read_array, save_onnx, value_types
 from hpedge.export.quantize import floats_to_fp16
 
 KERNELS = ("int8", "nbits")
@@ -51,6 +48,20 @@ def _pack(w: np.ndarray, block: int) -> np.ndarray:
     k, n = w.shape
     u = (w.astype(np.int16) + 8).astype(np.uint8).T.reshape(n, k // block, block)
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def int8_weight(q: np.ndarray, scale: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """INT4 values ``q`` [K, N] (in [-8, 7]) with block scales ``scale`` [K/block, N] -> int8 values [K, N] with one
+    scale per output channel, S = (the channel's largest block scale) / 8: w8 = rint(q / (S / s_block)), as a
+    blocked ``QuantizeLinear`` of float(q) with step S / s_block computes it (float32, ties to even). |w8| <= 64."""
+    k, n = q.shape
+    s_chan = np.maximum(scale.max(axis=0) / np.float32(8.0), np.float32(1e-12)).astype(np.float32)
+    step = (s_chan / np.maximum(scale, np.float32(1e-30))).astype(np.float32)  # [K/block, N]
+    w8 = np.empty((k, n), np.int8)
+    for b in range(k // block):  # one block row at a time: no [K, N] float32 temporary
+        rows = slice(b * block, (b + 1) * block)
+        w8[rows] = np.clip(np.rint(q[rows].astype(np.float32) / step[b]), -64, 64).astype(np.int8)
+    return w8, s_chan
 
 
 def _int4_dq_nodes(model: Any) -> dict[str, tuple[Any, int]]:
@@ -71,13 +82,14 @@ def _int4_dq_nodes(model: Any) -> dict[str, tuple[Any, int]]:
     return found
 
 
-def to_fp32_compute(model: Any, light: Any | None = None) -> int:
+def to_fp32_compute(model: Any, light: Any | None = None, base_dir: str | Path = "") -> int:
     """Turn an fp16-compute graph into the same graph computing in fp32, in place; returns the tensors upcast.
 
     Every fp16 initializer and Constant (weights, DequantizeLinear scales) becomes fp32 with the same values,
     every ``Cast`` between float types disappears (fp32 -> fp32 Casts trip ONNX Runtime's graph optimizer);
     stale type annotations of intermediate values are dropped (ONNX Runtime infers them again). ``light`` is the
-    same graph without its weights, for type inference above 2 GB (default: ``model`` itself). The INT4 weights are untouched: the CPU variant keeps the very nibbles and
+    same graph without its weights, for type inference above 2 GB (default: ``model`` itself); tensors with external
+    data are read from ``base_dir``. The INT4 weights are untouched: the CPU variant keeps the very nibbles and
     scales of the TensorRT input, now computed in fp32.
     """
     from onnx import AttributeProto, TensorProto, numpy_helper
@@ -90,7 +102,7 @@ def to_fp32_compute(model: Any, light: Any | None = None) -> int:
     def up(t: Any) -> bool:
         if t.data_type != TensorProto.FLOAT16:
             return False
-        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+        t.CopyFrom(numpy_helper.from_array(read_array(t, base_dir).astype(np.float32), t.name))
         return True
 
     n = sum(up(t) for t in model.graph.initializer)
@@ -132,7 +144,6 @@ def _bias_adds(nodes: list[Any], outputs: set[str], matmuls: dict[int, int], ini
     return found
 
 
-# Over 80 lines on purpose: one streamed pass over the graph's nodes, rewriting each INT4 MatMul as it goes.
 def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_level: int = 4) -> int:
     """Write the CPU variant of ``int4_path`` with ``kernel``; returns the number of converted MatMuls.
 
@@ -142,12 +153,25 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
     ``accuracy_level`` applies to ``nbits`` only (4: int8 activations, 0: fp32 compute).
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     if kernel not in KERNELS:
         raise ValueError(f"unknown CPU INT4 kernel {kernel!r} (choose from {', '.join(KERNELS)})")
-    model = onnx.load(str(int4_path), load_external_data=True)
-    to_fp32_compute(model, onnx.load(str(int4_path), load_external_data=False))
+    src_dir = Path(int4_path).parent
+    model = onnx.load(str(int4_path), load_external_data=False)  # weights above 2 GB stay on disk until read
+    to_fp32_compute(model, base_dir=src_dir)
+    with Spill(src_dir, Path(out_path).parent.name + ".spill") as spill:  # new weights go to disk as they are made
+        converted = _rewrite(model, src_dir, spill, kernel, accuracy_level)
+        floats_to_fp16(model, keep_dq_scales=False, base_dir=src_dir)
+        spill.flush()
+        save_onnx(model, out_path, base_dir=src_dir)
+    return converted
+
+
+# Over 80 lines on purpose: one streamed pass over the graph's nodes, rewriting each INT4 MatMul as it goes.
+def _rewrite(model: Any, src_dir: Path, spill: Spill, kernel: str, accuracy_level: int) -> int:
+    """:func:`convert`'s pass over ``model``, in place; new weights are written to ``spill``."""
+    from onnx import helper, numpy_helper
+
     inits = {i.name: i for i in model.graph.initializer}
     dq_by_out = _int4_dq_nodes(model)
     consumers: dict[str, int] = {}
@@ -158,9 +182,6 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
     new_inits: list[Any] = []
     drop: set[str] = set()
     converted = 0
-    if kernel == "int8":
-        new_inits += [numpy_helper.from_array(np.array(1.0, np.float32), "hpedge_one"),
-                      numpy_helper.from_array(np.array(0, np.int8), "hpedge_zero8")]
     nodes = list(model.graph.node)
     convertible = {k: int(inits[dq_by_out[nd.input[1]][0].input[0]].dims[1]) for k, nd in enumerate(nodes)
                    if nd.op_type == "MatMul" and nd.input[1] in dq_by_out and consumers.get(nd.input[1]) == 1}
@@ -180,10 +201,10 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
         wname, sname = dq.input[0], dq.input[1]
         k, n = (int(d) for d in inits[wname].dims)
         if kernel == "nbits":
-            w = numpy_helper.to_array(inits[wname]).astype(np.int8)
-            scale = numpy_helper.to_array(inits[sname]).astype(np.float32)  # [K/block, N]
+            w = read_array(inits[wname], src_dir).astype(np.int8)
+            scale = read_array(inits[sname], src_dir).astype(np.float32)  # [K/block, N]
             bname, sname2 = wname + "_nbits", sname + "_nbits"
-            new_inits.append(numpy_helper.from_array(_pack(w, block), bname))
+            new_inits.append(spill.add(numpy_helper.from_array(_pack(w, block), bname)))
             new_inits.append(numpy_helper.from_array(np.ascontiguousarray(scale.T).reshape(-1), sname2))
             new_nodes.append(helper.make_node("MatMulNBits", [node.input[0], bname, sname2], list(node.output),
                                               name=node.name + "_nbits", domain="com.microsoft", K=k, N=n, bits=4,
@@ -191,24 +212,14 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
         else:
             # int8 weight = round(q * s_block / S_channel) with S_channel = (max over blocks of s) / 8, so
             # |q * s / S| <= 64 (7 bits, exact for the channel's largest-scale block): see the module's
-            # docstring for why not the full int8 range. Only the small ratio table is precomputed here; the
-            # nibbles stay the file's INT4 tensor (same bytes, viewed as [K/block, block, N]).
-            w4 = onnx.TensorProto()
-            w4.CopyFrom(inits[wname])
+            # docstring for why not the full int8 range. Computed here one weight at a time and stored: ONNX
+            # Runtime opens the file at about its size (no constant folding at session start).
             p = (node.name or wname) + "_w8"
-            w4.name = p + "_int4"
-            scale = numpy_helper.to_array(inits[sname]).astype(np.float32)  # [K/block, N]
-            s_chan = np.maximum(scale.max(axis=0) / 8.0, np.float32(1e-12)).astype(np.float32)
-            # QuantizeLinear divides by its scale: the block's scale in units of the channel's (S / s per block)
-            step = (s_chan / np.maximum(scale, np.float32(1e-30))).astype(np.float32)
-            new_inits += [w4, numpy_helper.from_array(step, p + "_step"), numpy_helper.from_array(s_chan, p + "_scale"),
-                          numpy_helper.from_array(np.zeros(step.shape, np.int8), p + "_zero_blocks"),
+            w8, s_chan = int8_weight(read_array(inits[wname], src_dir), read_array(inits[sname], src_dir).astype(np.float32),
+                                     block)
+            new_inits += [spill.add(numpy_helper.from_array(w8, p + "_int8")), numpy_helper.from_array(s_chan, p + "_scale"),
                           numpy_helper.from_array(np.zeros(n, np.int8), p + "_zero")]
-            new_nodes += [  # constant subgraph, folded once when the session is created
-                helper.make_node("Cast", [w4.name], [p + "_f"], to=TensorProto.FLOAT),
-                helper.make_node("QuantizeLinear", [p + "_f", p + "_step", p + "_zero_blocks"], [p + "_int8"],
-                                 axis=0, block_size=block),
-            ]
+            del w8
             a, bias = biases.get(j, (-1, ""))
             out = nodes[a].output[0] if a >= 0 else node.output[0]
             x = node.input[0]
@@ -238,7 +249,4 @@ def convert(int4_path: Path, out_path: Path, kernel: str = "int8", accuracy_leve
     model.graph.initializer.extend(keep)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    floats_to_fp16(model, keep_dq_scales=False)
-
-    save_onnx(model, out_path)
     return converted

@@ -1,6 +1,6 @@
 """ONNX files on disk: the one writer of external data, streamed reads of initializers, Cast clean-up, sizes.
 
-Weights above protobuf's 2 GB go to one external data file next to the graph (:func:`save_onnx`), copied
+Weights above 256 MB go to one external data file next to the graph (:func:`save_onnx`), copied
 range by range from the files they came from: no write loads a whole model's weights.
 """
 
@@ -12,7 +12,10 @@ from typing import Any
 
 from hpedge.errors import HpedgeError
 
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's 2 GB limit, less room for the graph
+PROTOBUF_LIMIT = 1_800_000_000  # protobuf's 2 GB limit, less room for the graph
+# Weights above this go to PATH.data, streamed: writing (and reading) them inline holds them two to three times
+# over (tensors, the serialized message, the file's bytes), 1.1 GB of anonymous memory for a 0.34 GB file
+EXTERNAL_DATA_THRESHOLD = 256_000_000
 
 
 def tensor_bytes(proto: Any) -> int:
@@ -74,8 +77,8 @@ def _external(t: Any) -> dict[str, str]:
 
 
 def save_onnx(proto: Any, path: Path, base_dir: Path | None = None, stream: bool = False) -> bool:
-    """Write ``proto`` to ``path``: weights in one ``PATH.data`` file next to it when the model would pass
-    protobuf's 2 GB limit (with room for the graph itself), inline otherwise. The one place hpedge writes
+    """Write ``proto`` to ``path``: weights in one ``PATH.data`` file next to it above
+    :data:`EXTERNAL_DATA_THRESHOLD` (256 MB; protobuf's own limit is 2 GB), inline otherwise. The one place hpedge writes
     ONNX files; returns whether external data was used.
 
     ``proto`` may refer to external data relative to ``base_dir`` (a model loaded with
@@ -132,6 +135,47 @@ def save_onnx(proto: Any, path: Path, base_dir: Path | None = None, stream: bool
     return True
 
 
+class Spill:
+    """New tensors written to disk as they are made, for a pass that builds a graph's weights one at a time:
+    :meth:`add` appends a tensor's bytes to the file ``folder/name`` and returns a header (the same tensor with
+    its data external), so that the graph in memory holds no weights; :func:`save_onnx` with ``base_dir=folder``
+    then streams them into the final file (put the spill file beside the external data a graph already refers
+    to: one ``base_dir`` serves both). Use as a context manager (the file is removed on exit)."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.path = self.folder / name
+        self._f = open(self.path, "wb")  # noqa: SIM115 - closed by __exit__
+
+    def add(self, proto: Any) -> Any:
+        """``proto`` (a TensorProto with its data inline) -> a header whose data is in the spill file."""
+        import onnx
+
+        raw = _raw_bytes(proto)
+        pos = _align(self._f)
+        self._f.write(raw)
+        for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            proto.ClearField(f)
+        del proto.external_data[:]
+        for k, v in (("location", self.name), ("offset", str(pos)), ("length", str(len(raw)))):
+            e = proto.external_data.add()
+            e.key, e.value = k, v
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        return proto
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def __enter__(self) -> Spill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
 def read_array(tensor: Any, base_dir: str | Path = "") -> Any:
     """The values of one initializer as a numpy array, its external data read from ``base_dir``. Unlike
     ``onnx.numpy_helper.to_array`` this leaves ``tensor`` as it was (to_array stores the bytes it reads in the
@@ -171,7 +215,8 @@ def _raw_bytes(t: Any) -> bytes:
 
     if t.HasField("raw_data"):
         return bytes(t.raw_data)
-    return bytes(numpy_helper.to_array(t).tobytes())
+    # through from_array, which packs 4-bit types two to a byte as ONNX stores them (tobytes() would not)
+    return bytes(numpy_helper.from_array(numpy_helper.to_array(t)).raw_data)
 
 
 def drop_noop_casts(proto: Any, light: Any) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 
 from hpedge.backends.ort import calibration_providers
 from hpedge.errors import HpedgeError
-from hpedge.export.onnx_io import read_array, rewrite_onnx, save_onnx
+from hpedge.export.onnx_io import Spill, read_array, rewrite_onnx, save_onnx
 
 METHODS = {"awq_clip": "awq_clip", "rtn": "rtn_dq"}  # hpedge name -> ModelOpt's (rtn: the formula hpedge streams)
 CLIP_MIN = 1e-5  # ModelOpt's smallest block scale
@@ -226,7 +226,8 @@ def _relative_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, block_size:
 def quantize_int4_rtn(onnx_path: Path, out_path: Path, block_size: int = 128, protect: list[str] | None = None) -> QuantReport:
     """INT4 RTN of ``onnx_path`` (fp32 or fp16, any size), streamed: the graph is read without its weights, each
     quantizable weight is read, quantized and dropped in turn, every other tensor is copied from the source's
-    external data by :func:`save_onnx`. Holds the graph plus 0.5 bytes per quantized parameter."""
+    external data by :func:`save_onnx`; the INT4 weights are written to disk as they are made (:class:`Spill`).
+    Holds the graph and one weight at a time."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -253,36 +254,38 @@ def quantize_int4_rtn(onnx_path: Path, out_path: Path, block_size: int = 128, pr
         for i in node.input:
             readers[i] = readers.get(i, 0) + 1
     nodes, new, errors = [], [], {}
-    for node in model.graph.node:
-        if node.name not in todo:
+    with Spill(src_dir, Path(out_path).parent.name + ".spill") as spill:  # INT4 weights go to disk as they are made
+        for node in model.graph.node:
+            if node.name not in todo:
+                nodes.append(node)
+                continue
+            wname = node.input[1]
+            init = inits[wname]
+            if init.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+                raise HpedgeError(f"{onnx_path}: weight {wname!r} of {node.name} is not float (type {init.data_type})")
+            base = wname if readers[wname] == 1 else f"{wname}_{node.name}"  # a shared weight: one copy per reader
+            w = read(wname)
+            q, scale = rtn_int4(w, block_size)
+            errors[wname] = _relative_error(w, q, scale, block_size)
+            new.append(spill.add(helper.make_tensor(base + "_i4", TensorProto.INT4, list(q.shape), _int4_bytes(q), raw=True)))
+            new.append(numpy_helper.from_array(scale.astype(w.dtype), base + "_scale"))
+            nodes.append(helper.make_node("DequantizeLinear", [base + "_i4", base + "_scale"], [base + "_DequantizeLinear_Output"],
+                                          name=base + "_DequantizeLinear", axis=0, block_size=block_size))
+            node.input[1] = base + "_DequantizeLinear_Output"
             nodes.append(node)
-            continue
-        wname = node.input[1]
-        init = inits[wname]
-        if init.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
-            raise HpedgeError(f"{onnx_path}: weight {wname!r} of {node.name} is not float (type {init.data_type})")
-        base = wname if readers[wname] == 1 else f"{wname}_{node.name}"  # a shared weight: one copy per reader
-        w = read(wname)
-        q, scale = rtn_int4(w, block_size)
-        errors[wname] = _relative_error(w, q, scale, block_size)
-        new.append(helper.make_tensor(base + "_i4", TensorProto.INT4, list(q.shape), _int4_bytes(q), raw=True))
-        new.append(numpy_helper.from_array(scale.astype(w.dtype), base + "_scale"))
-        nodes.append(helper.make_node("DequantizeLinear", [base + "_i4", base + "_scale"], [base + "_DequantizeLinear_Output"],
-                                      name=base + "_DequantizeLinear", axis=0, block_size=block_size))
-        node.input[1] = base + "_DequantizeLinear_Output"
-        nodes.append(node)
-        del w, q
-    for i, init in enumerate(model.graph.initializer):  # converted Gemms left unquantized (excluded) get their data
-        if init.name in lazy:
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(read(init.name), init.name))
-    model.graph.initializer.extend(new)
-    _replace_nodes(model, nodes)
-    for op in model.opset_import:  # blocked DequantizeLinear is opset 21 (20 -> 21 only adds 4-bit types)
-        if op.domain in ("", "ai.onnx") and op.version < 21:
-            op.version = 21
-    model.ir_version = max(model.ir_version, 10)
-    del model.graph.value_info[:]
-    save_onnx(model, Path(out_path), base_dir=src_dir)
+            del w, q
+        for i, init in enumerate(model.graph.initializer):  # converted Gemms left unquantized (excluded) get their data
+            if init.name in lazy:
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(read(init.name), init.name))
+        model.graph.initializer.extend(new)
+        _replace_nodes(model, nodes)
+        for op in model.opset_import:  # blocked DequantizeLinear is opset 21 (20 -> 21 only adds 4-bit types)
+            if op.domain in ("", "ai.onnx") and op.version < 21:
+                op.version = 21
+        model.ir_version = max(model.ir_version, 10)
+        del model.graph.value_info[:]
+        spill.flush()
+        save_onnx(model, Path(out_path), base_dir=src_dir)
     report = QuantReport(method="rtn", block_size=block_size, quantized=quantizable, excluded=excluded,
                          seconds=round(time.time() - t0, 1), implementation="hpedge (streamed; ModelOpt's rtn_dq formula)")
     report.layer_error = errors
@@ -361,14 +364,14 @@ def store_floats_fp16(path: Path, keep_dq_scales: bool = True, min_elements: int
     """:func:`floats_to_fp16` on an ONNX file, in place; returns the number of tensors stored as fp16."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=True)
-    n = floats_to_fp16(model, keep_dq_scales, min_elements)
-
-    save_onnx(model, Path(path))
+    model = onnx.load(str(path), load_external_data=False)  # weights above 2 GB are read one at a time
+    n = floats_to_fp16(model, keep_dq_scales, min_elements, base_dir=Path(path).parent)
+    if n:  # nothing to change: the file stays as it is
+        save_onnx(model, Path(path), base_dir=Path(path).parent)
     return n
 
 
-def floats_to_fp16(model: Any, keep_dq_scales: bool = True, min_elements: int = 256) -> int:
+def floats_to_fp16(model: Any, keep_dq_scales: bool = True, min_elements: int = 256, base_dir: str | Path = "") -> int:
     """Store the float32 weights that stay unquantized (position tables, norms, biases, and unless
     ``keep_dq_scales`` the DequantizeLinear scales) as fp16 followed by a ``Cast`` to fp32.
 
@@ -387,7 +390,7 @@ def floats_to_fp16(model: Any, keep_dq_scales: bool = True, min_elements: int = 
         if (init.data_type != TensorProto.FLOAT or int(np.prod(init.dims or [1])) < min_elements
                 or init.name in skip or init.name in graph_inputs):
             continue
-        arr = numpy_helper.to_array(init)
+        arr = read_array(init, base_dir)
         if not np.all(np.isfinite(arr)) or float(np.abs(arr).max()) >= 65504.0:
             continue
         name = init.name

@@ -47,10 +47,11 @@ def test_cpu_variant_matches_the_int4_graph(tmp_path: Path, kernel: str) -> None
     ops = {n.op_type for n in model.graph.node}
     assert ("DynamicQuantizeMatMul" if kernel == "int8" else "MatMulNBits") in ops
     assert "DequantizeLinear" not in ops
-    # the file keeps 4-bit weights: nothing of K*N elements is stored wider than 4 bits
+    # nbits keeps 4-bit weights; int8 stores one byte per weight (ONNX Runtime opens it at its size)
+    bits = {"int8": 8, "nbits": 4}[kernel]
     for init in model.graph.initializer:
-        if int(np.prod(init.dims)) >= K * N:
-            assert init.data_type in (TensorProto.INT4, TensorProto.UINT8) and len(init.raw_data or b"") <= K * N // 2 + 8
+        if int(np.prod(init.dims)) >= K * N // 2:
+            assert init.data_type in (TensorProto.INT8, TensorProto.UINT8) and len(init.raw_data or b"") <= K * N * bits // 8 + 8
     x = rng.standard_normal((2, 5, K)).astype(np.float32)
     ref, got = _run(src, x), _run(dst, x)
     cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
@@ -62,18 +63,43 @@ def test_cpu_variant_matches_the_int4_graph(tmp_path: Path, kernel: str) -> None
         assert not np.allclose(got, ref, rtol=1e-6, atol=1e-6)  # it really is the quantized kernel
 
 
-def test_int8_weights_are_folded_once_at_session_start(tmp_path: Path) -> None:
-    """The Cast + blocked QuantizeLinear subgraph is constant: ONNX Runtime folds it, leaving only the int8 GEMM."""
+def test_int8_weights_are_stored_so_nothing_is_folded_at_session_start(tmp_path: Path) -> None:
+    """The int8 weights are in the file: ONNX Runtime's optimized graph is the one int8 GEMM, and the weights are
+    those a blocked QuantizeLinear of the INT4 values computes (the earlier, folded layout), bit for bit."""
     import onnx
     import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hpedge.export.cpu_int4 import int8_weight
 
     src, dst, opt = tmp_path / "int4.onnx", tmp_path / "int8.onnx", tmp_path / "optimized.onnx"
     _dq_matmul_model(src, np.random.default_rng(1))
     convert(src, dst, "int8")
+    assert not [n for n in onnx.load(str(dst)).graph.node if n.op_type in ("Cast", "QuantizeLinear")]
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(opt)
     ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
     assert [n.op_type for n in onnx.load(str(opt)).graph.node] == ["DynamicQuantizeMatMul"]
+
+    rng = np.random.default_rng(4)
+    q = rng.integers(-8, 8, size=(K, N)).astype(np.int8)
+    scale = (rng.random((K // BLOCK, N)) * 0.05 + 0.01).astype(np.float32)
+    w8, s_chan = int8_weight(q, scale, BLOCK)
+    step = s_chan / scale
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["q", "step", "zero"], ["w8"], axis=0, block_size=BLOCK)], "g",
+        [helper.make_tensor_value_info("q", TensorProto.FLOAT, [K, N])], [helper.make_tensor_value_info("w8", TensorProto.INT8, [K, N])],
+        [numpy_helper.from_array(step.astype(np.float32), "step"), numpy_helper.from_array(np.zeros(step.shape, np.int8), "zero")])
+    ql = tmp_path / "ql.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(ql))
+    ref = ort.InferenceSession(str(ql), providers=["CPUExecutionProvider"]).run(None, {"q": q.astype(np.float32)})[0]
+    np.testing.assert_array_equal(w8, ref)
+    assert int(np.abs(w8).max()) <= 64
+    # the channel's largest-scale block maps exactly: w8 = 8 q there
+    top = scale.argmax(axis=0)
+    for c in range(N):
+        rows = slice(top[c] * BLOCK, (top[c] + 1) * BLOCK)
+        np.testing.assert_array_equal(w8[rows, c], 8 * q[rows, c].astype(np.int16))
 
 
 def test_unknown_kernel_is_refused(tmp_path: Path) -> None:
@@ -187,3 +213,35 @@ def test_int8_fuses_biases_and_quantizes_shared_activations_once(tmp_path: Path)
     ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)
     for r, g in zip(ref, sess.run(None, feeds)):
         assert float((r * g).sum() / np.linalg.norm(r) / np.linalg.norm(g)) > 0.9999
+
+
+@pytest.mark.parametrize("kernel", ["int8", "nbits"])
+def test_the_streamed_conversion_writes_what_the_inline_one_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 kernel: str) -> None:
+    """Above the external-data threshold (patched small) the INT4 file is read one weight at a time and the new
+    weights are spilled to disk as they are made: same graph, same product, no spill file left behind."""
+    from hpedge.export import onnx_io
+    from hpedge.export.quantize import store_floats_fp16
+
+    rng = np.random.default_rng(5)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _qkv_model(tmp_path / "a" / "int4.onnx", rng)
+    convert(tmp_path / "a" / "int4.onnx", tmp_path / "a" / "cpu" / "model.onnx", kernel)
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    import onnx
+
+    # the source itself with external data, as a large INT4 file has it
+    onnx_io.save_onnx(onnx.load(str(tmp_path / "a" / "int4.onnx")), tmp_path / "b" / "int4.onnx")
+    assert (tmp_path / "b" / "int4.onnx.data").exists()
+    assert store_floats_fp16(tmp_path / "b" / "int4.onnx") == 0  # nothing to store: the file is left as it is
+    convert(tmp_path / "b" / "int4.onnx", tmp_path / "b" / "cpu" / "model.onnx", kernel)
+    assert (tmp_path / "b" / "cpu" / "model.onnx.data").exists()
+    assert not list(tmp_path.rglob("*.spill"))
+    feeds = {n: rng.standard_normal((2, 5, K)).astype(np.float32) for n in "xh"}
+    import onnxruntime as ort
+
+    inline, streamed = (ort.InferenceSession(str(tmp_path / d / "cpu" / "model.onnx"), providers=["CPUExecutionProvider"])
+                        for d in "ab")
+    for x, y in zip(inline.run(None, feeds), streamed.run(None, feeds)):
+        np.testing.assert_array_equal(x, y)

@@ -53,17 +53,25 @@ def test_package_contents(sd3_package) -> None:
     assert m["int4"]["compute"] == "fp16" and q["compute"] == "fp16" and m["int4"]["cpu_source"] == "int4"
 
 
-def test_int4_cpu_shares_the_4bit_weights_of_the_tensorrt_input(sd3_package) -> None:
-    """One quantization: int4_cpu is derived from the fp16 int4 graph, nibble for nibble."""
+def test_int4_cpu_is_made_from_the_4bit_weights_of_the_tensorrt_input(sd3_package) -> None:
+    """One quantization: int4_cpu's int8 weights are the fp16 int4 graph's nibbles and scales, converted."""
+    import numpy as np
     import onnx
-    from onnx import TensorProto
+    from onnx import TensorProto, helper, numpy_helper
 
-    def nibbles(variant: str) -> list[bytes]:
-        model = onnx.load(str(sd3_package / "transformer" / variant / "model.onnx"))
-        return sorted(bytes(i.raw_data) for i in model.graph.initializer if i.data_type == TensorProto.INT4)
+    from hpedge.export.cpu_int4 import int8_weight
 
-    gpu, cpu = nibbles("int4"), nibbles("int4_cpu")
-    assert gpu and gpu == cpu
+    gpu = onnx.load(str(sd3_package / "transformer" / "int4" / "model.onnx"))
+    inits = {i.name: i for i in gpu.graph.initializer}
+    want = []
+    for n in gpu.graph.node:
+        if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None and inits[n.input[0]].data_type == TensorProto.INT4:
+            block = next(helper.get_attribute_value(a) for a in n.attribute if a.name == "block_size")
+            scale = numpy_helper.to_array(inits[n.input[1]]).astype(np.float16).astype(np.float32)
+            want.append(int8_weight(numpy_helper.to_array(inits[n.input[0]]), scale, block)[0].tobytes())
+    cpu = onnx.load(str(sd3_package / "transformer" / "int4_cpu" / "model.onnx"))
+    got = [numpy_helper.to_array(i).tobytes() for i in cpu.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) == 2]
+    assert want and sorted(want) == sorted(got)
 
 
 def test_tensorrt_input_computes_in_fp16_with_float32_io(sd3_package) -> None:

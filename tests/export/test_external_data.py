@@ -85,7 +85,7 @@ def test_a_transformer_above_the_limit_exports_with_the_dynamo_exporter_into_one
 
     pipe = tiny_pipeline("sd3.5-medium")
     assert ox.auto_exporter(pipe.transformer) == "legacy"
-    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 100_000)
+    monkeypatch.setattr(ox, "PROTOBUF_LIMIT", 100_000)
     monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 100_000)
     assert ox.auto_exporter(pipe.transformer) == "dynamo"
     spec = ox.transformer_spec(pipe, (128, 128, 128), (1, 1, 2), 512)  # one resolution: a range torch.export refuses
