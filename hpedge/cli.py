@@ -234,7 +234,7 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
     needs = {m: export_need(p.params_after, m) for m in MEASURED_PEAK}
     avail = available_bytes()
     console.print("host memory to export it (measured factors of the transformer's fp16 bytes): "
-                  + ", ".join(f"{m} {n.need / 1e9:.1f} GB ({n.factor}x)" for m, n in needs.items())
+                  + ", ".join(f"{m} {n.need / 1e9:.1f} GB ({n.rule})" for m, n in needs.items())
                   + (f"; this host has {avail / 1e9:.1f} GB available" if avail is not None else ""))
     out["export_host_memory"] = {m: n.to_dict() for m, n in needs.items()}
     if distill:

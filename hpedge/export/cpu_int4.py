@@ -52,8 +52,9 @@ def _pack(w: np.ndarray, block: int) -> np.ndarray:
 
 def int8_weight(q: np.ndarray, scale: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """INT4 values ``q`` [K, N] (in [-8, 7]) with block scales ``scale`` [K/block, N] -> int8 values [K, N] with one
-    scale per output channel, S = (the channel's largest block scale) / 8: w8 = rint(q / (S / s_block)), as a
-    blocked ``QuantizeLinear`` of float(q) with step S / s_block computes it (float32, ties to even). |w8| <= 64."""
+    scale per output channel, S = (the channel's largest block scale) / 8: w8 = rint(q / (S / s_block)) in float32,
+    within half a step of q * s_block / S (the earlier layout's blocked ``QuantizeLinear`` computed the same up to
+    a tie's rounding: +-1 in a few values). |w8| <= 64."""
     k, n = q.shape
     s_chan = np.maximum(scale.max(axis=0) / np.float32(8.0), np.float32(1e-12)).astype(np.float32)
     step = (s_chan / np.maximum(scale, np.float32(1e-30))).astype(np.float32)  # [K/block, N]

@@ -1,10 +1,12 @@
 """The host memory an export needs, from the size benchmark's measured peaks, and what this host has available.
 
 An export's peak resident memory grows with the transformer (measured with random weights at real width,
-benchmarks/results/size-*.md): with RTN 4.53x the transformer's fp16 bytes at 2.24 B parameters and 5.21x at
-0.67 B (the larger is used); with ModelOpt's AWQ (the default) 13.54x at 0.64 B, where its clip search holds
-calibration activations beside the weights. These are the measured whole-export peaks, CPU path, not a formula;
-a model whose text encoders are larger than its transformer (T5-XXL beside a small transformer) needs more.
+benchmarks/results/size-*.md). With RTN the whole export's peak RSS was 6.45 GB at 0.64 B parameters and 16.14 GB
+at 2.24 B (SD3.5 Medium's width; the fp16 ONNX export the peak, the fp32 checkpoint's memory-mapped pages
+included): the line through both, 3.04x the transformer's fp16 bytes + 2.56 GB, is what is needed (FLUX.1-dev's
+width at 0.67 B measured 4.79 GB, below it). With ModelOpt's AWQ (the default) 13.54x at 0.64 B, where its clip
+search holds calibration activations beside the weights. These are measured peaks, CPU path, not a formula of
+the code; a model whose text encoders are larger than its transformer (T5-XXL beside a small transformer) needs more.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from typing import Any
 
 from hpedge.errors import HpedgeError
 
-# peak RSS of a whole `hpedge export` / the transformer's fp16 bytes, and the result each was measured in
+# peak RSS of a whole `hpedge export` = factor x the transformer's fp16 bytes + constant bytes, and where measured
 MEASURED_PEAK = {
-    "rtn": (5.21, "size-flux.1-dev-width-0.67B.md (2026-12-03); 4.53x at 2.24 B, size-sd3.5-medium-2.24B.md"),
-    "awq_clip": (13.54, "size-sd3.5-medium-0.64B-awq-clip.md (2026-12-02)"),
+    "rtn": (3.04, 2_560_000_000, "size-sd3.5-medium-2.24B-rtn.md and size-sd3.5-medium-0.64B-rtn.md (2026-12-05)"),
+    "awq_clip": (13.54, 0, "size-sd3.5-medium-0.64B-awq-clip.md (2026-12-02)"),
 }
 PROCESS_BYTES = 1_000_000_000  # Python, torch and ONNX Runtime before any weight (measured: 0.57 GB at loading)
 
@@ -27,21 +29,27 @@ class HostNeed:
     method: str
     transformer_fp16_bytes: int
     factor: float
+    constant: int
     need: int
     source: str
 
+    @property
+    def rule(self) -> str:
+        """How the need is made, for messages: ``3.04x + 2.6 GB``."""
+        return f"{self.factor}x" + (f" + {self.constant / 1e9:.1f} GB" if self.constant else "")
+
     def to_dict(self) -> dict[str, object]:
         return {"method": self.method, "transformer_fp16_bytes": self.transformer_fp16_bytes, "factor": self.factor,
-                "need": self.need, "source": self.source}
+                "constant": self.constant, "need": self.need, "source": self.source}
 
 
 def export_need(transformer_params: int, method: str) -> HostNeed:
     """The host memory ``hpedge export --method METHOD`` needs for a transformer of ``transformer_params``."""
     if method not in MEASURED_PEAK:
         raise HpedgeError(f"--method must be one of {', '.join(MEASURED_PEAK)}, got {method!r}")
-    factor, source = MEASURED_PEAK[method]
+    factor, constant, source = MEASURED_PEAK[method]
     fp16 = 2 * transformer_params
-    return HostNeed(method, fp16, factor, int(max(PROCESS_BYTES, factor * fp16)), source)
+    return HostNeed(method, fp16, factor, constant, int(max(PROCESS_BYTES, factor * fp16 + constant)), source)
 
 
 def available_bytes() -> int | None:
@@ -64,7 +72,7 @@ def check_host(transformer_params: int, method: str, ignore: bool = False) -> di
     short = avail is not None and need.need > avail
     if short and not ignore:
         other = "" if method == "rtn" else f"; --method rtn needs about {export_need(transformer_params, 'rtn').need / 1e9:.1f} GB"
-        raise HpedgeError(f"this export needs about {need.need / 1e9:.1f} GB of host memory ({method}: {need.factor}x the "
+        raise HpedgeError(f"this export needs about {need.need / 1e9:.1f} GB of host memory ({method}: {need.rule} for the "
                           f"transformer's {need.transformer_fp16_bytes / 1e9:.2f} GB of fp16 weights, measured by the size "
                           f"benchmark) and this host has {avail / 1e9:.1f} GB available{other}; "  # type: ignore[operator]
                           "pass --ignore-host-memory to go ahead")

@@ -64,11 +64,11 @@ def test_cpu_variant_matches_the_int4_graph(tmp_path: Path, kernel: str) -> None
 
 
 def test_int8_weights_are_stored_so_nothing_is_folded_at_session_start(tmp_path: Path) -> None:
-    """The int8 weights are in the file: ONNX Runtime's optimized graph is the one int8 GEMM, and the weights are
-    those a blocked QuantizeLinear of the INT4 values computes (the earlier, folded layout), bit for bit."""
+    """The int8 weights are in the file: ONNX Runtime's optimized graph is the one int8 GEMM. Each int8 value is
+    q * s_block / S rounded to the nearest (S = the channel's largest block scale / 8): within half a step, 7 bits,
+    and exact (8 q) in the channel's largest-scale block."""
     import onnx
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
 
     from hpedge.export.cpu_int4 import int8_weight
 
@@ -85,17 +85,9 @@ def test_int8_weights_are_stored_so_nothing_is_folded_at_session_start(tmp_path:
     q = rng.integers(-8, 8, size=(K, N)).astype(np.int8)
     scale = (rng.random((K // BLOCK, N)) * 0.05 + 0.01).astype(np.float32)
     w8, s_chan = int8_weight(q, scale, BLOCK)
-    step = s_chan / scale
-    graph = helper.make_graph(
-        [helper.make_node("QuantizeLinear", ["q", "step", "zero"], ["w8"], axis=0, block_size=BLOCK)], "g",
-        [helper.make_tensor_value_info("q", TensorProto.FLOAT, [K, N])], [helper.make_tensor_value_info("w8", TensorProto.INT8, [K, N])],
-        [numpy_helper.from_array(step.astype(np.float32), "step"), numpy_helper.from_array(np.zeros(step.shape, np.int8), "zero")])
-    ql = tmp_path / "ql.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(ql))
-    ref = ort.InferenceSession(str(ql), providers=["CPUExecutionProvider"]).run(None, {"q": q.astype(np.float32)})[0]
-    np.testing.assert_array_equal(w8, ref)
+    exact = q.astype(np.float64) * np.repeat(scale, BLOCK, axis=0) / s_chan.astype(np.float64)
+    assert float(np.abs(w8 - exact).max()) <= 0.5 + 1e-5
     assert int(np.abs(w8).max()) <= 64
-    # the channel's largest-scale block maps exactly: w8 = 8 q there
     top = scale.argmax(axis=0)
     for c in range(N):
         rows = slice(top[c] * BLOCK, (top[c] + 1) * BLOCK)
