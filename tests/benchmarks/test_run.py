@@ -284,6 +284,18 @@ def test_shipped_twice_names_files_with_the_same_content(bench, tmp_path) -> Non
     assert size.shipped_twice(tmp_path) == ["a/model.onnx.data, b/model.onnx.data"]
 
 
+def test_quant_method_reads_each_int4_check_of_a_parity_report(bench, tmp_path) -> None:
+    import sys
+
+    qm = sys.modules["quant_method"]
+    checks = [{"name": "transformer fp32: ONNX Runtime vs PyTorch", "metrics": {"max_abs": 0.0}},
+              {"name": "transformer int4 (DequantizeLinear, fp16 compute) vs PyTorch", "metrics": {"min_cosine": 0.99}},
+              {"name": "transformer int4_cpu (int8) vs PyTorch", "metrics": {"min_cosine": 0.98}},
+              {"name": "end-to-end images: package (int4_cpu) vs stock diffusers", "metrics": {"min_psnr_db": 30.0}}]
+    (tmp_path / "parity.json").write_text(json.dumps({"passed": True, "checks": checks}))
+    assert qm._checks(tmp_path) == {"int4": {"min_cosine": 0.99}, "int4_cpu": {"min_cosine": 0.98}, "e2e": {"min_psnr_db": 30.0}}
+
+
 def test_real_width_fixture_keeps_the_architectures_width() -> None:
     from hpedge.models.architectures import architecture
     from hpedge.testing import real_width_transformer_config
