@@ -122,14 +122,8 @@ def save_onnx(proto: Any, path: Path, base_dir: Path | None = None, stream: bool
                     continue
                 pos = _align(out)
                 out.write(raw)
-                for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                    t.ClearField(f)
                 length = len(raw)
-            del t.external_data[:]
-            for k, v in (("location", data.name), ("offset", str(pos)), ("length", str(length))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
-            t.data_location = onnx.TensorProto.EXTERNAL
+            _point_to(t, data.name, pos, length)
     partial.replace(data)
     onnx.save_model(proto, str(path))
     return True
@@ -151,18 +145,10 @@ class Spill:
 
     def add(self, proto: Any) -> Any:
         """``proto`` (a TensorProto with its data inline) -> a header whose data is in the spill file."""
-        import onnx
-
         raw = _raw_bytes(proto)
         pos = _align(self._f)
         self._f.write(raw)
-        for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-            proto.ClearField(f)
-        del proto.external_data[:]
-        for k, v in (("location", self.name), ("offset", str(pos)), ("length", str(len(raw)))):
-            e = proto.external_data.add()
-            e.key, e.value = k, v
-        proto.data_location = onnx.TensorProto.EXTERNAL
+        _point_to(proto, self.name, pos, len(raw))
         return proto
 
     def flush(self) -> None:
@@ -208,6 +194,19 @@ def _align(f: Any, to: int = 4096) -> int:
     if pad:
         f.write(b"\0" * pad)
     return int(f.tell())
+
+
+def _point_to(t: Any, location: str, offset: int, length: int) -> None:
+    """Make ``t`` a header whose data are ``length`` bytes at ``offset`` of the file ``location``."""
+    import onnx
+
+    for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        t.ClearField(f)
+    del t.external_data[:]
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    t.data_location = onnx.TensorProto.EXTERNAL
 
 
 def _raw_bytes(t: Any) -> bytes:
