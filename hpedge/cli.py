@@ -324,7 +324,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
            engine: Annotated[str, typer.Option(help="TensorRT engines: auto (build where possible) | require (fail if they cannot be built here) | skip")] = "auto",
            method: Annotated[str, typer.Option(help="INT4 method: awq_clip | rtn")] = "awq_clip",
            exporter: Annotated[str, typer.Option(help="ONNX exporter: auto | legacy | dynamo")] = "auto",
-           cpu_kernel: Annotated[str, typer.Option(help="CPU variant of the INT4 transformer: int8 (int8 GEMM after load) | nbits (MatMulNBits)")] = "int8",
+           cpu_kernel: Annotated[str, typer.Option(help="CPU variant of the INT4 transformer: int8 (stored int8 weights, int8 GEMM) | nbits (MatMulNBits)")] = "int8",
            compute: Annotated[str, typer.Option(help="precision the TensorRT-input INT4 graph computes in: fp16 | fp32 (the CPU variant is fp32)")] = "fp16",
            fp32_reference: Annotated[bool, typer.Option(help="also ship fp32 graphs of every component (the transformer alone is larger than the original's bf16 weights; the exact reference for debugging, `--variant fp32`)")] = False,
            calibration_prompts: Annotated[int, typer.Option(help="prompts for calibration (and as many held out for parity)")] = 8,
