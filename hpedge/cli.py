@@ -345,7 +345,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
     with progress("export") as cb:
         m = packaging.export(model, output, opts, progress=lambda what: cb(what, 0, 1))
     b, fp32_bytes = m["components"]["transformer"]["bytes"], m["components"]["transformer"]["fp32_bytes"]
-    console.print(f"transformer: fp32 export {fp32_bytes / 1e6:.1f} MB{'' if 'fp32' in b else ' (not shipped)'}, "
+    console.print(f"transformer: fp32 weights {fp32_bytes / 1e6:.1f} MB{'' if 'fp32' in b else ' (not shipped)'}, "
                   f"int4 ({m['int4']['compute']} compute) {b['int4'] / 1e6:.1f} MB ({b['int4'] / fp32_bytes:.2f}x), "
                   f"int4_cpu {b['int4_cpu'] / 1e6:.1f} MB; "
                   f"{len(m['int4']['excluded'])} layers not quantized")

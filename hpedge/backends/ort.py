@@ -24,7 +24,9 @@ def session(path: str | Path, device: str = "auto", threads: int | None = None, 
     copied into the process, for the few runs of a parity check (measured on a 1.08 GB fp32 transformer: 1.25
     -> 0.18 GB anonymous memory, a run 20 % slower); and no memory arena, so that what a run allocates is given
     back when it ends (the INT4 DequantizeLinear graph at 0.64 B parameters: 1.44 GB held after a run with the
-    arena, 0.19 GB without; its peak, every weight dequantized at once, stays 1.3 GB)."""
+    arena, 0.19 GB without); and no constant folding, so that a weight stored narrow (INT4 behind
+    DequantizeLinear, fp16 behind a Cast to float32: :mod:`hpedge.export.widen`) is widened when a run needs it,
+    one at a time, instead of every weight at once when the session starts (and no layout optimizations)."""
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -41,8 +43,11 @@ def session(path: str | Path, device: str = "auto", threads: int | None = None, 
     if low_memory:
         opts.add_session_config_entry("session.disable_prepacking", "1")
         opts.enable_cpu_mem_arena = False
+        # without constant folding, ORT 1.24's layout optimizations (level ALL) abort the process on some graphs
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     try:
-        sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers,
+                                    disabled_optimizers=["ConstantFolding"] if low_memory else None)
     except Exception as e:
         raise HpedgeError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
     return_freed_memory()

@@ -1,11 +1,15 @@
 """``hpedge export``: pipeline folder -> verified package for a device profile, as a sequence of named stages.
 
 1. :func:`_capture` -- calibration inputs from real denoising runs of the pipeline (never random data) and every
-   PyTorch reference (transformer on held-out and fresh inputs, text encoders, VAE, end-to-end images); the
-   PyTorch transformer leaves memory right after its ONNX export, so no ONNX Runtime session or ModelOpt pass
-   ever runs beside it;
-2. :func:`_export_graphs` -- the transformer as ONNX fp32 (checked against PyTorch on fresh inputs before
-   anything else runs) and, with ``--compute fp16``, fp16; the text encoding and the VAE decoder;
+   PyTorch reference (transformer on held-out inputs, text encoders, VAE, end-to-end images). The transformer is
+   held as its checkpoint stores it (bfloat16 for the published models) and computed in float32
+   (:func:`hpedge.models.precision.fp32_compute`): the exact numbers of a float32 model, at 2 bytes per parameter;
+2. :func:`_export_graphs` -- the transformer cast in place to fp16 and exported once; the export is checked
+   element-wise in float32 against PyTorch on fresh inputs before anything else runs, through the fp16 graph
+   widened to float32 (:mod:`hpedge.export.widen`, the same weights on disk) against the fp16 weights computed in
+   float32. The PyTorch transformer leaves memory right after, so no ONNX Runtime session or quantizer ever runs
+   beside it. With ``--compute fp32`` or ``--fp32-reference`` a float32 graph is exported (and checked) first,
+   which holds the weights in float32. Then the text encoding and the VAE decoder;
 3. :func:`_quantize` -- INT4 (ModelOpt AWQ, or hpedge's streamed RTN) of the graph TensorRT builds from: its
    engine is strongly typed, so the graph's types (``--compute``) decide the kernels; ``int4_cpu`` (ONNX
    Runtime's CPU provider) is made from the very same 4-bit weights and scales (:mod:`hpedge.export.cpu_int4`);
@@ -38,12 +42,14 @@ from hpedge.export.encoders import export_text_encoder, export_vae_decoder, text
 from hpedge.export.onnx_io import size_of
 from hpedge.export.quantize import QuantReport, quantize_int4, quantize_int8_weights, store_floats_fp16
 from hpedge.export.verify import Check, ParityReport
+from hpedge.export.widen import fp32_view
 from hpedge.io import atomic_dir, check_parent
 from hpedge.models import adapters
 from hpedge.models.denoise import family_of
 from hpedge.models.families import family as family_facts
 from hpedge.models.loading import ModelRef, compute_device, drop_t5, load_pipeline, resolve
 from hpedge.models.meta import meta_transformer
+from hpedge.models.precision import fp32_compute
 from hpedge.models.sampling import Defaults, check_pipeline, sample, with_overrides, zoo_marker
 from hpedge.models.sampling import defaults as sampling_defaults
 from hpedge.prompts import calibration
@@ -103,7 +109,8 @@ class _Run:
     spec: Any = None  # the transformer's IOSpec
     prompts: list[str] = field(default_factory=list)
     refs: dict[str, Any] = field(default_factory=dict)  # PyTorch references and captured inputs
-    fp32: Path = Path()
+    fp32: Path = Path()  # the float32 graph the export is checked with (a view of the fp16 graph by default)
+    fp32_check: str = ""  # what that graph is
     exporter: str = ""
     fp32_bytes: int = 0
 
@@ -197,7 +204,9 @@ def _prepare(model: str, out: Path, opts: ExportOptions, say: Callable[[str], No
 def _load(run: _Run) -> None:
     """The pipeline, its family, the resolution range and the sampling settings of calibration and checks."""
     run.say("loading pipeline")
-    pipe = run.pipe = load_pipeline(run.ref)
+    # the transformer as its checkpoint stores it (bfloat16 for published SD3.5 and FLUX.1), computed in float32
+    pipe = run.pipe = load_pipeline(run.ref, transformer_as_stored=True)
+    run.refs["transformer_storage"] = str(next(pipe.transformer.parameters()).dtype).removeprefix("torch.")
     if run.opts.drop_t5:
         drop_t5(pipe)  # diffusers' own T5-less SD3 (zeros in T5's place)
     check_pipeline(pipe)
@@ -221,12 +230,18 @@ def _capture(run: _Run) -> None:
     run.prompts = prompts
     names = ox.input_names(pipe.transformer)
     pipe.to(compute_device())
+    with fp32_compute(pipe.transformer):
+        _capture_all(run, prompts, half, names)
+    pipe.to("cpu")
+
+
+def _capture_all(run: _Run, prompts: list[str], half: int, names: list[str]) -> None:
+    pipe, gen, r = run.pipe, run.gen, run.refs
     r["calib"] = capture_inputs(pipe, prompts[:half], gen, names, seed=1)
     r["held"] = capture_inputs(pipe, prompts[half:], gen, names, seed=2)
-    run.say("PyTorch references: transformer (held-out and fresh inputs), text encoders, VAE, end-to-end images")
+    run.say("PyTorch references: transformer (held-out inputs), text encoders, VAE, end-to-end images")
     r["fresh"] = verify.fresh_feeds(run.spec, run.family)
     r["out"] = verify.torch_outputs(pipe, r["held"])
-    r["fresh_out"] = verify.torch_outputs(pipe, list(r["fresh"].values()))
     r["text"] = verify.text_reference(pipe, prompts[half:], run.seq)
     r["vae"] = verify.vae_reference(pipe, run.res[1] // pipe.vae_scale_factor)
     r["e2e_prompts"] = prompts[half:][: run.opts.e2e_samples]
@@ -234,20 +249,36 @@ def _capture(run: _Run) -> None:
     channels = int(pipe.transformer.config.in_channels) // family_facts(run.family).latent_packing
     r["e2e_latents"] = initial_latents(len(r["e2e_prompts"]), E2E_SEED, channels, gen.height // vs, gen.width // vs)
     r["e2e_images"] = verify.stock_images(pipe, r["e2e_prompts"], gen, r["e2e_latents"])
-    pipe.to("cpu")
 
 
 def _export_graphs(run: _Run, tmp: Path, work: Path) -> tuple[dict[str, Any], QuantReport | None]:
     """The transformer (fp32, and fp16 for the INT4 graph), then the text encoders, VAE decoder and tokenizers."""
-    pipe, opts = run.pipe, run.opts
-    run.say("exporting transformer (fp32 ONNX)")
-    run.fp32 = (tmp / "transformer" if opts.fp32_reference else work) / "fp32" / "model.onnx"
-    run.exporter = ox.export_transformer(pipe.transformer, run.spec, run.fp32, opts.exporter)
-    run.fp32_bytes = size_of(run.fp32)
+    pipe, opts, r = run.pipe, run.opts, run.refs
+    run.fp32_bytes = 4 * sum(p.numel() for p in pipe.transformer.parameters())
+    run.exporter = ox.auto_exporter(pipe.transformer) if opts.exporter == "auto" else opts.exporter
+    fresh = list(r["fresh"].values())
+    if opts.compute == "fp32" or opts.fp32_reference:  # a float32 graph is shipped or quantized: float32 weights
+        run.say("exporting transformer (fp32 ONNX; the model is held in float32 for it)")
+        pipe.transformer.float()
+        r["check_out"], r["check_fresh_out"] = r["out"], verify.torch_outputs(pipe, fresh)
+        run.fp32 = (tmp / "transformer" if opts.fp32_reference else work) / "fp32" / "model.onnx"
+        ox.export_transformer(pipe.transformer, run.spec, run.fp32, run.exporter)
+        run.fp32_check = "fp32 graph"
     if opts.compute == "fp16":
+        pipe.transformer.half()  # in place: one 16-bit copy of the weights
+        if not opts.fp32_reference:
+            # the graph check runs the fp16 graph widened to float32 (hpedge.export.widen), so its reference is
+            # these fp16 weights computed in float32
+            run.say("PyTorch references of the fp16 weights computed in float32 (fresh min, opt and max-at-batch-1 "
+                    "inputs; held-out inputs)")
+            with fp32_compute(pipe.transformer):
+                r["check_fresh_out"] = verify.torch_outputs(pipe, fresh)
+                r["check_out"] = verify.torch_outputs(pipe, r["held"])
         run.say("exporting transformer (fp16 ONNX; the model is cast in place)")
-        pipe.transformer.half()
         ox.export_transformer(pipe.transformer, run.spec, work / "fp16" / "model.onnx", run.exporter, dtype="fp16")
+        if not opts.fp32_reference:
+            run.fp32 = fp32_view(work / "fp16" / "model.onnx")
+            run.fp32_check = "fp16 graph widened to float32 (same weights as the fp16 graph)"
     pipe.transformer = None  # no PyTorch transformer from here on
     verify.release_memory()
 
@@ -312,11 +343,13 @@ def _check_fp32(run: _Run, tmp: Path) -> Check:
     the held-out inputs' comparison joins the parity report."""
     run.say("checking the fp32 graph against PyTorch (fresh min, opt and max-at-batch-1 inputs; held-out inputs)")
     r = run.refs
-    r["fresh_err"], held = verify.check_fp32(run.fp32, r["fresh"], r["fresh_out"], r["held"], run.profile.parity)
-    if not run.opts.fp32_reference and run.opts.compute == "fp16":
+    r["fresh_err"], held = verify.check_fp32(run.fp32, r["fresh"], r["check_fresh_out"], r["held"], run.profile.parity)
+    if run.fp32.name == "fp32_view.onnx":
+        run.fp32.unlink()  # the fp16 graph's weights stay, for quantization
+    elif not run.opts.fp32_reference and run.opts.compute == "fp16":
         shutil.rmtree(run.fp32.parent)  # checked; on disk it would only take room (4 bytes per parameter)
     p = run.profile.parity
-    return verify.compare_fp32(r["out"], held, "out", p.fp32_atol, p.fp32_rtol)
+    return verify.compare_fp32(r["check_out"], held, "out", p.fp32_atol, p.fp32_rtol)
 
 
 def _quantize(run: _Run, tmp: Path, work: Path) -> tuple[QuantReport, int]:
@@ -374,6 +407,7 @@ def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any
             "text": text,
             "transformer": {"variants": variants, "io": run.spec.to_dict(), "exporter": run.exporter,
                             "fresh_input_max_abs_error": run.refs["fresh_err"], "fp32_bytes": run.fp32_bytes,
+                            "fp32_check": run.fp32_check, "storage": run.refs["transformer_storage"],
                             "bytes": {v: size_of(tmp / f) for v, f in variants.items()}, "reference": reference},
             "vae_decoder": {"file": "vae_decoder/model.onnx", "precision": opts.compute,
                             **({"fp32_file": "vae_decoder/fp32/model.onnx"} if opts.fp32_reference else {})},

@@ -21,6 +21,7 @@ import numpy as np
 from hpedge.errors import HpedgeError
 from hpedge.export.onnx_io import PROTOBUF_LIMIT, drop_noop_casts, save_onnx
 from hpedge.models.denoise import family_of
+from hpedge.models.precision import compute_dtype
 
 OPSET = 20
 
@@ -66,7 +67,7 @@ def _transformer_wrapper(transformer: Any) -> Any:
     import torch
 
     family = family_of(transformer)
-    dt = next(transformer.parameters()).dtype
+    dt = compute_dtype(transformer)  # float32 for a 16-bit transformer run through fp32_compute
 
     class SD3(torch.nn.Module):
         def __init__(self) -> None:
@@ -208,9 +209,10 @@ def _forget_rewritten_graph() -> None:
 
 def auto_exporter(transformer: Any) -> str:
     """SD3: the TorchScript exporter (fast) while the weights fit in one protobuf, dynamo above (TorchScript builds
-    the whole model as one message and fails to serialize it past 2 GB); FLUX: dynamo (TorchScript bakes its
+    the whole model as one message and fails to serialize it past 2 GB; judged on float32 bytes, so a model gets
+    the same exporter for each of its graphs); FLUX: dynamo (TorchScript bakes its
     rotary-embedding shapes into the graph)."""
-    weights = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    weights = 4 * sum(p.numel() for p in transformer.parameters())
     return "legacy" if family_of(transformer) == "sd3" and weights <= PROTOBUF_LIMIT else "dynamo"
 
 

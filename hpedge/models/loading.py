@@ -97,7 +97,9 @@ def _quiet_loaders() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_pipeline(ref: ModelRef | str, dtype: str = "float32") -> Any:
+def load_pipeline(ref: ModelRef | str, dtype: str = "float32", transformer_as_stored: bool = False) -> Any:
+    """The pipeline in ``dtype``; with ``transformer_as_stored`` its transformer keeps the dtype its checkpoint stores
+    (a bfloat16 checkpoint stays 2 bytes per parameter: run it through :func:`hpedge.models.precision.fp32_compute`)."""
     import torch
 
     _quiet_loaders()
@@ -111,12 +113,79 @@ def load_pipeline(ref: ModelRef | str, dtype: str = "float32") -> Any:
     else:
         from diffusers import FluxPipeline as cls
     try:
-        pipe = cls.from_pretrained(ref.path, dtype=getattr(torch, dtype), use_safetensors=True)
+        extra = {"transformer": read_transformer(ref)} if transformer_as_stored else {}
+        pipe = cls.from_pretrained(ref.path, dtype=getattr(torch, dtype), use_safetensors=True, **extra)
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HpedgeError(f"could not load pipeline {ref.path}: {first}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.exists():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / "diffusion_pytorch_model.safetensors"
+    if not single.exists():
+        raise HpedgeError(f"{folder} has no diffusion_pytorch_model.safetensors (nor its .index.json)")
+    return [single]
+
+
+def read_safetensors(files: list[Path]) -> dict[str, Any]:
+    """Every tensor of ``files``, read with plain file reads into memory the process owns, one tensor at a time
+    (no memory map stays behind: :func:`read_transformer` says why)."""
+    import ctypes
+    import struct
+
+    import torch
+
+    out: dict[str, Any] = {}
+    for f in files:
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+            base = 8 + n
+            for name, e in header.items():
+                if name == "__metadata__":
+                    continue
+                if e["dtype"] not in SAFETENSORS_DTYPES:
+                    raise HpedgeError(f"{f}: tensor {name} has dtype {e['dtype']}, which hpedge does not read")
+                t = torch.empty(e["shape"], dtype=getattr(torch, SAFETENSORS_DTYPES[e["dtype"]]))
+                a, b = e["data_offsets"]
+                if t.numel() * t.element_size() != b - a:
+                    raise HpedgeError(f"{f}: tensor {name} holds {b - a} bytes, its shape and dtype say otherwise")
+                fh.seek(base + a)
+                if b > a and fh.readinto((ctypes.c_char * (b - a)).from_address(t.data_ptr())) != b - a:
+                    raise HpedgeError(f"{f} is truncated (tensor {name})")
+                out[name] = t
+    return out
+
+
+def read_transformer(ref: ModelRef) -> Any:
+    """The transformer of pipeline folder ``ref`` in the dtype its checkpoint stores (bfloat16 for the published
+    SD3.5 and FLUX.1), read tensor by tensor into memory the process owns.
+
+    ``from_pretrained`` memory-maps the checkpoint: its pages count as the process's own (RSS) and are let go
+    only when no tensor of the file is left, so casting the model afterwards held both copies. Read here, casting
+    in place frees each old tensor as its successor is made. Buffers the checkpoint lacks keep their float32 values."""
+    from accelerate import init_empty_weights
+
+    assert ref.path is not None
+    cls = transformer_class(ref.family)
+    folder = ref.path / "transformer"
+    try:
+        with init_empty_weights():
+            model = cls.from_config(cls.load_config(folder))
+        state = read_safetensors(_weight_files(folder))
+        model.load_state_dict(state, strict=True, assign=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise HpedgeError(f"could not load the transformer of {ref.path}: {str(e).splitlines()[0][:200]}") from None
+    return model.eval()
 
 
 def load_transformer(ref: ModelRef | str) -> Any:

@@ -38,6 +38,8 @@ def test_package_contents(sd3_package) -> None:
     assert "rtxcache" in e["runtime_cache"]
     b = m["components"]["transformer"]["bytes"]
     assert set(b) == {"int4", "int4_cpu"}  # the fp32 export is not shipped unless asked for
+    t = m["components"]["transformer"]
+    assert t["storage"] == "float32" and t["fp32_check"].startswith("fp16 graph widened to float32")
     assert b["int4"] <= 0.3 * m["components"]["transformer"]["fp32_bytes"]
     assert len(m["int4"]["quantized"]) > 50
     assert all("multiple of the block size" in r or "pattern" in r for r in m["int4"]["excluded"].values())
@@ -101,10 +103,30 @@ def test_fp32_reference_is_shipped_on_request(random_sd3, tmp_path) -> None:
     m = export(str(random_sd3), out, ExportOptions(target="rtx4090", method="rtn", calibration_prompts=1, e2e_samples=1,
                                                   compute="fp32", fp32_reference=True, engine="skip"))
     assert set(m["components"]["transformer"]["variants"]) == {"fp32", "int4", "int4_cpu"}
-    assert m["components"]["transformer"]["bytes"]["fp32"] == m["components"]["transformer"]["fp32_bytes"]
+    t = m["components"]["transformer"]
+    assert t["bytes"]["fp32"] >= t["fp32_bytes"] > 0.95 * t["bytes"]["fp32"]  # 4 bytes a parameter, and the graph
+    assert t["fp32_check"] == "fp32 graph"
     assert m["int4"]["compute"] == "fp32" and not (out / ".work").exists()
     r = check(out)
     assert [c["name"].split()[0] for c in r["checks"][:3]] == ["fp32", "int4", "int4_cpu"] and r["passed"]
+
+
+def test_a_bfloat16_checkpoint_is_held_in_bfloat16_and_matches_its_float32_self(random_sd3, tmp_path) -> None:
+    """Published SD3.5 / FLUX.1 checkpoints store the transformer in bfloat16: the export keeps it so (2 bytes a
+    parameter) and computes in float32, which is what stock diffusers does with that checkpoint in float32."""
+    import shutil
+
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(random_sd3, folder)
+    t = SD3Transformer2DModel.from_pretrained(random_sd3, subfolder="transformer")
+    t.to(torch.bfloat16).save_pretrained(folder / "transformer")
+    m = export(str(folder), tmp_path / "pkg", ExportOptions(target="rtx4090", method="rtn", calibration_prompts=1,
+                                                            e2e_samples=1, engine="skip"))
+    assert m["components"]["transformer"]["storage"] == "bfloat16" and m["parity"]["passed"]
+    assert max(m["components"]["transformer"]["fresh_input_max_abs_error"].values()) < 1e-4
 
 
 def test_check_passes_then_detects_tampering(sd3_package, tmp_path) -> None:

@@ -1,6 +1,7 @@
 """Every pipeline folder hpedge commits or writes loads and runs with a plain stock ``from_pretrained(path)``."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,3 +32,26 @@ def test_zoo_pipelines_load_and_generate_with_a_plain_from_pretrained(name) -> N
         pytest.skip(f"zoo:{name} is not in this checkout")
     img = stock_call(ZOO_DIR / name)
     assert img.ndim == 4 and np.isfinite(img).all()
+
+
+@pytest.mark.parametrize("arch,shard", [("sd3.5-large", None), ("flux.1-dev", "200KB")])
+def test_read_transformer_is_from_pretrained_without_a_memory_map(tmp_path: Path, arch: str, shard: str | None) -> None:
+    """Read tensor by tensor (single file or shards with their index): the same tensors, dtypes and buffers as
+    diffusers' own loading of the stored dtype, and no tensor left on the meta device."""
+    import torch
+
+    from hpedge.models.architectures import transformer_class
+    from hpedge.models.loading import read_transformer, resolve
+    from hpedge.testing import tiny_pipeline
+
+    torch.manual_seed(0)
+    pipe = tiny_pipeline(arch, gain=1.0)
+    pipe.transformer.to(torch.bfloat16)
+    pipe.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists() == bool(shard)
+    ref = resolve(str(tmp_path))
+    got = read_transformer(ref)
+    stock = transformer_class(ref.family).from_pretrained(tmp_path, subfolder="transformer", dtype=torch.bfloat16)
+    a, b = got.state_dict(), stock.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in b)
+    assert not any(t.is_meta for t in [*got.parameters(), *got.buffers()])

@@ -1,0 +1,57 @@
+"""A 16-bit transformer computed in float32: the numbers of a float32 model, the stored tensors untouched."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from hpedge.export import onnx_export as ox
+from hpedge.models.precision import checkpoint_dtype, compute_dtype, fp32_compute
+
+
+@pytest.mark.parametrize("arch", ["sd3.5-large", "flux.1-dev"])
+def test_fp32_compute_of_bfloat16_weights_equals_the_float32_model(arch: str) -> None:
+    import torch
+
+    from hpedge.testing import tiny_pipeline
+
+    torch.manual_seed(0)
+    pipe = tiny_pipeline(arch, gain=1.0)
+    held = pipe.transformer.to(torch.bfloat16)
+    wide = copy.deepcopy(held).float()  # what stock diffusers computes from a bfloat16 checkpoint in float32
+    spec = ox.transformer_spec(pipe, (64, 64, 64), (1, 2, 2), 32)
+    args = [torch.from_numpy(v) for v in spec.sample("opt").values()]
+    before = {n: (p.data_ptr(), p.dtype) for n, p in held.named_parameters()}
+    with torch.no_grad():
+        expected = ox._transformer_wrapper(wide)(*args)
+        with fp32_compute(held):
+            assert compute_dtype(held) == torch.float32
+            got = ox._transformer_wrapper(held)(*args)
+        plain = ox._transformer_wrapper(held)(*args)  # outside: bfloat16 compute again
+    assert torch.equal(got, expected)
+    assert not torch.equal(plain, expected)
+    assert compute_dtype(held) == torch.bfloat16
+    assert {n: (p.data_ptr(), p.dtype) for n, p in held.named_parameters()} == before
+
+
+def test_fp32_compute_leaves_a_float32_model_alone() -> None:
+    import torch
+
+    lin = torch.nn.Linear(4, 4)
+    with fp32_compute(lin):
+        assert not lin._forward_pre_hooks
+        y = lin(torch.ones(1, 4))
+    assert y.dtype == torch.float32
+
+
+def test_checkpoint_dtype_reads_the_headers(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(100, dtype=torch.bfloat16), "b": torch.zeros(10), "i": torch.zeros(999, dtype=torch.int64)},
+              str(tmp_path / "m.safetensors"))
+    assert checkpoint_dtype(tmp_path) == "bfloat16"
+    save_file({"c": torch.zeros(1000)}, str(tmp_path / "n.safetensors"))
+    assert checkpoint_dtype(tmp_path) == "float32"
