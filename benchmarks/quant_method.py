@@ -1,5 +1,5 @@
-"""``python benchmarks/run.py quant-method``: AWQ (ModelOpt's awq_clip, hpedge's default) vs RTN side by side in
-one run, to decide ``hpedge export``'s default ``--method``.
+"""``python benchmarks/run.py quant-method``: AWQ-clip (hpedge's streamed pass, the default), ModelOpt's own
+awq_clip and RTN side by side in one run, to decide ``hpedge export``'s default ``--method``.
 
 Each model is exported twice with the same target, calibration prompts and settings, ``--method`` alone differing
 (engines skipped: the INT4 weights are what differ; ``--fp32-reference`` so the package also carries the exact
@@ -7,7 +7,8 @@ graphs). From each package's ``parity.json``: the INT4 transformer (the TensorRT
 PyTorch on held-out inputs (cosine, PSNR) and the end-to-end images of the package against stock diffusers' fp32
 pipeline (same prompts, noise, steps). For digits models, the digits score on the 500 evaluation prompts of each
 package's int4_cpu variant and of its fp32 graphs (the same runtime, prompts and seeds), with paired bootstrap 95 %
-intervals: each INT4 method as a share of the fp32 score, and AWQ's lead over RTN.
+intervals: each INT4 method as a share of the fp32 score, AWQ's lead over RTN, and hpedge's AWQ-clip against
+ModelOpt's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from common import header, write, write_json
 from latency import _midsize_pipeline
 
-METHODS = ("awq_clip", "rtn")
+METHODS = ("awq_clip", "awq_clip_modelopt", "rtn")
 INT4_CHECKS = {"int4": "transformer int4 ", "int4_cpu": "transformer int4_cpu ", "e2e": "end-to-end images"}
 
 
@@ -93,6 +94,8 @@ def quant_method(args: argparse.Namespace) -> None:
                     row["methods"][method]["vs_fp32"] = paired_ratio(ref, row["methods"][method]["digits"])
                 row["awq_lead_over_rtn"] = paired_difference(ref, row["methods"]["awq_clip"]["digits"],
                                                              row["methods"]["rtn"]["digits"])
+                row["awq_lead_over_modelopt"] = paired_difference(ref, row["methods"]["awq_clip"]["digits"],
+                                                                  row["methods"]["awq_clip_modelopt"]["digits"])
             rows.append(row)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -100,7 +103,7 @@ def quant_method(args: argparse.Namespace) -> None:
 
 
 def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    text = header("INT4 method: AWQ (ModelOpt awq_clip) vs RTN, side by side")
+    text = header("INT4 method: AWQ-clip (hpedge, streamed), ModelOpt's awq_clip and RTN, side by side")
     text += (f"Target {args.target}, engines skipped, every other export setting the default. Transformer checks: "
              "the package's INT4 graph (TensorRT input, fp16 compute) and int4_cpu against PyTorch on held-out inputs; "
              "end-to-end: the package's images (int4_cpu) against stock diffusers (fp32). Digits: 500 prompts, 16 steps, "
@@ -120,7 +123,12 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         if "awq_lead_over_rtn" in row:
             d = row["awq_lead_over_rtn"]
             text += (f"| {row['model']} | fp32 graphs: {row['fp32_digits']['overall']:.3f}; AWQ's lead over RTN "
-                     f"{d['difference'] * 100:+.1f} % of fp32 ({d['ci95'][0] * 100:+.1f} to {d['ci95'][1] * 100:+.1f} %) | | | | | | | |\n")
+                     f"{d['difference'] * 100:+.1f} % of fp32 ({d['ci95'][0] * 100:+.1f} to {d['ci95'][1] * 100:+.1f} %)")
+            if "awq_lead_over_modelopt" in row:
+                d = row["awq_lead_over_modelopt"]
+                text += (f"; hpedge's AWQ-clip over ModelOpt's {d['difference'] * 100:+.1f} % "
+                         f"({d['ci95'][0] * 100:+.1f} to {d['ci95'][1] * 100:+.1f} %)")
+            text += " | | | | | | | |\n"
     write(f"{args.name}.md", text)
     write_json(f"{args.name}.json", {"rows": rows})
 

@@ -322,7 +322,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
            target: Annotated[str, typer.Option(help="device profile name (see `hpedge targets`) or JSON file")],
            output: Annotated[Path, typer.Option("-o", "--output", help="package folder to write")],
            engine: Annotated[str, typer.Option(help="TensorRT engines: auto (build where possible) | require (fail if they cannot be built here) | skip")] = "auto",
-           method: Annotated[str, typer.Option(help="INT4 method: awq_clip | rtn")] = "awq_clip",
+           method: Annotated[str, typer.Option(help="INT4 method: awq_clip | rtn (both streamed by hpedge) | awq_clip_modelopt (ModelOpt's pass; needs ~13.5x the transformer's fp16 bytes of memory)")] = "awq_clip",
            exporter: Annotated[str, typer.Option(help="ONNX exporter: auto | legacy | dynamo")] = "auto",
            cpu_kernel: Annotated[str, typer.Option(help="CPU variant of the INT4 transformer: int8 (stored int8 weights, int8 GEMM) | nbits (MatMulNBits)")] = "int8",
            compute: Annotated[str, typer.Option(help="precision the TensorRT-input INT4 graph computes in: fp16 | fp32 (the CPU variant is fp32)")] = "fp16",

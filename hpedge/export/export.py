@@ -70,7 +70,7 @@ E2E_SEED = 5
 class ExportOptions:
     target: str = "rtx4090"
     engine: str = "auto"  # auto | require | skip
-    method: str = "awq_clip"  # awq_clip | rtn
+    method: str = "awq_clip"  # awq_clip | rtn (hpedge, streamed) | awq_clip_modelopt (ModelOpt's own pass)
     exporter: str = "auto"
     calibration_prompts: int = 8
     steps: int | None = None  # denoising steps of the calibration runs and the end-to-end check; None: the model's
@@ -356,7 +356,7 @@ def _quantize(run: _Run, tmp: Path, work: Path) -> tuple[QuantReport, int]:
     """One INT4 quantization of the graph TensorRT builds from, and its int4_cpu variant from the same weights."""
     opts = run.opts
     src = work / "fp16" / "model.onnx" if opts.compute == "fp16" else run.fp32
-    run.say(f"INT4 quantization ({opts.method}, {'hpedge, streamed' if opts.method == 'rtn' else 'ModelOpt'}, "
+    run.say(f"INT4 quantization ({opts.method}, {'ModelOpt' if opts.method == 'awq_clip_modelopt' else 'hpedge, streamed'}, "
             f"{opts.compute} graph) and its int4_cpu variant")
     int4 = tmp / "transformer" / "int4" / "model.onnx"
     qrep = quantize_int4(src, int4, run.refs["calib"], opts.method, 128, opts.protect)

@@ -29,7 +29,9 @@ from hpedge.backends.ort import calibration_providers
 from hpedge.errors import HpedgeError
 from hpedge.export.onnx_io import Spill, read_array, rewrite_onnx, save_onnx
 
-METHODS = {"awq_clip": "awq_clip", "rtn": "rtn_dq"}  # hpedge name -> ModelOpt's (rtn: the formula hpedge streams)
+# hpedge's method -> the ModelOpt calibration method it is (hpedge streams awq_clip and rtn itself; awq_clip_modelopt
+# runs ModelOpt's own pass, kept to compare against)
+METHODS = {"awq_clip": "awq_clip", "rtn": "rtn_dq", "awq_clip_modelopt": "awq_clip"}
 CLIP_MIN = 1e-5  # ModelOpt's smallest block scale
 MODELOPT_VERSION_PIN = "0.47.0"
 
@@ -147,7 +149,9 @@ def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, n
     if method not in METHODS:
         raise HpedgeError(f"unknown INT4 method {method!r}; use one of {', '.join(METHODS)}")
     if method == "rtn":
-        return quantize_int4_rtn(onnx_path, out_path, block_size, protect)
+        return quantize_int4_streamed(onnx_path, out_path, block_size, protect)
+    if method == "awq_clip":
+        return quantize_int4_streamed(onnx_path, out_path, block_size, protect, calibration)
     try:
         import modelopt
         from modelopt.onnx.quantization import quantize
@@ -201,15 +205,103 @@ def _int4_bytes(q: np.ndarray) -> bytes:
     return (u[0::2] | (u[1::2] << 4)).tobytes()
 
 
-def rtn_int4(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def rtn_int4(w: np.ndarray, block_size: int, clip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """INT4 round-to-nearest of a weight [K, N] (K a multiple of ``block_size``), as ModelOpt's ``rtn_dq``:
     scale [K/block, N] = max |w| of the block / 7 in ``w``'s own type (at least CLIP_MIN), values
-    rint(w / scale) clipped to [-8, 7]. Returns (int8 values [K, N], scale)."""
+    rint(w / scale) clipped to [-8, 7]. Returns (int8 values [K, N], scale).
+
+    ``clip`` [K/block, N] (AWQ-clip's ratios, :func:`clip_search`): each block's range is max |w| x its ratio,
+    computed in float32, stored in ``w``'s type, and the values rounded with the stored scale."""
     k, n = w.shape
-    scale = np.abs(w.reshape(k // block_size, block_size, n)).max(axis=1) * 1.0 / 7
-    scale = np.clip(scale, CLIP_MIN, None)
-    q = np.rint(w / np.repeat(scale, block_size, axis=0)).clip(-8, 7).astype(np.int8)
-    return q, scale
+    amax = np.abs(w.reshape(k // block_size, block_size, n)).max(axis=1)
+    if clip is None:
+        scale = np.clip(amax * 1.0 / 7, CLIP_MIN, None)
+        q = np.rint(w / np.repeat(scale, block_size, axis=0)).clip(-8, 7).astype(np.int8)
+        return q, scale
+    scale = np.clip(amax.astype(np.float32) * clip.astype(np.float32) / 7, CLIP_MIN, None).astype(w.dtype)
+    q = np.rint(w.astype(np.float32) / np.repeat(scale.astype(np.float32), block_size, axis=0)).clip(-8, 7)
+    return q.astype(np.int8), scale
+
+
+CLIP_RATIOS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10)) + (1.0,)  # AWQ-clip's grid (ModelOpt's default)
+CLIP_TOKENS = 64  # activation rows a clip search compares outputs on (ModelOpt's default)
+
+
+def clip_search(x: np.ndarray, w: np.ndarray, block_size: int, ratios: tuple[float, ...] = CLIP_RATIOS) -> np.ndarray:
+    """AWQ-clip's search (the method of ModelOpt's ``awq_clip``): for every block of weight ``w`` [K, N] and
+    output channel, the clip ratio of the grid whose INT4 weights give the block's share of the output closest
+    (mean squared error over the activation rows ``x`` [T, K]) to the unquantized weights'. Returns the ratios
+    [K/block, N]; float32 arithmetic throughout."""
+    k, n = w.shape
+    nb = k // block_size
+    xb = np.ascontiguousarray(x.astype(np.float32).reshape(-1, nb, block_size).transpose(1, 0, 2))  # nb, T, bs
+    wb = w.astype(np.float32).reshape(nb, block_size, n)
+    ref = np.matmul(xb, wb)  # nb, T, N: each block's share of the output
+    amax = np.abs(wb).max(axis=1)  # nb, N
+    best = np.full((nb, n), np.inf, np.float32)
+    ratio = np.ones((nb, n), np.float32)
+    for r in ratios:
+        scale = np.clip(amax * np.float32(r) / 7, CLIP_MIN, None)[:, None, :]
+        dq = np.rint(wb / scale).clip(-8, 7) * scale
+        loss = np.square(ref - np.matmul(xb, dq)).mean(axis=1)  # nb, N
+        better = loss < best
+        best = np.where(better, loss, best)
+        ratio = np.where(better, np.float32(r), ratio)
+    return ratio
+
+
+def sample_activations(onnx_path: Path, inputs: dict[str, int], feeds: list[dict[str, np.ndarray]],
+                       tokens: int = CLIP_TOKENS) -> dict[str, np.ndarray]:
+    """Rows of the activations ``inputs`` (tensor name -> its width K) of graph ``onnx_path`` over the calibration
+    ``feeds``: each feed contributes about ``tokens / len(feeds)`` rows, evenly strided over its batch and
+    sequence, selected inside the graph (so a run returns a few rows per activation, not whole activations);
+    the rows of all feeds are then strided down to about ``tokens``, as ModelOpt's clip search does. One ONNX
+    Runtime session without constant folding over a graph-only copy that shares the source's weight file.
+    Returns float32 arrays [rows, K]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hpedge.backends import ort
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    g = model.graph
+    per_feed = max(1, -(-tokens // max(1, len(feeds))))
+    const = lambda name, v: numpy_helper.from_array(np.asarray(v, np.int64), name)  # noqa: E731
+    g.initializer.extend([const("awq::zero", [0]), const("awq::end", [np.iinfo(np.int64).max]),
+                          const("awq::one", [1]), const("awq::rows", [per_feed])])
+    outs = {}
+    for i, (name, width) in enumerate(sorted(inputs.items())):
+        p = f"awq::{i}::"
+        g.initializer.append(const(p + "shape", [-1, width]))
+        g.node.extend([
+            helper.make_node("Reshape", [name, p + "shape"], [p + "rows"]),
+            helper.make_node("Shape", [p + "rows"], [p + "m"], end=1),
+            helper.make_node("Div", [p + "m", "awq::rows"], [p + "d"]),
+            helper.make_node("Max", [p + "d", "awq::one"], [p + "step"]),
+            helper.make_node("Slice", [p + "rows", "awq::zero", "awq::end", "awq::zero", p + "step"], [p + "some"]),
+            helper.make_node("Cast", [p + "some"], [p + "out"], to=TensorProto.FLOAT)])
+        g.output.append(helper.make_tensor_value_info(p + "out", TensorProto.FLOAT, None))
+        outs[name] = p + "out"
+    view = Path(onnx_path).with_name("awq_calibration.onnx")
+    onnx.save(model, str(view))  # graph only: the weights stay in the source's external data file
+    del model
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in outs}
+    try:
+        sess = ort.session(view, "cpu", low_memory=True)
+        names = [i.name for i in sess.get_inputs()]
+        order = list(outs)
+        for feed in feeds:
+            got = sess.run([outs[n] for n in order], {k: feed[k] for k in names})
+            for n, a in zip(order, got):
+                rows[n].append(a)
+        del sess
+    finally:
+        view.unlink(missing_ok=True)
+    out = {}
+    for n, parts in rows.items():
+        x = np.concatenate(parts)
+        out[n] = x[0:: max(1, x.shape[0] // tokens)]
+    return out
 
 
 def _relative_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, block_size: int) -> float:
@@ -223,11 +315,15 @@ def _relative_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, block_size:
     return float(np.sqrt(num) / (np.sqrt(den) + 1e-12))
 
 
-def quantize_int4_rtn(onnx_path: Path, out_path: Path, block_size: int = 128, protect: list[str] | None = None) -> QuantReport:
-    """INT4 RTN of ``onnx_path`` (fp32 or fp16, any size), streamed: the graph is read without its weights, each
+def quantize_int4_streamed(onnx_path: Path, out_path: Path, block_size: int = 128, protect: list[str] | None = None,
+                      calibration: list[dict[str, np.ndarray]] | None = None) -> QuantReport:
+    """INT4 of ``onnx_path`` (fp32 or fp16, any size), streamed: the graph is read without its weights, each
     quantizable weight is read, quantized and dropped in turn, every other tensor is copied from the source's
     external data by :func:`save_onnx`; the INT4 weights are written to disk as they are made (:class:`Spill`).
-    Holds the graph and one weight at a time."""
+    Holds the graph and one weight at a time.
+
+    Round-to-nearest; with ``calibration`` feeds, AWQ-clip: each block's range is clipped by the ratio
+    :func:`clip_search` picks on the activation rows :func:`sample_activations` takes from the feeds."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -249,6 +345,10 @@ def quantize_int4_rtn(onnx_path: Path, out_path: Path, block_size: int = 128, pr
         raise HpedgeError(f"no linear layer of this model can be INT4 block-quantized (block size {block_size})")
     todo = set(quantizable)
     inits = {i.name: i for i in model.graph.initializer}
+    acts: dict[str, np.ndarray] = {}
+    if calibration is not None:
+        widths = {n.input[0]: int(inits[n.input[1]].dims[0]) for n in model.graph.node if n.name in todo}
+        acts = sample_activations(Path(onnx_path), widths, calibration)
     readers: dict[str, int] = {}
     for node in model.graph.node:
         for i in node.input:
@@ -265,7 +365,8 @@ def quantize_int4_rtn(onnx_path: Path, out_path: Path, block_size: int = 128, pr
                 raise HpedgeError(f"{onnx_path}: weight {wname!r} of {node.name} is not float (type {init.data_type})")
             base = wname if readers[wname] == 1 else f"{wname}_{node.name}"  # a shared weight: one copy per reader
             w = read(wname)
-            q, scale = rtn_int4(w, block_size)
+            clip = clip_search(acts[node.input[0]], w, block_size) if acts else None
+            q, scale = rtn_int4(w, block_size, clip)
             errors[wname] = _relative_error(w, q, scale, block_size)
             new.append(spill.add(helper.make_tensor(base + "_i4", TensorProto.INT4, list(q.shape), _int4_bytes(q), raw=True)))
             new.append(numpy_helper.from_array(scale.astype(w.dtype), base + "_scale"))
@@ -286,8 +387,9 @@ def quantize_int4_rtn(onnx_path: Path, out_path: Path, block_size: int = 128, pr
         del model.graph.value_info[:]
         spill.flush()
         save_onnx(model, Path(out_path), base_dir=src_dir)
-    report = QuantReport(method="rtn", block_size=block_size, quantized=quantizable, excluded=excluded,
-                         seconds=round(time.time() - t0, 1), implementation="hpedge (streamed; ModelOpt's rtn_dq formula)")
+    how = "AWQ-clip search as ModelOpt's awq_clip" if acts else "ModelOpt's rtn_dq formula"
+    report = QuantReport(method="awq_clip" if acts else "rtn", block_size=block_size, quantized=quantizable,
+                         excluded=excluded, seconds=round(time.time() - t0, 1), implementation=f"hpedge (streamed; {how})")
     report.layer_error = errors
     return report
 
