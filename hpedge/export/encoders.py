@@ -35,7 +35,10 @@ class TextEncoders:
                "flux": {"clip": ["pooled"], "t5": ["t5_embeds"]}}
 
     @staticmethod
-    def module(pipe: Any, which: str, half: bool) -> Any:
+    def module(pipe: Any, which: str, half: bool, in_place: bool = False) -> Any:
+        """The graph's module; ``half``: in fp16, an fp16 copy of the pipeline's encoders, or with ``in_place`` the
+        pipeline's own encoders cast (no second copy of T5-XXL's 4.7 B parameters; the pipeline's encoders are fp16
+        from then on)."""
         import torch
 
         family = family_of(pipe)
@@ -43,7 +46,7 @@ class TextEncoders:
         def copy(m: Any) -> Any:
             if not half:
                 return m
-            m = half_copy(m)
+            m = m.half() if in_place else half_copy(m)
             # the legacy exporter's SDPA symbolic computes in fp32 and leaks fp32 into an fp16 graph (ONNX Runtime
             # then rejects its LayerNormalization): export fp16 CLIPs with their eager attention (same arithmetic)
             if hasattr(m, "set_attn_implementation") and type(m).__name__.startswith("CLIP"):
@@ -100,15 +103,17 @@ def tokenize(pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[st
     return out
 
 
-def export_text_encoder(pipe: Any, which: str, path: Path, max_sequence_length: int, dtype: str = "fp32") -> dict[str, Any]:
+def export_text_encoder(pipe: Any, which: str, path: Path, max_sequence_length: int, dtype: str = "fp32",
+                        in_place: bool = False) -> dict[str, Any]:
     """Export text encoder graph ``which`` (``clip`` | ``t5``) computing in ``dtype`` (fp32 | fp16; inputs int64,
-    outputs float32) and check it against the pipeline's own encoders; returns its manifest entry."""
+    outputs float32); returns its manifest entry. ``in_place``: an fp16 graph is exported from the pipeline's own
+    encoders, cast (see :meth:`TextEncoders.module`)."""
     import torch
 
     family = family_of(pipe)
     if dtype not in COMPUTE_DTYPES:
         raise HpedgeError(f"unknown compute dtype {dtype!r} for the text encoders (choose from {', '.join(COMPUTE_DTYPES)})")
-    module = TextEncoders.module(pipe, which, dtype == "fp16")
+    module = TextEncoders.module(pipe, which, dtype == "fp16", in_place)
     names, outputs = TextEncoders.INPUTS[family][which], TextEncoders.OUTPUTS[family][which]
     ids = tokenize(pipe, ["a 1", "two 3s"], max_sequence_length)
     args = tuple(torch.from_numpy(ids[n]) for n in names)

@@ -300,12 +300,17 @@ def _export_text(run: _Run, tmp: Path, work: Path, t5: str) -> tuple[dict[str, A
     """CLIP graph in ``--compute``; T5 in ``--compute`` with INT8 weights or INT4 (``--method``, calibrated on the
     calibration prompts' token ids). Returns the manifest's ``text`` section and T5's quantization report."""
     pipe, opts, seq = run.pipe, run.opts, run.seq
+    has_t5 = getattr(pipe, family_facts(run.family).t5_attribute) is not None
+    if opts.fp32_reference:  # the exact graphs, for the package's fp32 variant (before the encoders are cast)
+        for name in ("clip", "t5") if has_t5 else ("clip",):
+            export_text_encoder(pipe, name, tmp / f"text/{name}/fp32/model.onnx", seq, "fp32")
+    # the references were computed: the graphs come from the pipeline's encoders cast in place, which then go
     enc = {"clip": {"file": "text/clip/model.onnx", "precision": opts.compute,
-                    **export_text_encoder(pipe, "clip", tmp / "text" / "clip" / "model.onnx", seq, opts.compute)}}
+                    **export_text_encoder(pipe, "clip", tmp / "text" / "clip" / "model.onnx", seq, opts.compute, True)}}
     rep = None
-    if getattr(pipe, family_facts(run.family).t5_attribute) is not None:
+    if has_t5:
         src = work / "t5" / "model.onnx"
-        entry = export_text_encoder(pipe, "t5", src, seq, opts.compute)
+        entry = export_text_encoder(pipe, "t5", src, seq, opts.compute, True)
         ids = tokenize(pipe, run.prompts[: len(run.prompts) // 2], seq)["t5_ids"]
         dst = tmp / "text" / "t5" / "model.onnx"
         if t5 == "int4":
@@ -317,10 +322,13 @@ def _export_text(run: _Run, tmp: Path, work: Path, t5: str) -> tuple[dict[str, A
                      "quantization": {"method": rep.method, "block_size": rep.block_size, "quantized": len(rep.quantized),
                                       "excluded": len(rep.excluded),
                                       "max_layer_error": max(rep.layer_error.values(), default=0.0)}}
-    if opts.fp32_reference:  # the exact graphs, for the package's fp32 variant
+    for attr in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, attr, None) is not None:
+            getattr(pipe, attr).to("meta")  # exported: their weights leave memory (the modules stay, for their configs)
+    verify.release_memory()
+    if opts.fp32_reference:
         for name, e in enc.items():
             e["fp32_file"] = f"text/{name}/fp32/model.onnx"
-            export_text_encoder(pipe, name, tmp / e["fp32_file"], seq, "fp32")
     width = int(run.refs["transformer_config"]["joint_attention_dim"])
     return {"encoders": enc, "t5_dropped": "t5" not in enc, "t5_shape": [seq, width]}, rep
 
@@ -345,7 +353,7 @@ def _check_fp32(run: _Run, tmp: Path) -> Check:
     r = run.refs
     r["fresh_err"], held = verify.check_fp32(run.fp32, r["fresh"], r["check_fresh_out"], r["held"], run.profile.parity)
     if run.fp32.name == "fp32_view.onnx":
-        run.fp32.unlink()  # the fp16 graph's weights stay, for quantization
+        pass  # the view (no weights of its own) stays: AWQ-clip samples its calibration activations through it
     elif not run.opts.fp32_reference and run.opts.compute == "fp16":
         shutil.rmtree(run.fp32.parent)  # checked; on disk it would only take room (4 bytes per parameter)
     p = run.profile.parity
@@ -359,7 +367,8 @@ def _quantize(run: _Run, tmp: Path, work: Path) -> tuple[QuantReport, int]:
     run.say(f"INT4 quantization ({opts.method}, {'ModelOpt' if opts.method == 'awq_clip_modelopt' else 'hpedge, streamed'}, "
             f"{opts.compute} graph) and its int4_cpu variant")
     int4 = tmp / "transformer" / "int4" / "model.onnx"
-    qrep = quantize_int4(src, int4, run.refs["calib"], opts.method, 128, opts.protect)
+    view = run.fp32 if run.fp32.name == "fp32_view.onnx" else None  # the fp16 graph's float32 view, same names
+    qrep = quantize_int4(src, int4, run.refs["calib"], opts.method, 128, opts.protect, activations_from=view)
     n_cpu = convert(int4, tmp / "transformer" / "int4_cpu" / "model.onnx", opts.cpu_kernel)  # reads the scales first
     store_floats_fp16(int4)  # 4-bit weights, 16-bit rest (an fp32 graph keeps its DequantizeLinear scales fp32)
     if src != run.fp32 or not opts.fp32_reference:

@@ -141,9 +141,11 @@ class _Reader:
 
 
 def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, np.ndarray]], method: str = "awq_clip",
-                  block_size: int = 128, protect: list[str] | None = None) -> QuantReport:
-    """INT4 weight-only quantization of ``onnx_path`` (an fp32 or fp16 export); ModelOpt writes each
-    DequantizeLinear scale in its weight's type, so an fp16 graph gets fp16 scales."""
+                  block_size: int = 128, protect: list[str] | None = None, activations_from: Path | None = None) -> QuantReport:
+    """INT4 weight-only quantization of ``onnx_path`` (an fp32 or fp16 export); each DequantizeLinear scale is in
+    its weight's type, so an fp16 graph gets fp16 scales. ``activations_from``: the graph hpedge's AWQ-clip runs
+    the calibration feeds through (default ``onnx_path``; the export passes the fp16 graph's float32 view, which
+    ONNX Runtime runs with less memory than the fp16 graph on its CPU provider)."""
     import onnx
 
     if method not in METHODS:
@@ -151,7 +153,7 @@ def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, n
     if method == "rtn":
         return quantize_int4_streamed(onnx_path, out_path, block_size, protect)
     if method == "awq_clip":
-        return quantize_int4_streamed(onnx_path, out_path, block_size, protect, calibration)
+        return quantize_int4_streamed(onnx_path, out_path, block_size, protect, calibration, activations_from)
     try:
         import modelopt
         from modelopt.onnx.quantization import quantize
@@ -266,7 +268,10 @@ def sample_activations(onnx_path: Path, inputs: dict[str, int], feeds: list[dict
     model = onnx.load(str(onnx_path), load_external_data=False)
     g = model.graph
     per_feed = max(1, -(-tokens // max(1, len(feeds))))
-    const = lambda name, v: numpy_helper.from_array(np.asarray(v, np.int64), name)  # noqa: E731
+
+    def const(name: str, v: list[int]) -> Any:
+        return numpy_helper.from_array(np.asarray(v, np.int64), name)
+
     g.initializer.extend([const("awq::zero", [0]), const("awq::end", [np.iinfo(np.int64).max]),
                           const("awq::one", [1]), const("awq::rows", [per_feed])])
     outs = {}
@@ -316,29 +321,23 @@ def _relative_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, block_size:
 
 
 def quantize_int4_streamed(onnx_path: Path, out_path: Path, block_size: int = 128, protect: list[str] | None = None,
-                      calibration: list[dict[str, np.ndarray]] | None = None) -> QuantReport:
+                           calibration: list[dict[str, np.ndarray]] | None = None,
+                           activations_from: Path | None = None) -> QuantReport:
     """INT4 of ``onnx_path`` (fp32 or fp16, any size), streamed: the graph is read without its weights, each
     quantizable weight is read, quantized and dropped in turn, every other tensor is copied from the source's
     external data by :func:`save_onnx`; the INT4 weights are written to disk as they are made (:class:`Spill`).
     Holds the graph and one weight at a time.
 
     Round-to-nearest; with ``calibration`` feeds, AWQ-clip: each block's range is clipped by the ratio
-    :func:`clip_search` picks on the activation rows :func:`sample_activations` takes from the feeds."""
+    :func:`clip_search` picks on the activation rows :func:`sample_activations` takes from the feeds (run through
+    ``activations_from``, a graph with the same tensor names, when given)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     t0 = time.time()
     src_dir = Path(onnx_path).parent
     model = onnx.load(str(onnx_path), load_external_data=False)
-    lazy: dict[str, tuple[Any, bool]] = {}  # Gemm weights, read (and transposed) only when quantized
-    gemm_to_matmul(model, str(src_dir), lazy)
-
-    def read(name: str) -> np.ndarray:
-        if name not in lazy:
-            return read_array(inits[name], src_dir)
-        src, trans = lazy.pop(name)
-        w = read_array(src, src_dir)
-        return np.ascontiguousarray(w.T) if trans else w
+    weights = _LazyWeights(model, src_dir)  # Gemm weights read (and transposed) only when quantized
 
     quantizable, excluded = plan_exclusions(model, block_size, protect or [])
     if not quantizable:
@@ -348,7 +347,7 @@ def quantize_int4_streamed(onnx_path: Path, out_path: Path, block_size: int = 12
     acts: dict[str, np.ndarray] = {}
     if calibration is not None:
         widths = {n.input[0]: int(inits[n.input[1]].dims[0]) for n in model.graph.node if n.name in todo}
-        acts = sample_activations(Path(onnx_path), widths, calibration)
+        acts = sample_activations(Path(activations_from or onnx_path), widths, calibration)
     readers: dict[str, int] = {}
     for node in model.graph.node:
         for i in node.input:
@@ -364,7 +363,7 @@ def quantize_int4_streamed(onnx_path: Path, out_path: Path, block_size: int = 12
             if init.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
                 raise HpedgeError(f"{onnx_path}: weight {wname!r} of {node.name} is not float (type {init.data_type})")
             base = wname if readers[wname] == 1 else f"{wname}_{node.name}"  # a shared weight: one copy per reader
-            w = read(wname)
+            w = weights.read(wname)
             clip = clip_search(acts[node.input[0]], w, block_size) if acts else None
             q, scale = rtn_int4(w, block_size, clip)
             errors[wname] = _relative_error(w, q, scale, block_size)
@@ -375,9 +374,7 @@ def quantize_int4_streamed(onnx_path: Path, out_path: Path, block_size: int = 12
             node.input[1] = base + "_DequantizeLinear_Output"
             nodes.append(node)
             del w, q
-        for i, init in enumerate(model.graph.initializer):  # converted Gemms left unquantized (excluded) get their data
-            if init.name in lazy:
-                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(read(init.name), init.name))
+        weights.fill_unread()  # converted Gemms left unquantized (excluded) get their data
         model.graph.initializer.extend(new)
         _replace_nodes(model, nodes)
         for op in model.opset_import:  # blocked DequantizeLinear is opset 21 (20 -> 21 only adds 4-bit types)
@@ -398,42 +395,77 @@ def quantize_int8_weights(onnx_path: Path, out_path: Path) -> QuantReport:
     """INT8 weight-only quantization: every linear layer's constant weight [K, N] becomes int8 with one scale per
     output channel (symmetric, max-abs) behind a ``DequantizeLinear`` (axis 1), in the weight's own type; the
     rest of the graph is unchanged. ModelOpt's ONNX INT8 mode quantizes activations too, so this pass is
-    hpedge's own (numpy); TensorRT and ONNX Runtime run the DequantizeLinear -> MatMul pattern as weight-only."""
+    hpedge's own (numpy); TensorRT and ONNX Runtime run the DequantizeLinear -> MatMul pattern as weight-only.
+    Streamed as the INT4 pass is: the graph without its weights, one weight at a time, int8 weights spilled to
+    disk as they are made."""
     import onnx
     from onnx import helper, numpy_helper
 
     t0 = time.time()
-    model = onnx.load(str(onnx_path), load_external_data=True)
-    gemm_to_matmul(model)
+    src_dir = Path(onnx_path).parent
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    weights = _LazyWeights(model, src_dir)
     inits = {i.name: i for i in model.graph.initializer}
     quantized: list[str] = []
     errors: dict[str, float] = {}
-    nodes = []
-    for node in model.graph.node:
-        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if w is None or len(w.dims) != 2 or w.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+    nodes, new, done = [], [], set()
+    with Spill(src_dir, Path(out_path).parent.name + ".int8.spill") as spill:
+        for node in model.graph.node:
+            w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+            if w is None or len(w.dims) != 2 or w.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+                nodes.append(node)
+                continue
+            qname, sname, dq = w.name + "_i8", w.name + "_scale", w.name + "_dq"
+            if w.name not in done:  # a weight read by several MatMuls is quantized once
+                arr = weights.read(w.name)
+                a32 = arr.astype(np.float32)
+                scale = np.maximum(np.abs(a32).max(axis=0), 1e-12) / 127.0
+                q = np.clip(np.round(a32 / scale), -127, 127).astype(np.int8)
+                errors[w.name] = float(np.linalg.norm(q * scale - a32) / (np.linalg.norm(a32) + 1e-12))
+                new.append(spill.add(numpy_helper.from_array(q, qname)))
+                new.append(numpy_helper.from_array(scale.astype(arr.dtype), sname))
+                nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [dq], name=node.name + "_dequantize", axis=1))
+                done.add(w.name)
+                del arr, a32, q
+            node.input[1] = dq
             nodes.append(node)
-            continue
-        arr = numpy_helper.to_array(w)
-        a32 = arr.astype(np.float32)
-        scale = np.maximum(np.abs(a32).max(axis=0), 1e-12) / 127.0
-        q = np.clip(np.round(a32 / scale), -127, 127).astype(np.int8)
-        errors[w.name] = float(np.linalg.norm(q * scale - a32) / (np.linalg.norm(a32) + 1e-12))
-        qname, sname, dq = w.name + "_i8", w.name + "_scale", w.name + "_dq"
-        model.graph.initializer.extend([numpy_helper.from_array(q, qname),
-                                        numpy_helper.from_array(scale.astype(arr.dtype), sname)])
-        nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [dq], name=node.name + "_dequantize", axis=1))
-        node.input[1] = dq
-        nodes.append(node)
-        quantized.append(node.name)
-    if not quantized:
-        raise HpedgeError(f"{onnx_path}: no linear layer to quantize")
-    _replace_nodes(model, nodes)
-
-    save_onnx(model, out_path)
+            quantized.append(node.name)
+        if not quantized:
+            raise HpedgeError(f"{onnx_path}: no linear layer to quantize")
+        weights.fill_unread()
+        model.graph.initializer.extend(new)
+        _replace_nodes(model, nodes)
+        spill.flush()
+        save_onnx(model, out_path, base_dir=src_dir)
     report = QuantReport(method="int8_weight_only", block_size=0, quantized=quantized, seconds=round(time.time() - t0, 1))
     report.layer_error = errors
     return report
+
+
+class _LazyWeights:
+    """A graph loaded without its weights, Gemms rewritten as MatMul (:func:`gemm_to_matmul`, lazily): each weight
+    is read from ``src_dir`` when asked for (a converted Gemm weight transposed then)."""
+
+    def __init__(self, model: Any, src_dir: Path) -> None:
+        self.model, self.src_dir = model, src_dir
+        self.lazy: dict[str, tuple[Any, bool]] = {}
+        gemm_to_matmul(model, str(src_dir), self.lazy)
+        self.inits = {i.name: i for i in model.graph.initializer}
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self.lazy:
+            return read_array(self.inits[name], self.src_dir)
+        src, trans = self.lazy.pop(name)
+        w = read_array(src, self.src_dir)
+        return np.ascontiguousarray(w.T) if trans else w
+
+    def fill_unread(self) -> None:
+        """Converted Gemm weights nothing read (left unquantized) get their data."""
+        from onnx import numpy_helper
+
+        for i, init in enumerate(self.model.graph.initializer):
+            if init.name in self.lazy:
+                self.model.graph.initializer[i].CopyFrom(numpy_helper.from_array(self.read(init.name), init.name))
 
 
 def layer_errors(fp32_model: Any, int4_model: Any, base_dir: str = "") -> dict[str, float]:

@@ -10,36 +10,10 @@ float32), while the process holds the 16-bit weights plus one submodule's float3
 from __future__ import annotations
 
 import contextlib
-import json
-import struct
-from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-FLOAT16_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 _ACTIVE = "_hpedge_fp32_compute"
-
-
-def checkpoint_dtype(folder: Path) -> str:
-    """The floating-point dtype most of a safetensors model folder's weights are stored in (by bytes), read from
-    the files' headers only."""
-    count: dict[str, int] = {}
-    files = sorted(Path(folder).glob("*.safetensors"))
-    for f in files:
-        with f.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, entry in header.items():
-            if name == "__metadata__" or entry["dtype"] not in FLOAT16_NAMES:
-                continue
-            a, b = entry["data_offsets"]
-            count[FLOAT16_NAMES[entry["dtype"]]] = count.get(FLOAT16_NAMES[entry["dtype"]], 0) + b - a
-    return max(count, key=lambda k: count[k]) if count else "float32"
-
-
-def is_16bit(module: Any) -> bool:
-    import torch
-
-    return any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters())
 
 
 def compute_dtype(module: Any) -> Any:

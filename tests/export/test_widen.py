@@ -64,7 +64,6 @@ def test_the_view_computes_the_fp16_weights_in_float32(tmp_path: Path, monkeypat
 def test_the_graph_check_fails_on_a_changed_weight(tmp_path: Path) -> None:
     """The element-wise gate exists for export bugs: one weight of the exported graph off by a little aborts it."""
     import onnx
-    import torch
     from onnx import numpy_helper
 
     from hpedge.models.precision import fp32_compute

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 
 from hpedge.export import onnx_export as ox
-from hpedge.models.precision import checkpoint_dtype, compute_dtype, fp32_compute
+from hpedge.models.precision import compute_dtype, fp32_compute
 
 
 @pytest.mark.parametrize("arch", ["sd3.5-large", "flux.1-dev"])
@@ -44,14 +43,3 @@ def test_fp32_compute_leaves_a_float32_model_alone() -> None:
         assert not lin._forward_pre_hooks
         y = lin(torch.ones(1, 4))
     assert y.dtype == torch.float32
-
-
-def test_checkpoint_dtype_reads_the_headers(tmp_path: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    save_file({"a": torch.zeros(100, dtype=torch.bfloat16), "b": torch.zeros(10), "i": torch.zeros(999, dtype=torch.int64)},
-              str(tmp_path / "m.safetensors"))
-    assert checkpoint_dtype(tmp_path) == "bfloat16"
-    save_file({"c": torch.zeros(1000)}, str(tmp_path / "n.safetensors"))
-    assert checkpoint_dtype(tmp_path) == "float32"
