@@ -34,6 +34,7 @@ from hpedge.io import atomic_file
 from hpedge.models.adapters import describe
 from hpedge.models.loading import compute_device, load_pipeline, load_transformer, resolve
 from hpedge.models.loading import drop_t5 as without_t5
+from hpedge.models.meta import text_encoder_params
 from hpedge.models.sampling import defaults, defaults_of_ref, sample, with_overrides
 from hpedge.runtime import Package
 from hpedge.targets.host import MEASURED_PEAK, available_bytes, export_need
@@ -231,9 +232,10 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
     use_pwp, why = resolve_pwp(p.remove, p.num_blocks, DistillSettings(pwp=pwp))
     console.print(f"compress: {why}")
     out["pwp"] = {"used": use_pwp, "why": why}
-    needs = {m: export_need(p.params_after, m) for m in MEASURED_PEAK}
+    text = text_encoder_params(resolve(model, allow_architecture=True), drop_t5)
+    needs = {m: export_need(p.params_after, m, text) for m in MEASURED_PEAK}
     avail = available_bytes()
-    console.print("host memory to export it (measured factors of the transformer's fp16 bytes): "
+    console.print("host memory to export it (measured factors of the transformer's fp16 bytes, text encoders in fp32): "
                   + ", ".join(f"{m} {n.need / 1e9:.1f} GB ({n.rule})" for m, n in needs.items())
                   + (f"; this host has {avail / 1e9:.1f} GB available" if avail is not None else ""))
     out["export_host_memory"] = {m: n.to_dict() for m, n in needs.items()}

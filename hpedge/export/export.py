@@ -48,7 +48,7 @@ from hpedge.models import adapters
 from hpedge.models.denoise import family_of
 from hpedge.models.families import family as family_facts
 from hpedge.models.loading import ModelRef, compute_device, drop_t5, load_pipeline, resolve
-from hpedge.models.meta import meta_transformer
+from hpedge.models.meta import meta_transformer, text_encoder_params
 from hpedge.models.precision import fp32_compute
 from hpedge.models.sampling import Defaults, check_pipeline, sample, with_overrides, zoo_marker
 from hpedge.models.sampling import defaults as sampling_defaults
@@ -197,7 +197,8 @@ def _prepare(model: str, out: Path, opts: ExportOptions, say: Callable[[str], No
     refuse_unless_fits(fp)  # a package that cannot fit is not built
     memory = fp.to_dict()
     # nor one this host is measured to run out of memory exporting
-    memory["host"] = check_host(adapters.numel(meta_transformer(ref)), opts.method, opts.ignore_host_memory)
+    memory["host"] = check_host(adapters.numel(meta_transformer(ref)), opts.method, opts.ignore_host_memory,
+                                text_encoder_params(ref, opts.drop_t5))
     return _Run(model, opts, profile, ref, memory, build_now, engine_reason, say, t0)
 
 

@@ -274,19 +274,29 @@ def sample_activations(onnx_path: Path, inputs: dict[str, int], feeds: list[dict
 
     g.initializer.extend([const("awq::zero", [0]), const("awq::end", [np.iinfo(np.int64).max]),
                           const("awq::one", [1]), const("awq::rows", [per_feed])])
-    outs = {}
+    outs, chains = {}, {}
     for i, (name, width) in enumerate(sorted(inputs.items())):
         p = f"awq::{i}::"
         g.initializer.append(const(p + "shape", [-1, width]))
-        g.node.extend([
+        chains[name] = [
             helper.make_node("Reshape", [name, p + "shape"], [p + "rows"]),
             helper.make_node("Shape", [p + "rows"], [p + "m"], end=1),
             helper.make_node("Div", [p + "m", "awq::rows"], [p + "d"]),
             helper.make_node("Max", [p + "d", "awq::one"], [p + "step"]),
             helper.make_node("Slice", [p + "rows", "awq::zero", "awq::end", "awq::zero", p + "step"], [p + "some"]),
-            helper.make_node("Cast", [p + "some"], [p + "out"], to=TensorProto.FLOAT)])
+            helper.make_node("Cast", [p + "some"], [p + "out"], to=TensorProto.FLOAT)]
         g.output.append(helper.make_tensor_value_info(p + "out", TensorProto.FLOAT, None))
         outs[name] = p + "out"
+    # each sample is taken just before the activation's first reader runs: ONNX Runtime follows the node order, and
+    # samples appended at the end kept every activation of a run alive until then
+    nodes = []
+    for node in g.node:
+        for x in node.input:
+            if x in chains:
+                nodes.extend(chains.pop(x))
+        nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
     view = Path(onnx_path).with_name("awq_calibration.onnx")
     onnx.save(model, str(view))  # graph only: the weights stay in the source's external data file
     del model
@@ -300,6 +310,7 @@ def sample_activations(onnx_path: Path, inputs: dict[str, int], feeds: list[dict
             for n, a in zip(order, got):
                 rows[n].append(a)
         del sess
+        ort.return_freed_memory()
     finally:
         view.unlink(missing_ok=True)
     out = {}

@@ -56,3 +56,9 @@ def meta_components(ref: Any) -> dict[str, Any]:
         t5[0].encoder.embed_tokens = t5[0].shared
         out["t5"] = t5[0]
     return out
+
+
+def text_encoder_params(ref: Any, drop_t5: bool = False) -> int:
+    """Parameters of the text encoders a resolved model's export loads (T5 left out with ``drop_t5``)."""
+    return sum(sum(p.numel() for p in m.parameters()) for name, m in meta_components(ref).items()
+               if name != "vae" and not (drop_t5 and name == "t5"))

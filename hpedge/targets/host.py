@@ -32,24 +32,29 @@ class HostNeed:
     constant: int
     need: int
     source: str
+    text_fp32_bytes: int = 0  # the text encoders, held in float32 while the calibration runs encode prompts
 
     @property
     def rule(self) -> str:
-        """How the need is made, for messages: ``3.04x + 2.6 GB``."""
-        return f"{self.factor}x" + (f" + {self.constant / 1e9:.1f} GB" if self.constant else "")
+        """How the need is made, for messages: ``0.98x + 2.9 GB + text encoders 22.3 GB``."""
+        return (f"{self.factor}x" + (f" + {self.constant / 1e9:.1f} GB" if self.constant else "")
+                + (f" + text encoders {self.text_fp32_bytes / 1e9:.1f} GB" if self.text_fp32_bytes else ""))
 
     def to_dict(self) -> dict[str, object]:
         return {"method": self.method, "transformer_fp16_bytes": self.transformer_fp16_bytes, "factor": self.factor,
-                "constant": self.constant, "need": self.need, "source": self.source}
+                "constant": self.constant, "text_fp32_bytes": self.text_fp32_bytes, "need": self.need,
+                "source": self.source}
 
 
-def export_need(transformer_params: int, method: str) -> HostNeed:
-    """The host memory ``hpedge export --method METHOD`` needs for a transformer of ``transformer_params``."""
+def export_need(transformer_params: int, method: str, text_params: int = 0) -> HostNeed:
+    """The host memory ``hpedge export --method METHOD`` needs for a transformer of ``transformer_params`` and text
+    encoders of ``text_params`` (held in float32, 4 bytes each, beside the transformer; the size benchmark's
+    pipelines have tiny text encoders, so the measured line is the transformer's alone)."""
     if method not in MEASURED_PEAK:
         raise HpedgeError(f"--method must be one of {', '.join(MEASURED_PEAK)}, got {method!r}")
     factor, constant, source = MEASURED_PEAK[method]
-    fp16 = 2 * transformer_params
-    return HostNeed(method, fp16, factor, constant, int(max(PROCESS_BYTES, factor * fp16 + constant)), source)
+    fp16, text = 2 * transformer_params, 4 * text_params
+    return HostNeed(method, fp16, factor, constant, int(max(PROCESS_BYTES, factor * fp16 + constant + text)), source, text)
 
 
 def available_bytes() -> int | None:
@@ -64,14 +69,14 @@ def available_bytes() -> int | None:
     return None
 
 
-def check_host(transformer_params: int, method: str, ignore: bool = False) -> dict[str, Any]:
+def check_host(transformer_params: int, method: str, ignore: bool = False, text_params: int = 0) -> dict[str, Any]:
     """:func:`export_need` against this host's available memory: refused up front, in one line, where the host has
     less (unless ``ignore``, ``--ignore-host-memory``). Returns what the manifest records."""
-    need = export_need(transformer_params, method)
+    need = export_need(transformer_params, method, text_params)
     avail = available_bytes()
     short = avail is not None and need.need > avail
     if short and not ignore:
-        other = "" if method == "rtn" else f"; --method rtn needs about {export_need(transformer_params, 'rtn').need / 1e9:.1f} GB"
+        other = "" if method == "rtn" else f"; --method rtn needs about {export_need(transformer_params, 'rtn', text_params).need / 1e9:.1f} GB"
         raise HpedgeError(f"this export needs about {need.need / 1e9:.1f} GB of host memory ({method}: {need.rule} for the "
                           f"transformer's {need.transformer_fp16_bytes / 1e9:.2f} GB of fp16 weights, measured by the size "
                           f"benchmark) and this host has {avail / 1e9:.1f} GB available{other}; "  # type: ignore[operator]
