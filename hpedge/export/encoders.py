@@ -104,7 +104,7 @@ def tokenize(pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[st
 
 
 def export_text_encoder(pipe: Any, which: str, path: Path, max_sequence_length: int, dtype: str = "fp32",
-                        in_place: bool = False) -> dict[str, Any]:
+                        in_place: bool = False, exporter: str = "legacy") -> dict[str, Any]:
     """Export text encoder graph ``which`` (``clip`` | ``t5``) computing in ``dtype`` (fp32 | fp16; inputs int64,
     outputs float32); returns its manifest entry. ``in_place``: an fp16 graph is exported from the pipeline's own
     encoders, cast (see :meth:`TextEncoders.module`)."""
@@ -118,7 +118,13 @@ def export_text_encoder(pipe: Any, which: str, path: Path, max_sequence_length: 
     ids = tokenize(pipe, ["a 1", "two 3s"], max_sequence_length)
     args = tuple(torch.from_numpy(ids[n]) for n in names)
     axes = {n: {0: "batch"} for n in [*names, *outputs]}
-    _export(module, args, path, names, outputs, axes, "legacy")
+    dynamic = None
+    if exporter == "dynamo":  # weights streamed to external data (the TorchScript exporter builds one message)
+        from torch.export import Dim
+
+        batch = Dim("batch", min=1, max=1024)
+        dynamic = tuple({0: batch} for _ in names)
+    _export(module, args, path, names, outputs, axes, exporter, dynamic)
     return {"inputs": names, "outputs": outputs, "compute": dtype}
 
 

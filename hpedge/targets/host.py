@@ -1,12 +1,14 @@
 """The host memory an export needs, from the size benchmark's measured peaks, and what this host has available.
 
-An export's peak resident memory grows with the transformer (measured with random weights at real width,
-benchmarks/results/size-*.md). With RTN the whole export's peak RSS was 6.45 GB at 0.64 B parameters and 16.14 GB
-at 2.24 B (SD3.5 Medium's width; the fp16 ONNX export the peak, the fp32 checkpoint's memory-mapped pages
-included): the line through both, 3.04x the transformer's fp16 bytes + 2.56 GB, is what is needed (FLUX.1-dev's
-width at 0.67 B measured 4.79 GB, below it). With ModelOpt's AWQ (the default) 13.54x at 0.64 B, where its clip
-search holds calibration activations beside the weights. These are measured peaks, CPU path, not a formula of
-the code; a model whose text encoders are larger than its transformer (T5-XXL beside a small transformer) needs more.
+An export's peak resident memory grows with the transformer (measured with random weights at real width, stored in
+bfloat16 as the published checkpoints are, benchmarks/results/size-*.md): the transformer is held as stored and
+computed in float32, exported once in fp16, checked through a float32 view of that graph, and quantized one
+weight at a time. RTN peaked at 4.14 GB at 0.64 B parameters and 7.25 GB at 2.24 B (SD3.5 Medium's width):
+0.97x the transformer's fp16 bytes + 2.92 GB passes through both. hpedge's streamed AWQ-clip (the default) adds
+one ONNX Runtime run per calibration input over the fp16 weights: 4.13 and 8.82 GB, 1.47x + 2.26 GB. ModelOpt's own AWQ pass
+(``awq_clip_modelopt``) measured 17.36 GB at 0.64 B (13.55x). The size benchmark's text encoders are tiny: the text
+encoders a model really has are held in float32 (4 bytes a parameter) while the calibration runs encode prompts,
+and are added on top. Measured peaks, CPU path, not a formula of the code.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from hpedge.errors import HpedgeError
 
 # peak RSS of a whole `hpedge export` = factor x the transformer's fp16 bytes + constant bytes, and where measured
 MEASURED_PEAK = {
-    "rtn": (3.04, 2_560_000_000, "size-sd3.5-medium-2.24B-rtn.md and size-sd3.5-medium-0.64B-rtn.md (2026-12-05)"),
-    "awq_clip": (13.54, 0, "size-sd3.5-medium-0.64B-awq-clip.md (2026-12-02)"),
+    "rtn": (0.97, 2_920_000_000, "size-sd3.5-medium-2.24B-rtn.md and size-sd3.5-medium-0.64B-rtn.md (2026-12-05)"),
+    "awq_clip": (1.47, 2_260_000_000, "size-sd3.5-medium-2.24B-awq-clip.md and size-sd3.5-medium-0.64B-awq-clip.md (2026-12-05)"),
+    "awq_clip_modelopt": (13.55, 0, "size-sd3.5-medium-0.64B-awq-clip-modelopt.md (2026-12-02)"),
 }
 PROCESS_BYTES = 1_000_000_000  # Python, torch and ONNX Runtime before any weight (measured: 0.57 GB at loading)
 

@@ -11,16 +11,23 @@ from hpedge.targets import host
 
 runner = CliRunner()
 
+# whole-export peak RSS measured by the size benchmark (transformer parameters -> bytes), per method
+MEASURED = {"rtn": {640_667_968: 4.14e9, 2_234_078_400: 7.25e9},
+            "awq_clip": {640_667_968: 4.13e9, 2_234_078_400: 8.82e9},
+            "awq_clip_modelopt": {640_667_968: 17.36e9}}
 
-def test_need_is_the_measured_line_of_the_transformers_fp16_bytes() -> None:
-    n = host.export_need(8_057_000_000, "awq_clip")  # SD3.5 Large's transformer
-    assert n.transformer_fp16_bytes == 16_114_000_000 and n.factor == 13.54 and n.need == int(13.54 * 16_114_000_000)
-    r = host.export_need(8_057_000_000, "rtn")
-    assert r.need == int(3.04 * 16_114_000_000 + 2_560_000_000) and r.rule == "3.04x + 2.6 GB" and r.need < n.need
-    # the line passes through (or above) what the size benchmark measured: 0.64 B and 2.24 B at SD3.5 Medium's width
-    assert host.export_need(641_000_000, "rtn").need >= 6.44e9 and host.export_need(2_234_000_000, "rtn").need >= 16.1e9
-    assert host.export_need(1000, "awq_clip").need == host.PROCESS_BYTES  # a tiny model: the process itself
-    assert host.export_need(1000, "rtn").need == int(3.04 * 2000 + 2_560_000_000)  # or the measured constant
+
+def test_need_is_the_measured_line_of_the_transformers_fp16_bytes_plus_the_text_encoders() -> None:
+    for method, points in MEASURED.items():  # the line passes through (or above) every measured peak
+        for params, peak in points.items():
+            assert host.export_need(params, method).need >= peak, (method, params)
+    f, c, _ = host.MEASURED_PEAK["rtn"]
+    r = host.export_need(8_057_000_000, "rtn", 5_580_620_800)  # SD3.5 Large's transformer and text encoders
+    assert r.transformer_fp16_bytes == 16_114_000_000 and r.text_fp32_bytes == 4 * 5_580_620_800
+    assert r.need == int(f * 16_114_000_000 + c + 4 * 5_580_620_800)
+    assert r.rule == f"{f}x + {c / 1e9:.1f} GB + text encoders 22.3 GB"
+    assert r.need < host.export_need(8_057_000_000, "awq_clip_modelopt", 5_580_620_800).need
+    assert host.export_need(1000, "awq_clip_modelopt").need == host.PROCESS_BYTES  # a tiny model: the process itself
     with pytest.raises(HpedgeError, match="--method must be one of"):
         host.export_need(1000, "gptq")
 
@@ -28,10 +35,12 @@ def test_need_is_the_measured_line_of_the_transformers_fp16_bytes() -> None:
 def test_check_refuses_unless_told_to_go_ahead(monkeypatch) -> None:
     monkeypatch.setattr(host, "available_bytes", lambda: 10_000_000_000)
     with pytest.raises(HpedgeError, match=r"needs about 21.8 GB of host memory .*10.0 GB available; --method rtn needs "
-                                          r"about 7.5 GB; pass --ignore-host-memory"):
-        host.check_host(806_000_000, "awq_clip")
-    assert host.check_host(806_000_000, "awq_clip", ignore=True)["ignored"]
-    assert not host.check_host(806_000_000, "rtn")["ignored"]  # 7.5 GB of 10 GB: no refusal
+                                          r"about [0-9.]+ GB; pass --ignore-host-memory"):
+        host.check_host(806_000_000, "awq_clip_modelopt")
+    assert host.check_host(806_000_000, "awq_clip_modelopt", ignore=True)["ignored"]
+    assert not host.check_host(806_000_000, "rtn")["ignored"]  # about 4.5 GB of 10 GB: no refusal
+    with pytest.raises(HpedgeError, match="text encoders"):  # a T5-XXL beside it does not fit
+        host.check_host(806_000_000, "rtn", text_params=4_762_310_656)
 
 
 def test_export_refuses_before_any_work_and_writes_nothing(random_sd3, monkeypatch, tmp_path: Path) -> None:
@@ -47,4 +56,6 @@ def test_plan_says_what_an_export_of_the_plan_needs() -> None:
     r = runner.invoke(app, ["plan", "sd3.5-large", "--remove-blocks", "25-29,31-35"])
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
-    assert "host memory to export it" in text and "rtn 38.6 GB (3.04x + 2.6 GB)" in text and "awq_clip 160.5 GB (13.54x)" in text
+    need = host.export_need(1, "rtn", 5_580_620_800)  # the rule, with SD3.5 Large's text encoders
+    assert "host memory to export it" in text and f"({need.rule})" in text
+    assert "awq_clip_modelopt" in text
