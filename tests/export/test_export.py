@@ -39,7 +39,7 @@ def test_package_contents(sd3_package) -> None:
     b = m["components"]["transformer"]["bytes"]
     assert set(b) == {"int4", "int4_cpu"}  # the fp32 export is not shipped unless asked for
     t = m["components"]["transformer"]
-    assert t["storage"] == "float32" and t["fp32_check"].startswith("fp16 graph widened to float32")
+    assert t["storage"] == "float32" and t["fp32_check"] == "fp32 graph"  # small: the exact float32 graph is checked
     assert b["int4"] <= 0.3 * m["components"]["transformer"]["fp32_bytes"]
     assert len(m["int4"]["quantized"]) > 50
     assert all("multiple of the block size" in r or "pattern" in r for r in m["int4"]["excluded"].values())
@@ -111,13 +111,19 @@ def test_fp32_reference_is_shipped_on_request(random_sd3, tmp_path) -> None:
     assert [c["name"].split()[0] for c in r["checks"][:3]] == ["fp32", "int4", "int4_cpu"] and r["passed"]
 
 
-def test_a_bfloat16_checkpoint_is_held_in_bfloat16_and_matches_its_float32_self(random_sd3, tmp_path) -> None:
+def test_a_bfloat16_checkpoint_is_held_in_bfloat16_and_checked_through_the_widened_fp16_graph(random_sd3, tmp_path,
+                                                                                                monkeypatch) -> None:
     """Published SD3.5 / FLUX.1 checkpoints store the transformer in bfloat16: the export keeps it so (2 bytes a
-    parameter) and computes in float32, which is what stock diffusers does with that checkpoint in float32."""
+    parameter) and computes in float32, which is what stock diffusers does with that checkpoint in float32. Above
+    the size limit (patched to 0 here) no float32 graph is exported: the fp16 graph widened to float32 is checked."""
     import shutil
 
     import torch
     from diffusers import SD3Transformer2DModel
+
+    from hpedge.export import export as export_module
+
+    monkeypatch.setattr(export_module, "FP32_CHECK_GRAPH_LIMIT", 0)
 
     folder = tmp_path / "bf16"
     shutil.copytree(random_sd3, folder)
@@ -126,6 +132,8 @@ def test_a_bfloat16_checkpoint_is_held_in_bfloat16_and_matches_its_float32_self(
     m = export(str(folder), tmp_path / "pkg", ExportOptions(target="rtx4090", method="rtn", calibration_prompts=1,
                                                             e2e_samples=1, engine="skip"))
     assert m["components"]["transformer"]["storage"] == "bfloat16" and m["parity"]["passed"]
+    assert m["components"]["transformer"]["fp32_check"].startswith("fp16 graph widened to float32")
+    assert any("widened" in name for name in m["parity"]["checks"])
     assert max(m["components"]["transformer"]["fresh_input_max_abs_error"].values()) < 1e-4
 
 
