@@ -179,6 +179,9 @@ def _export(module: Any, args: tuple[Any, ...], path: Path, names: list[str], ou
                 torch.onnx.export(module, args, str(tmp), dynamo=False, input_names=names, output_names=outputs,
                                   dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True)
         light = onnx.load(str(tmp), load_external_data=False)
+        for node in light.graph.node:  # the dynamo exporter's per-node stack traces: half of a small FLUX graph's bytes
+            del node.metadata_props[:]
+            node.doc_string = ""
         drop_noop_casts(light, light)
         save_onnx(light, path, base_dir=scratch, stream=True)  # the dynamo exporter's weights: never all in memory
     finally:
