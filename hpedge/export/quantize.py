@@ -1,5 +1,5 @@
-"""INT4 weight-only quantization: AWQ with NVIDIA ModelOpt (the only module that imports ``modelopt``), RTN
-streamed by hpedge itself.
+"""INT4 weight-only quantization, streamed by hpedge (``awq_clip``, the default, and ``rtn``), or ModelOpt's own
+AWQ pass (``awq_clip_modelopt``; this is the only module that imports ``modelopt``).
 
 Before ModelOpt runs, ``Gemm`` nodes with constant weights are rewritten as ``MatMul`` (+ ``Add``) with
 the weight stored [K, N], so every linear layer is a candidate. A MatMul is excluded (and listed with
@@ -11,7 +11,8 @@ quantization a per-layer report gives each weight's relative reconstruction erro
 = max |w| / 7 in the weight's type, ties to even, INT4 ``NAME_i4`` + ``NAME_scale`` behind a blocked
 ``DequantizeLinear``; a test checks both give the same nibbles and scales): ModelOpt imports the whole graph
 into GraphSurgeon twice and holds its weights several times over (13.5x the fp16 bytes measured at 0.64 B
-parameters), while this pass holds the graph, one weight, and the 4-bit result.
+parameters), while this pass holds the graph, one weight, and the 4-bit result. ``awq_clip`` is ModelOpt's AWQ-clip
+search done the same streamed way (:func:`clip_search` on activation rows from :func:`sample_activations`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from hpedge.backends.ort import calibration_providers
+from hpedge.backends import ort
 from hpedge.errors import HpedgeError
 from hpedge.export.onnx_io import Spill, read_array, rewrite_onnx, save_onnx
 
@@ -174,7 +175,7 @@ def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, n
     try:
         quantize(
             str(prepared), quantize_mode="int4", calibration_method=METHODS[method], calibration_data_reader=_Reader(calibration),
-            calibration_eps=calibration_providers(), nodes_to_exclude=[f"^{re.escape(n)}$" for n in excluded] or None,
+            calibration_eps=ort.calibration_providers(), nodes_to_exclude=[f"^{re.escape(n)}$" for n in excluded] or None,
             output_path=str(out_path), block_size=block_size, high_precision_dtype="fp32",
             use_external_data_format=big, log_level="ERROR",
         )
@@ -262,8 +263,6 @@ def sample_activations(onnx_path: Path, inputs: dict[str, int], feeds: list[dict
     Returns float32 arrays [rows, K]."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-
-    from hpedge.backends import ort
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     g = model.graph

@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hpedge.errors import HpedgeError
+
 SUFFIX = "::stored"
 
 
@@ -93,8 +95,6 @@ def fp32_view(src: Path, name: str = "fp32_view.onnx") -> Path:
     """Write the float32 view of the fp16 graph ``src`` beside it (its external data, if any, is shared, not
     copied); returns the view's path. Raises if the graph has nothing 16-bit (nothing to view)."""
     import onnx
-
-    from hpedge.errors import HpedgeError
 
     model = onnx.load(str(src), load_external_data=False)
     changed = widen_graph(model.graph)
