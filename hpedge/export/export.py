@@ -4,13 +4,13 @@
    PyTorch reference (transformer on held-out inputs, text encoders, VAE, end-to-end images). The transformer is
    held as its checkpoint stores it (bfloat16 for the published models) and computed in float32
    (:func:`hpedge.models.precision.fp32_compute`): the exact numbers of a float32 model, at 2 bytes per parameter;
-2. :func:`_export_graphs` -- the transformer cast in place to fp16 and exported once; the export is checked
-   element-wise in float32 against PyTorch on fresh inputs before anything else runs, through the fp16 graph
+2. :func:`_export_graphs` -- the transformer exported in fp16 (cast in place), checked element-wise in float32
+   against PyTorch on fresh inputs before anything else runs: through an exported float32 graph while its weights
+   fit protobuf's limit (or with ``--compute fp32`` / ``--fp32-reference``), above it through the fp16 graph
    widened to float32 (:mod:`hpedge.export.widen`, the same weights on disk) against the fp16 weights computed in
-   float32. The PyTorch transformer leaves memory right after, so no ONNX Runtime session or quantizer ever runs
-   beside it. With ``--compute fp32`` or ``--fp32-reference`` a float32 graph is exported (and checked) first,
-   which holds the weights in float32. Then the text encoding and the VAE decoder;
-3. :func:`_quantize` -- INT4 (ModelOpt AWQ, or hpedge's streamed RTN) of the graph TensorRT builds from: its
+   float32, so that no float32 copy of a large model is ever made. The PyTorch transformer leaves memory right
+   after, so no ONNX Runtime session or quantizer ever runs beside it. Then the text encoding and the VAE decoder;
+3. :func:`_quantize` -- INT4 (hpedge's streamed AWQ-clip or RTN, or ModelOpt's AWQ) of the graph TensorRT builds from: its
    engine is strongly typed, so the graph's types (``--compute``) decide the kernels; ``int4_cpu`` (ONNX
    Runtime's CPU provider) is made from the very same 4-bit weights and scales (:mod:`hpedge.export.cpu_int4`);
 4. engines (:mod:`hpedge.export.build`): TensorRT-RTX profiles build here on any host; standard TensorRT
@@ -112,8 +112,9 @@ class _Run:
     spec: Any = None  # the transformer's IOSpec
     prompts: list[str] = field(default_factory=list)
     refs: dict[str, Any] = field(default_factory=dict)  # PyTorch references and captured inputs
-    fp32: Path = Path()  # the float32 graph the export is checked with (a view of the fp16 graph by default)
+    fp32: Path = Path()  # the float32 graph the export is checked with
     fp32_check: str = ""  # what that graph is
+    widened: bool = False  # ``fp32`` is the fp16 graph widened to float32 (no weights of its own)
     exporter: str = ""
     fp32_bytes: int = 0
 
@@ -256,14 +257,15 @@ def _capture_all(run: _Run, prompts: list[str], half: int, names: list[str]) -> 
 
 
 def _export_graphs(run: _Run, tmp: Path, work: Path) -> tuple[dict[str, Any], QuantReport | None]:
-    """The transformer (fp32, and fp16 for the INT4 graph), then the text encoders, VAE decoder and tokenizers."""
+    """The transformer (fp16 for the INT4 graph; the float32 graph it is checked with), then the text encoders, VAE
+    decoder and tokenizers."""
     pipe, opts, r = run.pipe, run.opts, run.refs
     run.fp32_bytes = 4 * sum(p.numel() for p in pipe.transformer.parameters())
     run.exporter = ox.auto_exporter(pipe.transformer) if opts.exporter == "auto" else opts.exporter
     fresh = list(r["fresh"].values())
     # a float32 graph is shipped or quantized, or is small enough to be the exact check: float32 weights for it;
     # above that, the fp16 graph widened to float32 is the check (no float32 copy of the weights anywhere)
-    view = opts.compute == "fp16" and not opts.fp32_reference and run.fp32_bytes > FP32_CHECK_GRAPH_LIMIT
+    view = run.widened = opts.compute == "fp16" and not opts.fp32_reference and run.fp32_bytes > FP32_CHECK_GRAPH_LIMIT
     if not view:
         run.say("exporting transformer (fp32 ONNX; the model is held in float32 for it)")
         pipe.transformer.float()
@@ -360,12 +362,10 @@ def _check_fp32(run: _Run, tmp: Path) -> Check:
     run.say("checking the fp32 graph against PyTorch (fresh min, opt and max-at-batch-1 inputs; held-out inputs)")
     r = run.refs
     r["fresh_err"], held = verify.check_fp32(run.fp32, r["fresh"], r["check_fresh_out"], r["held"], run.profile.parity)
-    if run.fp32.name == "fp32_view.onnx":
-        pass  # the view (no weights of its own) stays: AWQ-clip samples its calibration activations through it
-    elif not run.opts.fp32_reference and run.opts.compute == "fp16":
+    if not run.widened and not run.opts.fp32_reference and run.opts.compute == "fp16":
         shutil.rmtree(run.fp32.parent)  # checked; on disk it would only take room (4 bytes per parameter)
     p = run.profile.parity
-    if run.fp32.name == "fp32_view.onnx":  # fp16 constants (e.g. attention scales): judged as the fresh inputs are
+    if run.widened:  # fp16 constants (e.g. attention scales): judged as the fresh inputs are
         return verify.compare_scaled(r["check_out"], held, "out", p.fp32_atol, p.fp32_rtol)
     return verify.compare_fp32(r["check_out"], held, "out", p.fp32_atol, p.fp32_rtol)
 
@@ -377,7 +377,8 @@ def _quantize(run: _Run, tmp: Path, work: Path) -> tuple[QuantReport, int]:
     run.say(f"INT4 quantization ({opts.method}, {'ModelOpt' if opts.method == 'awq_clip_modelopt' else 'hpedge, streamed'}, "
             f"{opts.compute} graph) and its int4_cpu variant")
     int4 = tmp / "transformer" / "int4" / "model.onnx"
-    view = run.fp32 if run.fp32.name == "fp32_view.onnx" else None  # the fp16 graph's float32 view, same names
+    # the widened view stayed (no weights of its own): AWQ-clip samples activations through it (same tensor names)
+    view = run.fp32 if run.widened else None
     qrep = quantize_int4(src, int4, run.refs["calib"], opts.method, 128, opts.protect, activations_from=view)
     n_cpu = convert(int4, tmp / "transformer" / "int4_cpu" / "model.onnx", opts.cpu_kernel)  # reads the scales first
     store_floats_fp16(int4)  # 4-bit weights, 16-bit rest (an fp32 graph keeps its DequantizeLinear scales fp32)
