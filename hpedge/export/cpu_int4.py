@@ -83,22 +83,29 @@ def _int4_dq_nodes(model: Any) -> dict[str, tuple[Any, int]]:
     return found
 
 
-def to_fp32_compute(model: Any, light: Any | None = None, base_dir: str | Path = "") -> int:
+def to_fp32_compute(model: Any, light: Any | None = None, base_dir: str | Path = "", min_elements: int = 256) -> int:
     """Turn an fp16-compute graph into the same graph computing in fp32, in place; returns the tensors upcast.
 
-    Every fp16 initializer and Constant (weights, DequantizeLinear scales) becomes fp32 with the same values,
+    Every fp16 initializer and Constant (weights, DequantizeLinear scales) computes in fp32 with the same values,
     every ``Cast`` between float types disappears (fp32 -> fp32 Casts trip ONNX Runtime's graph optimizer);
     stale type annotations of intermediate values are dropped (ONNX Runtime infers them again). ``light`` is the
     same graph without its weights, for type inference above 2 GB (default: ``model`` itself); tensors with external
     data are read from ``base_dir``. The INT4 weights are untouched: the CPU variant keeps the very nibbles and
     scales of the TensorRT input, now computed in fp32.
+
+    Tables of at least ``min_elements`` values (2-D or more) that no DequantizeLinear reads (position tables,
+    layers left unquantized) stay fp16 where they are (in memory or in the external data file) behind a
+    ``Cast`` to fp32, the layout :func:`floats_to_fp16` gives the file anyway: upcasting them in memory held an
+    fp32 copy of each (SD3.5's 384 x 384 position table: 0.9 GB, and 2.4 GB of temporaries at 2.24 B parameters).
     """
-    from onnx import AttributeProto, TensorProto, numpy_helper
+    from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
     floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
     if not any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer):
         return 0  # already fp32 compute
     drop_casts(model, value_types(light if light is not None else model), lambda src, to: src in floats and to in floats)
+    dq_inputs = {i for n in model.graph.node if n.op_type == "DequantizeLinear" for i in n.input[1:]}
+    graph_inputs = {i.name for i in model.graph.input}
 
     def up(t: Any) -> bool:
         if t.data_type != TensorProto.FLOAT16:
@@ -106,7 +113,16 @@ def to_fp32_compute(model: Any, light: Any | None = None, base_dir: str | Path =
         t.CopyFrom(numpy_helper.from_array(read_array(t, base_dir).astype(np.float32), t.name))
         return True
 
-    n = sum(up(t) for t in model.graph.initializer)
+    casts, n = [], 0
+    for t in model.graph.initializer:
+        if (t.data_type == TensorProto.FLOAT16 and len(t.dims) >= 2 and int(np.prod(t.dims)) >= min_elements
+                and t.name not in dq_inputs and t.name not in graph_inputs):
+            name = t.name
+            t.name = name + "_fp16"  # the data stays where it is (inline or external)
+            casts.append(helper.make_node("Cast", [t.name], [name], to=TensorProto.FLOAT, name=name + "_to_fp32"))
+            n += 1
+        else:
+            n += up(t)
     for node in model.graph.node:
         for a in node.attribute:
             if a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
@@ -116,6 +132,8 @@ def to_fp32_compute(model: Any, light: Any | None = None, base_dir: str | Path =
                 n += up(a.t)
             if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT16:
                 a.i = TensorProto.FLOAT
+    for i, node in enumerate(casts):
+        model.graph.node.insert(i, node)
     for v in (*model.graph.input, *model.graph.output):
         if v.type.tensor_type.elem_type == TensorProto.FLOAT16:
             raise ValueError(f"graph input/output {v.name!r} is fp16; hpedge graphs take and give float32")

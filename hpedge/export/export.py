@@ -126,7 +126,10 @@ class _Run:
 def capture_inputs(pipe: Any, prompts: list[str], gen: Defaults, names: list[str], seed: int,
                    every: int = 4) -> list[dict[str, np.ndarray]]:
     """Transformer inputs recorded during real denoising runs (every ``every``-th call) at sampling
-    defaults ``gen``: with CFG, the [negative, positive] batch the pipeline really feeds the transformer."""
+    defaults ``gen``: with CFG, the [negative, positive] batch the pipeline really feeds the transformer, each row
+    returned as an input of its own (batch 1). Every ONNX Runtime run of the export (the fp32 check, AWQ-clip's
+    activation rows, parity) then holds one sample's activations: attention scores grow with batch x tokens^2
+    (the calibration batch of 8 prompts with CFG is 16 rows; one SD3.5 Large row at 1024 px is 3 GB of scores)."""
     feeds: list[dict[str, np.ndarray]] = []
     counter = {"n": 0}
 
@@ -143,7 +146,15 @@ def capture_inputs(pipe: Any, prompts: list[str], gen: Defaults, names: list[str
     for f in feeds:  # the pipeline passes one guidance value per sample; the graph takes one per batch row
         if "guidance" in names and "guidance" in f and f["guidance"].shape[0] != f["hidden_states"].shape[0]:
             f["guidance"] = np.broadcast_to(f["guidance"], (f["hidden_states"].shape[0],)).astype(np.float32)
-    return feeds
+    return [split for f in feeds for split in rows_of(f)]
+
+
+def rows_of(feed: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """A batched transformer input as one input per batch row; inputs without the batch axis (FLUX's 2-D position
+    ids) are shared by every row."""
+    n = feed["hidden_states"].shape[0]
+    batched = {k for k, v in feed.items() if v.ndim > 0 and v.shape[0] == n and not k.endswith("_ids")}
+    return [{k: np.ascontiguousarray(v[i : i + 1]) if k in batched else v for k, v in feed.items()} for i in range(n)]
 
 
 def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -379,7 +390,9 @@ def _quantize(run: _Run, tmp: Path, work: Path) -> tuple[QuantReport, int]:
     int4 = tmp / "transformer" / "int4" / "model.onnx"
     # the widened view stayed (no weights of its own): AWQ-clip samples activations through it (same tensor names)
     view = run.fp32 if run.widened else None
-    qrep = quantize_int4(src, int4, run.refs["calib"], opts.method, 128, opts.protect, activations_from=view)
+    qrep = quantize_int4(src, int4, run.refs["calib"], opts.method, 128, opts.protect, activations_from=view,
+                         progress=run.say)
+    run.say(f"int4_cpu variant ({opts.cpu_kernel} kernel) from the INT4 weights")
     n_cpu = convert(int4, tmp / "transformer" / "int4_cpu" / "model.onnx", opts.cpu_kernel)  # reads the scales first
     store_floats_fp16(int4)  # 4-bit weights, 16-bit rest (an fp32 graph keeps its DequantizeLinear scales fp32)
     if src != run.fp32 or not opts.fp32_reference:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,19 +143,21 @@ class _Reader:
 
 
 def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, np.ndarray]], method: str = "awq_clip",
-                  block_size: int = 128, protect: list[str] | None = None, activations_from: Path | None = None) -> QuantReport:
+                  block_size: int = 128, protect: list[str] | None = None, activations_from: Path | None = None,
+                  progress: Callable[[str], None] | None = None) -> QuantReport:
     """INT4 weight-only quantization of ``onnx_path`` (an fp32 or fp16 export); each DequantizeLinear scale is in
     its weight's type, so an fp16 graph gets fp16 scales. ``activations_from``: the graph hpedge's AWQ-clip runs
     the calibration feeds through (default ``onnx_path``; the export passes the fp16 graph's float32 view, which
-    ONNX Runtime runs with less memory than the fp16 graph on its CPU provider)."""
+    ONNX Runtime runs with less memory than the fp16 graph on its CPU provider). ``progress`` is told each step
+    of hpedge's streamed passes."""
     import onnx
 
     if method not in METHODS:
         raise HpedgeError(f"unknown INT4 method {method!r}; use one of {', '.join(METHODS)}")
     if method == "rtn":
-        return quantize_int4_streamed(onnx_path, out_path, block_size, protect)
+        return quantize_int4_streamed(onnx_path, out_path, block_size, protect, progress=progress)
     if method == "awq_clip":
-        return quantize_int4_streamed(onnx_path, out_path, block_size, protect, calibration, activations_from)
+        return quantize_int4_streamed(onnx_path, out_path, block_size, protect, calibration, activations_from, progress)
     try:
         import modelopt
         from modelopt.onnx.quantization import quantize
@@ -332,7 +335,7 @@ def _relative_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, block_size:
 
 def quantize_int4_streamed(onnx_path: Path, out_path: Path, block_size: int = 128, protect: list[str] | None = None,
                            calibration: list[dict[str, np.ndarray]] | None = None,
-                           activations_from: Path | None = None) -> QuantReport:
+                           activations_from: Path | None = None, progress: Callable[[str], None] | None = None) -> QuantReport:
     """INT4 of ``onnx_path`` (fp32 or fp16, any size), streamed: the graph is read without its weights, each
     quantizable weight is read, quantized and dropped in turn, every other tensor is copied from the source's
     external data by :func:`save_onnx`; the INT4 weights are written to disk as they are made (:class:`Spill`).
@@ -355,7 +358,9 @@ def quantize_int4_streamed(onnx_path: Path, out_path: Path, block_size: int = 12
     todo = set(quantizable)
     inits = {i.name: i for i in model.graph.initializer}
     acts: dict[str, np.ndarray] = {}
+    say = progress or (lambda _s: None)
     if calibration is not None:
+        say(f"INT4: activation rows of {len(todo)} layers from {len(calibration)} calibration inputs (ONNX Runtime)")
         widths = {n.input[0]: int(inits[n.input[1]].dims[0]) for n in model.graph.node if n.name in todo}
         acts = sample_activations(Path(activations_from or onnx_path), widths, calibration)
     readers: dict[str, int] = {}
@@ -363,6 +368,7 @@ def quantize_int4_streamed(onnx_path: Path, out_path: Path, block_size: int = 12
         for i in node.input:
             readers[i] = readers.get(i, 0) + 1
     nodes, new, errors = [], [], {}
+    say(f"INT4: {len(todo)} weights, one at a time" + (" (clip search)" if acts else ""))
     with Spill(src_dir, Path(out_path).parent.name + ".spill") as spill:  # INT4 weights go to disk as they are made
         for node in model.graph.node:
             if node.name not in todo:
