@@ -10,6 +10,10 @@ transformer's fp16 bytes + 4 GB, of ``hpedge check`` <= 0.5 x + 2 GB, of one ONN
 
 ``--t5-layers N`` instead exports a T5-XXL-width encoder (d_model 4096, d_ff 10240, 64 heads) with N blocks
 as an SD3.5 pipeline's text_encoder_3 through the package's INT4 text path (the transformer stays tiny).
+
+``--fixtures`` instead exports each of the five real-configuration test pipelines (hpedge.testing.NAMES: tiny
+widths, the real architectures' settings) with default settings for ``--target rtx4090`` at that profile's own
+ranges (256-1344 px, batch 1-4; calibration and the end-to-end check at 1024 px): peak RSS each, target < 4 GB.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from common import header, write, write_json
 # peak RSS targets, x the transformer's (or the T5 encoder's) fp16 bytes + GB: the whole export, ``hpedge check``,
 # and a plain ONNX Runtime session of one package file (int4_cpu the largest)
 TARGETS = {"export": (1.0, 4e9), "check": (0.5, 2e9), "onnxruntime": (0.6, 1e9)}
+FIXTURE_TARGET = 4e9  # peak RSS of a default export of a real-configuration test pipeline
 T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_heads=64)
 
 CHILD_EXPORT = r"""
@@ -74,6 +79,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--single-layers", type=int, default=None, help="FLUX single-stream blocks (default: the architecture's)")
     p.add_argument("--t5-layers", type=int, default=None,
                    help="instead: a T5-XXL-width encoder with this many blocks through the INT4 text export")
+    p.add_argument("--fixtures", action="store_true",
+                   help="instead: the five real-configuration test pipelines, default export settings for rtx4090")
     p.add_argument("--work", type=Path, required=True, help="folder for the pipeline and the package (several GB)")
     p.add_argument("--method", default="awq_clip")
     p.add_argument("--steps", type=int, default=2, help="denoising steps of the calibration runs and the end-to-end check")
@@ -174,7 +181,53 @@ def shipped_twice(package: Path) -> list[str]:
     return [", ".join(v) for v in by.values() if len(v) > 1]
 
 
+def fixtures(args: argparse.Namespace) -> None:
+    """Default ``hpedge export --target rtx4090`` of each real-configuration test pipeline: time and peak RSS."""
+    from hpedge.testing import NAMES, save_tiny_pipeline
+
+    work = args.work.resolve()
+    rows, results = [], {}
+    for name in NAMES:
+        folder, package = work / name / "pipeline", work / name / "package"
+        if not (folder / "model_index.json").exists():
+            save_tiny_pipeline(name, folder)
+        opts = {"target": "rtx4090", "overwrite": True}  # everything else as a user gets it
+        stages, res, rc, err = run_child(CHILD_EXPORT, [str(folder), str(package), json.dumps(opts)], work / name / "export.log")
+        top = max(stages, key=lambda r: r["peak_rss"])
+        results[name] = {"rc": rc, **res, **({"error": err.strip().splitlines()[-1]} if rc and err.strip() else {})}
+        if rc == 0:
+            checks = json.loads((package / "parity.json").read_text())["checks"]
+            results[name]["metrics"] = {c["name"]: c.get("metrics") for c in checks}
+        rows.append({"fixture": name, "seconds": sum(r["seconds"] for r in stages), "peak_rss": top["peak_rss"],
+                     "peak_anon": max(r["peak_anon"] for r in stages), "peak_stage": top["stage"], "stages": stages})
+        print(name, f"{top['peak_rss'] / 1e9:.2f} GB", f"rc {rc}", flush=True)
+    lines = [header("Default export of the real-configuration test pipelines for rtx4090 (its own ranges)"),
+             "Each of the five test pipelines (tiny widths, the real architectures' configurations) through `hpedge export "
+             "PIPELINE --target rtx4090` with every other setting at its default: 256-1344 px and batch 1-4 engines, "
+             "8 calibration prompts and 4 end-to-end samples at 1024 px with the model's own steps, AWQ-clip. Target: "
+             f"peak RSS (the process tree's, sampled every 0.2 s) below {FIXTURE_TARGET / 1e9:.0f} GB.\n",
+             "| fixture | seconds | peak RSS GB | peak anonymous GB | stage at the peak | below target | parity | "
+             "int4 min cosine / PSNR dB | end-to-end min / mean PSNR dB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        res = results[r["fixture"]]
+        parity = "passed" if res.get("parity", {}).get("passed") else res.get("error", "failed")
+        m = res.get("metrics", {})
+        q = next((v for k, v in m.items() if k.startswith("transformer int4 ")), None) or {}
+        e = next((v for k, v in m.items() if k.startswith("end-to-end")), None) or {}
+        lines.append(f"| {r['fixture']} | {r['seconds']:.0f} | {r['peak_rss'] / 1e9:.2f} | {r['peak_anon'] / 1e9:.2f} | "
+                     f"{r['peak_stage']} | {'yes' if r['peak_rss'] < FIXTURE_TARGET and res['rc'] == 0 else '**no**'} | {parity} | "
+                     f"{q.get('min_cosine', float('nan')):.4f} / {q.get('min_psnr_db', float('nan')):.2f} | "
+                     f"{e.get('min_psnr_db', float('nan')):.2f} / {e.get('mean_psnr_db', float('nan')):.2f} |")
+    name = args.results_name or "size-fixtures-rtx4090"
+    write(f"{name}.md", "\n".join(lines) + "\n")
+    write_json(f"{name}.json", {"rows": rows, "results": results})
+
+
 def size(args: argparse.Namespace) -> None:
+    if args.fixtures:
+        fixtures(args)
+        return
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     folder, package = work / "pipeline", work / "package"

@@ -47,10 +47,10 @@ from hpedge.io import atomic_dir, check_parent
 from hpedge.models import adapters
 from hpedge.models.denoise import family_of
 from hpedge.models.families import family as family_facts
-from hpedge.models.loading import ModelRef, compute_device, drop_t5, load_pipeline, resolve
+from hpedge.models.loading import ModelRef, compute_device, drop_t5, load_pipeline, read_transformer, resolve
 from hpedge.models.meta import meta_transformer, text_encoder_params
 from hpedge.models.precision import fp32_compute
-from hpedge.models.sampling import Defaults, check_pipeline, sample, with_overrides, zoo_marker
+from hpedge.models.sampling import Defaults, check_pipeline, prompt_embeddings, sample, with_overrides, zoo_marker
 from hpedge.models.sampling import defaults as sampling_defaults
 from hpedge.prompts import calibration
 from hpedge.runtime.format import finalize_manifest, save_reference, write_archive
@@ -67,6 +67,7 @@ REFERENCE_SAMPLES = 2
 # float32 instead of an exported float32 graph (protobuf's limit, where the exporters change too)
 FP32_CHECK_GRAPH_LIMIT = ox.PROTOBUF_LIMIT
 E2E_SEED = 5
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass
@@ -124,7 +125,7 @@ class _Run:
 
 
 def capture_inputs(pipe: Any, prompts: list[str], gen: Defaults, names: list[str], seed: int,
-                   every: int = 4) -> list[dict[str, np.ndarray]]:
+                   every: int = 4, embeds: dict[str, Any] | None = None) -> list[dict[str, np.ndarray]]:
     """Transformer inputs recorded during real denoising runs (every ``every``-th call) at sampling
     defaults ``gen``: with CFG, the [negative, positive] batch the pipeline really feeds the transformer, each row
     returned as an input of its own (batch 1). Every ONNX Runtime run of the export (the fp32 check, AWQ-clip's
@@ -140,7 +141,7 @@ def capture_inputs(pipe: Any, prompts: list[str], gen: Defaults, names: list[str
 
     h = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        sample(pipe, prompts, gen, seeds=[seed * 1000 + i for i in range(len(prompts))], output="latent")
+        sample(pipe, prompts, gen, seeds=[seed * 1000 + i for i in range(len(prompts))], output="latent", embeds=embeds)
     finally:
         h.remove()
     for f in feeds:  # the pipeline passes one guidance value per sample; the graph takes one per batch row
@@ -163,8 +164,9 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
     with atomic_dir(out, overwrite=opts.overwrite) as tmp:
         work = tmp / ".work"  # intermediate files, removed before the manifest is written
         _load(run)
+        text, t5_rep = _text(run, tmp, work)  # text encoders: used, exported and freed before the transformer loads
         _capture(run)
-        text, t5_rep = _export_graphs(run, tmp, work)
+        _export_graphs(run, tmp, work)
         fp32_check = _check_fp32(run, tmp)
         qrep, n_cpu = _quantize(run, tmp, work)
         engines = _engines(run, tmp, text)
@@ -218,11 +220,10 @@ def _prepare(model: str, out: Path, opts: ExportOptions, say: Callable[[str], No
 
 
 def _load(run: _Run) -> None:
-    """The pipeline, its family, the resolution range and the sampling settings of calibration and checks."""
-    run.say("loading pipeline")
-    # the transformer as its checkpoint stores it (bfloat16 for published SD3.5 and FLUX.1), computed in float32
-    pipe = run.pipe = load_pipeline(run.ref, transformer_as_stored=True)
-    run.refs["transformer_storage"] = str(next(pipe.transformer.parameters()).dtype).removeprefix("torch.")
+    """The pipeline (its transformer from its config alone, weights later), its family, the resolution range and
+    the sampling settings of calibration and checks."""
+    run.say("loading pipeline (text encoders and VAE; the transformer's config)")
+    pipe = run.pipe = load_pipeline(run.ref, transformer_on_meta=True)
     if run.opts.drop_t5:
         drop_t5(pipe)  # diffusers' own T5-less SD3 (zeros in T5's place)
     check_pipeline(pipe)
@@ -237,39 +238,71 @@ def _load(run: _Run) -> None:
     run.spec = ox.transformer_spec(pipe, run.res, batch, run.seq)
 
 
-def _capture(run: _Run) -> None:
-    """Everything PyTorch is asked for, first (on the accelerator where there is one)."""
+def _text(run: _Run, tmp: Path, work: Path) -> tuple[dict[str, Any], QuantReport | None]:
+    """The text encoders' part, before the transformer's weights are read: every prompt the export samples with is
+    encoded as the stock pipeline call encodes it (:func:`prompt_embeddings`), the held-out prompts' text
+    reference is taken, and the encoders are exported and freed. The text encoders (T5-XXL: 19 GB in float32) and
+    the transformer are never in memory together."""
     pipe, gen, r = run.pipe, run.gen, run.refs
-    run.say("capturing calibration inputs from real denoising runs")
+    run.say("encoding the calibration, held-out and end-to-end prompts; text encoder references")
     prompts, _ = calibration(evaluator_for(run.ref.path), 2 * run.opts.calibration_prompts, seed=21)
     half = len(prompts) // 2
     run.prompts = prompts
+    encoders = [m for m in (getattr(pipe, a, None) for a in TEXT_ENCODERS) if m is not None]
+    dev = compute_device()
+    for m in encoders:
+        m.to(dev)
+    r["embeds_calib"] = prompt_embeddings(pipe, prompts[:half], gen, device=dev)
+    r["embeds_held"] = prompt_embeddings(pipe, prompts[half:], gen, device=dev)
+    r["text"] = verify.text_reference(pipe, prompts[half:], run.seq, device=dev)
+    for m in encoders:
+        m.to("cpu")
+    r["e2e_prompts"] = prompts[half:][: run.opts.e2e_samples]
+    r["embeds_e2e"] = {k: v[: len(r["e2e_prompts"])] for k, v in r["embeds_held"].items()}
+    t5 = run.memory["precisions"].get("t5", "")
+    t5_what = t5.upper() + (f" ({run.opts.method})" if t5 == "int4" else "")
+    run.say(f"exporting text encoders (CLIP {run.opts.compute}" + ("" if run.opts.drop_t5 else f", T5 {t5_what}") + ")")
+    text, t5_rep = _export_text(run, tmp, work, t5)
+    run.refs["tokenizers"] = _tokenizer_entries(pipe, tmp, run.seq)
+    return text, t5_rep
+
+
+def _capture(run: _Run) -> None:
+    """The transformer's weights read as stored, then everything PyTorch is asked for (on the accelerator where
+    there is one)."""
+    pipe = run.pipe
+    run.say("loading the transformer as its checkpoint stores it")
+    # bfloat16 for published SD3.5 and FLUX.1, computed in float32
+    pipe.transformer = read_transformer(run.ref)
+    run.refs["transformer_storage"] = str(next(pipe.transformer.parameters()).dtype).removeprefix("torch.")
+    run.say("capturing calibration inputs from real denoising runs")
     names = ox.input_names(pipe.transformer)
-    pipe.to(compute_device())
+    dev = compute_device()
+    for m in (pipe.transformer, pipe.vae):  # the text encoders are gone (meta device)
+        m.to(dev)
     with fp32_compute(pipe.transformer):
-        _capture_all(run, prompts, half, names)
-    pipe.to("cpu")
+        _capture_all(run, names)
+    for m in (pipe.transformer, pipe.vae):
+        m.to("cpu")
 
 
-def _capture_all(run: _Run, prompts: list[str], half: int, names: list[str]) -> None:
+def _capture_all(run: _Run, names: list[str]) -> None:
     pipe, gen, r = run.pipe, run.gen, run.refs
-    r["calib"] = capture_inputs(pipe, prompts[:half], gen, names, seed=1)
-    r["held"] = capture_inputs(pipe, prompts[half:], gen, names, seed=2)
-    run.say("PyTorch references: transformer (held-out inputs), text encoders, VAE, end-to-end images")
+    half = len(run.prompts) // 2
+    r["calib"] = capture_inputs(pipe, run.prompts[:half], gen, names, seed=1, embeds=r.pop("embeds_calib"))
+    r["held"] = capture_inputs(pipe, run.prompts[half:], gen, names, seed=2, embeds=r.pop("embeds_held"))
+    run.say("PyTorch references: transformer (held-out inputs), VAE, end-to-end images")
     r["fresh"] = verify.fresh_feeds(run.spec, run.family)
     r["out"] = verify.torch_outputs(pipe, r["held"])
-    r["text"] = verify.text_reference(pipe, prompts[half:], run.seq)
     r["vae"] = verify.vae_reference(pipe, run.res[1] // pipe.vae_scale_factor)
-    r["e2e_prompts"] = prompts[half:][: run.opts.e2e_samples]
     vs = pipe.vae_scale_factor
     channels = int(pipe.transformer.config.in_channels) // family_facts(run.family).latent_packing
     r["e2e_latents"] = initial_latents(len(r["e2e_prompts"]), E2E_SEED, channels, gen.height // vs, gen.width // vs)
-    r["e2e_images"] = verify.stock_images(pipe, r["e2e_prompts"], gen, r["e2e_latents"])
+    r["e2e_images"] = verify.stock_images(pipe, r["e2e_prompts"], gen, r["e2e_latents"], embeds=r.pop("embeds_e2e"))
 
 
-def _export_graphs(run: _Run, tmp: Path, work: Path) -> tuple[dict[str, Any], QuantReport | None]:
-    """The transformer (fp16 for the INT4 graph; the float32 graph it is checked with), then the text encoders, VAE
-    decoder and tokenizers."""
+def _export_graphs(run: _Run, tmp: Path, work: Path) -> None:
+    """The transformer (fp16 for the INT4 graph; the float32 graph it is checked with), then the VAE decoder."""
     pipe, opts, r = run.pipe, run.opts, run.refs
     run.fp32_bytes = 4 * sum(p.numel() for p in pipe.transformer.parameters())
     run.exporter = ox.auto_exporter(pipe.transformer) if opts.exporter == "auto" else opts.exporter
@@ -302,18 +335,12 @@ def _export_graphs(run: _Run, tmp: Path, work: Path) -> tuple[dict[str, Any], Qu
     pipe.transformer = None  # no PyTorch transformer from here on
     verify.release_memory()
 
-    t5 = run.memory["precisions"].get("t5", "")
-    t5_what = t5.upper() + (f" ({opts.method})" if t5 == "int4" else "")
-    run.say(f"exporting text encoders (CLIP {opts.compute}" + ("" if opts.drop_t5 else f", T5 {t5_what}")
-            + f") and VAE decoder ({opts.compute})")
-    text, t5_rep = _export_text(run, tmp, work, t5)
+    run.say(f"exporting the VAE decoder ({opts.compute})")
     lat_hw = run.res[1] // pipe.vae_scale_factor
     export_vae_decoder(pipe, tmp / "vae_decoder" / "model.onnx", lat_hw, opts.compute)
     if opts.fp32_reference:
         export_vae_decoder(pipe, tmp / "vae_decoder" / "fp32" / "model.onnx", lat_hw)
-    run.refs["tokenizers"] = _tokenizer_entries(pipe, tmp, run.seq)
     pipe.scheduler.save_pretrained(tmp / "scheduler")
-    return text, t5_rep
 
 
 def _export_text(run: _Run, tmp: Path, work: Path, t5: str) -> tuple[dict[str, Any], QuantReport | None]:
@@ -343,7 +370,7 @@ def _export_text(run: _Run, tmp: Path, work: Path, t5: str) -> tuple[dict[str, A
                      "quantization": {"method": rep.method, "block_size": rep.block_size, "quantized": len(rep.quantized),
                                       "excluded": len(rep.excluded),
                                       "max_layer_error": max(rep.layer_error.values(), default=0.0)}}
-    for attr in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+    for attr in TEXT_ENCODERS:
         if getattr(pipe, attr, None) is not None:
             getattr(pipe, attr).to("meta")  # exported: their weights leave memory (the modules stay, for their configs)
     verify.release_memory()

@@ -122,13 +122,14 @@ def fresh_feeds(spec: IOSpec, family: str) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def text_reference(pipe: Any, prompts: list[str], seq: int) -> dict[str, np.ndarray]:
-    """Held-out prompts' token ids (``text/ids/...``) and the pipeline's own ``encode_prompt`` embeddings for them."""
+def text_reference(pipe: Any, prompts: list[str], seq: int, device: Any = None) -> dict[str, np.ndarray]:
+    """Held-out prompts' token ids (``text/ids/...``) and the pipeline's own ``encode_prompt`` embeddings for them
+    (on ``device``, default the transformer's)."""
     import torch
 
     ids = tokenize(pipe, prompts, seq)
     with torch.no_grad():
-        ref = encode(pipe, prompts, seq)
+        ref = encode(pipe, prompts, seq, device=device)
     return {**{f"text/ids/{k}": v for k, v in ids.items()},
             "text/prompt_embeds": ref.prompt_embeds.float().cpu().numpy(), "text/pooled": ref.pooled.float().cpu().numpy()}
 
@@ -146,11 +147,13 @@ def vae_reference(pipe: Any, latent_hw: int) -> dict[str, np.ndarray]:
     return {"vae/latents": lat, "vae/image": ref}
 
 
-def stock_images(pipe: Any, prompts: list[str], gen: Defaults, latents: np.ndarray) -> np.ndarray:
-    """Stock diffusers' images (the original pipeline's own call) from initial noise ``latents``."""
+def stock_images(pipe: Any, prompts: list[str], gen: Defaults, latents: np.ndarray,
+                 embeds: dict[str, Any] | None = None) -> np.ndarray:
+    """Stock diffusers' images (the original pipeline's own call) from initial noise ``latents``; ``embeds``: the
+    call's own prompt embeddings computed earlier (:func:`hpedge.models.sampling.prompt_embeddings`)."""
     import torch
 
-    ref = sample(pipe, prompts, gen, latents=torch.from_numpy(latents))
+    ref = sample(pipe, prompts, gen, latents=torch.from_numpy(latents), embeds=embeds)
     return ref[..., 0] if ref.shape[-1] == 1 else ref
 
 

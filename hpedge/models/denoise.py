@@ -30,10 +30,11 @@ def family_of(obj: Any) -> str:
     raise ValueError(f"unsupported transformer class {tnames[0]}")
 
 
-def encode(pipe: Any, prompts: list[str], max_sequence_length: int, guidance: float | None = None) -> Conditioning:
-    """Text conditioning through the pipeline's own encoders (keeps autograd if enabled), on the
-    transformer's device. ``guidance`` is passed to guidance-distilled FLUX transformers."""
-    device = pipe.transformer.device
+def encode(pipe: Any, prompts: list[str], max_sequence_length: int, guidance: float | None = None,
+           device: Any = None) -> Conditioning:
+    """Text conditioning through the pipeline's own encoders (keeps autograd if enabled), on ``device`` (default:
+    the transformer's). ``guidance`` is passed to guidance-distilled FLUX transformers."""
+    device = pipe.transformer.device if device is None else device
     if family_of(pipe) == "sd3":
         pe, _, pooled, _ = pipe.encode_prompt(
             prompt=prompts,

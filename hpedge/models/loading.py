@@ -97,9 +97,12 @@ def _quiet_loaders() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_pipeline(ref: ModelRef | str, dtype: str = "float32", transformer_as_stored: bool = False) -> Any:
+def load_pipeline(ref: ModelRef | str, dtype: str = "float32", transformer_as_stored: bool = False,
+                  transformer_on_meta: bool = False) -> Any:
     """The pipeline in ``dtype``; with ``transformer_as_stored`` its transformer keeps the dtype its checkpoint stores
-    (a bfloat16 checkpoint stays 2 bytes per parameter: run it through :func:`hpedge.models.precision.fp32_compute`)."""
+    (a bfloat16 checkpoint stays 2 bytes per parameter: run it through :func:`hpedge.models.precision.fp32_compute`);
+    with ``transformer_on_meta`` its transformer is built from its config on the meta device (no weights read:
+    :func:`read_transformer` brings them when they are needed)."""
     import torch
 
     _quiet_loaders()
@@ -113,7 +116,8 @@ def load_pipeline(ref: ModelRef | str, dtype: str = "float32", transformer_as_st
     else:
         from diffusers import FluxPipeline as cls
     try:
-        extra = {"transformer": read_transformer(ref)} if transformer_as_stored else {}
+        extra = ({"transformer": config_transformer(ref)} if transformer_on_meta else
+                 {"transformer": read_transformer(ref)} if transformer_as_stored else {})
         pipe = cls.from_pretrained(ref.path, dtype=getattr(torch, dtype), use_safetensors=True, **extra)
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -164,6 +168,19 @@ def read_safetensors(files: list[Path]) -> dict[str, Any]:
                     raise HpedgeError(f"{f} is truncated (tensor {name})")
                 out[name] = t
     return out
+
+
+def config_transformer(ref: ModelRef) -> Any:
+    """The transformer of pipeline folder ``ref`` from its config alone, on the meta device (buffers too)."""
+    import torch
+
+    assert ref.path is not None
+    cls = transformer_class(ref.family)
+    try:
+        with torch.device("meta"):
+            return cls.from_config(cls.load_config(ref.path / "transformer")).eval()
+    except (OSError, ValueError) as e:
+        raise HpedgeError(f"could not read the transformer config of {ref.path}: {str(e).splitlines()[0][:200]}") from None
 
 
 def read_transformer(ref: ModelRef) -> Any:

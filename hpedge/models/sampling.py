@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -163,13 +165,62 @@ def call_kwargs(pipe: Any, d: Defaults, negative_prompt: str | list[str] | None,
     return kw
 
 
+def prompt_embeddings(pipe: Any, prompts: list[str], d: Defaults, negative_prompt: str | list[str] | None = None,
+                      device: Any = None) -> dict[str, Any]:
+    """What the stock pipeline call for ``prompts`` at defaults ``d`` computes with its text encoders (its own
+    ``encode_prompt``, with the arguments that call passes: negative prompts for CFG, ``max_sequence_length``), as
+    the call's ``*prompt_embeds`` keyword arguments (CPU tensors). :func:`sample` with ``embeds=`` these then
+    runs without the text encoders and gives the same images: an export encodes its prompts, exports the
+    encoders and frees them before the transformer is loaded. ``device``: where the encoders run."""
+    import torch
+
+    n = len(prompts)
+    kw = call_kwargs(pipe, d, negative_prompt, n)
+    with torch.no_grad():
+        if family_of(pipe) == "sd3":
+            cfg = d.guidance_kind == "cfg" and d.guidance > 1
+            pe, npe, pooled, npooled = pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, negative_prompt=kw.get("negative_prompt"),
+                negative_prompt_2=kw.get("negative_prompt_2"), negative_prompt_3=kw.get("negative_prompt_3"),
+                do_classifier_free_guidance=cfg, device=device, max_sequence_length=d.max_sequence_length)
+            out = {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
+            if cfg:
+                out.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=npooled)
+        else:
+            pe, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
+                                               max_sequence_length=d.max_sequence_length)
+            out = {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
+            if "negative_prompt" in kw:  # true CFG: the pipeline encodes the negative prompts the same way
+                npe, npooled, _ = pipe.encode_prompt(prompt=kw["negative_prompt"], prompt_2=None, device=device,
+                                                     max_sequence_length=d.max_sequence_length)
+                out.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=npooled)
+    return {k: v.cpu() for k, v in out.items()}
+
+
+@contextmanager
+def _text_encoders_set_aside(pipe: Any, aside: bool) -> Iterator[None]:
+    """The pipeline without its text encoders while a call with precomputed embeddings runs: they may be gone
+    (an export frees them to the meta device, which diffusers would then report as the pipeline's device)."""
+    kept = {a: getattr(pipe, a) for a in ("text_encoder", "text_encoder_2", "text_encoder_3")
+            if aside and getattr(pipe, a, None) is not None}
+    for a in kept:
+        setattr(pipe, a, None)
+    try:
+        yield
+    finally:
+        for a, m in kept.items():
+            setattr(pipe, a, m)
+
+
 def sample(pipe: Any, prompts: list[str], d: Defaults, seeds: list[int] | None = None, latents: Any = None,
-           negative_prompt: str | list[str] | None = None, output: str = "np", batch_size: int | None = None) -> Any:
+           negative_prompt: str | list[str] | None = None, output: str = "np", batch_size: int | None = None,
+           embeds: dict[str, Any] | None = None) -> Any:
     """Images (N, H, W, C) in [0, 1] as float32 numpy (``output="np"``), or the final latents
     (N, C, h, w) in the VAE's normalised space as a float32 torch tensor (``output="latent"``).
 
     Sample i starts from ``latents[i]`` (unpacked, (C, h, w)) or from the pipeline's own noise drawn with
-    ``torch.Generator().manual_seed(seeds[i])``; the call runs on the pipeline's device and dtype.
+    ``torch.Generator().manual_seed(seeds[i])``; the call runs on the pipeline's device and dtype. ``embeds``:
+    :func:`prompt_embeddings` of these ``prompts`` (and ``negative_prompt``), passed to the call in their place.
     """
     import numpy as np
     import torch
@@ -191,8 +242,12 @@ def sample(pipe: Any, prompts: list[str], d: Defaults, seeds: list[int] | None =
         else:
             kw["generator"] = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + bs]]  # type: ignore[index]
         kw["output_type"] = "latent" if output == "latent" else "np"
-        with torch.no_grad():
-            res = pipe(chunk, **kw).images
+        if embeds is not None:  # the call's own encode_prompt outputs, computed earlier
+            for k in ("negative_prompt", "negative_prompt_2", "negative_prompt_3"):
+                kw.pop(k, None)
+            kw.update({k: v[i : i + bs].to(pipe.transformer.device) for k, v in embeds.items()})
+        with torch.no_grad(), _text_encoders_set_aside(pipe, embeds is not None):
+            res = pipe(None if embeds is not None else chunk, **kw).images
         if output == "latent":
             if flux:
                 res = unpack(res, d.height // pipe.vae_scale_factor, d.width // pipe.vae_scale_factor)

@@ -62,3 +62,29 @@ def test_an_unknown_scheduler_or_wrong_latent_channels_is_one_clear_line(real_pi
     r = CliRunner().invoke(app, ["generate", str(tmp_path / "bad-vae"), "a cat", "-o", str(tmp_path / "y.png"),
                                  "--steps", "1", "--height", "64", "--width", "64"])
     assert "latent channels" in _one_line_error(r)
+
+
+@pytest.mark.parametrize("name,negative", [("sd3.5-medium", None), ("sd3.5-medium", "blurry"), ("flux.1-dev", None),
+                                           ("flux.1-schnell", None)])
+def test_precomputed_prompt_embeddings_give_the_stock_call_s_images(name, negative) -> None:
+    import torch
+
+    from hpedge.models.sampling import prompt_embeddings, sample, with_overrides
+    from hpedge.testing import tiny_pipeline
+
+    pipe = tiny_pipeline(name)
+    pipe.set_progress_bar_config(disable=True)
+    d = with_overrides(defaults(pipe), height=64, width=64, steps=2)
+    prompts = ["a red cube", "two blue spheres"]
+    ref = sample(pipe, prompts, d, seeds=[1, 2], negative_prompt=negative)
+    emb = prompt_embeddings(pipe, prompts, d, negative_prompt=negative)
+    if d.guidance_kind == "cfg":
+        assert "negative_prompt_embeds" in emb
+    for attr in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # the call must not need them
+        if getattr(pipe, attr, None) is not None:
+            getattr(pipe, attr).to("meta")
+    got = sample(pipe, prompts, d, seeds=[1, 2], negative_prompt=negative, embeds=emb)
+    assert torch.equal(torch.from_numpy(got), torch.from_numpy(ref))
+    changed = dict(emb, prompt_embeds=emb["prompt_embeds"] * 1.5)  # and the embeddings are what it used
+    assert not torch.equal(torch.from_numpy(sample(pipe, prompts, d, seeds=[1, 2], negative_prompt=negative,
+                                                   embeds=changed)), torch.from_numpy(ref))
