@@ -88,6 +88,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--results-name", default=None)
     p.add_argument("--transformer-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="how the pipeline folder stores the transformer (published SD3.5 / FLUX.1 checkpoints: bfloat16)")
+    p.add_argument("--t5-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="how the pipeline folder stores T5 (published SD3.5: float16)")
 
 
 def build(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
@@ -110,10 +112,12 @@ def build(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             f" + {cfg['num_single_layers']} single" if "num_single_layers" in cfg else "")
     n = sum(p.numel() for p in part.parameters())
     pipe.transformer.to(getattr(torch, args.transformer_dtype))
+    t5 = pipe.text_encoder_3 if hasattr(pipe, "text_encoder_3") else pipe.text_encoder_2
+    t5.to(getattr(torch, args.t5_dtype))
     pipe.save_pretrained(folder, safe_serialization=True)
     make_stock_loadable(folder)
     return {"what": what, "parameters": n, "fp16_bytes": 2 * n, "fp32_bytes": 4 * n,
-            "transformer_dtype": args.transformer_dtype}
+            "transformer_dtype": args.transformer_dtype, "t5_dtype": args.t5_dtype}
 
 
 def profile_file(args: argparse.Namespace, folder: Path) -> Path:
@@ -256,7 +260,8 @@ def size(args: argparse.Namespace) -> None:
     title = f"Export of a {info['what']} ({info['parameters'] / 1e9:.3f} B parameters)"
     lines = [header(title),
              f"Random weights, built in {built:.0f} s; fp16 bytes {fp16 / 1e9:.2f} GB, fp32 {info['fp32_bytes'] / 1e9:.2f} GB; "
-             f"the folder stores the transformer in {info.get('transformer_dtype', 'float32')}. "
+             f"the folder stores the transformer in {info.get('transformer_dtype', 'float32')}, T5 in "
+             f"{info.get('t5_dtype', 'float32')}. "
              f"Profile: rtx4090 at {args.resolution} px, batch 1; INT4 {args.method}; {args.steps} denoising steps for "
              f"calibration and the end-to-end check. Targets, peak RSS: "
              + "; ".join(f"{step} <= {f:.1f} x fp16 + {extra / 1e9:.0f} GB = {limits[step] / 1e9:.2f} GB"

@@ -235,7 +235,7 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
     text = text_encoder_params(resolve(model, allow_architecture=True), drop_t5)
     needs = {m: export_need(p.params_after, m, text) for m in MEASURED_PEAK}
     avail = available_bytes()
-    console.print("host memory to export it (measured factors of the transformer's fp16 bytes, text encoders in fp32): "
+    console.print("host memory to export it (the larger of the text and transformer phases, measured lines): "
                   + ", ".join(f"{m} {n.need / 1e9:.1f} GB ({n.rule})" for m, n in needs.items())
                   + (f"; this host has {avail / 1e9:.1f} GB available" if avail is not None else ""))
     out["export_host_memory"] = {m: n.to_dict() for m, n in needs.items()}

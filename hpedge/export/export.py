@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import json
 import platform
@@ -49,7 +50,7 @@ from hpedge.models.denoise import family_of
 from hpedge.models.families import family as family_facts
 from hpedge.models.loading import ModelRef, compute_device, drop_t5, load_pipeline, read_transformer, resolve
 from hpedge.models.meta import meta_transformer, text_encoder_params
-from hpedge.models.precision import fp32_compute
+from hpedge.models.precision import fp32_compute, t5_fp32_compute
 from hpedge.models.sampling import Defaults, check_pipeline, prompt_embeddings, sample, with_overrides, zoo_marker
 from hpedge.models.sampling import defaults as sampling_defaults
 from hpedge.prompts import calibration
@@ -223,7 +224,8 @@ def _load(run: _Run) -> None:
     """The pipeline (its transformer from its config alone, weights later), its family, the resolution range and
     the sampling settings of calibration and checks."""
     run.say("loading pipeline (text encoders and VAE; the transformer's config)")
-    pipe = run.pipe = load_pipeline(run.ref, transformer_on_meta=True)
+    # T5 as its checkpoint stores it (16 bits for published SD3.5 and FLUX.1), computed in float32
+    pipe = run.pipe = load_pipeline(run.ref, transformer_on_meta=True, t5_as_stored=True)
     if run.opts.drop_t5:
         drop_t5(pipe)  # diffusers' own T5-less SD3 (zeros in T5's place)
     check_pipeline(pipe)
@@ -252,9 +254,11 @@ def _text(run: _Run, tmp: Path, work: Path) -> tuple[dict[str, Any], QuantReport
     dev = compute_device()
     for m in encoders:
         m.to(dev)
-    r["embeds_calib"] = prompt_embeddings(pipe, prompts[:half], gen, device=dev)
-    r["embeds_held"] = prompt_embeddings(pipe, prompts[half:], gen, device=dev)
-    r["text"] = verify.text_reference(pipe, prompts[half:], run.seq, device=dev)
+    t5 = getattr(pipe, family_facts(run.family).t5_attribute, None)
+    with t5_fp32_compute(t5) if t5 is not None else contextlib.nullcontext():
+        r["embeds_calib"] = prompt_embeddings(pipe, prompts[:half], gen, device=dev)
+        r["embeds_held"] = prompt_embeddings(pipe, prompts[half:], gen, device=dev)
+        r["text"] = verify.text_reference(pipe, prompts[half:], run.seq, device=dev)
     for m in encoders:
         m.to("cpu")
     r["e2e_prompts"] = prompts[half:][: run.opts.e2e_samples]
@@ -349,16 +353,21 @@ def _export_text(run: _Run, tmp: Path, work: Path, t5: str) -> tuple[dict[str, A
     pipe, opts, seq = run.pipe, run.opts, run.seq
     has_t5 = getattr(pipe, family_facts(run.family).t5_attribute) is not None
     if opts.fp32_reference:  # the exact graphs, for the package's fp32 variant (before the encoders are cast)
+        if has_t5:
+            getattr(pipe, family_facts(run.family).t5_attribute).float()  # stored 16-bit: its float32 model (in place)
         for name in ("clip", "t5") if has_t5 else ("clip",):
             export_text_encoder(pipe, name, tmp / f"text/{name}/fp32/model.onnx", seq, "fp32")
     # the references were computed: the graphs come from the pipeline's encoders cast in place, which then go
     enc = {"clip": {"file": "text/clip/model.onnx", "precision": opts.compute,
                     **export_text_encoder(pipe, "clip", tmp / "text" / "clip" / "model.onnx", seq, opts.compute, True)}}
+    t5_attr = family_facts(run.family).t5_attribute
+    _release_encoders(pipe, [a for a in TEXT_ENCODERS if a != t5_attr])
     rep = None
     if has_t5:
         src = work / "t5" / "model.onnx"
         # dynamo: T5's weights streamed to external data (T5-XXL width, 3 blocks: 3.7 GB peak RSS, TorchScript's 6.2 GB)
         entry = export_text_encoder(pipe, "t5", src, seq, opts.compute, True, "dynamo")
+        _release_encoders(pipe, [t5_attr])  # the graph has its weights: not held while they are quantized
         ids = tokenize(pipe, run.prompts[: len(run.prompts) // 2], seq)["t5_ids"]
         dst = tmp / "text" / "t5" / "model.onnx"
         if t5 == "int4":
@@ -370,15 +379,19 @@ def _export_text(run: _Run, tmp: Path, work: Path, t5: str) -> tuple[dict[str, A
                      "quantization": {"method": rep.method, "block_size": rep.block_size, "quantized": len(rep.quantized),
                                       "excluded": len(rep.excluded),
                                       "max_layer_error": max(rep.layer_error.values(), default=0.0)}}
-    for attr in TEXT_ENCODERS:
-        if getattr(pipe, attr, None) is not None:
-            getattr(pipe, attr).to("meta")  # exported: their weights leave memory (the modules stay, for their configs)
-    verify.release_memory()
     if opts.fp32_reference:
         for name, e in enc.items():
             e["fp32_file"] = f"text/{name}/fp32/model.onnx"
     width = int(run.refs["transformer_config"]["joint_attention_dim"])
     return {"encoders": enc, "t5_dropped": "t5" not in enc, "t5_shape": [seq, width]}, rep
+
+
+def _release_encoders(pipe: Any, attrs: list[str]) -> None:
+    """Exported encoders' weights leave memory (the modules stay on the meta device, for their configs)."""
+    for attr in attrs:
+        if getattr(pipe, attr, None) is not None:
+            getattr(pipe, attr).to("meta")
+    verify.release_memory()
 
 
 def _tokenizer_entries(pipe: Any, root: Path, max_sequence_length: int) -> dict[str, Any]:

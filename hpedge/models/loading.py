@@ -14,6 +14,7 @@ from typing import Any
 from hpedge.errors import HpedgeError
 from hpedge.models.architectures import ARCHITECTURES, build_on_meta, transformer_class
 from hpedge.models.denoise import family_of
+from hpedge.models.families import family as family_facts
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo" / "models"
 ZOO = {"digits-sd3": "digits-sd3", "digits-flux": "digits-flux"}
@@ -98,11 +99,12 @@ def _quiet_loaders() -> None:
 
 
 def load_pipeline(ref: ModelRef | str, dtype: str = "float32", transformer_as_stored: bool = False,
-                  transformer_on_meta: bool = False) -> Any:
+                  transformer_on_meta: bool = False, t5_as_stored: bool = False) -> Any:
     """The pipeline in ``dtype``; with ``transformer_as_stored`` its transformer keeps the dtype its checkpoint stores
     (a bfloat16 checkpoint stays 2 bytes per parameter: run it through :func:`hpedge.models.precision.fp32_compute`);
     with ``transformer_on_meta`` its transformer is built from its config on the meta device (no weights read:
-    :func:`read_transformer` brings them when they are needed)."""
+    :func:`read_transformer` brings them when they are needed); with ``t5_as_stored`` (and one of those) T5 keeps
+    its checkpoint's dtype too (:func:`read_text_encoders`)."""
     import torch
 
     _quiet_loaders()
@@ -118,6 +120,9 @@ def load_pipeline(ref: ModelRef | str, dtype: str = "float32", transformer_as_st
     try:
         extra = ({"transformer": config_transformer(ref)} if transformer_on_meta else
                  {"transformer": read_transformer(ref)} if transformer_as_stored else {})
+        if transformer_on_meta or transformer_as_stored:  # the text encoders too, without a memory map
+            t5 = (family_facts(ref.family).t5_attribute,) if t5_as_stored else ()
+            extra.update(read_text_encoders(ref, getattr(torch, dtype), t5))
         pipe = cls.from_pretrained(ref.path, dtype=getattr(torch, dtype), use_safetensors=True, **extra)
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -130,14 +135,54 @@ SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+def _weight_files(folder: Path, stem: str = "diffusion_pytorch_model") -> list[Path]:
+    index = folder / f"{stem}.safetensors.index.json"
     if index.exists():
         return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    single = folder / "diffusion_pytorch_model.safetensors"
+    single = folder / f"{stem}.safetensors"
     if not single.exists():
-        raise HpedgeError(f"{folder} has no diffusion_pytorch_model.safetensors (nor its .index.json)")
+        raise HpedgeError(f"{folder} has no {stem}.safetensors (nor its .index.json)")
     return [single]
+
+
+TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def read_text_encoders(ref: ModelRef, dtype: Any, as_stored: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The pipeline folder's text encoders (transformers models, by ``model_index.json``), read as
+    :func:`read_transformer` reads the transformer (plain reads, no memory map left behind) and cast to ``dtype``
+    in place: from_pretrained's memory map of T5-XXL stayed counted beside the float32 copy (measured at T5-XXL
+    width, 6 blocks: 3.5 GB of file-backed pages during the text export). Encoders named in ``as_stored`` keep
+    the dtype their checkpoint stores (T5-XXL in 16 bits: 9.5 GB, not 19; compute it with
+    :func:`hpedge.models.precision.t5_fp32_compute`)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    assert ref.path is not None
+    index = json.loads((ref.path / "model_index.json").read_text())
+    out = {}
+    for attr in TEXT_ENCODER_ATTRS:
+        lib, name = (index.get(attr) or [None, None])[:2]
+        if lib != "transformers" or not name or not (ref.path / attr).is_dir():
+            continue
+        cls = getattr(transformers, name)
+        folder = ref.path / attr
+        try:
+            config = cls.config_class.from_pretrained(folder)
+            with init_empty_weights():
+                model = cls(config)
+            state = read_safetensors(_weight_files(folder, "model"))
+            result = model.load_state_dict(state, strict=False, assign=True)
+            del state
+            model.tie_weights()  # T5's encoder.embed_tokens is its shared embedding, stored once
+        except (OSError, ValueError, RuntimeError) as e:
+            raise HpedgeError(f"could not load {attr} of {ref.path}: {str(e).splitlines()[0][:200]}") from None
+        left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+        if result.unexpected_keys or left:
+            raise HpedgeError(f"{folder}: the checkpoint does not match {name} (unexpected "
+                              f"{result.unexpected_keys[:3]}, missing {left[:3]})")
+        out[attr] = (model if attr in as_stored else model.to(dtype)).eval()
+    return out
 
 
 def read_safetensors(files: list[Path]) -> dict[str, Any]:

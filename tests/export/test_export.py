@@ -129,8 +129,20 @@ def test_a_bfloat16_checkpoint_is_held_in_bfloat16_and_checked_through_the_widen
     shutil.copytree(random_sd3, folder)
     t = SD3Transformer2DModel.from_pretrained(random_sd3, subfolder="transformer")
     t.to(torch.bfloat16).save_pretrained(folder / "transformer")
+    from transformers import T5EncoderModel  # T5 stored in fp16, as SD3.5 publishes it: held so, computed in float32
+
+    T5EncoderModel.from_pretrained(random_sd3 / "text_encoder_3").half().save_pretrained(folder / "text_encoder_3")
+    seen = {}
+    real_text = export_module._export_text
+
+    def spy(run, *a):  # T5 as the export holds it while prompts are encoded
+        seen["t5"] = next(run.pipe.text_encoder_3.parameters()).dtype
+        return real_text(run, *a)
+
+    monkeypatch.setattr(export_module, "_export_text", spy)
     m = export(str(folder), tmp_path / "pkg", ExportOptions(target="rtx4090", method="rtn", calibration_prompts=1,
                                                             e2e_samples=1, engine="skip"))
+    assert seen["t5"] == torch.float16
     assert m["components"]["transformer"]["storage"] == "bfloat16" and m["parity"]["passed"]
     assert m["components"]["transformer"]["fp32_check"].startswith("fp16 graph widened to float32")
     assert any("widened" in name for name in m["parity"]["checks"])

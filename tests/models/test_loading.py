@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpedge.models.loading import ZOO_DIR
+from hpedge.models.loading import ZOO_DIR, load_pipeline
 
 from ..conftest import zoo_available
 
@@ -55,3 +55,20 @@ def test_read_transformer_is_from_pretrained_without_a_memory_map(tmp_path: Path
     a, b = got.state_dict(), stock.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in b)
     assert not any(t.is_meta for t in [*got.parameters(), *got.buffers()])
+
+
+def test_text_encoders_read_without_a_memory_map_equal_from_pretrained_s(real_pipelines) -> None:
+    import torch
+
+    for name in ("sd3.5-medium", "flux.1-dev"):
+        stock = load_pipeline(str(real_pipelines[name]))
+        ours = load_pipeline(str(real_pipelines[name]), transformer_on_meta=True)
+        assert next(ours.transformer.parameters()).device.type == "meta"
+        for attr in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            a, b = getattr(stock, attr, None), getattr(ours, attr, None)
+            if a is None:
+                continue
+            assert type(a) is type(b)
+            sa, sb = a.state_dict(), b.state_dict()
+            assert sa.keys() == sb.keys()
+            assert all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa), (name, attr)

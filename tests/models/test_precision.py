@@ -43,3 +43,30 @@ def test_fp32_compute_leaves_a_float32_model_alone() -> None:
         assert not lin._forward_pre_hooks
         y = lin(torch.ones(1, 4))
     assert y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name,dtype", [("sd3.5-large", "float16"), ("flux.1-dev", "bfloat16")])
+def test_t5_stored_in_16_bits_encodes_prompts_as_its_float32_model(name, dtype) -> None:
+    import copy
+
+    import torch
+
+    from hpedge.models.families import family as family_facts
+    from hpedge.models.precision import t5_fp32_compute
+    from hpedge.models.sampling import defaults, prompt_embeddings
+    from hpedge.testing import tiny_pipeline
+
+    pipe = tiny_pipeline(name)
+    attr = family_facts("sd3" if name.startswith("sd3") else "flux").t5_attribute
+    stored = getattr(pipe, attr).to(getattr(torch, dtype))
+    setattr(pipe, attr, copy.deepcopy(stored).float())  # the float32 model of the same 16-bit weights
+    d = defaults(pipe)
+    prompts = ["a red cube", "two blue spheres on the left"]
+    ref = prompt_embeddings(pipe, prompts, d)
+    setattr(pipe, attr, stored)
+    with t5_fp32_compute(stored):
+        got = prompt_embeddings(pipe, prompts, d)
+    assert all(torch.equal(got[k], ref[k]) and got[k].dtype == torch.float32 for k in ref)
+    assert next(stored.parameters()).dtype == getattr(torch, dtype)  # stored as it was
+    plain = prompt_embeddings(pipe, prompts, d)  # without it: diffusers casts T5's output to 16 bits
+    assert plain["prompt_embeds"].dtype != torch.float32 or not torch.equal(plain["prompt_embeds"], ref["prompt_embeds"])
