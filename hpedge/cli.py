@@ -34,7 +34,7 @@ from hpedge.io import atomic_file
 from hpedge.models.adapters import describe
 from hpedge.models.loading import compute_device, load_pipeline, load_transformer, resolve
 from hpedge.models.loading import drop_t5 as without_t5
-from hpedge.models.meta import text_encoder_params
+from hpedge.models.meta import text_encoder_held_bytes
 from hpedge.models.sampling import defaults, defaults_of_ref, sample, with_overrides
 from hpedge.runtime import Package
 from hpedge.targets.host import MEASURED_PEAK, available_bytes, export_need
@@ -232,7 +232,7 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
     use_pwp, why = resolve_pwp(p.remove, p.num_blocks, DistillSettings(pwp=pwp))
     console.print(f"compress: {why}")
     out["pwp"] = {"used": use_pwp, "why": why}
-    text = text_encoder_params(resolve(model, allow_architecture=True), drop_t5)
+    text = text_encoder_held_bytes(resolve(model, allow_architecture=True), drop_t5)
     needs = {m: export_need(p.params_after, m, text) for m in MEASURED_PEAK}
     avail = available_bytes()
     console.print("host memory to export it (the larger of the text and transformer phases, measured lines): "

@@ -49,7 +49,7 @@ from hpedge.models import adapters
 from hpedge.models.denoise import family_of
 from hpedge.models.families import family as family_facts
 from hpedge.models.loading import ModelRef, compute_device, drop_t5, load_pipeline, read_transformer, resolve
-from hpedge.models.meta import meta_transformer, text_encoder_params
+from hpedge.models.meta import meta_transformer, text_encoder_held_bytes
 from hpedge.models.precision import fp32_compute, t5_fp32_compute
 from hpedge.models.sampling import Defaults, check_pipeline, prompt_embeddings, sample, with_overrides, zoo_marker
 from hpedge.models.sampling import defaults as sampling_defaults
@@ -216,7 +216,7 @@ def _prepare(model: str, out: Path, opts: ExportOptions, say: Callable[[str], No
     memory = fp.to_dict()
     # nor one this host is measured to run out of memory exporting
     memory["host"] = check_host(adapters.numel(meta_transformer(ref)), opts.method, opts.ignore_host_memory,
-                                text_encoder_params(ref, opts.drop_t5))
+                                text_encoder_held_bytes(ref, opts.drop_t5))
     return _Run(model, opts, profile, ref, memory, build_now, engine_reason, say, t0)
 
 

@@ -58,7 +58,26 @@ def meta_components(ref: Any) -> dict[str, Any]:
     return out
 
 
-def text_encoder_params(ref: Any, drop_t5: bool = False) -> int:
-    """Parameters of the text encoders a resolved model's export loads (T5 left out with ``drop_t5``)."""
-    return sum(sum(p.numel() for p in m.parameters()) for name, m in meta_components(ref).items()
-               if name != "vae" and not (drop_t5 and name == "t5"))
+def text_encoder_held_bytes(ref: Any, drop_t5: bool = False) -> int:
+    """Bytes of the text encoders as an export holds them while it encodes prompts: CLIP in float32 (4 bytes a
+    parameter), T5 as its checkpoint stores it (2 bytes for the published 16-bit T5; a folder's float32 T5: 4)."""
+    parts = {name: sum(p.numel() for p in m.parameters()) for name, m in meta_components(ref).items()
+             if name != "vae" and not (drop_t5 and name == "t5")}
+    t5_size = 2
+    if "t5" in parts and ref.path is not None:
+        t5_size = _stored_element_size(Path(ref.path) / family_facts(ref.family).t5_attribute) or 2
+    return sum(n * (t5_size if name == "t5" else 4) for name, n in parts.items())
+
+
+def _stored_element_size(folder: Path) -> int | None:
+    """Bytes per value of the first floating tensor of ``folder``'s safetensors checkpoint (its header alone)."""
+    import struct
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    with files[0].open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    sizes = {"F32": 4, "F16": 2, "BF16": 2}
+    return next((sizes[e["dtype"]] for k, e in header.items() if k != "__metadata__" and e["dtype"] in sizes), None)
