@@ -75,7 +75,7 @@ def quant_method(args: argparse.Namespace) -> None:
         for label, model in models:
             digits = zoo_marker(resolve(model).path).get("evaluator") == "digits"
             row: dict[str, Any] = {"model": label, "methods": {}}
-            for method in METHODS:
+            for method in args.methods:
                 out = tmp / f"{len(rows)}-{method}"
                 t = time.time()
                 m = export(model, out, ExportOptions(target=args.target, engine="skip", method=method, fp32_reference=True,
@@ -84,18 +84,20 @@ def quant_method(args: argparse.Namespace) -> None:
                      "checks": _checks(out)}
                 if digits:
                     r["digits"] = _digits_result(out, "int4_cpu", f"{label} {method} int4_cpu")
-                    if method == METHODS[0]:
+                    if "fp32_digits" not in row:
                         row["fp32_digits"] = _digits_result(out, "fp32", f"{label} fp32 graphs")
                 row["methods"][method] = r
                 print(f"{label} {method}: {json.dumps(r['checks'])} ({r['export_seconds']} s)", flush=True)
             if digits:
                 ref = row["fp32_digits"]
-                for method in METHODS:
+                for method in args.methods:
                     row["methods"][method]["vs_fp32"] = paired_ratio(ref, row["methods"][method]["digits"])
-                row["awq_lead_over_rtn"] = paired_difference(ref, row["methods"]["awq_clip"]["digits"],
-                                                             row["methods"]["rtn"]["digits"])
-                row["awq_lead_over_modelopt"] = paired_difference(ref, row["methods"]["awq_clip"]["digits"],
-                                                                  row["methods"]["awq_clip_modelopt"]["digits"])
+                ms = row["methods"]
+                if "awq_clip" in ms and "rtn" in ms:
+                    row["awq_lead_over_rtn"] = paired_difference(ref, ms["awq_clip"]["digits"], ms["rtn"]["digits"])
+                if "awq_clip" in ms and "awq_clip_modelopt" in ms:
+                    row["awq_lead_over_modelopt"] = paired_difference(ref, ms["awq_clip"]["digits"],
+                                                                      ms["awq_clip_modelopt"]["digits"])
             rows.append(row)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,5 +139,6 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("quant-method")
     p.add_argument("models", nargs="*", default=[], help="pipeline folders or zoo names")
     p.add_argument("--midsize", action="store_true", help="also the mid-size random-weight SD3 pipeline")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="INT4 methods compared")
     p.add_argument("--target", default="rtx4090")
     p.add_argument("--name", default="quant-method")
