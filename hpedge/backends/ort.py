@@ -16,8 +16,13 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def session(path: str | Path, device: str = "auto", threads: int | None = None, low_memory: bool = False) -> Any:
+def session(path: str | Path, device: str = "auto", threads: int | None = None, low_memory: bool = False,
+            arena: bool = True) -> Any:
     """An InferenceSession on CUDA when asked for (or 'auto' and present), else CPU.
+
+    ``arena=False``: no CPU memory arena nor memory pattern, so a run's intermediates go back when it ends (the
+    arena keeps a run's peak for the next run: right for a transformer's many steps, not for a VAE decoder whose
+    one run at 1024 px needs 2.2 GB of attention scores on the CPU provider).
 
     ``low_memory``: no pre-packed weight copies (``session.disable_prepacking``): the weights of a file with
     page-aligned external data then stay memory-mapped (file-backed pages the kernel can drop) instead of being
@@ -40,6 +45,9 @@ def session(path: str | Path, device: str = "auto", threads: int | None = None, 
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    if not arena:
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
     if low_memory:
         opts.add_session_config_entry("session.disable_prepacking", "1")
         opts.enable_cpu_mem_arena = False

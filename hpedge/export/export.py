@@ -1,15 +1,18 @@
 """``hpedge export``: pipeline folder -> verified package for a device profile, as a sequence of named stages.
 
-1. :func:`_capture` -- calibration inputs from real denoising runs of the pipeline (never random data) and every
-   PyTorch reference (transformer on held-out inputs, text encoders, VAE, end-to-end images). The transformer is
-   held as its checkpoint stores it (bfloat16 for the published models) and computed in float32
+1. :func:`_text` -- before the transformer's weights are read: every prompt the export samples with is encoded as
+   the stock pipeline call encodes it (T5 held as stored and computed in float32), the text encoders' reference
+   taken, and the encoders exported (T5 quantized) and freed, so that they never share memory with the transformer;
+2. :func:`_capture` -- calibration inputs from real denoising runs of the pipeline (never random data), one batch
+   row each, and the transformer's, VAE's and end-to-end PyTorch references. The transformer is held as its
+   checkpoint stores it (bfloat16 for the published models) and computed in float32
    (:func:`hpedge.models.precision.fp32_compute`): the exact numbers of a float32 model, at 2 bytes per parameter;
-2. :func:`_export_graphs` -- the transformer exported in fp16 (cast in place), checked element-wise in float32
+   :func:`_export_graphs` -- the transformer exported in fp16 (cast in place), checked element-wise in float32
    against PyTorch on fresh inputs before anything else runs: through an exported float32 graph while its weights
    fit protobuf's limit (or with ``--compute fp32`` / ``--fp32-reference``), above it through the fp16 graph
    widened to float32 (:mod:`hpedge.export.widen`, the same weights on disk) against the fp16 weights computed in
    float32, so that no float32 copy of a large model is ever made. The PyTorch transformer leaves memory right
-   after, so no ONNX Runtime session or quantizer ever runs beside it. Then the text encoding and the VAE decoder;
+   after, so no ONNX Runtime session or quantizer ever runs beside it. Then the VAE decoder;
 3. :func:`_quantize` -- INT4 (hpedge's streamed AWQ-clip or RTN, or ModelOpt's AWQ) of the graph TensorRT builds from: its
    engine is strongly typed, so the graph's types (``--compute``) decide the kernels; ``int4_cpu`` (ONNX
    Runtime's CPU provider) is made from the very same 4-bit weights and scales (:mod:`hpedge.export.cpu_int4`);

@@ -304,7 +304,7 @@ def sample_activations(onnx_path: Path, inputs: dict[str, int], feeds: list[dict
     del model
     rows: dict[str, list[np.ndarray]] = {n: [] for n in outs}
     try:
-        sess = ort.session(view, "cpu", low_memory=True)
+        sess = ort.session(view, "auto", low_memory=True)  # CUDA where ONNX Runtime has it and a GPU is present
         names = [i.name for i in sess.get_inputs()]
         order = list(outs)
         for feed in feeds:

@@ -84,7 +84,10 @@ class Package:
 
     def _session(self, rel: str) -> Any:
         if rel not in self._sessions:
-                self._sessions[rel] = ort.session(self.root / rel, self.device)
+            # the VAE decoder runs once per image, with the largest intermediates (attention over every latent
+            # pixel): its memory goes back after each run instead of staying in an arena
+            vae = rel == self._file(self.manifest["components"]["vae_decoder"])
+            self._sessions[rel] = ort.session(self.root / rel, self.device, arena=not vae)
         return self._sessions[rel]
 
     def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
