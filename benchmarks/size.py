@@ -81,6 +81,7 @@ def add_parser(sub: Any) -> None:
                    help="instead: a T5-XXL-width encoder with this many blocks through the INT4 text export")
     p.add_argument("--fixtures", action="store_true",
                    help="instead: the five real-configuration test pipelines, default export settings for rtx4090")
+    p.add_argument("--names", nargs="+", default=None, help="with --fixtures: these test pipelines only")
     p.add_argument("--work", type=Path, required=True, help="folder for the pipeline and the package (several GB)")
     p.add_argument("--method", default="awq_clip")
     p.add_argument("--steps", type=int, default=2, help="denoising steps of the calibration runs and the end-to-end check")
@@ -191,7 +192,7 @@ def fixtures(args: argparse.Namespace) -> None:
 
     work = args.work.resolve()
     rows, results = [], {}
-    for name in NAMES:
+    for name in args.names or NAMES:
         folder, package = work / name / "pipeline", work / name / "package"
         if not (folder / "model_index.json").exists():
             save_tiny_pipeline(name, folder)
@@ -205,6 +206,10 @@ def fixtures(args: argparse.Namespace) -> None:
         rows.append({"fixture": name, "seconds": sum(r["seconds"] for r in stages), "peak_rss": top["peak_rss"],
                      "peak_anon": max(r["peak_anon"] for r in stages), "peak_stage": top["stage"], "stages": stages})
         print(name, f"{top['peak_rss'] / 1e9:.2f} GB", f"rc {rc}", flush=True)
+        _fixtures_report(args, rows, results)  # after each fixture: a stopped run keeps what it measured
+
+
+def _fixtures_report(args: argparse.Namespace, rows: list[dict[str, Any]], results: dict[str, Any]) -> None:
     lines = [header("Default export of the real-configuration test pipelines for rtx4090 (its own ranges)"),
              "Each of the five test pipelines (tiny widths, the real architectures' configurations) through `hpedge export "
              "PIPELINE --target rtx4090` with every other setting at its default: 256-1344 px and batch 1-4 engines, "
