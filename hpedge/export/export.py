@@ -131,10 +131,8 @@ class _Run:
 def capture_inputs(pipe: Any, prompts: list[str], gen: Defaults, names: list[str], seed: int,
                    every: int = 4, embeds: dict[str, Any] | None = None) -> list[dict[str, np.ndarray]]:
     """Transformer inputs recorded during real denoising runs (every ``every``-th call) at sampling
-    defaults ``gen``: with CFG, the [negative, positive] batch the pipeline really feeds the transformer, each row
-    returned as an input of its own (batch 1). Every ONNX Runtime run of the export (the fp32 check, AWQ-clip's
-    activation rows, parity) then holds one sample's activations: attention scores grow with batch x tokens^2
-    (the calibration batch of 8 prompts with CFG is 16 rows; one SD3.5 Large row at 1024 px is 3 GB of scores)."""
+    defaults ``gen``: with CFG, the [negative, positive] batch the pipeline really feeds the transformer (parity
+    judges each such batch; AWQ-clip's activation sampling runs them one row at a time, :func:`rows_of`)."""
     feeds: list[dict[str, np.ndarray]] = []
     counter = {"n": 0}
 
@@ -151,15 +149,7 @@ def capture_inputs(pipe: Any, prompts: list[str], gen: Defaults, names: list[str
     for f in feeds:  # the pipeline passes one guidance value per sample; the graph takes one per batch row
         if "guidance" in names and "guidance" in f and f["guidance"].shape[0] != f["hidden_states"].shape[0]:
             f["guidance"] = np.broadcast_to(f["guidance"], (f["hidden_states"].shape[0],)).astype(np.float32)
-    return [split for f in feeds for split in rows_of(f)]
-
-
-def rows_of(feed: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """A batched transformer input as one input per batch row; inputs without the batch axis (FLUX's 2-D position
-    ids) are shared by every row."""
-    n = feed["hidden_states"].shape[0]
-    batched = {k for k, v in feed.items() if v.ndim > 0 and v.shape[0] == n and not k.endswith("_ids")}
-    return [{k: np.ascontiguousarray(v[i : i + 1]) if k in batched else v for k, v in feed.items()} for i in range(n)]
+    return feeds
 
 
 def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:

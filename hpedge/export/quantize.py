@@ -256,6 +256,16 @@ def clip_search(x: np.ndarray, w: np.ndarray, block_size: int, ratios: tuple[flo
     return ratio
 
 
+def rows_of(feed: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """A batched transformer input as one input per batch row; inputs without the batch axis (FLUX's 2-D position
+    ids) are shared by every row."""
+    n = feed["hidden_states"].shape[0] if "hidden_states" in feed else 1
+    batched = {k for k, v in feed.items() if v.ndim > 0 and v.shape[0] == n and not k.endswith("_ids")}
+    if n == 1 or not batched:
+        return [feed]
+    return [{k: np.ascontiguousarray(v[i : i + 1]) if k in batched else v for k, v in feed.items()} for i in range(n)]
+
+
 def sample_activations(onnx_path: Path, inputs: dict[str, int], feeds: list[dict[str, np.ndarray]],
                        tokens: int = CLIP_TOKENS) -> dict[str, np.ndarray]:
     """Rows of the activations ``inputs`` (tensor name -> its width K) of graph ``onnx_path`` over the calibration
@@ -267,6 +277,9 @@ def sample_activations(onnx_path: Path, inputs: dict[str, int], feeds: list[dict
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    # one batch row per run: a run holds one sample's activations (attention scores grow with batch x tokens^2;
+    # the calibration batch of 8 prompts with CFG is 16 rows, one SD3.5 Large row at 1024 px 3 GB of scores)
+    feeds = [row for f in feeds for row in rows_of(f)]
     model = onnx.load(str(onnx_path), load_external_data=False)
     g = model.graph
     per_feed = max(1, -(-tokens // max(1, len(feeds))))
