@@ -51,7 +51,15 @@ from hpedge.io import atomic_dir, check_parent
 from hpedge.models import adapters
 from hpedge.models.denoise import family_of
 from hpedge.models.families import family as family_facts
-from hpedge.models.loading import ModelRef, compute_device, drop_t5, load_pipeline, read_transformer, resolve
+from hpedge.models.loading import (
+    TEXT_ENCODER_ATTRS,
+    ModelRef,
+    compute_device,
+    drop_t5,
+    load_pipeline,
+    read_transformer,
+    resolve,
+)
 from hpedge.models.meta import meta_transformer, text_encoder_held_bytes
 from hpedge.models.precision import fp32_compute, t5_fp32_compute
 from hpedge.models.sampling import Defaults, check_pipeline, prompt_embeddings, sample, with_overrides, zoo_marker
@@ -71,7 +79,6 @@ REFERENCE_SAMPLES = 2
 # float32 instead of an exported float32 graph (protobuf's limit, where the exporters change too)
 FP32_CHECK_GRAPH_LIMIT = ox.PROTOBUF_LIMIT
 E2E_SEED = 5
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass
@@ -243,7 +250,7 @@ def _text(run: _Run, tmp: Path, work: Path) -> tuple[dict[str, Any], QuantReport
     prompts, _ = calibration(evaluator_for(run.ref.path), 2 * run.opts.calibration_prompts, seed=21)
     half = len(prompts) // 2
     run.prompts = prompts
-    encoders = [m for m in (getattr(pipe, a, None) for a in TEXT_ENCODERS) if m is not None]
+    encoders = [m for m in (getattr(pipe, a, None) for a in TEXT_ENCODER_ATTRS) if m is not None]
     dev = compute_device()
     for m in encoders:
         m.to(dev)
@@ -354,7 +361,7 @@ def _export_text(run: _Run, tmp: Path, work: Path, t5: str) -> tuple[dict[str, A
     enc = {"clip": {"file": "text/clip/model.onnx", "precision": opts.compute,
                     **export_text_encoder(pipe, "clip", tmp / "text" / "clip" / "model.onnx", seq, opts.compute, True)}}
     t5_attr = family_facts(run.family).t5_attribute
-    _release_encoders(pipe, [a for a in TEXT_ENCODERS if a != t5_attr])
+    _release_encoders(pipe, [a for a in TEXT_ENCODER_ATTRS if a != t5_attr])
     rep = None
     if has_t5:
         src = work / "t5" / "model.onnx"
