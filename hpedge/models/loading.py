@@ -98,13 +98,12 @@ def _quiet_loaders() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_pipeline(ref: ModelRef | str, dtype: str = "float32", transformer_as_stored: bool = False,
-                  transformer_on_meta: bool = False, t5_as_stored: bool = False) -> Any:
-    """The pipeline in ``dtype``; with ``transformer_as_stored`` its transformer keeps the dtype its checkpoint stores
-    (a bfloat16 checkpoint stays 2 bytes per parameter: run it through :func:`hpedge.models.precision.fp32_compute`);
-    with ``transformer_on_meta`` its transformer is built from its config on the meta device (no weights read:
-    :func:`read_transformer` brings them when they are needed); with ``t5_as_stored`` (and one of those) T5 keeps
-    its checkpoint's dtype too (:func:`read_text_encoders`)."""
+def load_pipeline(ref: ModelRef | str, dtype: str = "float32", transformer_on_meta: bool = False,
+                  t5_as_stored: bool = False) -> Any:
+    """The pipeline in ``dtype``; with ``transformer_on_meta`` its transformer is built from its config on the meta
+    device (no weights read: :func:`read_transformer` brings them as stored when they are needed) and its text
+    encoders are read without a memory map (:func:`read_text_encoders`), T5 in its checkpoint's dtype with
+    ``t5_as_stored``."""
     import torch
 
     _quiet_loaders()
@@ -118,9 +117,8 @@ def load_pipeline(ref: ModelRef | str, dtype: str = "float32", transformer_as_st
     else:
         from diffusers import FluxPipeline as cls
     try:
-        extra = ({"transformer": config_transformer(ref)} if transformer_on_meta else
-                 {"transformer": read_transformer(ref)} if transformer_as_stored else {})
-        if transformer_on_meta or transformer_as_stored:  # the text encoders too, without a memory map
+        extra = {"transformer": config_transformer(ref)} if transformer_on_meta else {}
+        if transformer_on_meta:  # the text encoders read without a memory map
             t5 = (family_facts(ref.family).t5_attribute,) if t5_as_stored else ()
             extra.update(read_text_encoders(ref, getattr(torch, dtype), t5))
         pipe = cls.from_pretrained(ref.path, dtype=getattr(torch, dtype), use_safetensors=True, **extra)
