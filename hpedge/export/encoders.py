@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from hpedge.errors import HpedgeError
+from hpedge.export.attention_chunks import chunk_attention, chunks_for
 from hpedge.export.onnx_export import COMPUTE_DTYPES, _export, half_copy
 from hpedge.models.denoise import family_of
 
@@ -128,11 +129,16 @@ def export_text_encoder(pipe: Any, which: str, path: Path, max_sequence_length: 
     return {"inputs": names, "outputs": outputs, "compute": dtype}
 
 
-def export_vae_decoder(pipe: Any, path: Path, latent_hw: int, dtype: str = "fp32") -> None:
+def export_vae_decoder(pipe: Any, path: Path, latent_hw: int | tuple[int, int, int], dtype: str = "fp32") -> int:
+    """Export the VAE decoder (float32 latents in, image in [0, 1] out) computing in ``dtype``, traced at the
+    opt latent size; ``latent_hw``: that size, or the (min, opt, max) range the package covers, from which the
+    mid-block's attention over every latent pixel is split into blocks of queries
+    (:mod:`hpedge.export.attention_chunks`). Returns the number of blocks (1: not split)."""
     import torch
 
     if dtype not in COMPUTE_DTYPES:
         raise HpedgeError(f"unknown compute dtype {dtype!r} for the VAE decoder (choose from {', '.join(COMPUTE_DTYPES)})")
+    lo, opt, hi = (latent_hw, latent_hw, latent_hw) if isinstance(latent_hw, int) else latent_hw
     half = dtype == "fp16"
     vae = half_copy(pipe.vae) if half else pipe.vae
 
@@ -146,7 +152,18 @@ def export_vae_decoder(pipe: Any, path: Path, latent_hw: int, dtype: str = "fp32
             img = self.vae.decode(z, return_dict=False)[0]
             return (img / 2 + 0.5).clamp(0, 1).float()
 
+    attends = bool(pipe.vae.config.get("mid_block_add_attention", True))
+    chunks = chunks_for(lo * lo, hi * hi) if attends else 1
+
+    def split_attention(graph: Any) -> None:
+        found = chunk_attention(graph, chunks)
+        if chunks > 1 and found != 1:  # the decoder has one attention (its mid block)
+            raise HpedgeError(f"the exported VAE decoder has {found} attention chains of the form MatMul -> Softmax "
+                              "-> MatMul where 1 was expected: this torch / diffusers exports its attention "
+                              "differently, and a decode at large sizes would hold every score at once")
+
     c = vae.config.latent_channels
-    args = (torch.randn(1, c, latent_hw, latent_hw),)
+    args = (torch.randn(1, c, opt, opt),)
     axes = {"latents": {0: "batch", 2: "height", 3: "width"}, "image": {0: "batch", 2: "img_height", 3: "img_width"}}
-    _export(Decoder().eval(), args, path, ["latents"], ["image"], axes, "legacy")
+    _export(Decoder().eval(), args, path, ["latents"], ["image"], axes, "legacy", edit=split_attention)
+    return chunks

@@ -340,10 +340,14 @@ def _export_graphs(run: _Run, tmp: Path, work: Path) -> None:
     verify.release_memory()
 
     run.say(f"exporting the VAE decoder ({opts.compute})")
-    lat_hw = run.res[1] // pipe.vae_scale_factor
-    export_vae_decoder(pipe, tmp / "vae_decoder" / "model.onnx", lat_hw, opts.compute)
+    f = pipe.vae_scale_factor
+    lat = (run.res[0] // f, run.res[1] // f, run.res[2] // f)
+    chunks = export_vae_decoder(pipe, tmp / "vae_decoder" / "model.onnx", lat, opts.compute)
+    if chunks > 1:
+        run.say(f"the VAE decoder's attention runs in {chunks} blocks of queries (exact; its scores are held a "
+                "block at a time)")
     if opts.fp32_reference:
-        export_vae_decoder(pipe, tmp / "vae_decoder" / "fp32" / "model.onnx", lat_hw)
+        export_vae_decoder(pipe, tmp / "vae_decoder" / "fp32" / "model.onnx", lat)
     pipe.scheduler.save_pretrained(tmp / "scheduler")
 
 

@@ -12,6 +12,7 @@ one bakes its rotary-embedding shapes into the graph. Weights above 256 MB go to
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,9 +160,11 @@ def transformer_spec(pipe: Any, res: tuple[int, int, int], batch: tuple[int, int
 
 
 def _export(module: Any, args: tuple[Any, ...], path: Path, names: list[str], outputs: list[str],
-            dynamic_axes: dict[str, dict[int, str]], exporter: str, dynamic_shapes: Any = None) -> None:
-    """torch.onnx.export into a scratch folder, no-op Casts dropped, then :func:`save_onnx` to ``path``: the
-    weights are streamed from the exporter's external data (where it wrote any), never loaded as a whole."""
+            dynamic_axes: dict[str, dict[int, str]], exporter: str, dynamic_shapes: Any = None,
+            edit: Callable[[Any], None] | None = None) -> None:
+    """torch.onnx.export into a scratch folder, no-op Casts dropped, ``edit`` applied to the graph (a
+    ``ModelProto`` without its weights' bytes), then :func:`save_onnx` to ``path``: the weights are streamed from
+    the exporter's external data (where it wrote any), never loaded as a whole."""
     import onnx
     import torch
 
@@ -183,6 +186,8 @@ def _export(module: Any, args: tuple[Any, ...], path: Path, names: list[str], ou
             del node.metadata_props[:]
             node.doc_string = ""
         drop_noop_casts(light, light)
+        if edit is not None:
+            edit(light)
         save_onnx(light, path, base_dir=scratch, stream=True)  # the dynamo exporter's weights: never all in memory
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
