@@ -9,6 +9,7 @@ TensorRT).
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +24,35 @@ def _quiet() -> None:
     G_LOGGER.module_severity = G_LOGGER.WARNING
 
 
-def run_onnxrt(onnx_path: Path, feeds: list[dict[str, np.ndarray]], name: str, device: str = "auto") -> Any:
+def run_onnxrt(onnx_path: Path, feeds: list[dict[str, np.ndarray]], name: str, device: str = "auto",
+                split: Callable[[dict[str, np.ndarray]], list[dict[str, np.ndarray]]] | None = None) -> Any:
     """Polygraphy run of an ONNX file on ONNX Runtime (CUDA where present, else CPU; no pre-packed weight
-    copies: see :func:`hpedge.backends.ort.session`); returns its RunResults."""
+    copies: see :func:`hpedge.backends.ort.session`); returns its RunResults, one iteration per feed.
+
+    ``split``: each feed is run as the parts it returns (e.g. one batch row at a time: a run then holds one row's
+    attention scores, which grow with batch x tokens^2) and its parts' outputs are joined along the first axis, so
+    the results, and every metric over them, are those of the whole feed."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.comparator import Comparator
+    from polygraphy.comparator import Comparator, RunResults
+    from polygraphy.comparator.struct import IterationResult
 
     _quiet()
     runner = OnnxrtRunner(lambda: ort.session(onnx_path, device, low_memory=True), name=name)
-    results = Comparator.run([runner], data_loader=feeds)
+    parts = [split(f) for f in feeds] if split is not None else [[f] for f in feeds]
+    results = Comparator.run([runner], data_loader=[p for ps in parts for p in ps])
     del runner
     gc.collect()  # the session goes now, not at some later collection: the next check starts without it
     ort.return_freed_memory()
-    return results
+    if split is None:
+        return results
+    (runner_name, iterations), = list(results.items())
+    joined, i = [], 0
+    for ps in parts:
+        its = iterations[i : i + len(ps)]
+        i += len(ps)
+        joined.append(IterationResult({k: np.concatenate([np.asarray(it[k]) for it in its]) for k in its[0].keys()},
+                                      runner_name=runner_name))
+    return RunResults([(runner_name, joined)])
 
 
 def outputs_of(results: Any) -> list[np.ndarray]:

@@ -42,9 +42,10 @@ from hpedge.export import build as engine_build
 from hpedge.export import onnx_export as ox
 from hpedge.export import verify
 from hpedge.export.cpu_int4 import KERNELS, convert
+from hpedge.export.driver import driven_images
 from hpedge.export.encoders import export_text_encoder, export_vae_decoder, text_inputs, tokenize
 from hpedge.export.onnx_io import size_of
-from hpedge.export.quantize import QuantReport, quantize_int4, quantize_int8_weights, store_floats_fp16
+from hpedge.export.quantize import QuantReport, quantize_int4, quantize_int8_weights, rows_of, store_floats_fp16
 from hpedge.export.verify import Check, ParityReport
 from hpedge.export.widen import fp32_view
 from hpedge.io import atomic_dir, check_parent
@@ -65,7 +66,7 @@ from hpedge.models.precision import fp32_compute, t5_fp32_compute
 from hpedge.models.sampling import Defaults, check_pipeline, prompt_embeddings, sample, with_overrides, zoo_marker
 from hpedge.models.sampling import defaults as sampling_defaults
 from hpedge.prompts import calibration
-from hpedge.runtime.format import finalize_manifest, save_reference, write_archive
+from hpedge.runtime.format import finalize_manifest, save_implementation_reference, save_reference, write_archive
 from hpedge.runtime.package import Package
 from hpedge.runtime.schedule import initial_latents
 from hpedge.targets.footprint import estimate, refuse_unless_fits
@@ -75,6 +76,7 @@ from hpedge.targets.shapes import resolution_range
 from hpedge.zoo.evaluator import evaluator_for
 
 REFERENCE_SAMPLES = 2
+IMPL_SAMPLES = 2  # end-to-end samples the implementation check drives through stock diffusers (the first is stored)
 # float32 weights of the transformer above which the export's element-wise check runs on the fp16 graph widened to
 # float32 instead of an exported float32 graph (protobuf's limit, where the exporters change too)
 FP32_CHECK_GRAPH_LIMIT = ox.PROTOBUF_LIMIT
@@ -139,7 +141,8 @@ def capture_inputs(pipe: Any, prompts: list[str], gen: Defaults, names: list[str
                    every: int = 4, embeds: dict[str, Any] | None = None) -> list[dict[str, np.ndarray]]:
     """Transformer inputs recorded during real denoising runs (every ``every``-th call) at sampling
     defaults ``gen``: with CFG, the [negative, positive] batch the pipeline really feeds the transformer (parity
-    judges each such batch; AWQ-clip's activation sampling runs them one row at a time, :func:`rows_of`)."""
+    judges each such batch, run one row at a time and joined again; so does AWQ-clip's activation sampling,
+    :func:`rows_of`)."""
     feeds: list[dict[str, np.ndarray]] = []
     counter = {"n": 0}
 
@@ -175,12 +178,12 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         shutil.rmtree(work, ignore_errors=True)
         hashes: dict[str, Any] = {}  # each file's sha256 is computed once, however often the manifest is finished
         finalize_manifest(tmp, manifest, hashes)  # the runtime reads the manifest: finish it once before parity
-        report = _parity(run, tmp, text, engines, fp32_check)
+        report, impl = _parity(run, tmp, text, engines, fp32_check)
         (tmp / "parity.json").write_text(json.dumps(report.to_dict(), indent=2))
         _gate(run, report, report_path)
         manifest["engines"] = engines
         manifest["parity"] = {"passed": report.passed, "overridden": not report.passed, "report": "parity.json",
-                              "checks": {c.name: c.passed for c in report.checks}}
+                              "checks": {c.name: c.passed for c in report.checks}, "implementation": impl}
         manifest["seconds"] = round(time.time() - run.t0, 1)
         manifest = finalize_manifest(tmp, manifest, hashes)
     if report_path.exists() and report.passed:
@@ -507,14 +510,19 @@ def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any
     }
 
 
-def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any], fp32_check: Check) -> ParityReport:
-    """Every packaged component against PyTorch (:mod:`hpedge.export.verify`, the checks ``hpedge check`` reruns)."""
+def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any], fp32_check: Check
+            ) -> tuple[ParityReport, dict[str, Any]]:
+    """Every packaged component against PyTorch (:mod:`hpedge.export.verify`, the checks ``hpedge check`` reruns),
+    the end-to-end images against the original pipeline's (quantization quality) and against stock diffusers
+    driving the packaged graphs (implementation); returns the report and the manifest's ``parity.implementation``
+    entry (the first sample's driven image, which ``hpedge check`` compares again)."""
     run.say("parity checks (Polygraphy)")
     r, p, opts = run.refs, run.profile.parity, run.opts
     lim = run.profile.parity
     report = ParityReport([fp32_check])
     for v, what in (("int4", f"DequantizeLinear, {opts.compute} compute"), ("int4_cpu", opts.cpu_kernel)):
-        results = pgy.run_onnxrt(tmp / "transformer" / v / "model.onnx", r["held"], f"onnxrt-{v.replace('_', '-')}")
+        results = pgy.run_onnxrt(tmp / "transformer" / v / "model.onnx", r["held"], f"onnxrt-{v.replace('_', '-')}",
+                                 split=rows_of)  # a row at a time; judged on whole batches
         report.checks.append(verify.transformer_check(f"transformer {v} ({what}) vs PyTorch", v, results, r["out"], "out", lim))
     pkg = Package(tmp, variant="int4_cpu", device="cpu", verify=False)  # hashed when the manifest was finished
     what = "CLIP " + text["encoders"]["clip"]["compute"] + ("" if text["t5_dropped"] else
@@ -527,9 +535,17 @@ def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any],
         engines["parity"] = verify.engine_summary(checks)
         report.checks += [c for c in checks if not c.skipped]
     run.say("end-to-end check through the packaged components")
+    got = verify.e2e_images(pkg, r["e2e_prompts"], r["e2e_latents"], run.gen)
     report.checks.append(verify.e2e_check(pkg, r["e2e_prompts"], r["e2e_latents"], r["e2e_images"], run.gen,
-                                          p.e2e_min_psnr_db))
-    return report
+                                          p.e2e_min_psnr_db, got=got))
+    k = min(IMPL_SAMPLES, len(r["e2e_prompts"]))
+    run.say(f"implementation check: stock diffusers driving the packaged graphs ({k} of the end-to-end samples)")
+    driven = driven_images(run.pipe, pkg, run.refs["transformer_config"], r["e2e_prompts"][:k], r["e2e_latents"][:k],
+                           run.gen)
+    report.checks.append(verify.implementation_check(pkg.variant, got[:k], driven, p.impl_min_psnr_db))
+    impl = save_implementation_reference(tmp, pkg.variant, r["e2e_prompts"][0], r["e2e_latents"][:1], driven[:1],
+                                         run.gen.to_dict())
+    return report, impl
 
 
 def _gate(run: _Run, report: ParityReport, report_path: Path) -> None:

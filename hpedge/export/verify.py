@@ -23,10 +23,11 @@ from hpedge.backends import polygraphy_runner as pgy
 from hpedge.errors import HpedgeError
 from hpedge.export.encoders import tokenize
 from hpedge.export.onnx_export import IOSpec, _transformer_wrapper, input_names
+from hpedge.export.quantize import rows_of
 from hpedge.models.denoise import encode
 from hpedge.models.families import family as family_facts
 from hpedge.models.sampling import Defaults, sample
-from hpedge.runtime.format import load_reference
+from hpedge.runtime.format import load_implementation_reference, load_reference
 from hpedge.runtime.package import Package
 from hpedge.targets.profiles import Parity, profile_from_dict
 
@@ -179,7 +180,7 @@ def check_fp32(path: Path, fresh: dict[str, dict[str, np.ndarray]], fresh_ref: l
         if not np.isfinite(out).all() or err > tol:
             raise HpedgeError(f"the exported transformer does not match PyTorch on fresh {which} inputs "
                               f"(max abs error {err:.2e} > {tol:.2e}); export aborted")
-    held_out = [ort.run(sess, f)[0] for f in held]
+    held_out = [np.concatenate([ort.run(sess, row)[0] for row in rows_of(f)]) for f in held]  # a row at a time
     del sess
     release_memory()
     return errs, pgy.reference_results(held_out, "out", "onnxrt-fp32")
@@ -269,19 +270,44 @@ def _sample_input(name: str, shape: list[int]) -> np.ndarray:
     return rng.standard_normal(shape).astype(np.float32)
 
 
+def e2e_images(pkg: Package, prompts: list[str], latents: np.ndarray, gen: Defaults) -> np.ndarray:
+    """The package runtime's images for ``prompts`` from initial noise ``latents`` at ``gen``'s steps, size and
+    guidance. One prompt at a time: ONNX Runtime holds one sample's activations (a batch's attention scores grow
+    with batch x tokens^2); each sample is computed alone anyway."""
+    return np.concatenate([pkg.generate([p], steps=gen.steps, guidance=gen.guidance, latents=latents[i : i + 1])
+                           for i, p in enumerate(prompts)])
+
+
 def e2e_check(pkg: Package, prompts: list[str], latents: np.ndarray, ref: np.ndarray, gen: Defaults,
-              min_psnr: float) -> Check:
-    """Full generations through the packaged components vs stock diffusers' images ``ref``: same prompts,
-    initial noise, steps, size and guidance (the model's default: CFG batches, FLUX.1-dev's guidance input and
-    the scheduler's shift are all in the comparison). One prompt at a time: ONNX Runtime holds one sample's
-    activations (a batch's attention scores grow with batch x tokens^2); each sample is computed alone anyway."""
-    got = np.concatenate([pkg.generate([p], steps=gen.steps, guidance=gen.guidance, latents=latents[i : i + 1])
-                          for i, p in enumerate(prompts)])
+              min_psnr: float, got: np.ndarray | None = None) -> Check:
+    """Full generations through the packaged components (``got``: :func:`e2e_images`, computed here if None) vs
+    stock diffusers' images ``ref`` of the original pipeline: same prompts, initial noise, steps, size and guidance.
+    Quantization quality: the loose gate (INT4 weights against the original's)."""
+    got = e2e_images(pkg, prompts, latents, gen) if got is None else got
     q = [quality(r, g) for r, g in zip(ref, got)]
     psnr = min(x["psnr_db"] for x in q)
     return Check(f"end-to-end images: package ({pkg.variant}) vs stock diffusers", psnr >= min_psnr,
                  {"min_psnr_db": psnr, "mean_psnr_db": float(np.mean([x["psnr_db"] for x in q])),
                   "steps": gen.steps, "guidance": gen.guidance, "size": [gen.height, gen.width]},
+                 {"min_psnr_db": min_psnr})
+
+
+#: PSNR reported for images that are equal to the last bit (JSON has no infinity)
+IDENTICAL_DB = 200.0
+
+
+def implementation_check(variant: str, got: np.ndarray, driven: np.ndarray, min_psnr: float) -> Check:
+    """The runtime's images ``got`` vs stock diffusers' call driving the same graphs (``driven``:
+    :func:`hpedge.export.driver.driven_images`, same prompts, noise, steps, size and guidance). Both sides carry the
+    same quantization error, so the tight gate measures the runtime's implementation alone: a wrong shift,
+    guidance, T5 length, prompt, CFG or latent layout moves the images by tens of dB (tests/export/test_driver.py)."""
+    if got.shape != driven.shape:
+        return Check(f"implementation: package runtime ({variant}) vs stock diffusers driving the same graphs", False,
+                     {"shape": list(got.shape)}, {"shape": list(driven.shape)})
+    q = [quality(d, g) for d, g in zip(driven, got)]
+    psnr = min(min(x["psnr_db"] for x in q), IDENTICAL_DB)
+    return Check(f"implementation: package runtime ({variant}) vs stock diffusers driving the same graphs",
+                 psnr >= min_psnr, {"min_psnr_db": psnr, "max_abs": max(x["max_abs"] for x in q), "samples": len(q)},
                  {"min_psnr_db": min_psnr})
 
 
@@ -303,7 +329,7 @@ def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
     feeds, ref, extra = load_reference(package, pkg.manifest)
     tr = pkg.manifest["components"]["transformer"]
     lim = profile_from_dict(pkg.manifest["target"], f"{package}/manifest.json target").parity
-    checks = [transformer_check(f"{v} vs PyTorch (stored reference)", v, pgy.run_onnxrt(package / rel, feeds, v), ref,
+    checks = [transformer_check(f"{v} vs PyTorch (stored reference)", v, pgy.run_onnxrt(package / rel, feeds, v, split=rows_of), ref,
                                 tr["io"]["outputs"][0], lim) for v, rel in tr["variants"].items()]
     checks.append(text_check("text encoders vs PyTorch (stored reference): prompt embeddings", pkg, extra,
                              lim.text_min_cosine))
@@ -313,8 +339,18 @@ def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
         checks += engine_checks(package, section, feeds, ref, lim, against="PyTorch (stored reference)")
     else:
         checks.append(Check(f"engines {section.get('status', 'absent')}: {section.get('reason', '')}", True, {}, {}, True))
+    impl = (pkg.manifest.get("parity") or {}).get("implementation")
+    if impl and impl["variant"] == pkg.variant:  # the runtime's sampling code against stock diffusers' (stored)
+        latents, driven = load_implementation_reference(package, impl)
+        g = impl["generation"]
+        img = pkg.generate([impl["prompt"]], steps=g["steps"], guidance=g["guidance"], latents=latents)
+        checks.append(implementation_check(pkg.variant, img, driven, lim.impl_min_psnr_db))
+    else:
+        why = (f"its reference drove the {impl['variant']} graphs, this check runs {pkg.variant}" if impl
+               else "this package has no implementation reference (exported by an older hpedge)")
+        checks.append(Check(f"implementation check not run: {why}", True, {}, {}, True))
+        img = pkg.generate(["a photo of a cat"], seed=0, steps=min(4, pkg.manifest["generation"]["default_steps"]))
     result["checks"] = [asdict(c) for c in checks]
-    img = pkg.generate(["a photo of a cat"], seed=0, steps=min(4, pkg.manifest["generation"]["default_steps"]))
     ok = bool(np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1)
     result["checks"].append({"name": f"package ({pkg.variant}) generates finite images in [0, 1]", "passed": ok})
     result["passed"] = all(c["passed"] for c in result["checks"])

@@ -114,6 +114,35 @@ def save_reference(root: Path, feeds: list[dict[str, Any]], outputs: list[Any],
             "what": "held-out transformer inputs captured from real denoising runs and the PyTorch model's outputs"}
 
 
+IMPLEMENTATION = "parity/implementation.safetensors"
+
+
+def save_implementation_reference(root: Path, variant: str, prompt: str, latents: Any, image: Any,
+                                  generation: dict[str, Any]) -> dict[str, Any]:
+    """Write :data:`IMPLEMENTATION` under ``root``: one sample's initial noise and stock diffusers' image driving
+    the package's ``variant`` graphs (:mod:`hpedge.export.driver`; the image stored in float16, 1e-4 of the
+    tight gate's scale). Returns the manifest's ``parity.implementation`` entry."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    path = root / IMPLEMENTATION
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": np.ascontiguousarray(latents, np.float32), "image": np.ascontiguousarray(image, np.float16)},
+              str(path))
+    keep = ("steps", "guidance", "height", "width", "max_sequence_length")
+    return {"file": IMPLEMENTATION, "variant": variant, "prompt": prompt,
+            "generation": {k: generation[k] for k in keep},
+            "what": "stock diffusers' call driving this package's graphs: the runtime must match it to rounding"}
+
+
+def load_implementation_reference(root: Path, entry: dict[str, Any]) -> tuple[Any, Any]:
+    """(initial noise, driven image as float32) of :func:`save_implementation_reference`."""
+    from safetensors.numpy import load_file
+
+    t = load_file(str(root / entry["file"]))
+    return t["latents"], t["image"].astype("float32")
+
+
 def load_reference(root: Path, manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Any], dict[str, Any]]:
     """(transformer feeds, PyTorch's outputs for them, the other components' entries) from a package."""
     ref = manifest["components"]["transformer"].get("reference")

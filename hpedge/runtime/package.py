@@ -169,6 +169,24 @@ class Package:
         out = self._run("transformer", self.variants.get(self.variant, ""), feeds)[0]
         return unpack(out, h, w) if self.facts.latent_packing > 1 else out
 
+    def run_graph(self, component: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One component's graph (``transformer`` in this package's variant, or ``vae_decoder``) on exactly the
+        ``feeds`` given that it takes: no sampling code of the runtime's around it (the implementation gate's
+        reference drives the graphs from stock diffusers: :mod:`hpedge.export.driver`)."""
+        if component == "transformer":
+            rel = self.variants.get(self.variant, "")
+        elif component == "vae_decoder":
+            rel = self._file(self.manifest["components"]["vae_decoder"])
+        else:
+            raise HpedgeError(f"run_graph runs the transformer or the vae_decoder, not {component!r}")
+        if self.variant == "engine":
+            return self._run(component, rel, feeds)
+        names = ort.input_names(self._session(rel))
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise HpedgeError(f"the {component} graph needs {', '.join(missing)}")
+        return self._run(component, rel, {n: np.ascontiguousarray(feeds[n], np.float32) for n in names})
+
     def release(self) -> None:
         """Close every open session and engine (the next call opens them again)."""
         self._sessions.clear()
