@@ -50,7 +50,7 @@ def run_onnxrt(onnx_path: Path, feeds: list[dict[str, np.ndarray]], name: str, d
     for ps in parts:
         its = iterations[i : i + len(ps)]
         i += len(ps)
-        joined.append(IterationResult({k: np.concatenate([np.asarray(it[k]) for it in its]) for k in its[0].keys()},
+        joined.append(IterationResult({k: np.concatenate([np.asarray(it[k]) for it in its]) for k in its[0]},
                                       runner_name=runner_name))
     return RunResults([(runner_name, joined)])
 
