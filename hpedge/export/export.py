@@ -76,6 +76,7 @@ from hpedge.targets.shapes import resolution_range
 from hpedge.zoo.evaluator import evaluator_for
 
 REFERENCE_SAMPLES = 2
+CHECK_STEPS = 8  # at most, in the implementation case hpedge check reruns
 IMPL_SAMPLES = 2  # end-to-end samples the implementation check drives through stock diffusers (the first is stored)
 # float32 weights of the transformer above which the export's element-wise check runs on the fp16 graph widened to
 # float32 instead of an exported float32 graph (protobuf's limit, where the exporters change too)
@@ -543,8 +544,18 @@ def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any],
     driven = driven_images(run.pipe, pkg, run.refs["transformer_config"], r["e2e_prompts"][:k], r["e2e_latents"][:k],
                            run.gen)
     report.checks.append(verify.implementation_check(pkg.variant, got[:k], driven, p.impl_min_psnr_db))
-    impl = save_implementation_reference(tmp, pkg.variant, r["e2e_prompts"][0], r["e2e_latents"][:1], driven[:1],
-                                         run.gen.to_dict())
+    # hpedge check's case, stored: the first prompt at the smallest size the package covers and at most
+    # CHECK_STEPS steps (a check of a real package on a CPU then takes minutes, not the e2e size's hour)
+    small = with_overrides(run.gen, height=run.res[0], width=run.res[0], steps=min(run.gen.steps, CHECK_STEPS))
+    vs = run.pipe.vae_scale_factor
+    lat = initial_latents(1, E2E_SEED, r["e2e_latents"].shape[1], small.height // vs, small.width // vs)
+    run.say(f"implementation check, hpedge check's case ({small.height} px, {small.steps} steps), stored")
+    driven = driven_images(run.pipe, pkg, run.refs["transformer_config"], r["e2e_prompts"][:1], lat, small)
+    got = verify.e2e_images(pkg, r["e2e_prompts"][:1], lat, small)
+    check = verify.implementation_check(pkg.variant, got, driven, p.impl_min_psnr_db)
+    check.name += f" ({small.height} px, {small.steps} steps: hpedge check's case)"
+    report.checks.append(check)
+    impl = save_implementation_reference(tmp, pkg.variant, r["e2e_prompts"][0], lat, driven, small.to_dict())
     return report, impl
 
 
