@@ -105,10 +105,12 @@ def torch_outputs(pipe: Any, feeds: list[dict[str, np.ndarray]]) -> list[np.ndar
 
     wrapper = _transformer_wrapper(pipe.transformer)
     dev = next(pipe.transformer.parameters()).device
+    names = input_names(pipe.transformer)
     outs = []
-    with torch.no_grad():
+    with torch.no_grad():  # one batch row at a time (activations grow with the batch), joined as the batch
         for f in feeds:
-            outs.append(wrapper(*(torch.from_numpy(f[n]).to(dev) for n in input_names(pipe.transformer))).cpu().numpy())
+            outs.append(np.concatenate([wrapper(*(torch.from_numpy(row[n]).to(dev) for n in names)).cpu().numpy()
+                                        for row in rows_of(f)]))
     return outs
 
 
