@@ -77,7 +77,7 @@ from hpedge.zoo.evaluator import evaluator_for
 
 REFERENCE_SAMPLES = 2
 CHECK_STEPS = 8  # at most, in the implementation case hpedge check reruns
-IMPL_SAMPLES = 2  # end-to-end samples the implementation check drives through stock diffusers (the first is stored)
+IMPL_SAMPLES = 2  # end-to-end samples the implementation check drives through stock diffusers
 # float32 weights of the transformer above which the export's element-wise check runs on the fp16 graph widened to
 # float32 instead of an exported float32 graph (protobuf's limit, where the exporters change too)
 FP32_CHECK_GRAPH_LIMIT = ox.PROTOBUF_LIMIT
@@ -516,7 +516,7 @@ def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any],
     """Every packaged component against PyTorch (:mod:`hpedge.export.verify`, the checks ``hpedge check`` reruns),
     the end-to-end images against the original pipeline's (quantization quality) and against stock diffusers
     driving the packaged graphs (implementation); returns the report and the manifest's ``parity.implementation``
-    entry (the first sample's driven image, which ``hpedge check`` compares again)."""
+    entry (a smaller case's driven image, which ``hpedge check`` compares again)."""
     run.say("parity checks (Polygraphy)")
     r, p, opts = run.refs, run.profile.parity, run.opts
     lim = run.profile.parity
