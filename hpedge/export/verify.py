@@ -306,13 +306,12 @@ def implementation_check(variant: str, got: np.ndarray, driven: np.ndarray, min_
     :func:`hpedge.export.driver.driven_images`, same prompts, noise, steps, size and guidance). Both sides carry the
     same quantization error, so the tight gate measures the runtime's implementation alone: a wrong shift,
     guidance, T5 length, prompt, CFG or latent layout moves the images by tens of dB (tests/export/test_driver.py)."""
+    name = f"implementation: package runtime ({variant}) vs stock diffusers driving the same graphs"
     if got.shape != driven.shape:
-        return Check(f"implementation: package runtime ({variant}) vs stock diffusers driving the same graphs", False,
-                     {"shape": list(got.shape)}, {"shape": list(driven.shape)})
+        return Check(name, False, {"shape": list(got.shape)}, {"shape": list(driven.shape)})
     q = [quality(d, g) for d, g in zip(driven, got)]
     psnr = min(min(x["psnr_db"] for x in q), IDENTICAL_DB)
-    return Check(f"implementation: package runtime ({variant}) vs stock diffusers driving the same graphs",
-                 psnr >= min_psnr, {"min_psnr_db": psnr, "max_abs": max(x["max_abs"] for x in q), "samples": len(q)},
+    return Check(name, psnr >= min_psnr, {"min_psnr_db": psnr, "max_abs": max(x["max_abs"] for x in q), "samples": len(q)},
                  {"min_psnr_db": min_psnr})
 
 
