@@ -22,6 +22,7 @@
                                                # a real-width transformer > 2 GB through export, check, ORT: time, peak RSS per stage
     python benchmarks/run.py quant-method MODEL... [--midsize]
                                                # AWQ vs RTN side by side: parity, end-to-end, digits score
+    python benchmarks/run.py gates             # parity gates' margins and the INT4-graph bugs each catches, five fixtures
     python benchmarks/run.py gpu               # real-scale SD3.5-Large step in PyTorch on a CUDA GPU (bf16, pruned, INT4)
     python benchmarks/run.py curve --family sd3 --jobs 2
                                                # the compression curve: methods x 25/40/50 % of blocks removed, LR sweep, PNG
@@ -45,6 +46,7 @@ import curve as curve_benchmark  # noqa: E402
 import distill_memory as distill_memory_benchmark  # noqa: E402
 import engines as engines_benchmark  # noqa: E402
 import fit as fit_benchmark  # noqa: E402
+import gates as gates_benchmark  # noqa: E402
 import pwp_prefix as pwp_prefix_benchmark  # noqa: E402
 import quant_method as quant_method_benchmark  # noqa: E402
 import size as size_benchmark  # noqa: E402
@@ -110,6 +112,7 @@ def main() -> None:
     fit_benchmark.add_parser(sub)
     size_benchmark.add_parser(sub)
     quant_method_benchmark.add_parser(sub)
+    gates_benchmark.add_parser(sub)
     curve_benchmark.add_parser(sub)
     t = sub.add_parser("retrain")
     t.add_argument("--family", choices=["sd3", "flux"], required=True)
@@ -126,7 +129,8 @@ def main() -> None:
      "runtime-env": runtime_env, "ratio": ratio, "weights": weights, "binding": binding,
      "engines": engines_benchmark.engines, "pwp-prefix": pwp_prefix_benchmark.pwp_prefix,
      "distill-memory": distill_memory_benchmark.distill_memory, "fit": fit_benchmark.fit,
-     "size": size_benchmark.size, "quant-method": quant_method_benchmark.quant_method, "curve": curve_benchmark.curve, "curve-row": curve_benchmark.curve_row}[args.cmd](args)
+     "size": size_benchmark.size, "quant-method": quant_method_benchmark.quant_method,
+     "gates": gates_benchmark.gates, "curve": curve_benchmark.curve, "curve-row": curve_benchmark.curve_row}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -162,3 +162,77 @@ def save_tiny_pipeline(name: str, folder: str | Path, seed: int = 0, gain: float
     tiny_pipeline(name, seed, gain, transformer).save_pretrained(folder, safe_serialization=True)
     make_stock_loadable(folder)
     return folder
+
+
+# -- bugs of an exporter or quantizer inside a package's INT4 graph (not of quantization): the component-level
+# implementation gate must fail each (tests/export/test_dequantized.py; benchmarks/gates.py measures them) ---------
+def initializer(model: Any, name: str) -> Any:
+    """An initializer's values (numpy) of an in-memory ONNX model."""
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))
+
+
+def set_initializer(model: Any, name: str, arr: Any) -> None:
+    """Replace an initializer's values, keeping its type (INT4 packed two per byte)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    init = next(i for i in model.graph.initializer if i.name == name)
+    if init.data_type == TensorProto.INT4:  # ONNX's layout: two values a byte, the first in the low nibble
+        u = (np.asarray(arr).reshape(-1) & 0x0F).astype(np.uint8)
+        u = np.append(u, np.uint8(0)) if u.size % 2 else u
+        new = helper.make_tensor(name, TensorProto.INT4, list(arr.shape), (u[0::2] | (u[1::2] << 4)).tobytes(), raw=True)
+    else:
+        new = numpy_helper.from_array(arr.astype(numpy_helper.to_array(init).dtype), name)
+    init.CopyFrom(new)
+
+
+def _first_quantized(model: Any) -> tuple[str, str]:
+    node = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_i4"))
+    return node.input[0], node.input[1]
+
+
+def _nibbles_swapped(model: Any) -> None:  # packing: high nibble first
+    w, _ = _first_quantized(model)
+    q = initializer(model, w)
+    flat = q.reshape(-1).copy()
+    flat[0::2], flat[1::2] = q.reshape(-1)[1::2], q.reshape(-1)[0::2]
+    set_initializer(model, w, flat.reshape(q.shape))
+
+
+def _channels_shifted(model: Any) -> None:  # scales read one output channel off
+    import numpy as np
+
+    _, s = _first_quantized(model)
+    set_initializer(model, s, np.roll(initializer(model, s), 1, axis=1))
+
+
+def _stale_scale(model: Any) -> None:  # scales of another clip ratio (x 1.1)
+    _, s = _first_quantized(model)
+    set_initializer(model, s, initializer(model, s) * 1.1)
+
+
+def _sign_flipped(model: Any) -> None:  # a signed / unsigned slip in a few rows
+    import numpy as np
+
+    w, _ = _first_quantized(model)
+    q = initializer(model, w).copy()
+    q[: max(1, q.shape[0] // 16)] *= -1
+    set_initializer(model, w, np.clip(q, -8, 7))
+
+
+INT4_GRAPH_BUGS = {"nibbles swapped": _nibbles_swapped, "scales one channel off": _channels_shifted,
+                   "scales x1.1": _stale_scale, "sign of 1/16 of the rows": _sign_flipped}
+
+
+def mutated_int4_graph(package: Path, bug: str, out: Path) -> Path:
+    """The package's INT4 transformer graph with ``bug`` applied to its first quantized weight, written to ``out``
+    (the caller converts its int4_cpu variant)."""
+    import onnx
+
+    model = onnx.load(str(package / "transformer" / "int4" / "model.onnx"))
+    INT4_GRAPH_BUGS[bug](model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out))
+    return out

@@ -42,6 +42,7 @@ from hpedge.export import build as engine_build
 from hpedge.export import onnx_export as ox
 from hpedge.export import verify
 from hpedge.export.cpu_int4 import KERNELS, convert
+from hpedge.export.dequantized import dynamic_uint8_inputs, int8_kernel_weight, load_dequantized
 from hpedge.export.driver import driven_images
 from hpedge.export.encoders import export_text_encoder, export_vae_decoder, text_inputs, tokenize
 from hpedge.export.onnx_io import size_of
@@ -58,6 +59,7 @@ from hpedge.models.loading import (
     compute_device,
     drop_t5,
     load_pipeline,
+    read_text_encoders,
     read_transformer,
     resolve,
 )
@@ -174,6 +176,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         _export_graphs(run, tmp, work)
         fp32_check = _check_fp32(run, tmp)
         qrep, n_cpu = _quantize(run, tmp, work)
+        _dequantized_reference(run, tmp, qrep)
         engines = _engines(run, tmp, text)
         manifest = _manifest(run, tmp, text, engines, qrep, n_cpu, t5_rep)
         shutil.rmtree(work, ignore_errors=True)
@@ -382,6 +385,7 @@ def _export_text(run: _Run, tmp: Path, work: Path, t5: str) -> tuple[dict[str, A
             rep = quantize_int4(src, dst, [{"t5_ids": ids[i : i + 1]} for i in range(len(ids))], opts.method, 128)
         else:
             rep = quantize_int8_weights(src, dst)
+        _t5_dequantized_reference(run, dst, rep)
         store_floats_fp16(dst)
         enc["t5"] = {"file": "text/t5/model.onnx", "precision": t5, **entry,
                      "quantization": {"method": rep.method, "block_size": rep.block_size, "quantized": len(rep.quantized),
@@ -392,6 +396,29 @@ def _export_text(run: _Run, tmp: Path, work: Path, t5: str) -> tuple[dict[str, A
             e["fp32_file"] = f"text/{name}/fp32/model.onnx"
     width = int(run.refs["transformer_config"]["joint_attention_dim"])
     return {"encoders": enc, "t5_dropped": "t5" not in enc, "t5_shape": [seq, width]}, rep
+
+
+def _t5_dequantized_reference(run: _Run, graph: Path, rep: QuantReport) -> None:
+    """PyTorch's T5 with the quantized graph's own weights (read again as stored, cast in place to the graph's type,
+    dequantized weights loaded: :mod:`hpedge.export.dequantized`) on the held-out prompts' ids, computed in float32:
+    ``refs["text"]["text/t5_dequantized"]``, the reference of T5's implementation gate."""
+    import torch
+
+    if not rep.sources:
+        return
+    attr = family_facts(run.family).t5_attribute
+    run.say("PyTorch T5 with the quantized graph's own weights (held-out prompts)")
+    t5 = read_text_encoders(run.ref, torch.float32, as_stored=(attr,), only=(attr,))[attr]
+    t5.half() if run.opts.compute == "fp16" else t5.float()  # the graph's weight type (in place)
+    done = load_dequantized(t5, graph, rep.sources)
+    if done.unmatched:
+        raise HpedgeError(f"internal: {len(done.unmatched)} of the T5 graph's {done.quantized} quantized weights match "
+                          f"no Linear layer of T5 (first: {done.unmatched[0]}); export aborted")
+    ids = torch.from_numpy(run.refs["text"]["text/ids/t5_ids"])
+    with torch.no_grad(), t5_fp32_compute(t5):
+        run.refs["text"]["text/t5_dequantized"] = t5(ids)[0].float().numpy()
+    del t5
+    verify.release_memory()
 
 
 def _release_encoders(pipe: Any, attrs: list[str]) -> None:
@@ -449,6 +476,42 @@ def _quantize(run: _Run, tmp: Path, work: Path) -> tuple[QuantReport, int]:
     return qrep, n_cpu
 
 
+def _dequantized_reference(run: _Run, tmp: Path, qrep: QuantReport) -> None:
+    """PyTorch's outputs for the held-out inputs with each quantized graph's own weights: the transformer read again
+    as stored, cast in place to the graph's type and given the INT4 graph's dequantized weights
+    (:mod:`hpedge.export.dequantized`), computed in float32 (``refs["out_dq"]``); for ``int4_cpu``'s int8 kernel,
+    read once more with that kernel's int8 weights and its per-tensor uint8 activations emulated
+    (``refs["out_dq_cpu"]``). The references of the component-level implementation gates; none where the quantizer
+    did not key its weights (ModelOpt's own pass)."""
+    r = run.refs
+    if not qrep.sources:
+        r["dq"] = {"reason": f"the {qrep.method} pass of {qrep.implementation} does not trace its weights to the model's layers"}
+        return
+    run.say("PyTorch references with the INT4 graph's own weights (dequantized into the transformer; held-out inputs)")
+    r["out_dq"], r["dq"] = _with_graph_weights(run, tmp, qrep, None)
+    if run.opts.cpu_kernel == "int8":
+        run.say("PyTorch references with int4_cpu's int8 weights and its activation quantization (held-out inputs)")
+        r["out_dq_cpu"], _ = _with_graph_weights(run, tmp, qrep, int8_kernel_weight)
+
+
+def _with_graph_weights(run: _Run, tmp: Path, qrep: QuantReport, weight: Any) -> tuple[list[np.ndarray], dict[str, Any]]:
+    pipe = run.pipe
+    pipe.transformer = read_transformer(run.ref)
+    # the graph's weight type (in place)
+    pipe.transformer.half() if run.opts.compute == "fp16" else pipe.transformer.float()
+    done = load_dequantized(pipe.transformer, tmp / "transformer" / "int4" / "model.onnx", qrep.sources, weight)
+    if done.unmatched:
+        raise HpedgeError(f"internal: {len(done.unmatched)} of the INT4 graph's {done.quantized} quantized weights match "
+                          f"no Linear layer of the transformer (first: {done.unmatched[0]}); export aborted")
+    pipe.transformer.to(compute_device())
+    acts = dynamic_uint8_inputs(done.layers) if weight is int8_kernel_weight else contextlib.nullcontext()
+    with fp32_compute(pipe.transformer), acts:
+        out = verify.torch_outputs(pipe, run.refs["held"])
+    pipe.transformer = None
+    verify.release_memory()
+    return out, done.to_dict()
+
+
 def _engines(run: _Run, tmp: Path, text: dict[str, Any]) -> dict[str, Any]:
     """The manifest's engine section, built here where the profile's library can."""
     spec, pipe = run.spec, run.pipe
@@ -473,8 +536,11 @@ def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any
     variants = {v: f"transformer/{v}/model.onnx" for v in ("fp32", "int4", "int4_cpu") if (tmp / "transformer" / v).exists()}
     within = lambda value: value if res[0] <= value <= res[2] else res[1]  # noqa: E731 - the model's size if covered
     channels = int(run.refs["transformer_config"]["in_channels"]) // family_facts(family).latent_packing
+    dq = {f"{key}/{i}": o for ref, key in (("out_dq", "dequantized"), ("out_dq_cpu", "dequantized_cpu"))
+          for i, o in enumerate(run.refs.get(ref, [])[:REFERENCE_SAMPLES])}
     reference = save_reference(tmp, run.refs["held"][:REFERENCE_SAMPLES], run.refs["out"][:REFERENCE_SAMPLES],
-                               {**run.refs["text"], **run.refs["vae"]})
+                               {**run.refs["text"], **run.refs["vae"], **dq})
+    reference["dequantized"] = run.refs["dq"]
     (tmp / "quant_report.json").write_text(json.dumps(
         {**qrep.to_dict(), "compute": opts.compute, **({"t5": t5_rep.to_dict()} if t5_rep is not None else {})}, indent=2))
     return {
@@ -525,11 +591,17 @@ def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any],
         results = pgy.run_onnxrt(tmp / "transformer" / v / "model.onnx", r["held"], f"onnxrt-{v.replace('_', '-')}",
                                  split=rows_of)  # a row at a time; judged on whole batches
         report.checks.append(verify.transformer_check(f"transformer {v} ({what}) vs PyTorch", v, results, r["out"], "out", lim))
+        want = r.get("out_dq_cpu" if v == "int4_cpu" else "out_dq")
+        if "out_dq" in r:
+            path = tmp / "transformer" / v / "model.onnx"
+            report.checks.append(verify.dequantized_check(v, path, r["held"], results, want, lim, opts.cpu_kernel))
     pkg = Package(tmp, variant="int4_cpu", device="cpu", verify=False)  # hashed when the manifest was finished
     what = "CLIP " + text["encoders"]["clip"]["compute"] + ("" if text["t5_dropped"] else
                                                             f", T5 {text['encoders']['t5']['precision'].upper()}")
     report.checks.append(verify.text_check(f"text encoders ({what}) vs PyTorch encode_prompt: prompt embeddings, "
                                            "held-out prompts", pkg, r["text"], p.text_min_cosine))
+    if "text/t5_dequantized" in r["text"]:
+        report.checks.append(verify.t5_dequantized_check(tmp / text["encoders"]["t5"]["file"], r["text"], lim))
     report.checks.append(verify.vae_check(f"VAE decoder ({opts.compute}) vs PyTorch fp32 decode", pkg, r["vae"], p.vae_min_psnr_db))
     if engines["status"] == "built":
         checks = verify.engine_checks(tmp, engines, r["held"], r["out"], lim, ("transformer",))

@@ -6,9 +6,12 @@ range by range from the files they came from: no write loads a whole model's wei
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from hpedge.errors import HpedgeError
 
@@ -166,6 +169,14 @@ class Spill:
     def __exit__(self, *exc: object) -> None:
         self._f.close()
         self.path.unlink(missing_ok=True)
+
+
+def weight_key(w: np.ndarray) -> str:
+    """A weight's identity: its type, shape and bytes (a quantized weight keyed as the quantizer read it, [K, N], and
+    traced back to its PyTorch layer by :mod:`hpedge.export.dequantized`)."""
+    h = hashlib.sha1(f"{w.dtype.str}{tuple(w.shape)}".encode())
+    h.update(np.ascontiguousarray(w).data)
+    return h.hexdigest()
 
 
 def read_array(tensor: Any, base_dir: str | Path = "") -> Any:

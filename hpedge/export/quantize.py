@@ -29,7 +29,7 @@ import numpy as np
 
 from hpedge.backends import ort
 from hpedge.errors import HpedgeError
-from hpedge.export.onnx_io import Spill, read_array, rewrite_onnx, save_onnx
+from hpedge.export.onnx_io import Spill, read_array, rewrite_onnx, save_onnx, weight_key
 
 # hpedge's method -> the ModelOpt calibration method it is (hpedge streams awq_clip and rtn itself; awq_clip_modelopt
 # runs ModelOpt's own pass, kept to compare against)
@@ -48,9 +48,11 @@ class QuantReport:
     seconds: float = 0.0
     modelopt_version: str = ""
     implementation: str = "modelopt"
+    # quantized weight -> its bytes' key as read (hpedge.export.onnx_io.weight_key); hpedge's own passes only
+    sources: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "sources"}
 
 
 def gemm_to_matmul(model: Any, base_dir: str = "", lazy: dict[str, tuple[Any, bool]] | None = None) -> int:
@@ -203,7 +205,7 @@ def quantize_int4(onnx_path: Path, out_path: Path, calibration: list[dict[str, n
     return report
 
 
-def _int4_bytes(q: np.ndarray) -> bytes:
+def int4_bytes(q: np.ndarray) -> bytes:
     """Signed int4 values (int8 array in [-8, 7]) packed as ONNX stores INT4: two per byte, low nibble first."""
     u = (q.reshape(-1) & 0x0F).astype(np.uint8)
     if u.size % 2:
@@ -381,6 +383,7 @@ def quantize_int4_streamed(onnx_path: Path, out_path: Path, block_size: int = 12
         for i in node.input:
             readers[i] = readers.get(i, 0) + 1
     nodes, new, errors = [], [], {}
+    sources: dict[str, str] = {}
     say(f"INT4: {len(todo)} weights, one at a time" + (" (clip search)" if acts else ""))
     with Spill(src_dir, Path(out_path).parent.name + ".spill") as spill:  # INT4 weights go to disk as they are made
         for node in model.graph.node:
@@ -396,7 +399,8 @@ def quantize_int4_streamed(onnx_path: Path, out_path: Path, block_size: int = 12
             clip = clip_search(acts[node.input[0]], w, block_size) if acts else None
             q, scale = rtn_int4(w, block_size, clip)
             errors[wname] = _relative_error(w, q, scale, block_size)
-            new.append(spill.add(helper.make_tensor(base + "_i4", TensorProto.INT4, list(q.shape), _int4_bytes(q), raw=True)))
+            sources[base] = weight_key(w)
+            new.append(spill.add(helper.make_tensor(base + "_i4", TensorProto.INT4, list(q.shape), int4_bytes(q), raw=True)))
             new.append(numpy_helper.from_array(scale.astype(w.dtype), base + "_scale"))
             nodes.append(helper.make_node("DequantizeLinear", [base + "_i4", base + "_scale"], [base + "_DequantizeLinear_Output"],
                                           name=base + "_DequantizeLinear", axis=0, block_size=block_size))
@@ -416,7 +420,7 @@ def quantize_int4_streamed(onnx_path: Path, out_path: Path, block_size: int = 12
     how = "AWQ-clip search as ModelOpt's awq_clip" if acts else "ModelOpt's rtn_dq formula"
     report = QuantReport(method="awq_clip" if acts else "rtn", block_size=block_size, quantized=quantizable,
                          excluded=excluded, seconds=round(time.time() - t0, 1), implementation=f"hpedge (streamed; {how})")
-    report.layer_error = errors
+    report.layer_error, report.sources = errors, sources
     return report
 
 
@@ -437,6 +441,7 @@ def quantize_int8_weights(onnx_path: Path, out_path: Path) -> QuantReport:
     inits = {i.name: i for i in model.graph.initializer}
     quantized: list[str] = []
     errors: dict[str, float] = {}
+    sources: dict[str, str] = {}
     nodes, new, done = [], [], set()
     with Spill(src_dir, Path(out_path).parent.name + ".int8.spill") as spill:
         for node in model.graph.node:
@@ -451,6 +456,7 @@ def quantize_int8_weights(onnx_path: Path, out_path: Path) -> QuantReport:
                 scale = np.maximum(np.abs(a32).max(axis=0), 1e-12) / 127.0
                 q = np.clip(np.round(a32 / scale), -127, 127).astype(np.int8)
                 errors[w.name] = float(np.linalg.norm(q * scale - a32) / (np.linalg.norm(a32) + 1e-12))
+                sources[w.name] = weight_key(arr)
                 new.append(spill.add(numpy_helper.from_array(q, qname)))
                 new.append(numpy_helper.from_array(scale.astype(arr.dtype), sname))
                 nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [dq], name=node.name + "_dequantize", axis=1))
@@ -467,7 +473,7 @@ def quantize_int8_weights(onnx_path: Path, out_path: Path) -> QuantReport:
         spill.flush()
         save_onnx(model, out_path, base_dir=src_dir)
     report = QuantReport(method="int8_weight_only", block_size=0, quantized=quantized, seconds=round(time.time() - t0, 1))
-    report.layer_error = errors
+    report.layer_error, report.sources = errors, sources
     return report
 
 

@@ -146,20 +146,21 @@ def _weight_files(folder: Path, stem: str = "diffusion_pytorch_model") -> list[P
 TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
-def read_text_encoders(ref: ModelRef, dtype: Any, as_stored: tuple[str, ...] = ()) -> dict[str, Any]:
+def read_text_encoders(ref: ModelRef, dtype: Any, as_stored: tuple[str, ...] = (),
+                       only: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The pipeline folder's text encoders (transformers models, by ``model_index.json``), read as
     :func:`read_transformer` reads the transformer (plain reads, no memory map left behind) and cast to ``dtype``
     in place: from_pretrained's memory map of T5-XXL stayed counted beside the float32 copy (measured at T5-XXL
     width, 6 blocks: 3.5 GB of file-backed pages during the text export). Encoders named in ``as_stored`` keep
     the dtype their checkpoint stores (T5-XXL in 16 bits: 9.5 GB, not 19; compute it with
-    :func:`hpedge.models.precision.t5_fp32_compute`)."""
+    :func:`hpedge.models.precision.t5_fp32_compute`). ``only``: these encoders alone."""
     import transformers
     from accelerate import init_empty_weights
 
     assert ref.path is not None
     index = json.loads((ref.path / "model_index.json").read_text())
     out = {}
-    for attr in TEXT_ENCODER_ATTRS:
+    for attr in TEXT_ENCODER_ATTRS if only is None else only:
         lib, name = (index.get(attr) or [None, None])[:2]
         if lib != "transformers" or not name or not (ref.path / attr).is_dir():
             continue
