@@ -23,6 +23,7 @@ from hpedge.compress.pipeline import CompressOptions, plan_for
 from hpedge.compress.plan import Budget
 from hpedge.compress.processes import is_main_process
 from hpedge.compress.pwp import resolve_pwp
+from hpedge.compress.sparsity import SparsitySpec
 from hpedge.console import console, err_console, gb, params, print_distill_memory, print_engines, print_plan, progress
 from hpedge.errors import HpedgeError
 from hpedge.evaluation.image import save_image
@@ -274,9 +275,14 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
              analysis_prompts: Annotated[int, typer.Option(help="prompts of the contribution analysis (when no --importance is given)")] = 40,
              analysis_steps: Annotated[Optional[int], typer.Option(help="denoising steps of the contribution analysis (default: the model's)")] = None,
              eval_per_category: Annotated[int, typer.Option(help="prompts per category for the before/after scores (100 = the 500 prompts of `hpedge eval`; 0 = skip)")] = 100,
+             sparsity: Annotated[Optional[str], typer.Option(help="weight sparsity per component after block removal (or alone): COMPONENT=FRACTION,... with transformer, text, clip, t5, text_encoder, text_encoder_2, text_encoder_3 (e.g. transformer=0.35,text=0.475)")] = None,
+             sparsity_pattern: Annotated[str, typer.Option(help="unstructured | N:M (2:4: two zeros in every four inputs, sparse tensor cores; the fraction must be 0.5)")] = "unstructured",
+             sparsity_method: Annotated[str, typer.Option(help="magnitude | wanda (|W| x input norms from calibration prompts)")] = "magnitude",
+             sparsity_scope: Annotated[str, typer.Option(help="layer (each layer's share) | global (one magnitude threshold per component)")] = "layer",
              resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
              overwrite: Annotated[bool, typer.Option(help="replace OUT and any earlier work")] = False) -> None:
-    """HierarchicalPrune: analyse, plan, prune, distil (PWP + SGDistill) and write a stock diffusers pipeline."""
+    """HierarchicalPrune: analyse, plan, prune, distil (PWP + SGDistill) and write a stock diffusers pipeline; with
+    --sparsity, weight sparsity too (after block removal, or alone)."""
 
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise HpedgeError(f"--mixed-precision must be no, bf16 or fp16, got {mixed_precision!r}")
@@ -286,13 +292,18 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
                          data_dir=str(data) if data else None)
     opts = CompressOptions(Budget(remove_blocks, remove_fraction, keep_ratio, target, residency, drop_t5, t5), importance, protect_early,
                            ds, analysis=AnalysisSettings(prompts=analysis_prompts, steps=analysis_steps), resume=resume, overwrite=overwrite, eval_per_category=eval_per_category, grid_samples=grid_samples,
-                           resolution=resolution, prompts_file=str(prompts) if prompts else None)
+                           resolution=resolution, prompts_file=str(prompts) if prompts else None,
+                           sparsity=SparsitySpec.parse(sparsity, sparsity_pattern, sparsity_method, sparsity_scope)
+                           if sparsity is not None else None)
     with progress("compress") as cb:
         report = compression.compress(model, output, opts, progress=cb)
 
     if not is_main_process():  # every process of a launch ran the command; the main one reports
         return
     console.print(f"removed blocks {report['removed_blocks']}; kept {report['params']['kept_ratio']:.1%} of parameters")
+    for name, c in ((report.get("sparsity") or {}).get("components") or {}).items():
+        console.print(f"{name}: {c['achieved']:.1%} of its pruned layers' weights zero ({report['sparsity']['method']}, "
+                      f"{report['sparsity']['pattern']})")
     console.print(report["pwp"]["why"])
     sc = report["scores"]
     if sc:

@@ -39,6 +39,7 @@ from hpedge.compress.pool import _pool
 from hpedge.compress.processes import Processes
 from hpedge.compress.pwp import resolve_pwp, update_weights
 from hpedge.compress.settings import DistillSettings
+from hpedge.compress.sparsity import keep_masked
 from hpedge.errors import HpedgeError
 from hpedge.models import adapters
 from hpedge.models.denoise import Conditioning, encode, predict
@@ -178,8 +179,14 @@ def _step_draws(s: DistillSettings, step: int, n: int, shape: tuple[int, ...]) -
 def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, float] | None, prompts: list[str],
             work: Path, s: DistillSettings, gen: Defaults, resume: bool,
             progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
-            procs: Processes | None = None) -> tuple[Any, TrainState, dict[int, float]]:
+            procs: Processes | None = None, masks: dict[str, Any] | None = None,
+            student_text: dict[str, Any] | None = None) -> tuple[Any, TrainState, dict[int, float]]:
     """Train ``student`` (pruned, kept[k] = teacher index of student block k). Returns (student, state, weights).
+
+    ``masks`` (weight sparsity, :mod:`hpedge.compress.sparsity`: layer name -> True where a weight stays): pruned
+    weights get no gradient and are zeroed again after every step, so they stay exactly zero. ``student_text``
+    (pruned text encoders by pipeline attribute): the student is conditioned on their prompt embeddings, the teacher
+    on its own encoders' (the student learns to make up for both).
 
     Data parallel over ``procs`` (one process when None): each step's global batch of ``batch_size`` is drawn
     identically on every rank (``_step_draws``) and each rank trains on its slice, so the optimisation equals a
@@ -191,6 +198,9 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
 
     procs = procs or Processes.start(s.mixed_precision)
     accelerator = procs.accelerator
+    if masks and procs.kind in ("fsdp", "deepspeed"):
+        raise HpedgeError(f"weight sparsity keeps its masks on whole parameters: distil it on one process or with DDP, "
+                          f"not {procs.kind}")
     if s.batch_size % procs.world:
         raise HpedgeError(f"--batch-size {s.batch_size} is the global batch: it must be a multiple of the "
                           f"{procs.world} processes")
@@ -212,11 +222,13 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
     x0_pool, texts = _pool(procs, work, teacher_pipe, prompts, s, gen,
                            (lambda k, n: progress("teacher samples", k, n, {"loss": float("nan")}))
                            if progress and procs.is_main else None)
+    guidance = gen.guidance if gen.guidance_kind == "distilled" else None
     with torch.no_grad():
-        cond_all = encode(teacher_pipe, texts, gen.max_sequence_length,
-                          gen.guidance if gen.guidance_kind == "distilled" else None)
-    cond_all = Conditioning(cond_all.prompt_embeds.cpu(), cond_all.pooled.cpu(),
-                            None if cond_all.text_ids is None else cond_all.text_ids.to(procs.device), cond_all.guidance)
+        cond_all = _on_cpu(encode(teacher_pipe, texts, gen.max_sequence_length, guidance), procs.device)
+        cond_s_all = cond_all
+        if student_text:
+            with _encoders(teacher_pipe, student_text):
+                cond_s_all = _on_cpu(encode(teacher_pipe, texts, gen.max_sequence_length, guidance), procs.device)
     offloaded = _offload_all_but_transformer(teacher_pipe)
 
     # parameter groups: frozen (PWP), per-block learning rates (SGDistill), the rest at full rate
@@ -268,6 +280,7 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
             state = _load_checkpoint(procs, last)
             state.resumed_from = state.step
     unwrapped = accelerator.unwrap_model(student)
+    kept_weights = keep_masked(unwrapped, masks) if masks else []
     # feature KD looks at the kept blocks only; under PWP, not at the frozen prefix (its terms are exactly 0)
     prefix = first_removed if s.pwp else 0
     replay = prefix if s.replay_frozen_prefix else 0
@@ -281,15 +294,15 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
             idx, sigma, noise = _step_draws(s, state.step, n, tuple(x0_pool.shape[1:]))
             idx, sigma, noise = idx[lo:hi], sigma[lo:hi].to(procs.device), noise[lo:hi].to(procs.device)
             x0 = x0_pool[idx].to(procs.device)
-            cond = Conditioning(cond_all.prompt_embeds[idx].to(procs.device), cond_all.pooled[idx].to(procs.device),
-                                cond_all.text_ids, cond_all.guidance)
+            cond, cond_s = (Conditioning(c.prompt_embeds[idx].to(procs.device), c.pooled[idx].to(procs.device),
+                                         c.text_ids, c.guidance) for c in (cond_all, cond_s_all))
             w = compute_loss_weighting_for_sd3(s.weighting, sigmas=sigma).float()
             sb = sigma[:, None, None, None]
             xt = (1 - sb) * x0 + sb * noise
             with torch.no_grad(), accelerator.autocast():
                 t_out = predict(teacher, xt.to(teacher.dtype), sigma, cond)
             with accelerator.autocast(), _replaying(unwrapped, replay, kept, t_cap.out):
-                s_out = predict(unwrapped, xt, sigma, cond, module=student)
+                s_out = predict(unwrapped, xt, sigma, cond_s, module=student)
             l_out = (w[:, None, None, None] * (s_out.float() - t_out.float()) ** 2).mean()
             l_feat = torch.zeros((), device=x0.device)
             if s.lambda_feat > 0:
@@ -310,8 +323,14 @@ def distill(teacher_pipe: Any, student: Any, kept: list[int], harm: dict[int, fl
                 raise HpedgeError(f"distillation diverged at step {state.step} (loss {float(loss.detach())}); lower --lr")
             opt.zero_grad()
             accelerator.backward(loss)
+            for p, keep in kept_weights:  # a pruned weight gets no update (AdamW's moments of it stay 0)
+                if p.grad is not None:
+                    p.grad.mul_(keep)
             accelerator.clip_grad_norm_(trainable_params, 1.0)
             opt.step()
+            with torch.no_grad():
+                for p, keep in kept_weights:
+                    p.mul_(keep)
             state.step += 1
             state.seconds = time.time() - t0
             log = state.step % 10 == 0 or state.step == s.steps
@@ -348,6 +367,25 @@ def _gathered(procs: Processes, wrapped: Any, unwrapped: Any) -> Any:
         plain = type(unwrapped).from_config(unwrapped.config)
     plain.load_state_dict({k: v.detach().cpu().float() for k, v in full.items()}, strict=True, assign=True)
     return plain
+
+
+def _on_cpu(c: Conditioning, device: Any) -> Conditioning:
+    """Prompt embeddings kept on the CPU (a batch at a time moved), text ids on the training device."""
+    return Conditioning(c.prompt_embeds.cpu(), c.pooled.cpu(), None if c.text_ids is None else c.text_ids.to(device),
+                        c.guidance)
+
+
+@contextmanager
+def _encoders(pipe: Any, text: dict[str, Any]) -> Iterator[None]:
+    """``pipe`` encoding with the text encoders ``text`` (by attribute) in place of its own."""
+    kept = {a: getattr(pipe, a) for a in text}
+    for a, m in text.items():
+        setattr(pipe, a, m.to(kept[a].device))
+    try:
+        yield
+    finally:
+        for a, m in kept.items():
+            setattr(pipe, a, m)
 
 
 def _offload_all_but_transformer(pipe: Any) -> list[tuple[Any, Any]]:

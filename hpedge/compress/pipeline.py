@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hpedge.compress.analyze import AnalysisSettings, analyze, heatmap
-from hpedge.compress.distill import DistillSettings, distill
+from hpedge.compress.distill import DistillSettings, TrainState, distill
 from hpedge.compress.importance import Importance
 from hpedge.compress.importance import load as load_importance
 from hpedge.compress.plan import Budget, Plan, make_plan, parse_blocks
 from hpedge.compress.pool import data_pairs
 from hpedge.compress.processes import Processes
 from hpedge.compress.pwp import resolve_pwp
+from hpedge.compress.sparsity import Masks, SparsitySpec, check_pattern, pruned_layers
+from hpedge.compress.sparsity import apply as apply_sparsity
 from hpedge.errors import HpedgeError
 from hpedge.evaluation.image import save_grid
 from hpedge.io import atomic_dir, atomic_file, check_parent
@@ -52,6 +54,8 @@ class CompressOptions:
     grid_samples: int = 16
     resolution: int | None = None  # square side for the sample pool, distillation and grid; None: the model's
     prompts_file: str | None = None  # training and calibration prompts; None: the project's set
+    sparsity: SparsitySpec | None = None  # weight sparsity after block removal (or alone, without a block budget)
+    sparsity_prompts: int = 8  # Wanda's calibration prompts
 
 
 def work_dir(out: Path) -> Path:
@@ -92,25 +96,43 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     t_start = time.time()
     say = progress if progress and procs.is_main else (lambda *a, **k: None)
     teacher_pipe, gen = _load_teacher(ref, opts, procs, say)
-    imp = _importance(teacher_pipe, ref, work, opts, procs, say)
-    plan = _plan(teacher_pipe, ref, work, imp, opts, procs)
-    use_pwp, pwp_why = resolve_pwp(plan.remove, plan.num_blocks, opts.distill)  # before the teacher samples its pool
-    ds = replace(opts.distill, pwp=use_pwp)
+    if opts.sparsity is not None:  # components and layer widths checked before the long steps
+        try:
+            _check_sparsity(teacher_pipe, opts.sparsity)
+        except HpedgeError:
+            if procs.is_main and not opts.resume:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+    blocks = opts.budget.given()
+    imp = _importance(teacher_pipe, ref, work, opts, procs, say) if blocks else None
+    plan = _plan(teacher_pipe, ref, work, imp, opts, procs) if blocks else None
+    if plan is not None:
+        use_pwp, pwp_why = resolve_pwp(plan.remove, plan.num_blocks, opts.distill)  # before the teacher samples its pool
+    else:
+        use_pwp, pwp_why = False, "no blocks removed (weight sparsity alone): PWP and SGDistill do not apply"
+    ds = replace(opts.distill, pwp=use_pwp, sgd=opts.distill.sgd if plan is not None else "off")
     say(pwp_why, 0, 1)
 
-    # prune physically, then distil with PWP + SGDistill; distill() holds the trainable parameters in fp32 master
-    # weights, the frozen ones in the teacher's dtype
-    student, kept = adapters.prune(teacher_pipe.transformer, plan.remove)
+    # prune blocks physically, then weights (sparsity), then distil with PWP + SGDistill; distill() holds the
+    # trainable parameters in fp32 master weights, the frozen ones in the teacher's dtype
+    student, kept = adapters.prune(teacher_pipe.transformer, plan.remove if plan is not None else [])
     evaluator = evaluator_for(ref.path)
     prompts = training_prompts(evaluator, opts.distill.pool_size, opts.distill.seed, opts.prompts_file)
+    text, masks, sparsity = _sparsify(teacher_pipe, student, opts, evaluator, gen, say)
     harm = imp.block_harm() if imp else None
-    student, state, weights = distill(
-        teacher_pipe, student, kept, harm, prompts, work, ds, gen, resume=opts.resume,
-        progress=lambda what, k, n, info: say(f"{what}: loss {info['loss']:.4f}" if what == "distilling" else what, k, n),
-        procs=procs,
-    )
-    student_pipe = type(teacher_pipe)(**{**teacher_pipe.components, "transformer": student.to(teacher_pipe.dtype)})
+    if ds.steps > 0:
+        student, state, weights = distill(
+            teacher_pipe, student, kept, harm, prompts, work, ds, gen, resume=opts.resume,
+            progress=lambda what, k, n, info: say(f"{what}: loss {info['loss']:.4f}" if what == "distilling" else what, k, n),
+            procs=procs, masks=masks.masks if masks else None, student_text=text,
+        )
+    else:  # --steps 0: pruned, not distilled
+        student.eval().requires_grad_(False)
+        state, weights = TrainState(), {b: 0.0 for b in kept}
+    student_pipe = type(teacher_pipe)(**{**teacher_pipe.components, **text, "transformer": student.to(teacher_pipe.dtype)})
     student_pipe.set_progress_bar_config(disable=True)
+    if sparsity:
+        sparsity["transformer_zeros_held"] = _zeros_held(student_pipe, masks)
 
     if not procs.is_main:
         procs.barrier()  # the main process evaluates and writes OUT
@@ -120,22 +142,22 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
         scores = evaluator.compare(teacher_pipe, model, student_pipe, str(out), opts.eval_per_category, say)
     report = {
         "format": "hpedge-compress/1", "source": model, "family": ref.family,
-        "removed_blocks": plan.remove, "kept_blocks": kept, "first_removed_position": plan.first_removed,
+        "removed_blocks": plan.remove if plan else [], "kept_blocks": kept,
+        "first_removed_position": plan.first_removed if plan else None,
         "pwp": {"requested": {None: "hpedge's default", True: "--pwp", False: "--no-pwp"}[opts.distill.pwp],
                 "used": use_pwp, "why": pwp_why},
-        "frozen_blocks_pwp": [b for b in kept if b < plan.first_removed] if use_pwp else [],
+        "frozen_blocks_pwp": [b for b in kept if plan and b < plan.first_removed] if use_pwp else [],
         "update_weights": {str(k): v for k, v in weights.items()},
         "sensitivity": "block harm from the contribution analysis" if harm else None,
-        "plan": plan.to_dict(),
+        "plan": plan.to_dict() if plan else None,
+        "sparsity": sparsity,
         "importance": {"source": imp.source, "metric": imp.metric} if imp else None,
         "distill": asdict(ds), "sampling": gen.to_dict(), "losses": state.losses,
         "distill_seconds": round(state.seconds, 1), "resumed_from_step": state.resumed_from,
         "processes": {"count": procs.world, "distributed_type": procs.kind,
                       "batch_per_process": opts.distill.batch_size // procs.world},
         "total_seconds": round(time.time() - t_start, 1),
-        "params": {"before": plan.params_before, "after": plan.params_after, "kept_ratio": plan.kept_ratio},
-        "bytes": {"bf16_before": plan.bytes_bf16_before, "bf16_after": plan.bytes_bf16_after,
-                  "int4_after": plan.bytes_int4_after},
+        **_sizes(teacher_pipe.transformer, student, plan),
         "scores": scores,
         "environment": _environment(),
     }
@@ -145,12 +167,54 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     return report
 
 
+def _sizes(teacher: Any, student: Any, plan: Plan | None) -> dict[str, Any]:
+    """The report's ``params`` and ``bytes`` (dense counts: zeros of weight sparsity are still stored)."""
+    if plan is not None:
+        return {"params": {"before": plan.params_before, "after": plan.params_after, "kept_ratio": plan.kept_ratio},
+                "bytes": {"bf16_before": plan.bytes_bf16_before, "bf16_after": plan.bytes_bf16_after,
+                          "int4_after": plan.bytes_int4_after}}
+    n = adapters.numel(teacher)
+    return {"params": {"before": n, "after": n, "kept_ratio": 1.0},
+            "bytes": {"bf16_before": 2 * n, "bf16_after": 2 * n, "int4_after": None}}
+
+
+def _check_sparsity(teacher_pipe: Any, spec: SparsitySpec) -> None:
+    """Every named component present and, for N:M, every pruned layer's input width a multiple of M."""
+    for attr in spec.resolve(teacher_pipe):
+        check_pattern(pruned_layers(getattr(teacher_pipe, attr)), spec.n_m, attr)
+
+
+def _sparsify(teacher_pipe: Any, student: Any, opts: CompressOptions, evaluator: DigitsEvaluator | None, gen: Defaults,
+              say: Callable[..., None]) -> tuple[dict[str, Any], Masks | None, dict[str, Any] | None]:
+    """Weight sparsity (:mod:`hpedge.compress.sparsity`) of the student and copies of the teacher's text encoders."""
+    if opts.sparsity is None:
+        return {}, None, None
+    say(f"weight sparsity ({opts.sparsity.method}, {opts.sparsity.pattern})", 0, 1)
+    prompts, _ = calibration(evaluator, opts.sparsity_prompts, seed=5, prompts_file=opts.prompts_file)
+    text, masks, report = apply_sparsity(teacher_pipe, student, opts.sparsity, prompts, gen)
+    return text, masks, report
+
+
+def _zeros_held(student_pipe: Any, masks: Masks | None) -> bool:
+    """Whether every pruned weight of the student transformer (the one component distillation trains) is exactly
+    zero."""
+    if masks is None:
+        return True
+    layers = dict(student_pipe.transformer.named_modules())
+    return all(bool((layers[n].weight.detach()[~m.to(layers[n].weight.device)] == 0).all()) for n, m in masks.masks.items())
+
+
 def _start(model: str, out: Path, opts: CompressOptions) -> tuple[ModelRef, Path, Processes]:
     """Options, OUT and the work folder checked before anything runs; the processes of the launch started."""
     check_parent(out)
     if out.exists() and not opts.overwrite:
         raise HpedgeError(f"{out} already exists; pass --overwrite to replace it")
-    opts.budget.check()
+    if opts.sparsity is not None:
+        opts.sparsity.check()
+    if opts.sparsity is None or opts.budget.given():  # weight sparsity alone needs no block budget
+        opts.budget.check()
+    elif opts.importance is not None:
+        raise HpedgeError("--importance plans block removal: give a block budget with it, or leave it out")
     opts.distill.check()
     opts.analysis.check()
     if opts.distill.data_dir is not None:

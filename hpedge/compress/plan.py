@@ -51,6 +51,10 @@ class Budget:
         if self.target is None and (self.residency != "auto" or self.drop_t5 or self.t5 != "auto"):
             raise HpedgeError("--residency, --drop-t5 and --t5 size the package on a device: they go with --target")
 
+    def given(self) -> bool:
+        """Whether a block budget was given (weight sparsity may run without one)."""
+        return any(getattr(self, k) is not None for k in self.KINDS)
+
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.KINDS if getattr(self, k) is not None}
         if self.target is not None:

@@ -548,6 +548,7 @@ def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any
         "source": {"model": run.model, "family": ref.family, "evaluator": zoo_marker(ref.path).get("evaluator"),
                    "kept_blocks": compress_report["kept_blocks"] if compress_report else None,
                    "removed_blocks": compress_report["removed_blocks"] if compress_report else [],
+                   "sparsity": _sparsity_summary(compress_report),
                    "transformer_config": run.refs["transformer_config"]},
         "target": run.profile.to_dict(),
         "components": {
@@ -575,6 +576,16 @@ def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any
         "memory": run.memory,
         "tools": _versions(),
     }
+
+
+def _sparsity_summary(compress_report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The source's weight sparsity (``hpedge compress --sparsity``) as the manifest records it: pattern, method and
+    each component's share of zeros in its pruned layers (the per-layer shares stay in hpedge_compress.json)."""
+    sp = (compress_report or {}).get("sparsity")
+    if not sp:
+        return None
+    return {"pattern": sp["pattern"], "method": sp["method"], "scope": sp["scope"],
+            "components": {k: c["achieved"] for k, c in sp["components"].items()}}
 
 
 def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any], fp32_check: Check

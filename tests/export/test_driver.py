@@ -86,7 +86,7 @@ def test_implementation_gate_passes_the_package_and_fails_each_sampling_bug(real
     c = real_chain(name)
     assert c["results"]["export"].exit_code == 0, c["results"]["export"].output
     parity = read_json(c["package"] / "parity.json")
-    impl = next(x for x in parity["checks"] if x["name"].startswith("implementation"))
+    impl = next(x for x in parity["checks"] if x["name"].startswith("implementation: package runtime"))
     assert impl["passed"] and impl["metrics"]["min_psnr_db"] >= impl["limits"]["min_psnr_db"] == 40.0
     pkg = Package(c["package"], variant="int4_cpu", device="cpu")
     psnr, ok = _gate(c["package"], pkg)

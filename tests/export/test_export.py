@@ -108,7 +108,9 @@ def test_fp32_reference_is_shipped_on_request(random_sd3, tmp_path) -> None:
     assert t["fp32_check"] == "fp32 graph"
     assert m["int4"]["compute"] == "fp32" and not (out / ".work").exists()
     r = check(out)
-    assert [c["name"].split()[0] for c in r["checks"][:3]] == ["fp32", "int4", "int4_cpu"] and r["passed"]
+    names = [c["name"] for c in r["checks"]]
+    assert [n.split()[0] for n in names if not n.startswith("implementation")][:3] == ["fp32", "int4", "int4_cpu"]
+    assert r["passed"] and sum(n.startswith("implementation: transformer int4") for n in names) == 2
 
 
 def test_a_bfloat16_checkpoint_is_held_in_bfloat16_and_checked_through_the_widened_fp16_graph(random_sd3, tmp_path,
@@ -153,8 +155,11 @@ def test_check_passes_then_detects_tampering(sd3_package, tmp_path) -> None:
     import shutil
 
     r = check(sd3_package)
-    assert r["passed"] and [c["name"] for c in r["checks"][:2]] == ["int4 vs PyTorch (stored reference)",
-                                                                    "int4_cpu vs PyTorch (stored reference)"]
+    assert r["passed"] and [c["name"] for c in r["checks"][:4]] == [
+        "int4 vs PyTorch (stored reference)",
+        "implementation: transformer int4 vs PyTorch with the same dequantized weights (its float32 view)",
+        "int4_cpu vs PyTorch (stored reference)",
+        "implementation: transformer int4_cpu vs PyTorch with the same dequantized weights and activation quantization"]
     engines = [c for c in r["checks"] if "engine" in c["name"]]
     assert len(engines) == 4 and all(c["skipped"] and "built here; not run: no RTX GPU" in c["name"] for c in engines)
     pkg = tmp_path / "p"
