@@ -19,7 +19,7 @@ from hpedge.compress import pipeline as compression
 from hpedge.compress.analyze import AnalysisSettings, heatmap
 from hpedge.compress.distill import DistillSettings
 from hpedge.compress.memory import estimate_for
-from hpedge.compress.pipeline import CompressOptions, plan_for
+from hpedge.compress.pipeline import CompressOptions, plan_for, sparsity_note
 from hpedge.compress.plan import Budget
 from hpedge.compress.processes import is_main_process
 from hpedge.compress.pwp import resolve_pwp
@@ -223,7 +223,9 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
          processes: Annotated[int, typer.Option(help="--distill: GPUs sharing the batch (data parallel)")] = 1,
          resolution: Annotated[Optional[int], typer.Option(help="--distill: square image side (default: the model's)")] = None,
          mixed_precision: Annotated[str, typer.Option(help="--distill: no | bf16 | fp16 (compress --mixed-precision; GPU runs use bf16)")] = "bf16",
-         pwp: Annotated[Optional[bool], typer.Option("--pwp/--no-pwp", help="Positional Weight Preservation as compress uses it (default: compress's)")] = None) -> None:
+         pwp: Annotated[Optional[bool], typer.Option("--pwp/--no-pwp", help="Positional Weight Preservation as compress uses it (default: compress's)")] = None,
+         sparsity: Annotated[Optional[str], typer.Option(help="weight sparsity as compress takes it (COMPONENT=FRACTION,...): what it changes in the package")] = None,
+         sparsity_pattern: Annotated[str, typer.Option(help="unstructured | N:M")] = "unstructured") -> None:
     """Print which blocks Hierarchical Position Pruning removes, and the sizes before/after (no weights touched)."""
 
     p = plan_for(model, Budget(remove_blocks, remove_fraction, keep_ratio, target, residency, drop_t5, t5), importance,
@@ -240,6 +242,10 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
                   + ", ".join(f"{m} {n.need / 1e9:.1f} GB ({n.rule})" for m, n in needs.items())
                   + (f"; this host has {avail / 1e9:.1f} GB available" if avail is not None else ""))
     out["export_host_memory"] = {m: n.to_dict() for m, n in needs.items()}
+    note = sparsity_note(model, sparsity, sparsity_pattern)
+    if note:
+        console.print(note)
+        out["sparsity"] = note
     if distill:
         m = estimate_for(model, p.remove, batch_size, processes, resolution, mixed_precision, use_pwp)
         print_distill_memory(m)

@@ -95,7 +95,8 @@ def build_cached(adapter: Any, onnx_path: Path, onnx_sha256: str, dest: Path, se
     facts = {"library": adapter.NAME, "version": version, "compute_capabilities": list(settings.compute_capabilities),
              "build_seconds": round(seconds, 2), "engine_bytes": len(blob), "cache_key": key,
              "optimization_level": settings.optimization_level, "workspace_bytes": settings.workspace_bytes,
-             "strongly_typed": settings.strongly_typed, "shapes": settings.to_dict()["shapes"],
+             "strongly_typed": settings.strongly_typed, "sparse_weights": settings.sparse_weights,
+             "shapes": settings.to_dict()["shapes"],
              "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _store(cached, blob, facts)
     return {**facts, "file": target.name, "cache": "miss"}

@@ -95,6 +95,8 @@ def build_serialized(mod: Any, onnx_path: Path, settings: BuildSettings,
     config: trt.IBuilderConfig = builder.create_builder_config()
     config.set_memory_pool_limit(mod.MemoryPoolType.WORKSPACE, int(settings.workspace_bytes))
     config.builder_optimization_level = int(settings.optimization_level)
+    if settings.sparse_weights:
+        config.set_flag(mod.BuilderFlag.SPARSE_WEIGHTS)
     profile: trt.IOptimizationProfile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         name = network.get_input(i).name

@@ -28,6 +28,7 @@ class BuildSettings:
     optimization_level: int
     workspace_bytes: int
     strongly_typed: bool = True
+    sparse_weights: bool = False  # BuilderFlag.SPARSE_WEIGHTS: 2:4 weights may run on sparse tensor cores
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -25,7 +25,7 @@ from hpedge.compress.plan import Budget, Plan, make_plan, parse_blocks
 from hpedge.compress.pool import data_pairs
 from hpedge.compress.processes import Processes
 from hpedge.compress.pwp import resolve_pwp
-from hpedge.compress.sparsity import Masks, SparsitySpec, check_pattern, pruned_layers
+from hpedge.compress.sparsity import Masks, SparsitySpec, check_pattern, pruned_layers, size_note
 from hpedge.compress.sparsity import apply as apply_sparsity
 from hpedge.errors import HpedgeError
 from hpedge.evaluation.image import save_grid
@@ -358,3 +358,16 @@ def plan_for(model: str, budget: Budget, importance: str | None, protect_early: 
             imp = load_importance(cached)
     tr = load_transformer(ref)
     return plan_on_target(tr, budget, imp, protect_early, ref)
+
+
+def sparsity_note(model: str, sparsity: str | None, pattern: str = "unstructured") -> str | None:
+    """``hpedge plan``'s line on weight sparsity: of ``--sparsity`` as given, else of the sparsity MODEL was
+    compressed with (its ``hpedge_compress.json``), else None."""
+    if sparsity is not None:
+        spec = SparsitySpec.parse(sparsity, pattern)
+        spec.check()
+        return size_note(pattern, spec.fractions)
+    ref = resolve(model, allow_architecture=True)
+    report = ref.path / REPORT if ref.path is not None else None
+    sp = json.loads(report.read_text()).get("sparsity") if report is not None and report.exists() else None
+    return size_note(sp["pattern"], {k: c["achieved"] for k, c in sp["components"].items()}) if sp else None

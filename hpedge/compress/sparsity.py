@@ -345,3 +345,16 @@ def _family(pipe: Any) -> str:
 
 def _entry(fraction: float, masks: Masks) -> dict[str, Any]:
     return {"requested": fraction, "achieved": round(masks.achieved(), 6), "layers": masks.per_layer()}
+
+
+def size_note(pattern: str, components: dict[str, float]) -> str:
+    """What weight sparsity does to a package's bytes (``hpedge plan``): unstructured zeros shrink nothing that is
+    stored; 2:4 changes only how TensorRT-RTX may run the engines."""
+    what = ", ".join(f"{k} {v:.1%}" for k, v in components.items())
+    if pattern == "unstructured":
+        return (f"weight sparsity ({what}, unstructured): the package is as large as a dense one (the INT4 and int8 "
+                "weights store every zero, as do the engines); no bytes are counted for it")
+    return (f"weight sparsity ({what}, {pattern}): the package files stay as large as a dense one (INT4 stores every "
+            "zero); TensorRT-RTX engines are built with the sparse-weights flag, so the builder may pick sparse "
+            "tensor-core kernels (Ampere and newer) for layers whose weights qualify; engine bytes and speed on an "
+            "RTX GPU are not measured here")

@@ -115,7 +115,7 @@ def build_all(root: Path, components: dict[str, Any], profile: Profile, progress
                      f"{', '.join('sm_' + x.replace('.', '') for x in spec.compute_capabilities)})")
         onnx = root / c["onnx"]
         settings = BuildSettings(_shapes(c["shapes"]), spec.compute_capabilities, profile.builder_optimization_level,
-                                 int(profile.workspace_gb * 2**30))
+                                 int(profile.workspace_gb * 2**30), sparse_weights=bool(c.get("sparse_weights")))
         facts = eng.build_cached(adapter, onnx, sha256(onnx), (into or root) / "engines" / f"{name}.plan", settings)
         out[name] = {**c, **facts, "file": f"engines/{facts['file']}", "onnx_weight_bytes": initializer_bytes(onnx)}
     return out
@@ -129,12 +129,28 @@ def runtime_cache_note(library: str) -> str | None:
             "$XDG_CACHE_HOME/hpedge, else ~/.cache/hpedge")
 
 
+def sparse_components(sparsity: dict[str, Any] | None, family: str) -> set[str]:
+    """The engine components whose weights are 2:4 sparse (``hpedge compress --sparsity-pattern 2:4``; the manifest's
+    ``source.sparsity``): built with the builder's sparse-weights flag. Unstructured zeros change no engine."""
+    if not sparsity or sparsity["pattern"] != "2:4":
+        return set()
+    t5 = "text_encoder_3" if family == "sd3" else "text_encoder_2"
+    out = set()
+    for attr in sparsity["components"]:
+        out.add("transformer" if attr == "transformer" else "text_t5" if attr == t5 else "text_clip")
+    return out
+
+
 def plan_engines(family: str, transformer_io: dict[str, Any], batch_axes: dict[str, bool], text_lengths: dict[str, int],
                  latent_channels: int, latent_range: tuple[int, int, int], profile: Profile, mode: str, reason: str,
-                 text: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's ``engines`` section before any build: library, GPUs, and each component's ONNX and shapes."""
+                 text: dict[str, Any], sparse: set[str] | None = None) -> dict[str, Any]:
+    """The manifest's ``engines`` section before any build: library, GPUs, and each component's ONNX and shapes
+    (``sparse``: components built with sparse weights, :func:`sparse_components`)."""
     comps = component_plan(family, transformer_io, batch_axes, text_lengths, latent_channels, latent_range, profile,
                            text["encoders"])
+    for name in sparse or ():
+        if name in comps:
+            comps[name]["sparse_weights"] = True
     section: dict[str, Any] = {
         "status": "skipped" if mode == "skip" else "pending", "reason": reason, "library": profile.engine.library,
         "compute_capabilities": list(profile.engine.compute_capabilities), "portable": profile.engine.portable,

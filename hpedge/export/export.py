@@ -519,8 +519,10 @@ def _engines(run: _Run, tmp: Path, text: dict[str, Any]) -> dict[str, Any]:
     batch_axes = {k: spec.dynamic_axes.get(k, {}).get(0) == "batch" for k in io}
     lengths = {name: length for name, (_, length) in text_inputs(pipe, run.seq).items()}
     latents = tuple(r // pipe.vae_scale_factor for r in run.res)
+    sparse = engine_build.sparse_components(_sparsity_summary(_compress_report(run)), run.family)
     engines = engine_build.plan_engines(run.family, io, batch_axes, lengths, int(pipe.vae.config.latent_channels),
-                                        latents, run.profile, run.opts.engine, run.engine_reason, text)  # type: ignore[arg-type]
+                                        latents, run.profile, run.opts.engine, run.engine_reason, text,  # type: ignore[arg-type]
+                                        sparse)
     if run.build_now:
         engines["components"] = engine_build.build_all(tmp, engines["components"], run.profile, run.say)
         engines["status"] = "built"
@@ -531,8 +533,7 @@ def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any
               t5_rep: QuantReport | None) -> dict[str, Any]:
     """The manifest before parity, and the quantization report (``quant_report.json``) beside it."""
     pipe, family, res, model_gen, ref, opts = run.pipe, run.family, run.res, run.model_gen, run.ref, run.opts
-    compress_file = ref.path / "hpedge_compress.json" if ref.path else None
-    compress_report = json.loads(compress_file.read_text()) if compress_file and compress_file.exists() else None
+    compress_report = _compress_report(run)
     variants = {v: f"transformer/{v}/model.onnx" for v in ("fp32", "int4", "int4_cpu") if (tmp / "transformer" / v).exists()}
     within = lambda value: value if res[0] <= value <= res[2] else res[1]  # noqa: E731 - the model's size if covered
     channels = int(run.refs["transformer_config"]["in_channels"]) // family_facts(family).latent_packing
@@ -576,6 +577,12 @@ def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any
         "memory": run.memory,
         "tools": _versions(),
     }
+
+
+def _compress_report(run: _Run) -> dict[str, Any] | None:
+    """The source's ``hpedge_compress.json`` (a pipeline ``hpedge compress`` wrote), or None."""
+    f = run.ref.path / "hpedge_compress.json" if run.ref.path else None
+    return json.loads(f.read_text()) if f and f.exists() else None
 
 
 def _sparsity_summary(compress_report: dict[str, Any] | None) -> dict[str, Any] | None:

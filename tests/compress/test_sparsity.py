@@ -139,20 +139,27 @@ def test_bad_sparsity_input_is_one_line_and_writes_nothing(real_pipelines, tmp_p
     assert not out.exists() and not work_dir(out).exists()
 
 
-def test_sparse_weights_stay_zero_in_the_int4_graph(real_pipelines, tiny_rtx4090, tmp_path) -> None:
-    """Zeros survive INT4 (round-to-nearest of 0 is 0, with any block scale) and int4_cpu's int8 weights."""
+def test_a_2_4_package_keeps_its_zeros_in_int4_and_builds_sparse_engines(real_pipelines, tiny_rtx4090, tmp_path) -> None:
+    """Zeros survive INT4 (round-to-nearest of 0 is 0, with any block scale) and int4_cpu's int8 weights; the
+    transformer's TensorRT-RTX engine is built with the sparse-weights flag, recorded; the package passes check."""
     import onnx
     from onnx import numpy_helper
 
     from hpedge.export.export import ExportOptions, export
+    from hpedge.export.verify import check
 
     src, student = real_pipelines["sd3.5-large-turbo"], tmp_path / "student"
     r = _compress(src, student, "--steps", "0", "--sparsity", "transformer=0.5", "--sparsity-pattern", "2:4")
     assert r.exit_code == 0, r.output
     pkg = tmp_path / "pkg"
     m = export(str(student), pkg, ExportOptions(target=str(tiny_rtx4090), method="awq_clip", calibration_prompts=1,
-                                                 e2e_samples=1, engine="skip"))
-    assert m["source"]["sparsity"]["pattern"] == "2:4"
+                                                 e2e_samples=1))
+    assert m["source"]["sparsity"] == {"pattern": "2:4", "method": "magnitude", "scope": "layer",
+                                       "components": {"transformer": 0.5}}
+    comps = m["engines"]["components"]
+    assert m["engines"]["status"] == "built" and comps["transformer"]["sparse_weights"] is True
+    assert not any(c.get("sparse_weights") for n, c in comps.items() if n != "transformer")
+    assert check(pkg)["passed"]
     from diffusers import DiffusionPipeline
 
     pruned = [m for m in pruned_layers(DiffusionPipeline.from_pretrained(student).transformer).values()
@@ -166,3 +173,18 @@ def test_sparse_weights_stay_zero_in_the_int4_graph(real_pipelines, tiny_rtx4090
     cpu = onnx.load(str(pkg / "transformer" / "int4_cpu" / "model.onnx"))
     w8 = [numpy_helper.to_array(i) for i in cpu.graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert sum(np.mean(w == 0) >= 0.5 for w in w8) >= len(pruned)  # int8 of 0 is 0
+
+
+def test_plan_says_what_sparsity_does_to_the_package(real_pipelines) -> None:
+    src = str(real_pipelines["sd3.5-large"])
+
+    def plan(*args: str) -> tuple[int, str]:
+        r = runner.invoke(app, ["plan", src, "--remove-blocks", "2,", *args])
+        return r.exit_code, " ".join(r.output.split())  # the console wraps long lines
+
+    code, out = plan("--sparsity", "transformer=0.35,text=0.475")
+    assert code == 0 and "as large as a dense one" in out and "no bytes are counted" in out, out
+    code, out = plan("--sparsity", "transformer=0.5", "--sparsity-pattern", "2:4")
+    assert code == 0 and "sparse-weights flag" in out, out
+    code, out = plan("--sparsity", "transformer=1.5")
+    assert code == 2 and "must be in [0, 1)" in out
