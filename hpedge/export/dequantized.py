@@ -29,7 +29,7 @@ class Dequantized:
     matched: int
     quantized: int
     unmatched: list[str]  # quantized weights of the graph no Linear of the model has
-    layers: list[Any] = field(default_factory=list, repr=False)  # the Linear modules given a weight
+    layers: list[tuple[Any, str]] = field(default_factory=list, repr=False)  # (Linear, its graph weight) given a weight
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers_matched": self.matched, "quantized": self.quantized, "unmatched": self.unmatched[:10]}
@@ -127,8 +127,23 @@ def load_dequantized(module: Any, onnx_path: Path, sources: dict[str, str],
             if not deqs:
                 continue
             m.weight.copy_(torch.from_numpy(np.ascontiguousarray(deqs[0].T)).to(w.dtype))
-            layers.append(m)
+            layers.append((m, datas[0]))
             # a weight quantized differently per reader has no one PyTorch equivalent: those stay unmatched
             found.update(d for d, x in zip(datas, deqs) if np.array_equal(x, deqs[0]))
     quantized = [d for d in nodes if d.rsplit("_", 1)[0] in sources]
     return Dequantized(len(found), len(quantized), sorted(set(quantized) - found), layers)
+
+
+def reload_weights(layers: list[tuple[Any, str]], onnx_path: Path,
+                   weight: Callable[[np.ndarray, np.ndarray, int, int], np.ndarray]) -> None:
+    """The layers :func:`load_dequantized` placed get their graph weight again, made by ``weight`` (e.g.
+    :func:`int8_kernel_weight`): no second read of the model, no second tracing."""
+    import onnx
+    import torch
+
+    nodes = _dequantize_nodes(onnx.load(str(onnx_path), load_external_data=False))
+    base_dir = Path(onnx_path).parent
+    with torch.no_grad():
+        for m, data in layers:
+            w = weight(read_array(nodes[data][0], base_dir), read_array(nodes[data][1], base_dir), *nodes[data][2:])
+            m.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)).to(m.weight.dtype))

@@ -42,7 +42,7 @@ from hpedge.export import build as engine_build
 from hpedge.export import onnx_export as ox
 from hpedge.export import verify
 from hpedge.export.cpu_int4 import KERNELS, convert
-from hpedge.export.dequantized import dynamic_uint8_inputs, int8_kernel_weight, load_dequantized
+from hpedge.export.dequantized import dynamic_uint8_inputs, int8_kernel_weight, load_dequantized, reload_weights
 from hpedge.export.driver import driven_images
 from hpedge.export.encoders import export_text_encoder, export_vae_decoder, text_inputs, tokenize
 from hpedge.export.onnx_io import size_of
@@ -479,37 +479,34 @@ def _quantize(run: _Run, tmp: Path, work: Path) -> tuple[QuantReport, int]:
 def _dequantized_reference(run: _Run, tmp: Path, qrep: QuantReport) -> None:
     """PyTorch's outputs for the held-out inputs with each quantized graph's own weights: the transformer read again
     as stored, cast in place to the graph's type and given the INT4 graph's dequantized weights
-    (:mod:`hpedge.export.dequantized`), computed in float32 (``refs["out_dq"]``); for ``int4_cpu``'s int8 kernel,
-    read once more with that kernel's int8 weights and its per-tensor uint8 activations emulated
+    (:mod:`hpedge.export.dequantized`), computed in float32 (``refs["out_dq"]``); for ``int4_cpu``'s int8 kernel, the
+    same layers then given that kernel's int8 weights, its per-tensor uint8 activations emulated
     (``refs["out_dq_cpu"]``). The references of the component-level implementation gates; none where the quantizer
     did not key its weights (ModelOpt's own pass)."""
-    r = run.refs
+    r, pipe = run.refs, run.pipe
     if not qrep.sources:
         r["dq"] = {"reason": f"the {qrep.method} pass of {qrep.implementation} does not trace its weights to the model's layers"}
         return
     run.say("PyTorch references with the INT4 graph's own weights (dequantized into the transformer; held-out inputs)")
-    r["out_dq"], r["dq"] = _with_graph_weights(run, tmp, qrep, None)
-    if run.opts.cpu_kernel == "int8":
-        run.say("PyTorch references with int4_cpu's int8 weights and its activation quantization (held-out inputs)")
-        r["out_dq_cpu"], _ = _with_graph_weights(run, tmp, qrep, int8_kernel_weight)
-
-
-def _with_graph_weights(run: _Run, tmp: Path, qrep: QuantReport, weight: Any) -> tuple[list[np.ndarray], dict[str, Any]]:
-    pipe = run.pipe
+    graph = tmp / "transformer" / "int4" / "model.onnx"
     pipe.transformer = read_transformer(run.ref)
     # the graph's weight type (in place)
     pipe.transformer.half() if run.opts.compute == "fp16" else pipe.transformer.float()
-    done = load_dequantized(pipe.transformer, tmp / "transformer" / "int4" / "model.onnx", qrep.sources, weight)
+    done = load_dequantized(pipe.transformer, graph, qrep.sources)
+    r["dq"] = done.to_dict()
     if done.unmatched:
         raise HpedgeError(f"internal: {len(done.unmatched)} of the INT4 graph's {done.quantized} quantized weights match "
                           f"no Linear layer of the transformer (first: {done.unmatched[0]}); export aborted")
     pipe.transformer.to(compute_device())
-    acts = dynamic_uint8_inputs(done.layers) if weight is int8_kernel_weight else contextlib.nullcontext()
-    with fp32_compute(pipe.transformer), acts:
-        out = verify.torch_outputs(pipe, run.refs["held"])
+    with fp32_compute(pipe.transformer):
+        r["out_dq"] = verify.torch_outputs(pipe, r["held"])
+        if run.opts.cpu_kernel == "int8":
+            run.say("PyTorch references with int4_cpu's int8 weights and its activation quantization (held-out inputs)")
+            reload_weights(done.layers, graph, int8_kernel_weight)
+            with dynamic_uint8_inputs([m for m, _ in done.layers]):
+                r["out_dq_cpu"] = verify.torch_outputs(pipe, r["held"])
     pipe.transformer = None
     verify.release_memory()
-    return out, done.to_dict()
 
 
 def _engines(run: _Run, tmp: Path, text: dict[str, Any]) -> dict[str, Any]:
