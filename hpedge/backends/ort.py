@@ -17,8 +17,11 @@ def available_providers() -> list[str]:
 
 
 def session(path: str | Path, device: str = "auto", threads: int | None = None, low_memory: bool = False,
-            arena: bool = True) -> Any:
+            arena: bool = True, data_dir: str | Path | None = None) -> Any:
     """An InferenceSession on CUDA when asked for (or 'auto' and present), else CPU.
+
+    ``data_dir``: the folder the graph's external data files are in, when it is not the graph's own (a graph-only
+    view of a packaged graph, written elsewhere: ONNX Runtime refuses external data reached through links).
 
     ``arena=False``: no CPU memory arena nor memory pattern, so a run's intermediates go back when it ends (the
     arena keeps a run's peak for the next run: right for a transformer's many steps, not for a VAE decoder whose
@@ -56,8 +59,12 @@ def session(path: str | Path, device: str = "auto", threads: int | None = None, 
         opts.enable_mem_pattern = False
         # without constant folding, ORT 1.24's layout optimizations (level ALL) abort the process on some graphs
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    model: Any = str(path)
+    if data_dir is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_dir))
+        model = Path(path).read_bytes()
     try:
-        sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers,
+        sess = ort.InferenceSession(model, sess_options=opts, providers=providers,
                                     disabled_optimizers=["ConstantFolding"] if low_memory else None)
     except Exception as e:
         raise HpedgeError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None

@@ -25,19 +25,21 @@ def _quiet() -> None:
 
 
 def run_onnxrt(onnx_path: Path, feeds: list[dict[str, np.ndarray]], name: str, device: str = "auto",
-                split: Callable[[dict[str, np.ndarray]], list[dict[str, np.ndarray]]] | None = None) -> Any:
+                split: Callable[[dict[str, np.ndarray]], list[dict[str, np.ndarray]]] | None = None,
+                data_dir: Path | None = None) -> Any:
     """Polygraphy run of an ONNX file on ONNX Runtime (CUDA where present, else CPU; no pre-packed weight
     copies: see :func:`hpedge.backends.ort.session`); returns its RunResults, one iteration per feed.
 
     ``split``: each feed is run as the parts it returns (e.g. one batch row at a time: a run then holds one row's
     attention scores, which grow with batch x tokens^2) and its parts' outputs are joined along the first axis, so
-    the results, and every metric over them, are those of the whole feed."""
+    the results, and every metric over them, are those of the whole feed. ``data_dir``: where the graph's external
+    data is, if not beside it (:func:`hpedge.backends.ort.session`)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, RunResults
     from polygraphy.comparator.struct import IterationResult
 
     _quiet()
-    runner = OnnxrtRunner(lambda: ort.session(onnx_path, device, low_memory=True), name=name)
+    runner = OnnxrtRunner(lambda: ort.session(onnx_path, device, low_memory=True, data_dir=data_dir), name=name)
     parts = [split(f) for f in feeds] if split is not None else [[f] for f in feeds]
     results = Comparator.run([runner], data_loader=[p for ps in parts for p in ps])
     del runner

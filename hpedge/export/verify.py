@@ -231,14 +231,14 @@ def dequantized_check(variant: str, path: Path, feeds: list[dict[str, np.ndarray
 
 
 def _float32_run(path: Path, feeds: list[dict[str, np.ndarray]], name: str, split: Any = None) -> tuple[Any, bool]:
-    """Polygraphy results of graph ``path`` computed in float32 (its float32 view, written in a temporary folder;
-    a float32 graph as it is) and whether it was widened."""
+    """Polygraphy results of graph ``path`` computed in float32 (its float32 view: the graph alone, written in a
+    temporary folder, its weights read from ``path``'s folder; a float32 graph as it is) and whether it was widened."""
     with tempfile.TemporaryDirectory(prefix="hpedge-view-") as d:
         try:
             view = fp32_view(path, "model.onnx", Path(d))
         except HpedgeError:  # a float32 graph: nothing to widen
-            view = path
-        return pgy.run_onnxrt(view, feeds, name, split=split), view != path
+            return pgy.run_onnxrt(path, feeds, name, split=split), False
+        return pgy.run_onnxrt(view, feeds, name, split=split, data_dir=path.parent), True
 
 
 def t5_dequantized_check(path: Path, ref: dict[str, np.ndarray], lim: Parity) -> Check:

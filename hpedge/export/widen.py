@@ -93,7 +93,8 @@ def widen_graph(g: Any) -> int:
 
 def fp32_view(src: Path, name: str = "fp32_view.onnx", folder: Path | None = None) -> Path:
     """Write the float32 view of the fp16 graph ``src`` beside it, or in ``folder`` (its external data, if any, is
-    shared, not copied: linked there); returns the view's path. Raises if the graph has nothing 16-bit."""
+    shared, not copied: a view written elsewhere is run with ``src``'s folder as its data folder,
+    :func:`hpedge.backends.ort.session`); returns the view's path. Raises if the graph has nothing 16-bit."""
     import onnx
 
     model = onnx.load(str(src), load_external_data=False)
@@ -103,10 +104,5 @@ def fp32_view(src: Path, name: str = "fp32_view.onnx", folder: Path | None = Non
     if not changed:
         raise HpedgeError(f"internal: {src} has no 16-bit type to widen")
     dst = (folder or src.parent) / name
-    if folder is not None:  # external data entries name files beside the graph: linked beside the view
-        files = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
-        for f in files:
-            (folder / f).parent.mkdir(parents=True, exist_ok=True)
-            (folder / f).symlink_to((src.parent / f).resolve())
-    onnx.save(model, str(dst))  # external data entries keep pointing at the fp16 graph's file (same folder)
+    onnx.save(model, str(dst))  # external data entries keep naming the fp16 graph's file (beside ``src``)
     return dst

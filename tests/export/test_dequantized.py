@@ -15,7 +15,7 @@ from hpedge.export.dequantized import dequantize, dynamic_uint8_inputs, load_deq
 from hpedge.export.quantize import quantize_int4, rows_of
 from hpedge.export.verify import dequantized_check, t5_dequantized_check, transformer_check
 from hpedge.runtime.format import load_reference
-from hpedge.targets.profiles import profile_from_dict
+from hpedge.targets.profiles import load_profile, profile_from_dict
 from hpedge.testing import INT4_GRAPH_BUGS, initializer, mutated_int4_graph, set_initializer
 from tests.conftest import REAL, read_json
 from tests.export.test_quantize import BLOCK, K, N, _linear_model, _run
@@ -70,6 +70,17 @@ def test_each_linear_gets_the_graphs_dequantized_weight_and_matches_its_output(t
 
     other = _torch_twin(dtype)  # weights the graph was not made from: nothing is traced to them
     assert load_dequantized(other, dst, report.sources).unmatched == ["w1_i4", "w2_i4"]
+
+    # the gate on a graph whose weights are external data (every graph above 2 GB): its float32 view is written
+    # elsewhere and still reads them
+    ext = tmp_path / "ext" / "model.onnx"
+    ext.parent.mkdir()
+    onnx.save(onnx.load(str(dst)), str(ext), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    lim = load_profile("rtx4090").parity
+    shipped = pgy.run_onnxrt(ext, [{"x": x}], "shipped")
+    c = dequantized_check("int4", ext, [{"x": x}], shipped, [ref], lim)
+    assert c.passed and c.metrics["min_psnr_db"] > 80, c
+    assert ("float32 view" in c.name) == (dtype == np.float16)
 
 
 @pytest.mark.parametrize("name", REAL)
