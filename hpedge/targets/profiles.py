@@ -58,9 +58,9 @@ class Parity:
     impl_min_psnr_db: float = 40.0
     # each quantized graph (transformer int4, T5) vs PyTorch running the same dequantized weights (hpedge.export.
     # dequantized), computed in float32: the graphs' implementation only; int4_cpu (int8 kernel) vs PyTorch with its
-    # int8 weights and activation quantization emulated, which ONNX Runtime rounds a step apart here and there
+    # int8 weights and activation quantization emulated, not exactly (61-71 dB on the fixtures, 50.2 on digits-sd3)
     impl_graph_min_psnr_db: float = 60.0
-    impl_int4_cpu_min_psnr_db: float = 50.0
+    impl_int4_cpu_min_psnr_db: float = 40.0
     impl_min_cosine: float = 0.999
 
 
