@@ -506,6 +506,7 @@ def _dequantized_reference(run: _Run, tmp: Path, qrep: QuantReport) -> None:
             with dynamic_uint8_inputs([m for m, _ in done.layers]):
                 r["out_dq_cpu"] = verify.torch_outputs(pipe, r["held"])
     pipe.transformer = None
+    del done  # its layers are the transformer's: gone only with it
     verify.release_memory()
 
 

@@ -238,7 +238,10 @@ def _float32_run(path: Path, feeds: list[dict[str, np.ndarray]], name: str, spli
             view = fp32_view(path, "model.onnx", Path(d))
         except HpedgeError:  # a float32 graph: nothing to widen
             return pgy.run_onnxrt(path, feeds, name, split=split), False
-        return pgy.run_onnxrt(view, feeds, name, split=split, data_dir=path.parent), True
+        # weights in the graph file come along into the view (run from its path); weights in an external data file
+        # stay there (the view is run with their folder: ONNX Runtime loads it from bytes then)
+        external = path.with_name(path.name + ".data").exists()
+        return pgy.run_onnxrt(view, feeds, name, split=split, data_dir=path.parent if external else None), True
 
 
 def t5_dequantized_check(path: Path, ref: dict[str, np.ndarray], lim: Parity) -> Check:
