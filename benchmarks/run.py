@@ -23,8 +23,8 @@
     python benchmarks/run.py quant-method MODEL... [--midsize]
                                                # AWQ vs RTN side by side: parity, end-to-end, digits score
     python benchmarks/run.py gates             # parity gates' margins and the INT4-graph bugs each catches, five fixtures
-    python benchmarks/run.py sparsity --family sd3
-                                               # weight sparsity sweep (arXiv 2411.15113): text / transformer / both, magnitude vs Wanda
+    python benchmarks/run.py sparsity --family sd3 --work DIR
+                                               # weight sparsity (arXiv 2411.15113): sweep, magnitude vs Wanda, 2:4, distilled rows
     python benchmarks/run.py gpu               # real-scale SD3.5-Large step in PyTorch on a CUDA GPU (bf16, pruned, INT4)
     python benchmarks/run.py curve --family sd3 --jobs 2
                                                # the compression curve: methods x 25/40/50 % of blocks removed, LR sweep, PNG

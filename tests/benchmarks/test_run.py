@@ -392,3 +392,45 @@ def test_every_results_file_says_its_command_machine_date_and_commit(bench, tmp_
     data = json.loads((tmp_path / "x.json").read_text())
     assert data["rows"] == [1] and set(data["provenance"]) == {"command", "machine", "date", "commit"}
     assert data["provenance"]["commit"].startswith(commit)
+
+
+def _sparsity_row(component, method, fraction, correct, teacher, distilled=False):
+    from hpedge.zoo.evaluate import paired_ratio
+
+    result = {"overall": sum(correct) / len(correct), "correct": correct, "settings": {"per_category": 20}}
+    return {"component": component, "fraction": fraction, "method": method, "spec": "x", "distilled": distilled,
+            "pattern": "2:4" if "2:4" in component else "unstructured", "steps": 600, "lr": 1e-3, "removed_blocks": [6],
+            "result": result, "paired": paired_ratio(teacher, result), "psnr_min": 12.0, "psnr_mean": 20.0,
+            "achieved": {}, "seconds": 1.0}
+
+
+def test_sparsity_report_finds_a_sudden_collapse_names_the_leader_and_pairs_distilled_rows(bench, tmp_path, monkeypatch) -> None:
+    """From synthetic rows: the transformer holds the teacher's score to 40 % and falls below half at 50 % (sudden);
+    the text encoders fade slowly (not sudden); magnitude leads Wanda outside the interval where it is far ahead; a
+    distilled row is compared with its undistilled pair."""
+    import sys
+
+    from PIL import Image
+
+    sp = sys.modules["sparsity"]
+    patch_everywhere(monkeypatch, bench, "RESULTS", tmp_path)
+    teacher = {"overall": 0.9, "samples": 100, "correct": [1] * 90 + [0] * 10, "settings": {"per_category": 20}}
+    keep = lambda k: [1] * k + [0] * (100 - k)  # noqa: E731  (k of the teacher's 90 prompts kept)
+    transformer = {0.3: 90, 0.4: 88, 0.5: 30, 0.6: 5}
+    text = {0.3: 88, 0.4: 80, 0.5: 70, 0.6: 40}
+    rows = [_sparsity_row("transformer", m, f, keep(k if m == "magnitude" else max(k - 20, 0)), teacher)
+            for f, k in transformer.items() for m in ("magnitude", "wanda")]
+    rows += [_sparsity_row("text", m, f, keep(k), teacher) for f, k in text.items() for m in ("magnitude", "wanda")]
+    rows += [_sparsity_row("2:4", "magnitude", 0.5, keep(20), teacher), _sparsity_row("2:4+kd", "magnitude", None, keep(80),
+                                                                                      teacher, distilled=True)]
+    args = bench.argparse.Namespace(family="sd3", per_category=20)
+    sp._report(args, "zoo:digits-sd3", teacher, rows, __import__("hpedge.zoo.evaluate", fromlist=["x"]).paired_difference)
+    md = (tmp_path / "sparsity-sd3.md").read_text()
+    claims = json.loads((tmp_path / "sparsity-sd3.json").read_text())["claims"]
+    assert claims["collapse"]["transformer/magnitude"] == {"last_95": 0.4, "first_below_50": 0.5, "sudden": True}
+    assert claims["collapse"]["text/magnitude"] == {"last_95": 0.3, "first_below_50": 0.6, "sudden": False}
+    lead = {(c["component"], c["fraction"]): c["leader"] for c in claims["magnitude_vs_wanda"]}
+    assert lead[("transformer", 0.3)] == "magnitude" and lead[("text", 0.3)].startswith("tie")
+    assert "| transformer | magnitude | 40% (97.8%," in md
+    assert "| transformer 2:4 | magnitude | yes | 88.9% (" in md and "| +66.7% (" in md  # 80 vs 20 of 90 prompts
+    assert Image.open(tmp_path / "sparsity-sd3.png").size == (900, 560)
