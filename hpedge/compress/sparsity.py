@@ -16,7 +16,7 @@ from typing import Any
 
 from hpedge.errors import HpedgeError
 from hpedge.models.families import family as family_facts
-from hpedge.models.sampling import Defaults, sample
+from hpedge.models.sampling import Defaults, recording_transformer_calls, replay_transformer_calls, sample
 
 METHODS = ("magnitude", "wanda")
 SCOPES = ("layer", "global")
@@ -287,27 +287,10 @@ def text_calibration(encoder: Any, tokenizer: Any, prompts: list[str], length: i
 def transformer_calibration(pipe: Any, student: Any, prompts: list[str], gen: Defaults) -> Callable[[], None]:
     """A run of ``student`` over transformer inputs captured from the (dense) pipeline's own sampling of the
     calibration prompts at ``gen`` (at most :data:`CALIBRATION_CALLS` calls, evenly spread over the steps)."""
-    import torch
-
-    calls: list[dict[str, Any]] = []
-
-    def hook(_m: Any, _args: Any, kwargs: dict[str, Any]) -> None:
-        calls.append({k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
-
-    h = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with recording_transformer_calls(pipe) as calls:
         sample(pipe, prompts, gen, seeds=list(range(len(prompts))), batch_size=len(prompts))
-    finally:
-        h.remove()
     calls = calls[:: max(1, -(-len(calls) // CALIBRATION_CALLS))]
-    dev = next(student.parameters()).device
-
-    def run() -> None:
-        with torch.no_grad():
-            for kw in calls:
-                student(**{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
-
-    return run
+    return lambda: replay_transformer_calls(student, calls)
 
 
 def apply(teacher_pipe: Any, student: Any, spec: SparsitySpec, prompts: list[str], gen: Defaults

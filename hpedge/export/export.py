@@ -65,7 +65,15 @@ from hpedge.models.loading import (
 )
 from hpedge.models.meta import meta_transformer, text_encoder_held_bytes
 from hpedge.models.precision import fp32_compute, t5_fp32_compute
-from hpedge.models.sampling import Defaults, check_pipeline, prompt_embeddings, sample, with_overrides, zoo_marker
+from hpedge.models.sampling import (
+    Defaults,
+    check_pipeline,
+    prompt_embeddings,
+    recording_transformer_calls,
+    sample,
+    with_overrides,
+    zoo_marker,
+)
 from hpedge.models.sampling import defaults as sampling_defaults
 from hpedge.prompts import calibration
 from hpedge.runtime.format import finalize_manifest, save_implementation_reference, save_reference, write_archive
@@ -146,19 +154,9 @@ def capture_inputs(pipe: Any, prompts: list[str], gen: Defaults, names: list[str
     defaults ``gen``: with CFG, the [negative, positive] batch the pipeline really feeds the transformer (parity
     judges each such batch, run one row at a time and joined again; so does AWQ-clip's activation sampling,
     :func:`rows_of`)."""
-    feeds: list[dict[str, np.ndarray]] = []
-    counter = {"n": 0}
-
-    def hook(_m: Any, _args: Any, kwargs: dict[str, Any]) -> None:
-        if counter["n"] % every == 0:
-            feeds.append({k: kwargs[k].detach().float().cpu().numpy() for k in names if kwargs.get(k) is not None})
-        counter["n"] += 1
-
-    h = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with recording_transformer_calls(pipe, every) as calls:
         sample(pipe, prompts, gen, seeds=[seed * 1000 + i for i in range(len(prompts))], output="latent", embeds=embeds)
-    finally:
-        h.remove()
+    feeds = [{k: c[k].float().numpy() for k in names if c.get(k) is not None} for c in calls]
     for f in feeds:  # the pipeline passes one guidance value per sample; the graph takes one per batch row
         if "guidance" in names and "guidance" in f and f["guidance"].shape[0] != f["hidden_states"].shape[0]:
             f["guidance"] = np.broadcast_to(f["guidance"], (f["hidden_states"].shape[0],)).astype(np.float32)

@@ -212,6 +212,39 @@ def _text_encoders_set_aside(pipe: Any, aside: bool) -> Iterator[None]:
             setattr(pipe, a, m)
 
 
+@contextmanager
+def recording_transformer_calls(pipe: Any, every: int = 1) -> Iterator[list[dict[str, Any]]]:
+    """Within the block, every ``every``-th call of ``pipe.transformer`` appends its keyword arguments (tensors detached
+    and on the CPU, in their own dtype) to the yielded list: the transformer inputs of a real sampling run, for
+    calibration (AWQ, Wanda, vector quantization) and parity."""
+    import torch
+
+    calls: list[dict[str, Any]] = []
+    counter = {"n": 0}
+
+    def hook(_m: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        if counter["n"] % every == 0:
+            calls.append({k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        counter["n"] += 1
+
+    h = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        h.remove()
+
+
+def replay_transformer_calls(module: Any, calls: list[dict[str, Any]]) -> None:
+    """Run ``module`` (a transformer of the same family, e.g. a pruned student) on recorded calls, without gradients
+    (its forward hooks see each call's activations)."""
+    import torch
+
+    dev = next(module.parameters()).device
+    with torch.no_grad():
+        for kw in calls:
+            module(**{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+
+
 def sample(pipe: Any, prompts: list[str], d: Defaults, seeds: list[int] | None = None, latents: Any = None,
            negative_prompt: str | list[str] | None = None, output: str = "np", batch_size: int | None = None,
            embeds: dict[str, Any] | None = None) -> Any:
