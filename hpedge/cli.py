@@ -24,6 +24,7 @@ from hpedge.compress.plan import Budget
 from hpedge.compress.processes import is_main_process
 from hpedge.compress.pwp import resolve_pwp
 from hpedge.compress.sparsity import SparsitySpec
+from hpedge.compress.vq import VQSpec
 from hpedge.console import console, err_console, gb, params, print_distill_memory, print_engines, print_plan, progress
 from hpedge.errors import HpedgeError
 from hpedge.evaluation.image import save_image
@@ -285,10 +286,11 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
              sparsity_pattern: Annotated[str, typer.Option(help="unstructured | N:M (2:4: two zeros in every four inputs, sparse tensor cores; the fraction must be 0.5)")] = "unstructured",
              sparsity_method: Annotated[str, typer.Option(help="magnitude | wanda (|W| x input norms from calibration prompts)")] = "magnitude",
              sparsity_scope: Annotated[str, typer.Option(help="layer (each layer's share) | global (one magnitude threshold per component)")] = "layer",
+             vq: Annotated[Optional[str], typer.Option(help="vector quantization of the transformer's block layers after block removal (or alone), fine-tuned by the distillation: 2bit | 3bit | 4bit | MxBgG (M codebooks of 2**B vectors of G weights, e.g. 3x8g8); codes in OUT/vq/, beside the dequantized pipeline")] = None,
              resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
              overwrite: Annotated[bool, typer.Option(help="replace OUT and any earlier work")] = False) -> None:
     """HierarchicalPrune: analyse, plan, prune, distil (PWP + SGDistill) and write a stock diffusers pipeline; with
-    --sparsity, weight sparsity too (after block removal, or alone)."""
+    --sparsity, weight sparsity too, with --vq vector quantization (after block removal, or alone)."""
 
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise HpedgeError(f"--mixed-precision must be no, bf16 or fp16, got {mixed_precision!r}")
@@ -300,7 +302,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
                            ds, analysis=AnalysisSettings(prompts=analysis_prompts, steps=analysis_steps), resume=resume, overwrite=overwrite, eval_per_category=eval_per_category, grid_samples=grid_samples,
                            resolution=resolution, prompts_file=str(prompts) if prompts else None,
                            sparsity=SparsitySpec.parse(sparsity, sparsity_pattern, sparsity_method, sparsity_scope)
-                           if sparsity is not None else None)
+                           if sparsity is not None else None, vq=VQSpec.parse(vq) if vq is not None else None)
     with progress("compress") as cb:
         report = compression.compress(model, output, opts, progress=cb)
 
@@ -310,6 +312,11 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
     for name, c in ((report.get("sparsity") or {}).get("components") or {}).items():
         console.print(f"{name}: {c['achieved']:.1%} of its pruned layers' weights zero ({report['sparsity']['method']}, "
                       f"{report['sparsity']['pattern']})")
+    if report.get("vq"):
+        v = report["vq"]
+        console.print(f"vector quantization {v['name']}: {len(v['layers'])} layers, {v['bits_per_weight']['codes']:.2f} bits "
+                      f"per weight in codes, {v['bits_per_weight']['total']:.2f} with codebooks and scales "
+                      f"({v['file_bytes'] / 2**20:.1f} MiB in {v['file']})")
     console.print(report["pwp"]["why"])
     sc = report["scores"]
     if sc:

@@ -27,6 +27,11 @@ from hpedge.compress.processes import Processes
 from hpedge.compress.pwp import resolve_pwp
 from hpedge.compress.sparsity import Masks, SparsitySpec, check_pattern, pruned_layers, size_note
 from hpedge.compress.sparsity import apply as apply_sparsity
+from hpedge.compress.sparsity import transformer_calibration
+from hpedge.compress.vq import FILE as VQ_FILE
+from hpedge.compress.vq import VQSpec, bits_per_weight, check_layers, densify, load_quantized
+from hpedge.compress.vq import quantize as vector_quantize
+from hpedge.compress.vq import save as save_vq
 from hpedge.errors import HpedgeError
 from hpedge.evaluation.image import save_grid
 from hpedge.io import atomic_dir, atomic_file, check_parent
@@ -56,6 +61,8 @@ class CompressOptions:
     prompts_file: str | None = None  # training and calibration prompts; None: the project's set
     sparsity: SparsitySpec | None = None  # weight sparsity after block removal (or alone, without a block budget)
     sparsity_prompts: int = 8  # Wanda's calibration prompts
+    vq: VQSpec | None = None  # vector quantization of the transformer's block layers (after block removal, or alone)
+    vq_prompts: int = 8  # its calibration prompts
 
 
 def work_dir(out: Path) -> Path:
@@ -96,9 +103,12 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     t_start = time.time()
     say = progress if progress and procs.is_main else (lambda *a, **k: None)
     teacher_pipe, gen = _load_teacher(ref, opts, procs, say)
-    if opts.sparsity is not None:  # components and layer widths checked before the long steps
+    if opts.sparsity is not None or opts.vq is not None:  # components and layer widths checked before the long steps
         try:
-            _check_sparsity(teacher_pipe, opts.sparsity)
+            if opts.sparsity is not None:
+                _check_sparsity(teacher_pipe, opts.sparsity)
+            if opts.vq is not None:
+                check_layers(pruned_layers(teacher_pipe.transformer), opts.vq)
         except HpedgeError:
             if procs.is_main and not opts.resume:
                 shutil.rmtree(work, ignore_errors=True)
@@ -109,7 +119,7 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     if plan is not None:
         use_pwp, pwp_why = resolve_pwp(plan.remove, plan.num_blocks, opts.distill)  # before the teacher samples its pool
     else:
-        use_pwp, pwp_why = False, "no blocks removed (weight sparsity alone): PWP and SGDistill do not apply"
+        use_pwp, pwp_why = False, "no blocks removed: PWP and SGDistill do not apply"
     ds = replace(opts.distill, pwp=use_pwp, sgd=opts.distill.sgd if plan is not None else "off")
     say(pwp_why, 0, 1)
 
@@ -119,6 +129,7 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
     evaluator = evaluator_for(ref.path)
     prompts = training_prompts(evaluator, opts.distill.pool_size, opts.distill.seed, opts.prompts_file)
     text, masks, sparsity = _sparsify(teacher_pipe, student, opts, evaluator, gen, say)
+    vq = _quantize(teacher_pipe, student, opts, evaluator, gen, work, procs, say)
     harm = imp.block_harm() if imp else None
     if ds.steps > 0:
         student, state, weights = distill(
@@ -151,6 +162,7 @@ def compress(model: str, out: Path, opts: CompressOptions, progress: Callable[..
         "sensitivity": "block harm from the contribution analysis" if harm else None,
         "plan": plan.to_dict() if plan else None,
         "sparsity": sparsity,
+        "vq": vq,
         "importance": {"source": imp.source, "metric": imp.metric} if imp else None,
         "distill": asdict(ds), "sampling": gen.to_dict(), "losses": state.losses,
         "distill_seconds": round(state.seconds, 1), "resumed_from_step": state.resumed_from,
@@ -195,6 +207,31 @@ def _sparsify(teacher_pipe: Any, student: Any, opts: CompressOptions, evaluator:
     return text, masks, report
 
 
+def _quantize(teacher_pipe: Any, student: Any, opts: CompressOptions, evaluator: DigitsEvaluator | None, gen: Defaults,
+              work: Path, procs: Processes, say: Callable[..., None]) -> dict[str, Any] | None:
+    """Vector quantization (:mod:`hpedge.compress.vq`) of the student's block layers, in place. The main process
+    fits the codes and keeps them in the work folder; the other ranks, and a resumed run, load them from there (the
+    distillation's checkpoints hold the tuned codebooks and scales, never other codes)."""
+    if opts.vq is None:
+        return None
+    if procs.kind in ("fsdp", "deepspeed"):
+        raise HpedgeError(f"vector quantization keeps its codes on whole layers: fine-tune it on one process or with DDP, "
+                          f"not {procs.kind}")
+    path = work / "vq-start.safetensors"
+    layers: dict[str, Any] = {}
+    if procs.is_main and not (opts.resume and path.exists()):
+        prompts, _ = calibration(evaluator, opts.vq_prompts, seed=5, prompts_file=opts.prompts_file)
+        run = transformer_calibration(teacher_pipe, student, prompts, gen)
+        layers = vector_quantize(student, opts.vq, run, progress=say)
+        save_vq(student, opts.vq, work, name=path.name)
+        (work / "vq-start.json").write_text(json.dumps(layers))
+    procs.barrier()
+    if not layers:
+        load_quantized(student, path)
+        layers = json.loads((work / "vq-start.json").read_text())
+    return {**opts.vq.to_dict(), "layers": layers, "file": VQ_FILE}
+
+
 def _zeros_held(student_pipe: Any, masks: Masks | None) -> bool:
     """Whether every pruned weight of the student transformer (the one component distillation trains) is exactly
     zero."""
@@ -211,7 +248,12 @@ def _start(model: str, out: Path, opts: CompressOptions) -> tuple[ModelRef, Path
         raise HpedgeError(f"{out} already exists; pass --overwrite to replace it")
     if opts.sparsity is not None:
         opts.sparsity.check()
-    if opts.sparsity is None or opts.budget.given():  # weight sparsity alone needs no block budget
+    if opts.vq is not None:
+        opts.vq.check()
+        if opts.sparsity is not None:
+            raise HpedgeError("--vq with --sparsity: a codebook does not keep a pruned weight at zero; give one of them")
+    alone = opts.sparsity is not None or opts.vq is not None
+    if not alone or opts.budget.given():  # weight sparsity or vector quantization alone needs no block budget
         opts.budget.check()
     elif opts.importance is not None:
         raise HpedgeError("--importance plans block removal: give a block budget with it, or leave it out")
@@ -302,6 +344,11 @@ def _write(out: Path, opts: CompressOptions, ref: ModelRef, teacher_pipe: Any, s
     teacher_pipe.to("cpu", torch.float32)
     student_pipe.to("cpu", torch.float32)
     with atomic_dir(out, overwrite=opts.overwrite) as tmp:
+        if opts.vq is not None:  # the codes beside a stock pipeline of their dequantized weights
+            report["vq"]["bits_per_weight"] = bits_per_weight(student_pipe.transformer)  # as stored (float32)
+            save_vq(student_pipe.transformer, opts.vq, tmp)
+            densify(student_pipe.transformer)
+            report["vq"]["file_bytes"] = (tmp / VQ_FILE).stat().st_size
         student_pipe.save_pretrained(tmp, safe_serialization=True)
         make_stock_loadable(tmp)
         if ref.path is not None and (ref.path / "hpedge_zoo.json").exists():
