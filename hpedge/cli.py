@@ -7,6 +7,7 @@ error's exit code, without a traceback.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 import json
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -287,6 +288,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
              sparsity_method: Annotated[str, typer.Option(help="magnitude | wanda (|W| x input norms from calibration prompts)")] = "magnitude",
              sparsity_scope: Annotated[str, typer.Option(help="layer (each layer's share) | global (one magnitude threshold per component)")] = "layer",
              vq: Annotated[Optional[str], typer.Option(help="vector quantization of the transformer's block layers after block removal (or alone), fine-tuned by the distillation: 2bit | 3bit | 4bit | MxBgG (M codebooks of 2**B vectors of G weights, e.g. 3x8g8); codes in OUT/vq/, beside the dequantized pipeline")] = None,
+             vq_tune_steps: Annotated[int, typer.Option(help="--vq: Adam steps (at most) tuning each layer's codebooks and scales on its output error, per round (0: k-means and code search only)")] = 50,
              resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
              overwrite: Annotated[bool, typer.Option(help="replace OUT and any earlier work")] = False) -> None:
     """HierarchicalPrune: analyse, plan, prune, distil (PWP + SGDistill) and write a stock diffusers pipeline; with
@@ -302,7 +304,7 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
                            ds, analysis=AnalysisSettings(prompts=analysis_prompts, steps=analysis_steps), resume=resume, overwrite=overwrite, eval_per_category=eval_per_category, grid_samples=grid_samples,
                            resolution=resolution, prompts_file=str(prompts) if prompts else None,
                            sparsity=SparsitySpec.parse(sparsity, sparsity_pattern, sparsity_method, sparsity_scope)
-                           if sparsity is not None else None, vq=VQSpec.parse(vq) if vq is not None else None)
+                           if sparsity is not None else None, vq=replace(VQSpec.parse(vq), tune_steps=vq_tune_steps) if vq is not None else None)
     with progress("compress") as cb:
         report = compression.compress(model, output, opts, progress=cb)
 

@@ -25,9 +25,15 @@ from hpedge.compress.plan import Budget, Plan, make_plan, parse_blocks
 from hpedge.compress.pool import data_pairs
 from hpedge.compress.processes import Processes
 from hpedge.compress.pwp import resolve_pwp
-from hpedge.compress.sparsity import Masks, SparsitySpec, check_pattern, pruned_layers, size_note
+from hpedge.compress.sparsity import (
+    Masks,
+    SparsitySpec,
+    check_pattern,
+    pruned_layers,
+    size_note,
+    transformer_calibration,
+)
 from hpedge.compress.sparsity import apply as apply_sparsity
-from hpedge.compress.sparsity import transformer_calibration
 from hpedge.compress.vq import FILE as VQ_FILE
 from hpedge.compress.vq import VQSpec, bits_per_weight, check_layers, densify, load_quantized
 from hpedge.compress.vq import quantize as vector_quantize

@@ -43,7 +43,7 @@ class VQSpec:
     group: int  # g: input weights per vector
     beam: int = 4  # beam width of the code search
     rounds: int = 2  # (code search, codebook/scale tuning) rounds after the k-means start
-    tune_steps: int = 100  # Adam steps of codebooks and scales per round
+    tune_steps: int = 50  # Adam steps (at most) of codebooks and scales per round
     kmeans_iters: int = 12
     seed: int = 0
 
@@ -71,6 +71,8 @@ class VQSpec:
         for name, v in (("beam", self.beam), ("rounds", self.rounds), ("kmeans_iters", self.kmeans_iters)):
             if v < 1:
                 raise HpedgeError(f"--vq: {name} must be at least 1, got {v}")
+        if self.tune_steps < 0:
+            raise HpedgeError(f"--vq-tune-steps must be 0 or more, got {self.tune_steps}")
 
     @property
     def name(self) -> str:
@@ -251,7 +253,7 @@ def fit_layer(w: Any, h: Any, spec: VQSpec) -> LayerFit:
 
     gen = torch.Generator().manual_seed(spec.seed)
     w = w.detach().float()
-    out, n_in = w.shape
+    out = w.shape[0]
     g, m, size = spec.group, spec.codebooks, 2 ** spec.bits
     h = h.float()
     scales = w.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
@@ -287,14 +289,20 @@ def _tune(w: Any, h: Any, codes: Any, codebooks: Any, scales: Any, steps: int) -
         return codebooks, scales
     cb = codebooks.clone().requires_grad_(True)
     sc = scales.clone().requires_grad_(True)
-    opt = torch.optim.Adam([cb, sc], lr=1e-3)
+    opt = torch.optim.Adam([cb, sc], lr=3e-3)
     den = ((w @ h) * w).sum().clamp_min(1e-30)
     best = (float("inf"), codebooks, scales)
-    for _ in range(steps + 1):
+    last_check = float("inf")
+    for step in range(steps + 1):
         dw = w - dequantize(codes, cb, sc)
         loss = ((dw @ h) * dw).sum() / den
-        if float(loss.detach()) < best[0]:
-            best = (float(loss.detach()), cb.detach().clone(), sc.detach().clone())
+        value = float(loss.detach())
+        if value < best[0]:
+            best = (value, cb.detach().clone(), sc.detach().clone())
+        if step % 10 == 0:  # converged: under 0.5 % better than ten steps before
+            if best[0] > 0.995 * last_check:
+                break
+            last_check = best[0]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -106,7 +106,7 @@ def test_compress_with_vq_fine_tunes_codebooks_keeps_codes_and_writes_both_forms
 
     src, out = real_pipelines["sd3.5-medium"], tmp_path / "out"
     r = _compress(src, out, "--remove-blocks", "2,", "--sgd", "off", "--no-pwp", "--steps", "3", "--lr", "1e-2",
-                  "--vq", "3x4g4")
+                  "--vq", "3x4g4", "--vq-tune-steps", "5")
     assert r.exit_code == 0, r.output
     report = json.loads((out / "hpedge_compress.json").read_text())
     vq = report["vq"]
@@ -139,7 +139,7 @@ def test_vq_fine_tuning_resumes_from_its_checkpoint_with_the_fitted_codes(real_p
     import hpedge.compress.vq as vqmod
 
     src = real_pipelines["flux.1-schnell"]
-    args = ("--steps", "4", "--lr", "1e-2", "--checkpoint-every", "2", "--vq", "2x4g4")
+    args = ("--steps", "4", "--lr", "1e-2", "--checkpoint-every", "2", "--vq", "2x4g4", "--vq-tune-steps", "5")
     full, part = tmp_path / "full", tmp_path / "part"
     assert _compress(src, full, *args).exit_code == 0
     real_save = dist._save_checkpoint
