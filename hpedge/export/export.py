@@ -546,6 +546,7 @@ def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any
                    "kept_blocks": compress_report["kept_blocks"] if compress_report else None,
                    "removed_blocks": compress_report["removed_blocks"] if compress_report else [],
                    "sparsity": _sparsity_summary(compress_report),
+                   "vq": _vq_summary(compress_report),
                    "transformer_config": run.refs["transformer_config"]},
         "target": run.profile.to_dict(),
         "components": {
@@ -589,6 +590,16 @@ def _sparsity_summary(compress_report: dict[str, Any] | None) -> dict[str, Any] 
         return None
     return {"pattern": sp["pattern"], "method": sp["method"], "scope": sp["scope"],
             "components": {k: c["achieved"] for k, c in sp["components"].items()}}
+
+
+def _vq_summary(compress_report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The source's vector quantization (``hpedge compress --vq``): its format and bits. The package's transformer is
+    exported from the dequantized weights (INT4 of them); codebook graphs are not exported yet."""
+    v = (compress_report or {}).get("vq")
+    if not v:
+        return None
+    return {"format": v["name"], "bits_per_weight": v.get("bits_per_weight"), "file": v["file"],
+            "exported_as": "the dequantized weights (the package's INT4 variants quantize them again)"}
 
 
 def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any], fp32_check: Check
