@@ -29,11 +29,11 @@ from typing import Any
 
 from hpedge.compress.sparsity import pruned_layers
 from hpedge.errors import HpedgeError
+from hpedge.models.codebooks import FILE, FORMAT, code_dtype, dequantize, layers_of, pack
+from hpedge.models.codebooks import read as read_file
 
 # presets by bits per weight of the codes (AQLM's MxB formats at group 8); "MxBgG" names any other
 PRESETS = {"2bit": (2, 8, 8), "3bit": (3, 8, 8), "4bit": (4, 8, 8)}
-FILE = "vq/transformer.safetensors"
-FORMAT = "hpedge-vq/1"
 
 
 @dataclass(frozen=True)
@@ -92,25 +92,6 @@ def check_layers(layers: dict[str, Any], spec: VQSpec) -> None:
     if bad:
         raise HpedgeError(f"--vq {spec.name}: layer {bad[0][0]} has {bad[0][1]} inputs, not a multiple of the group "
                           f"size {spec.group}")
-
-
-def code_dtype(bits: int) -> Any:
-    import torch
-
-    return torch.uint8 if bits <= 8 else torch.int16 if bits <= 15 else torch.int32
-
-
-def dequantize(codes: Any, codebooks: Any, scales: Any) -> Any:
-    """The weight [out, in]: ``scales[o] * sum_m codebooks[m][codes[o, j, m]]`` for each group ``j``.
-
-    codes [out, in/g, M] (integers), codebooks [M, 2**B, g], scales [out, 1]."""
-    import torch
-
-    out, ngroups, m = codes.shape
-    idx = codes.long()
-    parts = [codebooks[k][idx[..., k]] for k in range(m)]  # each [out, in/g, g]
-    w = torch.stack(parts, 0).sum(0) if m > 1 else parts[0]
-    return w.reshape(out, ngroups * codebooks.shape[-1]) * scales
 
 
 class _Modules:
@@ -417,29 +398,6 @@ def _code_bits(layer: Any) -> int:
     return int(layer.codebooks.shape[1]).bit_length() - 1
 
 
-def pack(codes: Any, bits: int) -> Any:
-    """Codes (non-negative integers < 2**bits) as a flat uint8 bit stream, ``bits`` bits each, least significant
-    first (the file's form: M x B / g bits per weight exactly)."""
-    import torch
-
-    flat = codes.reshape(-1).long()
-    stream = ((flat[:, None] >> torch.arange(bits)) & 1).reshape(-1)
-    stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)])
-    return (stream.reshape(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8)
-
-
-def unpack(data: Any, bits: int, shape: tuple[int, ...]) -> Any:
-    """:func:`pack`'s inverse: codes of ``shape`` in the in-memory integer type of ``bits``."""
-    import torch
-
-    n = 1
-    for s in shape:
-        n *= s
-    stream = ((data.long()[:, None] >> torch.arange(8)) & 1).reshape(-1)[: n * bits]
-    codes = (stream.reshape(n, bits) << torch.arange(bits)).sum(1)
-    return codes.reshape(shape).to(code_dtype(bits))
-
-
 def save(module: Any, spec: VQSpec, folder: Path, name: str | None = None) -> Path:
     """``folder/vq/transformer.safetensors`` (or ``folder/NAME``), atomically: every codebook layer's tensors; the
     spec in the metadata."""
@@ -458,23 +416,10 @@ def save(module: Any, spec: VQSpec, folder: Path, name: str | None = None) -> Pa
 
 
 def read(path: Path) -> tuple[VQSpec, dict[str, Any]]:
-    """The spec and tensors of a saved VQ file, codes unpacked (a clear error for anything else)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors_ = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-    except (OSError, ValueError) as e:
-        raise HpedgeError(f"cannot read the vector-quantized weights {path}: {str(e).splitlines()[0][:160]}") from None
-    if meta.get("format") != FORMAT:
-        raise HpedgeError(f"{path} is not an hpedge VQ file (format {meta.get('format')!r}, expected {FORMAT})")
-    d = json.loads(meta["spec"])
-    spec = VQSpec(**{k: d[k] for k in ("codebooks", "bits", "group", "beam", "rounds", "tune_steps", "kmeans_iters",
-                                       "seed")})
-    for name, shape in json.loads(meta["code_shapes"]).items():
-        tensors_[f"{name}.codes"] = unpack(tensors_[f"{name}.codes"], spec.bits, tuple(shape))
-    return spec, tensors_
+    """The spec and tensors (codes unpacked) of a saved VQ file."""
+    d, t = read_file(path)
+    return VQSpec(**{k: d[k] for k in ("codebooks", "bits", "group", "beam", "rounds", "tune_steps", "kmeans_iters",
+                                       "seed")}), t
 
 
 def load_quantized(transformer: Any, path: Path) -> VQSpec:
@@ -482,8 +427,7 @@ def load_quantized(transformer: Any, path: Path) -> VQSpec:
     loads; its block Linear layers are replaced, their biases kept). Returns the spec."""
     spec, t = read(path)
     cls = vq_linear_class()
-    names = sorted({k.rsplit(".", 1)[0] for k in t})
-    for name in names:
+    for name in layers_of(t):
         try:
             layer = transformer.get_submodule(name)
         except AttributeError:

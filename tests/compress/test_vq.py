@@ -48,7 +48,7 @@ def test_bad_formats_are_refused(text: str, message: str) -> None:
 
 @pytest.mark.parametrize("bits", [1, 3, 4, 8, 11, 16])
 def test_codes_pack_to_their_bits_and_back(bits: int) -> None:
-    from hpedge.compress.vq import pack, unpack
+    from hpedge.models.codebooks import pack, unpack
 
     codes = torch.randint(0, 2 ** bits, (5, 7, 3), generator=torch.Generator().manual_seed(bits))
     data = pack(codes, bits)
