@@ -2,20 +2,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from hpedge.cli import app
-from hpedge.compress.pipeline import work_dir
 from hpedge.compress.sparsity import SparsitySpec, check_pattern, layer_mask, pruned_layers, sparsify
 from hpedge.errors import HpedgeError
 from hpedge.testing import tiny_pipeline
-
-runner = CliRunner()
+from tests.compress.cli_helpers import assert_refused, runner
+from tests.compress.cli_helpers import compress as _compress
 
 
 def test_layer_mask_zeroes_exactly_the_share_per_layer_per_row_and_n_of_m() -> None:
@@ -81,11 +78,6 @@ def test_global_scope_sets_one_threshold_over_the_component() -> None:
     assert all(bool((m.weight[~masks.masks[n]] == 0).all()) for n, m in layers.items())
 
 
-def _compress(src: Path, out: Path, *args: str) -> object:
-    return runner.invoke(app, ["compress", str(src), "-o", str(out), "--resolution", "64", "--pool-size", "4",
-                               "--batch-size", "2", "--eval-per-category", "0", "--grid-samples", "0", *args])
-
-
 def test_2_4_with_block_removal_holds_its_zeros_through_distillation_and_loads_stock(real_pipelines, tmp_path) -> None:
     from diffusers import DiffusionPipeline
 
@@ -133,10 +125,7 @@ def test_wanda_alone_without_block_removal_or_distillation(real_pipelines, tmp_p
 ])
 def test_bad_sparsity_input_is_one_line_and_writes_nothing(real_pipelines, tmp_path, args, message) -> None:
     out = tmp_path / "out"
-    r = _compress(real_pipelines["sd3.5-large"], out, "--steps", "1", *args)
-    errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
-    assert r.exit_code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in r.output, r.output
-    assert not out.exists() and not work_dir(out).exists()
+    assert_refused(_compress(real_pipelines["sd3.5-large"], out, "--steps", "1", *args), out, message)
 
 
 def test_a_2_4_package_keeps_its_zeros_in_int4_and_builds_sparse_engines(real_pipelines, tiny_rtx4090, tmp_path) -> None:

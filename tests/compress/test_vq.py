@@ -3,13 +3,10 @@ times scales, the fit, fine-tuning and its resume, storage beside a stock pipeli
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from hpedge.cli import app
 from hpedge.compress.pipeline import work_dir
 from hpedge.compress.sparsity import pruned_layers
 from hpedge.compress.vq import (
@@ -24,13 +21,8 @@ from hpedge.compress.vq import (
     vq_layers,
 )
 from hpedge.errors import HpedgeError
-
-runner = CliRunner()
-
-
-def _compress(src: Path, out: Path, *args: str) -> object:
-    return runner.invoke(app, ["compress", str(src), "-o", str(out), "--resolution", "64", "--pool-size", "4",
-                               "--batch-size", "2", "--eval-per-category", "0", "--grid-samples", "0", *args])
+from tests.compress.cli_helpers import assert_refused
+from tests.compress.cli_helpers import compress as _compress
 
 
 def test_presets_and_explicit_formats_give_their_bits() -> None:
@@ -177,7 +169,4 @@ def test_vq_fine_tuning_resumes_from_its_checkpoint_with_the_fitted_codes(real_p
 ])
 def test_bad_vq_input_is_one_line_and_writes_nothing(real_pipelines, tmp_path, args, message) -> None:
     out = tmp_path / "out"
-    r = _compress(real_pipelines["sd3.5-large"], out, "--steps", "1", *args)
-    errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
-    assert r.exit_code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in r.output, r.output
-    assert not out.exists() and not work_dir(out).exists()
+    assert_refused(_compress(real_pipelines["sd3.5-large"], out, "--steps", "1", *args), out, message)
