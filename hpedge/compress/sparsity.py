@@ -179,7 +179,7 @@ def _global_threshold(layers: dict[str, Any], fraction: float) -> float:
     return hi
 
 
-def _groups(layers: dict[str, Any]) -> list[dict[str, Any]]:
+def by_block(layers: dict[str, Any]) -> list[dict[str, Any]]:
     """The layers by block (transformer) or encoder layer, in order."""
     out: dict[str, dict[str, Any]] = {}
     for name, m in layers.items():
@@ -217,7 +217,7 @@ def sparsify(module: Any, fraction: float, spec: SparsitySpec, calibrate: Callab
         raise HpedgeError("internal: Wanda needs calibration runs")
     thresh = _global_threshold(layers, fraction) if spec.scope == "global" else None
     with torch.no_grad():
-        for group in _groups(layers):
+        for group in by_block(layers):
             norms: dict[str, Any] = {}
             if spec.method == "wanda":
                 rec = InputNorms(group)

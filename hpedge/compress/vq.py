@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hpedge.compress.sparsity import pruned_layers
+from hpedge.compress.sparsity import by_block, pruned_layers
 from hpedge.errors import HpedgeError
 from hpedge.models.codebooks import FILE, FORMAT, code_dtype, dequantize, layers_of, pack
 from hpedge.models.codebooks import read as read_file
@@ -329,14 +329,12 @@ def quantize(transformer: Any, spec: VQSpec, calibrate: Callable[[], None],
     quantized). Returns per layer the relative output errors at the start and the end of the fit."""
     import torch
 
-    from hpedge.compress.sparsity import _groups
-
     spec.check()
     layers = pruned_layers(transformer)
     check_layers(layers, spec)
     cls = vq_linear_class()
     report: dict[str, dict[str, float]] = {}
-    groups = _groups(layers)
+    groups = by_block(layers)
     done = 0
     for group in groups:
         rec = InputGrams(group)
