@@ -142,7 +142,7 @@ def generate(model: Annotated[str, typer.Argument(help="package folder, pipeline
              negative_prompt: Annotated[Optional[str], typer.Option(help="negative prompt (CFG pipelines)")] = None,
              height: Annotated[Optional[int], typer.Option(help="image height in pixels (default: the model's)")] = None,
              width: Annotated[Optional[int], typer.Option(help="image width in pixels (default: the model's)")] = None,
-             variant: Annotated[str, typer.Option(help="packages only: auto | engine (its TensorRT engines, on a GPU that runs them) | int4 | int4_cpu | fp32 (if exported with --fp32-reference)")] = "auto",
+             variant: Annotated[str, typer.Option(help="packages only: auto | engine (its TensorRT engines, on a GPU that runs them) | int4 | int4_cpu | vq (a pipeline compressed with --vq: codebook lookups) | fp32 (if exported with --fp32-reference)")] = "auto",
              device: Annotated[str, typer.Option(help="packages only: auto | cpu | cuda")] = "auto") -> None:
     """Generate one image with a package (runtime only: no torch) or a diffusers pipeline."""
 

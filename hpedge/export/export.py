@@ -41,6 +41,7 @@ from hpedge.errors import HpedgeError
 from hpedge.export import build as engine_build
 from hpedge.export import onnx_export as ox
 from hpedge.export import verify
+from hpedge.export import vq_variant
 from hpedge.export.cpu_int4 import KERNELS, convert
 from hpedge.export.dequantized import dynamic_uint8_inputs, int8_kernel_weight, load_dequantized, reload_weights
 from hpedge.export.driver import driven_images
@@ -175,6 +176,7 @@ def export(model: str, out: Path, opts: ExportOptions, progress: Callable[[str],
         fp32_check = _check_fp32(run, tmp)
         qrep, n_cpu = _quantize(run, tmp, work)
         _dequantized_reference(run, tmp, qrep)
+        _vq_reference(run)
         engines = _engines(run, tmp, text)
         manifest = _manifest(run, tmp, text, engines, qrep, n_cpu, t5_rep)
         shutil.rmtree(work, ignore_errors=True)
@@ -468,6 +470,11 @@ def _quantize(run: _Run, tmp: Path, work: Path) -> tuple[QuantReport, int]:
     run.say(f"int4_cpu variant ({opts.cpu_kernel} kernel) from the INT4 weights")
     n_cpu = convert(int4, tmp / "transformer" / "int4_cpu" / "model.onnx", opts.cpu_kernel)  # reads the scales first
     store_floats_fp16(int4)  # 4-bit weights, 16-bit rest (an fp32 graph keeps its DequantizeLinear scales fp32)
+    vq_file = vq_variant.source_file(run.ref.path)
+    if vq_file is not None:  # hpedge compress --vq: the same graph with its codebook layers as lookups
+        run.say("vq variant: the codebook layers as lookups (Gather over the stored codes and codebooks)")
+        dst = tmp / "transformer" / vq_variant.VARIANT / "model.onnx"
+        run.refs["vq_graph"] = vq_variant.write_graph(src, dst, vq_file)
     if src != run.fp32 or not opts.fp32_reference:
         for f in src.parent.glob("*"):
             f.unlink()
@@ -508,6 +515,22 @@ def _dequantized_reference(run: _Run, tmp: Path, qrep: QuantReport) -> None:
     verify.release_memory()
 
 
+def _vq_reference(run: _Run) -> None:
+    """PyTorch's outputs for the held-out inputs with the vq variant's own weights (``refs["out_dq_vq"]``,
+    :func:`hpedge.export.vq_variant.reference_transformer`): the reference of its implementation gate."""
+    vq_file = vq_variant.source_file(run.ref.path)
+    if vq_file is None:
+        return
+    run.say("PyTorch references with the vq graph's own weights (held-out inputs)")
+    pipe = run.pipe
+    pipe.transformer = read_transformer(run.ref)
+    vq_variant.reference_transformer(pipe.transformer, vq_file, run.opts.compute)
+    pipe.transformer.to(compute_device())
+    run.refs["out_dq_vq"] = verify.torch_outputs(pipe, run.refs["held"])
+    pipe.transformer = None
+    verify.release_memory()
+
+
 def _engines(run: _Run, tmp: Path, text: dict[str, Any]) -> dict[str, Any]:
     """The manifest's engine section, built here where the profile's library can."""
     spec, pipe = run.spec, run.pipe
@@ -530,10 +553,12 @@ def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any
     """The manifest before parity, and the quantization report (``quant_report.json``) beside it."""
     pipe, family, res, model_gen, ref, opts = run.pipe, run.family, run.res, run.model_gen, run.ref, run.opts
     compress_report = _compress_report(run)
-    variants = {v: f"transformer/{v}/model.onnx" for v in ("fp32", "int4", "int4_cpu") if (tmp / "transformer" / v).exists()}
+    variants = {v: f"transformer/{v}/model.onnx" for v in ("fp32", "int4", "int4_cpu", vq_variant.VARIANT)
+                if (tmp / "transformer" / v).exists()}
     within = lambda value: value if res[0] <= value <= res[2] else res[1]  # noqa: E731 - the model's size if covered
     channels = int(run.refs["transformer_config"]["in_channels"]) // family_facts(family).latent_packing
-    dq = {f"{key}/{i}": o for ref, key in (("out_dq", "dequantized"), ("out_dq_cpu", "dequantized_cpu"))
+    dq = {f"{key}/{i}": o for ref, key in (("out_dq", "dequantized"), ("out_dq_cpu", "dequantized_cpu"),
+                                           ("out_dq_vq", "dequantized_vq"))
           for i, o in enumerate(run.refs.get(ref, [])[:REFERENCE_SAMPLES])}
     reference = save_reference(tmp, run.refs["held"][:REFERENCE_SAMPLES], run.refs["out"][:REFERENCE_SAMPLES],
                                {**run.refs["text"], **run.refs["vae"], **dq})
@@ -546,7 +571,7 @@ def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any
                    "kept_blocks": compress_report["kept_blocks"] if compress_report else None,
                    "removed_blocks": compress_report["removed_blocks"] if compress_report else [],
                    "sparsity": _sparsity_summary(compress_report),
-                   "vq": _vq_summary(compress_report),
+                   "vq": _vq_summary(compress_report, run.refs.get("vq_graph")),
                    "transformer_config": run.refs["transformer_config"]},
         "target": run.profile.to_dict(),
         "components": {
@@ -592,14 +617,16 @@ def _sparsity_summary(compress_report: dict[str, Any] | None) -> dict[str, Any] 
             "components": {k: c["achieved"] for k, c in sp["components"].items()}}
 
 
-def _vq_summary(compress_report: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The source's vector quantization (``hpedge compress --vq``): its format and bits. The package's transformer is
-    exported from the dequantized weights (INT4 of them); codebook graphs are not exported yet."""
+def _vq_summary(compress_report: dict[str, Any] | None, graph: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The source's vector quantization (``hpedge compress --vq``): its format and bits, and the package's ``vq``
+    variant (:mod:`hpedge.export.vq_variant`). The int4 / int4_cpu variants and the engines quantize the
+    dequantized weights to INT4 again."""
     v = (compress_report or {}).get("vq")
     if not v:
         return None
     return {"format": v["name"], "bits_per_weight": v.get("bits_per_weight"), "file": v["file"],
-            "exported_as": "the dequantized weights (the package's INT4 variants quantize them again)"}
+            "variant": {"file": f"transformer/{vq_variant.VARIANT}/model.onnx", **(graph or {})},
+            "int4_and_engines": "INT4 of the dequantized weights"}
 
 
 def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any], fp32_check: Check
@@ -612,12 +639,15 @@ def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any],
     r, p, opts = run.refs, run.profile.parity, run.opts
     lim = run.profile.parity
     report = ParityReport([fp32_check])
-    for v, what in (("int4", f"DequantizeLinear, {opts.compute} compute"), ("int4_cpu", opts.cpu_kernel)):
+    variants = [("int4", f"DequantizeLinear, {opts.compute} compute"), ("int4_cpu", opts.cpu_kernel)]
+    if "out_dq_vq" in r:
+        variants.append((vq_variant.VARIANT, f"codebook lookups, {opts.compute} compute"))
+    for v, what in variants:
         results = pgy.run_onnxrt(tmp / "transformer" / v / "model.onnx", r["held"], f"onnxrt-{v.replace('_', '-')}",
                                  split=rows_of)  # a row at a time; judged on whole batches
         report.checks.append(verify.transformer_check(f"transformer {v} ({what}) vs PyTorch", v, results, r["out"], "out", lim))
-        want = r.get("out_dq_cpu" if v == "int4_cpu" else "out_dq")
-        if "out_dq" in r:
+        want = r.get({"int4_cpu": "out_dq_cpu", vq_variant.VARIANT: "out_dq_vq"}.get(v, "out_dq"))
+        if "out_dq" in r or want is not None:
             path = tmp / "transformer" / v / "model.onnx"
             report.checks.append(verify.dequantized_check(v, path, r["held"], results, want, lim, opts.cpu_kernel))
     pkg = Package(tmp, variant="int4_cpu", device="cpu", verify=False)  # hashed when the manifest was finished
@@ -636,6 +666,10 @@ def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any],
     got = verify.e2e_images(pkg, r["e2e_prompts"], r["e2e_latents"], run.gen)
     report.checks.append(verify.e2e_check(pkg, r["e2e_prompts"], r["e2e_latents"], r["e2e_images"], run.gen,
                                           p.e2e_min_psnr_db, got=got))
+    if "out_dq_vq" in r:  # the codebook graph generates as well
+        vq = Package(tmp, variant=vq_variant.VARIANT, device="cpu", verify=False)
+        report.checks.append(verify.e2e_check(vq, r["e2e_prompts"], r["e2e_latents"], r["e2e_images"], run.gen,
+                                              p.e2e_min_psnr_db))
     k = min(IMPL_SAMPLES, len(r["e2e_prompts"]))
     run.say(f"implementation check: stock diffusers driving the packaged graphs ({k} of the end-to-end samples)")
     driven = driven_images(run.pipe, pkg, run.refs["transformer_config"], r["e2e_prompts"][:k], r["e2e_latents"][:k],

@@ -391,8 +391,8 @@ def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
     for v, rel in tr["variants"].items():
         results = pgy.run_onnxrt(package / rel, feeds, v, split=rows_of)
         checks.append(transformer_check(f"{v} vs PyTorch (stored reference)", v, results, ref, tr["io"]["outputs"][0], lim))
-        key = "dequantized_cpu" if v == "int4_cpu" else "dequantized"
-        if v != "fp32" and "dequantized/0" in extra:
+        key = {"int4_cpu": "dequantized_cpu", "vq": "dequantized_vq"}.get(v, "dequantized")
+        if v != "fp32" and f"{key}/0" in extra or (v == "int4_cpu" and "dequantized/0" in extra):
             want = [extra.get(f"{key}/{i}") for i in range(len(feeds))]
             checks.append(dequantized_check(v, package / rel, feeds, results, want, lim, kernel))
     checks.append(text_check("text encoders vs PyTorch (stored reference): prompt embeddings", pkg, extra,
