@@ -40,8 +40,7 @@ from hpedge.backends import polygraphy_runner as pgy
 from hpedge.errors import HpedgeError
 from hpedge.export import build as engine_build
 from hpedge.export import onnx_export as ox
-from hpedge.export import verify
-from hpedge.export import vq_variant
+from hpedge.export import verify, vq_variant
 from hpedge.export.cpu_int4 import KERNELS, convert
 from hpedge.export.dequantized import dynamic_uint8_inputs, int8_kernel_weight, load_dequantized, reload_weights
 from hpedge.export.driver import driven_images
