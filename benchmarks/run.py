@@ -25,6 +25,8 @@
     python benchmarks/run.py gates             # parity gates' margins and the INT4-graph bugs each catches, five fixtures
     python benchmarks/run.py sparsity --family sd3 --work DIR
                                                # weight sparsity (arXiv 2411.15113): sweep, magnitude vs Wanda, 2:4, distilled rows
+    python benchmarks/run.py vq --family sd3 --work DIR [--export]
+                                               # VQ 2/3/4 bits before/after fine-tuning vs INT4 RTN/AWQ and INT3 on a digits student
     python benchmarks/run.py vq-engine         # TensorRT-RTX engine bytes from codebook-lookup graphs vs dense and INT4
     python benchmarks/run.py gpu               # real-scale SD3.5-Large step in PyTorch on a CUDA GPU (bf16, pruned, INT4)
     python benchmarks/run.py curve --family sd3 --jobs 2
@@ -54,6 +56,7 @@ import pwp_prefix as pwp_prefix_benchmark  # noqa: E402
 import quant_method as quant_method_benchmark  # noqa: E402
 import size as size_benchmark  # noqa: E402
 import sparsity as sparsity_benchmark  # noqa: E402
+import vq as vq_benchmark  # noqa: E402
 import vq_engine as vq_engine_benchmark  # noqa: E402
 from binding import BINDING_PROMPTS, binding, text_paths  # noqa: E402,F401
 from common import RESULTS, ROOT, header, write  # noqa: E402,F401
@@ -119,6 +122,7 @@ def main() -> None:
     quant_method_benchmark.add_parser(sub)
     gates_benchmark.add_parser(sub)
     sparsity_benchmark.add_parser(sub)
+    vq_benchmark.add_parser(sub)
     vq_engine_benchmark.add_parser(sub)
     curve_benchmark.add_parser(sub)
     t = sub.add_parser("retrain")
@@ -138,7 +142,7 @@ def main() -> None:
      "distill-memory": distill_memory_benchmark.distill_memory, "fit": fit_benchmark.fit,
      "size": size_benchmark.size, "quant-method": quant_method_benchmark.quant_method,
      "gates": gates_benchmark.gates, "sparsity": sparsity_benchmark.sparsity, "curve": curve_benchmark.curve, "curve-row": curve_benchmark.curve_row,
-     "vq-engine": vq_engine_benchmark.vq_engine}[args.cmd](args)
+     "vq": vq_benchmark.vq, "vq-engine": vq_engine_benchmark.vq_engine}[args.cmd](args)
 
 
 if __name__ == "__main__":

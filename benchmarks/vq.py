@@ -1,0 +1,305 @@
+"""``python benchmarks/run.py vq --family sd3 --work DIR``: vector quantization (VQDM) against scalar INT4 and INT3
+on a digits student, side by side in one run.
+
+The student: ``hpedge compress zoo:digits-FAMILY --remove-fraction 0.25 --lr 1e-3`` (600 steps; FLUX ``--no-pwp``, as
+the sparsity benchmark), written to ``--work`` once and reused. Every row quantizes the same layers, the block Linear
+layers ``hpedge compress --vq`` quantizes (embedders and the final layer keep their precision):
+
+- INT4 round-to-nearest and INT4 AWQ-clip (hpedge's export math: :func:`hpedge.export.quantize.rtn_int4` and
+  :func:`~hpedge.export.quantize.clip_search` on 64 input rows per layer recorded while sampling the calibration
+  prompts), block 128 along the input, fp16 scales: 4.125 bits per weight;
+- scalar INT3, round-to-nearest, block 128 (the same bits as 3-bit VQ without vectors): 3.125 bits per weight;
+- VQ at each ``--formats`` (``hpedge compress STUDENT --vq F``), before fine-tuning (``--steps 0``) and after it
+  (``--steps STEPS``, the distillation against the student: output and feature loss).
+
+Each row is judged in PyTorch on the digits evaluation (``--per-category`` x 5 prompts, the evaluation's seeds) against
+the fp32 student: score ratio with a paired bootstrap 95 % interval, end-to-end PSNR of the images, bits per weight
+of the quantized layers with their scales and codebooks, those layers' stored bytes (INT4 / INT3 packed, VQ as in
+``vq/transformer.safetensors``), and the wall time of the quantization. ``--export``: the INT4 package of the student
+and the package of the fine-tuned VQ student at ``--export-format`` (engines skipped) give the transformer ONNX files'
+bytes and ONNX Runtime CPU step latency and peak memory of each variant. Rows are kept in ``results/vq-FAMILY/`` and
+reused by a later run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import RESULTS, header, write, write_json
+
+BLOCK = 128
+CALIB_PROMPTS = 8
+ROWS_PER_CALL = 8  # input rows kept per layer and transformer call (AWQ-clip's sample: 64 of them)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("vq")
+    p.add_argument("--family", choices=["sd3", "flux"], required=True)
+    p.add_argument("--work", type=Path, required=True, help="folder for the student and the VQ pipelines")
+    p.add_argument("--formats", nargs="+", default=["2bit", "3bit", "4bit"])
+    p.add_argument("--steps", type=int, default=600, help="fine-tuning steps of the VQ rows after fine-tuning")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--per-category", type=int, default=40, help="digits prompts per category (5 categories)")
+    p.add_argument("--export", action="store_true", help="also export INT4 and VQ packages: file bytes, ORT latency")
+    p.add_argument("--export-format", default="3bit")
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> list[float]:
+    out = []
+    for x, y in zip(a.astype(np.float64), b.astype(np.float64)):
+        mse = float(((x - y) ** 2).mean())
+        out.append(200.0 if mse == 0 else float(10 * np.log10(1.0 / mse)))
+    return out
+
+
+def _student(args: argparse.Namespace) -> Path:
+    from hpedge.compress.pipeline import CompressOptions, compress
+    from hpedge.compress.plan import Budget
+    from hpedge.compress.settings import DistillSettings
+
+    out = args.work / f"digits-{args.family}-hp25"
+    if not (out / "model_index.json").exists():
+        print(f"student: hpedge compress zoo:digits-{args.family} --remove-fraction 0.25 --lr 1e-3", flush=True)
+        compress(f"zoo:digits-{args.family}", out, CompressOptions(
+            Budget(remove_fraction=0.25), distill=DistillSettings(lr=1e-3, pwp=False if args.family == "flux" else None),
+            eval_per_category=0, grid_samples=0, overwrite=True))
+    return out
+
+
+def _input_rows(pipe: Any, layers: dict[str, Any], gen: Any, ref_path: Path) -> dict[str, np.ndarray]:
+    """64 input rows of each layer, drawn from the transformer calls of sampling the calibration prompts."""
+    import torch
+
+    from hpedge.models.sampling import sample
+    from hpedge.prompts import calibration
+    from hpedge.zoo.evaluator import evaluator_for
+
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in layers}
+    g = torch.Generator().manual_seed(0)
+
+    def hook(name: str) -> Any:
+        def pre(_m: Any, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            rows[name].append(x[torch.randperm(x.shape[0], generator=g)[:ROWS_PER_CALL]].numpy())
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        prompts, _ = calibration(evaluator_for(ref_path), CALIB_PROMPTS, seed=5)
+        sample(pipe, prompts, gen, seeds=list(range(len(prompts))), output="latent")
+    finally:
+        for h in handles:
+            h.remove()
+    rng = np.random.default_rng(0)
+    out = {}
+    for n, r in rows.items():
+        x = np.concatenate(r)
+        out[n] = x[rng.choice(len(x), size=min(64, len(x)), replace=False)]
+    return out
+
+
+def _scalar(w: np.ndarray, bits: int, clip: np.ndarray | None = None) -> np.ndarray:
+    """The dequantized weight [K, N] of symmetric round-to-nearest at ``bits`` (block 128 along K, fp16 scales);
+    INT4 is the export's own :func:`rtn_int4`."""
+    from hpedge.export.quantize import rtn_int4
+
+    if bits == 4:
+        q, scale = rtn_int4(w.astype(np.float16), BLOCK, clip)
+        return q.astype(np.float32) * np.repeat(scale.astype(np.float32), BLOCK, axis=0)
+    k, n = w.shape
+    qmax = 2 ** (bits - 1) - 1
+    scale = (np.abs(w.reshape(k // BLOCK, BLOCK, n)).max(axis=1) / qmax).astype(np.float16).astype(np.float32)
+    scale = np.maximum(scale, 1e-8)
+    full = np.repeat(scale, BLOCK, axis=0)
+    return np.rint(w / full).clip(-qmax - 1, qmax) * full
+
+
+def _scalar_row(pipe: Any, name: str, bits: int, acts: dict[str, np.ndarray] | None) -> tuple[Any, dict[str, Any]]:
+    import torch
+
+    from hpedge.compress.sparsity import pruned_layers
+    from hpedge.export.quantize import clip_search
+
+    t0 = time.time()
+    tr = copy.deepcopy(pipe.transformer)
+    n = stored = 0
+    with torch.no_grad():
+        for lname, m in pruned_layers(tr).items():
+            w = m.weight.detach().float().numpy().T.copy()  # [K, N] as the graph holds it
+            clip = clip_search(acts[lname], w.astype(np.float16), BLOCK) if acts is not None else None
+            m.weight.copy_(torch.from_numpy(_scalar(w, bits, clip).T.copy()))
+            n += w.size
+            stored += w.size * bits / 8 + 2 * w.size / BLOCK
+    q = type(pipe)(**{**pipe.components, "transformer": tr})
+    q.set_progress_bar_config(disable=True)
+    return q, {"row": name, "bits_per_weight": 8 * stored / n, "layer_bytes": int(stored), "weights": n,
+               "quant_seconds": round(time.time() - t0, 1)}
+
+
+def _vq_row(student: Path, out: Path, fmt: str, steps: int, lr: float) -> tuple[Any, dict[str, Any]]:
+    from hpedge.compress.pipeline import CompressOptions, compress
+    from hpedge.compress.plan import Budget
+    from hpedge.compress.settings import DistillSettings
+    from hpedge.compress.vq import VQSpec
+    from hpedge.models.loading import load_pipeline, resolve
+
+    t0 = time.time()
+    rep = compress(str(student), out, CompressOptions(Budget(), distill=DistillSettings(steps=steps, lr=lr),
+                                                      eval_per_category=0, grid_samples=0, overwrite=True,
+                                                      vq=VQSpec.parse(fmt)))
+    secs = time.time() - t0
+    pipe = load_pipeline(resolve(str(out)))
+    pipe.set_progress_bar_config(disable=True)
+    v = rep["vq"]
+    return pipe, {"row": f"VQ {fmt} ({v['name']})" + (f", fine-tuned {steps} steps" if steps else ""),
+                  "format": v["name"], "steps": steps, "bits_per_weight": v["bits_per_weight"]["total"],
+                  "code_bits_per_weight": v["bits_per_weight"]["codes"], "layer_bytes": v["file_bytes"],
+                  "weights": v["bits_per_weight"]["weights"], "quant_seconds": round(secs - rep.get("distill_seconds", 0), 1),
+                  "distill_seconds": rep.get("distill_seconds", 0), "pipeline": str(out)}
+
+
+def vq(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from hpedge.compress.sparsity import pruned_layers
+    from hpedge.models.loading import load_pipeline, resolve
+    from hpedge.models.sampling import defaults
+    from hpedge.zoo.evaluate import EvalSettings, evaluate, paired_ratio
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    student = _student(args)
+    ref = resolve(str(student))
+    pipe = load_pipeline(ref)
+    pipe.set_progress_bar_config(disable=True)
+    settings = EvalSettings(per_category=args.per_category)
+    rows_dir = RESULTS / f"vq-{args.family}"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    base_res, base_canv, _ = evaluate(pipe, "fp32 student", settings)
+    base = asdict(base_res)
+    rows: list[dict[str, Any]] = [{"row": "fp32 student", "bits_per_weight": 32.0, "result": base,
+                                   "paired": paired_ratio(base, base), "psnr_min": 200.0, "psnr_mean": 200.0}]
+
+    def judged(key: str, make: Any) -> None:
+        path = rows_dir / f"{key}.json"
+        if path.exists():
+            rows.append(json.loads(path.read_text()))
+            return
+        qpipe, row = make()
+        res, canv, _ = evaluate(qpipe, row["row"], settings)
+        psnr = _psnr(base_canv, canv)
+        row.update(result=asdict(res), paired=paired_ratio(base, res), psnr_min=min(psnr), psnr_mean=float(np.mean(psnr)))
+        path.write_text(json.dumps(row))
+        rows.append(row)
+        print(f"{row['row']}: {row['bits_per_weight']:.2f} bits, {row['paired']['ratio']:.3f} "
+              f"({row['paired']['ci95'][0]:.3f}-{row['paired']['ci95'][1]:.3f}), PSNR min {row['psnr_min']:.1f} dB",
+              flush=True)
+
+    gen = defaults(pipe, ref.path)
+    acts: dict[str, np.ndarray] = {}
+    if not (rows_dir / "int4-awq.json").exists():
+        acts = _input_rows(pipe, pruned_layers(pipe.transformer), gen, ref.path)
+    judged("int4-rtn", lambda: _scalar_row(pipe, "INT4 RTN, block 128", 4, None))
+    judged("int4-awq", lambda: _scalar_row(pipe, "INT4 AWQ-clip, block 128", 4, acts))
+    judged("int3-rtn", lambda: _scalar_row(pipe, "INT3 RTN, block 128", 3, None))
+    for fmt in args.formats:
+        for steps in (0, args.steps):
+            out = args.work / f"{args.family}-vq-{fmt}-{steps}"
+            judged(f"vq-{fmt}-{steps}", lambda out=out, fmt=fmt, steps=steps: _vq_row(student, out, fmt, steps, args.lr))
+    packages = _packages(args, student) if args.export else {}
+    _report(args, rows, packages)
+
+
+def _packages(args: argparse.Namespace, student: Path) -> dict[str, Any]:
+    """INT4 package of the student and the package of the fine-tuned VQ student: ONNX bytes, ORT CPU step time."""
+    from latency import time_onnx
+
+    from hpedge.export.export import ExportOptions, export
+    from hpedge.runtime.format import load_reference
+
+    path = RESULTS / f"vq-{args.family}" / "packages.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    out: dict[str, Any] = {}
+    for key, src in (("student", student), ("vq", args.work / f"{args.family}-vq-{args.export_format}-{args.steps}")):
+        pkg = args.work / f"{args.family}-pkg-{key}"
+        t0 = time.time()
+        m = export(str(src), pkg, ExportOptions(engine="skip", overwrite=True))
+        feeds, ref, _ = load_reference(pkg, m)
+        tr = m["components"]["transformer"]
+        for v, rel in tr["variants"].items():
+            if key == "vq" and v != "vq":
+                continue
+            t = time_onnx(pkg / rel, {k: x[:1] for k, x in feeds[0].items()}, reps=5)
+            out[v] = {"onnx_bytes": tr["bytes"][v], **t, "package": pkg.name}
+        out[f"{key}_export_seconds"] = round(time.time() - t0, 1)
+    path.write_text(json.dumps(out))
+    return out
+
+
+def _report(args: argparse.Namespace, rows: list[dict[str, Any]], packages: dict[str, Any]) -> None:
+    name = f"vq-{args.family}"
+    s = rows[0]["result"]["settings"]
+    text = header(f"Vector quantization vs INT4 / INT3 on the digits-{args.family} student (25 % of blocks removed)")
+    text += (f"Quantized: the block Linear layers ({rows[1].get('weights', 0) / 1e6:.2f} M weights); the rest stays "
+             f"float32. Digits score on {s['per_category'] * 5} prompts ({s['steps']} steps), PyTorch, against the fp32 "
+             "student (paired bootstrap 95 % interval); PSNR: each row's images against the fp32 student's (same prompts "
+             f"and seeds). VQ fine-tuning: {args.steps} steps, lr {args.lr}, distillation against the fp32 student.\n\n")
+    text += ("| row | bits / weight (scales, codebooks incl.) | quantized layers' bytes | digits score | share of fp32 "
+             "(95 % interval) | PSNR min / mean dB | quantization s |\n|---|---|---|---|---|---|---|\n")
+    for r in rows:
+        p = r["paired"]
+        text += (f"| {r['row']} | {r['bits_per_weight']:.2f} | {r.get('layer_bytes', 0) / 1e3:.0f} kB | "
+                 f"{r['result']['overall']:.3f} | {p['ratio'] * 100:.1f} % ({p['ci95'][0] * 100:.1f}-{p['ci95'][1] * 100:.1f}) | "
+                 f"{r['psnr_min']:.1f} / {r['psnr_mean']:.1f} | {r.get('quant_seconds', '')} |\n")
+    if packages:
+        text += ("\nPackages (`hpedge export`, rtx4090, engines skipped): transformer ONNX files and ONNX Runtime CPU "
+                 "step latency (batch row 1, median of 5, fresh process) and peak RSS.\n\n| variant | ONNX MB | step ms | "
+                 "peak RSS MB |\n|---|---|---|---|\n")
+        for v, p in packages.items():
+            if isinstance(p, dict):
+                text += (f"| {v} | {p['onnx_bytes'] / 1e6:.2f} | {p['median_ms']:.1f} | "
+                         f"{p['peak_rss_mb']:.0f} |\n")
+    write(f"{name}.md", text)
+    write_json(f"{name}.json", {"family": args.family, "rows": rows, "packages": packages})
+    _plot(rows, RESULTS / f"{name}.png", f"digits-{args.family} student: share of the fp32 score vs bits per weight")
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    from PIL import Image, ImageDraw
+
+    from hpedge.io import atomic_file
+
+    W, H, L, R, T, B = 900, 520, 70, 280, 40, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img, "RGBA")
+    pts = [r for r in rows if r["bits_per_weight"] < 16]
+    xmax = max(9.0, max(r["bits_per_weight"] for r in pts) + 0.5)
+    lo_y = min(0.5, min(r["paired"]["ci95"][0] for r in pts) - 0.05)
+    sx = lambda x: L + x / xmax * (W - L - R)  # noqa: E731
+    sy = lambda y: H - B - (y - lo_y) / (1.1 - lo_y) * (H - T - B)  # noqa: E731
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for k in range(int(xmax) + 1):
+        d.text((sx(k) - 4, H - B + 8), str(k), fill="black")
+    for k in range(int(lo_y * 10), 12):
+        d.text((L - 44, sy(k / 10) - 5), f"{k / 10:.0%}", fill="black")
+    d.line([L, sy(1.0), W - R, sy(1.0)], fill="#999999")
+    d.text((L, 12), title, fill="black")
+    d.text(((L + W - R) // 2 - 80, H - 24), "bits per weight (scales and codebooks included)", fill="black")
+    colors = {"INT4": "#1f77b4", "INT3": "#ff7f0e", "VQ": "#2ca02c"}
+    for i, r in enumerate(pts):
+        kind = r["row"].split()[0]
+        col = colors.get(kind, "#000000")
+        x, (y, (lo, hi)) = sx(r["bits_per_weight"]), (r["paired"]["ratio"], r["paired"]["ci95"])
+        d.line([x, sy(lo), x, sy(hi)], fill=col)
+        tuned = r.get("steps", 0) > 0
+        d.ellipse([x - 4, sy(y) - 4, x + 4, sy(y) + 4], outline=col, fill=None if tuned else col)
+        d.ellipse([W - R + 14, T + 6 + 18 * i, W - R + 22, T + 14 + 18 * i], outline=col, fill=None if tuned else col)
+        d.text((W - R + 30, T + 4 + 18 * i), r["row"][:40], fill="black")
+    with atomic_file(path) as tmp:
+        img.save(tmp, format="PNG")
