@@ -27,6 +27,8 @@
                                                # weight sparsity (arXiv 2411.15113): sweep, magnitude vs Wanda, 2:4, distilled rows
     python benchmarks/run.py vq --family sd3 --work DIR [--export]
                                                # VQ 2/3/4 bits before/after fine-tuning vs INT4 RTN/AWQ and INT3 on a digits student
+    python benchmarks/run.py vq-package PKG --name NAME
+                                               # a package's vq variant: hpedge check, plain ONNX Runtime, hpedge generate
     python benchmarks/run.py vq-engine         # TensorRT-RTX engine bytes from codebook-lookup graphs vs dense and INT4
     python benchmarks/run.py gpu               # real-scale SD3.5-Large step in PyTorch on a CUDA GPU (bf16, pruned, INT4)
     python benchmarks/run.py curve --family sd3 --jobs 2
@@ -123,6 +125,7 @@ def main() -> None:
     gates_benchmark.add_parser(sub)
     sparsity_benchmark.add_parser(sub)
     vq_benchmark.add_parser(sub)
+    vq_benchmark.add_package_parser(sub)
     vq_engine_benchmark.add_parser(sub)
     curve_benchmark.add_parser(sub)
     t = sub.add_parser("retrain")
@@ -142,7 +145,7 @@ def main() -> None:
      "distill-memory": distill_memory_benchmark.distill_memory, "fit": fit_benchmark.fit,
      "size": size_benchmark.size, "quant-method": quant_method_benchmark.quant_method,
      "gates": gates_benchmark.gates, "sparsity": sparsity_benchmark.sparsity, "curve": curve_benchmark.curve, "curve-row": curve_benchmark.curve_row,
-     "vq": vq_benchmark.vq, "vq-engine": vq_engine_benchmark.vq_engine}[args.cmd](args)
+     "vq": vq_benchmark.vq, "vq-package": vq_benchmark.vq_package, "vq-engine": vq_engine_benchmark.vq_engine}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -303,3 +303,46 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         d.text((W - R + 30, T + 4 + 18 * i), r["row"][:40], fill="black")
     with atomic_file(path) as tmp:
         img.save(tmp, format="PNG")
+
+
+def vq_package(args: argparse.Namespace) -> None:
+    """``python benchmarks/run.py vq-package PKG --name NAME``: a package with a ``vq`` variant through ``hpedge
+    check``, plain ONNX Runtime (the vq graph alone, no hpedge: its output on the stored held-out inputs against the
+    stored PyTorch reference) and ``hpedge generate --variant vq`` (a PNG beside the results)."""
+    import onnxruntime as ort
+    from typer.testing import CliRunner
+
+    from hpedge.cli import app
+    from hpedge.export.verify import check, quality
+    from hpedge.runtime.format import load_reference, read_manifest
+
+    pkg = args.package
+    m = read_manifest(pkg)
+    res = check(pkg)
+    feeds, ref, _ = load_reference(pkg, m)
+    sess = ort.InferenceSession(str(pkg / m["components"]["transformer"]["variants"]["vq"]),
+                                providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    plain = []
+    for f, r in zip(feeds, ref):
+        rows = [sess.run(None, {k: v[i : i + 1] for k, v in f.items() if k in names})[0] for i in range(len(f["hidden_states"]))]
+        plain.append(quality(r, np.concatenate(rows)))
+    png = RESULTS / f"{args.name}.png"
+    r = CliRunner().invoke(app, ["generate", str(pkg), args.prompt, "-o", str(png), "--variant", "vq", "--seed", "0"])
+    if r.exit_code != 0:
+        raise SystemExit(r.output)
+    write_json(f"{args.name}.json", {"package": pkg.name, "source_vq": m["source"]["vq"],
+                                     "transformer_bytes": m["components"]["transformer"]["bytes"],
+                                     "check": {"passed": res["passed"], "checks": [
+                                         {k: c.get(k) for k in ("name", "passed", "skipped", "metrics")}
+                                         for c in res["checks"]]},
+                                     "plain_onnxruntime": {"version": ort.__version__, "vs_pytorch": plain},
+                                     "generate": {"prompt": args.prompt, "png": png.name, "output": r.output.strip()}})
+    print(f"check passed: {res['passed']}; plain ORT min PSNR {min(q['psnr_db'] for q in plain):.1f} dB; wrote {png}")
+
+
+def add_package_parser(sub: Any) -> None:
+    p = sub.add_parser("vq-package")
+    p.add_argument("package", type=Path)
+    p.add_argument("--name", required=True, help="results file stem")
+    p.add_argument("--prompt", default="the digit 7 on the left and the digit 2 on the right")
