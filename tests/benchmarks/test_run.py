@@ -434,3 +434,40 @@ def test_sparsity_report_finds_a_sudden_collapse_names_the_leader_and_pairs_dist
     assert "| transformer | magnitude | 40% (97.8%," in md
     assert "| transformer 2:4 | magnitude | yes | 88.9% (" in md and "| +66.7% (" in md  # 80 vs 20 of 90 prompts
     assert Image.open(tmp_path / "sparsity-sd3.png").size == (900, 560)
+
+
+def test_vq_benchmark_scalar_rows_are_the_exports_int4_and_a_true_int3(bench) -> None:
+    """INT4 is the export's own round-to-nearest; INT3 keeps 8 levels per block of 128 and errs more than INT4."""
+    import sys
+
+    import numpy as np
+
+    from hpedge.export.quantize import rtn_int4
+
+    vq = sys.modules["vq"]
+    w = np.random.default_rng(0).standard_normal((256, 16)).astype(np.float32)
+    q, s = rtn_int4(w.astype(np.float16), 128)
+    np.testing.assert_array_equal(vq._scalar(w, 4), q.astype(np.float32) * np.repeat(s.astype(np.float32), 128, axis=0))
+    w3 = vq._scalar(w, 3)
+    for blk in w3.reshape(2, 128, 16).transpose(0, 2, 1).reshape(-1, 128):
+        assert len(np.unique(blk)) <= 8
+    err = lambda a: np.linalg.norm(a - w) / np.linalg.norm(w)  # noqa: E731
+    assert err(vq._scalar(w, 4)) < err(w3) < 0.3
+
+
+def test_vq_engine_builds_dense_int4_and_codebook_engines_and_reports_their_ratios(bench, tmp_path, monkeypatch) -> None:
+    import sys
+
+    from hpedge.backends import trt_rtx
+
+    if not trt_rtx.build_availability(("8.9",)).ok:
+        pytest.skip("TensorRT-RTX cannot build here")
+    common = sys.modules["common"]
+    patch_everywhere(monkeypatch, bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    args = bench.argparse.Namespace(width=256, layers=1, tokens=128, formats=["2x8g8"], target="rtx4090", name="e")
+    sys.modules["vq_engine"].vq_engine(args)
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert [r["graph"] for r in rows] == ["dense fp16", "INT4 (RTN, block 128)", "VQ 2x8g8 (codebook lookups)"]
+    assert rows[0]["engine_vs_dense_engine"] == 1.0 and all(r["engine_bytes"] > 0 for r in rows)
+    assert rows[2]["onnx_bytes"] < rows[0]["onnx_bytes"]
