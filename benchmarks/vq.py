@@ -35,12 +35,14 @@ from common import RESULTS, header, write, write_json
 
 BLOCK = 128
 CALIB_PROMPTS = 8
+MIDSIZE_PROMPTS = 16  # images the mid-size model's rows are judged on (PSNR against the fp32 model's)
 ROWS_PER_CALL = 8  # input rows kept per layer and transformer call (AWQ-clip's sample: 64 of them)
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("vq")
-    p.add_argument("--family", choices=["sd3", "flux"], required=True)
+    p.add_argument("--family", choices=["sd3", "flux", "midsize"], required=True,
+                   help="a digits student, or the mid-size random-weight SD3 (d=512, 12 blocks; PSNR only)")
     p.add_argument("--work", type=Path, required=True, help="folder for the student and the VQ pipelines")
     p.add_argument("--formats", nargs="+", default=["2bit", "3bit", "4bit"])
     p.add_argument("--steps", type=int, default=600, help="fine-tuning steps of the VQ rows after fine-tuning")
@@ -59,10 +61,15 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> list[float]:
 
 
 def _student(args: argparse.Namespace) -> Path:
+    from latency import random_sd3_pipeline
+
     from hpedge.compress.pipeline import CompressOptions, compress
     from hpedge.compress.plan import Budget
     from hpedge.compress.settings import DistillSettings
 
+    if args.family == "midsize":
+        out = args.work / "midsize-sd3"
+        return out if (out / "model_index.json").exists() else random_sd3_pipeline(args.work, "midsize-sd3", 12, 8)
     out = args.work / f"digits-{args.family}-hp25"
     if not (out / "model_index.json").exists():
         print(f"student: hpedge compress zoo:digits-{args.family} --remove-fraction 0.25 --lr 1e-3", flush=True)
@@ -169,7 +176,8 @@ def vq(args: argparse.Namespace) -> None:
 
     from hpedge.compress.sparsity import pruned_layers
     from hpedge.models.loading import load_pipeline, resolve
-    from hpedge.models.sampling import defaults
+    from hpedge.models.sampling import defaults, sample
+    from hpedge.prompts import calibration
     from hpedge.zoo.evaluate import EvalSettings, evaluate, paired_ratio
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -180,10 +188,20 @@ def vq(args: argparse.Namespace) -> None:
     settings = EvalSettings(per_category=args.per_category)
     rows_dir = RESULTS / f"vq-{args.family}"
     rows_dir.mkdir(parents=True, exist_ok=True)
-    base_res, base_canv, _ = evaluate(pipe, "fp32 student", settings)
-    base = asdict(base_res)
-    rows: list[dict[str, Any]] = [{"row": "fp32 student", "bits_per_weight": 32.0, "result": base,
-                                   "paired": paired_ratio(base, base), "psnr_min": 200.0, "psnr_mean": 200.0}]
+    gen = defaults(pipe, ref.path)
+    digits = args.family != "midsize"
+    prompts = calibration(None, MIDSIZE_PROMPTS, seed=9)[0] if not digits else []
+
+    def images(p: Any, name: str) -> tuple[dict[str, Any] | None, np.ndarray]:
+        if digits:
+            res, canv, _ = evaluate(p, name, settings)
+            return asdict(res), canv
+        return None, sample(p, prompts, gen, seeds=list(range(len(prompts))))
+
+    base, base_canv = images(pipe, "fp32 student")
+    rows: list[dict[str, Any]] = [{"row": "fp32 student" if digits else "fp32 model", "bits_per_weight": 32.0,
+                                   "result": base, "paired": paired_ratio(base, base) if digits else None,
+                                   "psnr_min": 200.0, "psnr_mean": 200.0}]
 
     def judged(key: str, make: Any) -> None:
         path = rows_dir / f"{key}.json"
@@ -191,16 +209,16 @@ def vq(args: argparse.Namespace) -> None:
             rows.append(json.loads(path.read_text()))
             return
         qpipe, row = make()
-        res, canv, _ = evaluate(qpipe, row["row"], settings)
+        res, canv = images(qpipe, row["row"])
         psnr = _psnr(base_canv, canv)
-        row.update(result=asdict(res), paired=paired_ratio(base, res), psnr_min=min(psnr), psnr_mean=float(np.mean(psnr)))
+        row.update(result=res, paired=paired_ratio(base, res) if digits else None, psnr_min=min(psnr),
+                   psnr_mean=float(np.mean(psnr)))
         path.write_text(json.dumps(row))
         rows.append(row)
-        print(f"{row['row']}: {row['bits_per_weight']:.2f} bits, {row['paired']['ratio']:.3f} "
-              f"({row['paired']['ci95'][0]:.3f}-{row['paired']['ci95'][1]:.3f}), PSNR min {row['psnr_min']:.1f} dB",
-              flush=True)
+        share = (f"{row['paired']['ratio']:.3f} ({row['paired']['ci95'][0]:.3f}-{row['paired']['ci95'][1]:.3f}), "
+                 if digits else "")
+        print(f"{row['row']}: {row['bits_per_weight']:.2f} bits, {share}PSNR min {row['psnr_min']:.1f} dB", flush=True)
 
-    gen = defaults(pipe, ref.path)
     acts: dict[str, np.ndarray] = {}
     if not (rows_dir / "int4-awq.json").exists():
         acts = _input_rows(pipe, pruned_layers(pipe.transformer), gen, ref.path)
@@ -244,18 +262,27 @@ def _packages(args: argparse.Namespace, student: Path) -> dict[str, Any]:
 
 def _report(args: argparse.Namespace, rows: list[dict[str, Any]], packages: dict[str, Any]) -> None:
     name = f"vq-{args.family}"
-    s = rows[0]["result"]["settings"]
-    text = header(f"Vector quantization vs INT4 / INT3 on the digits-{args.family} student (25 % of blocks removed)")
-    text += (f"Quantized: the block Linear layers ({rows[1].get('weights', 0) / 1e6:.2f} M weights); the rest stays "
-             f"float32. Digits score on {s['per_category'] * 5} prompts ({s['steps']} steps), PyTorch, against the fp32 "
-             "student (paired bootstrap 95 % interval); PSNR: each row's images against the fp32 student's (same prompts "
-             f"and seeds). VQ fine-tuning: {args.steps} steps, lr {args.lr}, distillation against the fp32 student.\n\n")
+    digits = rows[0]["paired"] is not None
+    what = (f"the digits-{args.family} student (25 % of blocks removed)" if digits
+            else "the mid-size random-weight SD3 (d=512, 12 blocks)")
+    text = header(f"Vector quantization vs INT4 / INT3 on {what}")
+    text += f"Quantized: the block Linear layers ({rows[1].get('weights', 0) / 1e6:.2f} M weights); the rest stays float32. "
+    if digits:
+        s = rows[0]["result"]["settings"]
+        text += (f"Digits score on {s['per_category'] * 5} prompts ({s['steps']} steps), PyTorch, against the fp32 "
+                 "student (paired bootstrap 95 % interval); PSNR: each row's images against the fp32 student's (same "
+                 "prompts and seeds). ")
+    else:
+        text += (f"No judge for random weights: PSNR of each row's images against the fp32 model's on {MIDSIZE_PROMPTS} "
+                 "calibration prompts (same seeds, the model's steps). ")
+    text += f"VQ fine-tuning: {args.steps} steps, lr {args.lr}, distillation against the unquantized model.\n\n"
     text += ("| row | bits / weight (scales, codebooks incl.) | quantized layers' bytes | digits score | share of fp32 "
              "(95 % interval) | PSNR min / mean dB | quantization s |\n|---|---|---|---|---|---|---|\n")
     for r in rows:
         p = r["paired"]
-        text += (f"| {r['row']} | {r['bits_per_weight']:.2f} | {r.get('layer_bytes', 0) / 1e3:.0f} kB | "
-                 f"{r['result']['overall']:.3f} | {p['ratio'] * 100:.1f} % ({p['ci95'][0] * 100:.1f}-{p['ci95'][1] * 100:.1f}) | "
+        share = (f"{r['result']['overall']:.3f} | {p['ratio'] * 100:.1f} % ({p['ci95'][0] * 100:.1f}-"
+                 f"{p['ci95'][1] * 100:.1f})" if p else "- | -")
+        text += (f"| {r['row']} | {r['bits_per_weight']:.2f} | {r.get('layer_bytes', 0) / 1e3:.0f} kB | {share} | "
                  f"{r['psnr_min']:.1f} / {r['psnr_mean']:.1f} | {r.get('quant_seconds', '')} |\n")
     if packages:
         text += ("\nPackages (`hpedge export`, rtx4090, engines skipped): transformer ONNX files and ONNX Runtime CPU "
@@ -263,14 +290,15 @@ def _report(args: argparse.Namespace, rows: list[dict[str, Any]], packages: dict
                  "peak RSS MB |\n|---|---|---|---|\n")
         for v, p in packages.items():
             if isinstance(p, dict):
-                text += (f"| {v} | {p['onnx_bytes'] / 1e6:.2f} | {p['median_ms']:.1f} | "
-                         f"{p['peak_rss_mb']:.0f} |\n")
+                text += f"| {v} | {p['onnx_bytes'] / 1e6:.2f} | {p['median_ms']:.1f} | {p['peak_rss_mb']:.0f} |\n"
     write(f"{name}.md", text)
     write_json(f"{name}.json", {"family": args.family, "rows": rows, "packages": packages})
-    _plot(rows, RESULTS / f"{name}.png", f"digits-{args.family} student: share of the fp32 score vs bits per weight")
+    _plot(rows, RESULTS / f"{name}.png", f"{what}: " + ("share of the fp32 score" if digits else "mean PSNR (dB)")
+          + " vs bits per weight")
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Digits rows: share of the fp32 score with its interval; otherwise mean PSNR (dB / 100 on the same axis)."""
     from PIL import Image, ImageDraw
 
     from hpedge.io import atomic_file
@@ -279,23 +307,28 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img, "RGBA")
     pts = [r for r in rows if r["bits_per_weight"] < 16]
+
+    def y_of(r: dict[str, Any]) -> tuple[float, float, float]:
+        if r["paired"]:
+            return r["paired"]["ratio"], *r["paired"]["ci95"]
+        return r["psnr_mean"] / 100, r["psnr_min"] / 100, r["psnr_mean"] / 100
+
     xmax = max(9.0, max(r["bits_per_weight"] for r in pts) + 0.5)
-    lo_y = min(0.5, min(r["paired"]["ci95"][0] for r in pts) - 0.05)
+    lo_y = min(0.5, min(y_of(r)[1] for r in pts) - 0.05)
     sx = lambda x: L + x / xmax * (W - L - R)  # noqa: E731
     sy = lambda y: H - B - (y - lo_y) / (1.1 - lo_y) * (H - T - B)  # noqa: E731
     d.rectangle([L, T, W - R, H - B], outline="black")
     for k in range(int(xmax) + 1):
         d.text((sx(k) - 4, H - B + 8), str(k), fill="black")
     for k in range(int(lo_y * 10), 12):
-        d.text((L - 44, sy(k / 10) - 5), f"{k / 10:.0%}", fill="black")
+        d.text((L - 44, sy(k / 10) - 5), f"{k / 10:.0%}" if pts[0]["paired"] else f"{k * 10} dB", fill="black")
     d.line([L, sy(1.0), W - R, sy(1.0)], fill="#999999")
     d.text((L, 12), title, fill="black")
     d.text(((L + W - R) // 2 - 80, H - 24), "bits per weight (scales and codebooks included)", fill="black")
     colors = {"INT4": "#1f77b4", "INT3": "#ff7f0e", "VQ": "#2ca02c"}
     for i, r in enumerate(pts):
-        kind = r["row"].split()[0]
-        col = colors.get(kind, "#000000")
-        x, (y, (lo, hi)) = sx(r["bits_per_weight"]), (r["paired"]["ratio"], r["paired"]["ci95"])
+        col = colors.get(r["row"].split()[0], "#000000")
+        x, (y, lo, hi) = sx(r["bits_per_weight"]), y_of(r)
         d.line([x, sy(lo), x, sy(hi)], fill=col)
         tuned = r.get("steps", 0) > 0
         d.ellipse([x - 4, sy(y) - 4, x + 4, sy(y) + 4], outline=col, fill=None if tuned else col)

@@ -471,3 +471,28 @@ def test_vq_engine_builds_dense_int4_and_codebook_engines_and_reports_their_rati
     assert [r["graph"] for r in rows] == ["dense fp16", "INT4 (RTN, block 128)", "VQ 2x8g8 (codebook lookups)"]
     assert rows[0]["engine_vs_dense_engine"] == 1.0 and all(r["engine_bytes"] > 0 for r in rows)
     assert rows[2]["onnx_bytes"] < rows[0]["onnx_bytes"]
+
+
+@pytest.mark.parametrize("digits", [True, False])
+def test_vq_report_tables_and_plots_digits_and_psnr_rows(bench, tmp_path, monkeypatch, digits) -> None:
+    import sys
+
+    from hpedge.zoo.evaluate import paired_ratio
+
+    vq = sys.modules["vq"]
+    patch_everywhere(monkeypatch, bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys.modules["common"], "RESULTS", tmp_path)
+    base = {"overall": 0.9, "correct": [1] * 9 + [0], "settings": {"per_category": 2, "steps": 16}}
+    worse = {"overall": 0.8, "correct": [1] * 8 + [0, 0], "settings": base["settings"]}
+    rows = [{"row": "fp32 student", "bits_per_weight": 32.0, "result": base if digits else None,
+             "paired": paired_ratio(base, base) if digits else None, "psnr_min": 200.0, "psnr_mean": 200.0}]
+    for name, bits, steps in (("INT4 RTN, block 128", 4.125, 0), ("VQ 3bit (3x8g8)", 3.2, 0), ("VQ 3bit, tuned", 3.2, 600)):
+        rows.append({"row": name, "bits_per_weight": bits, "layer_bytes": 1000, "weights": 2000, "steps": steps,
+                     "result": worse if digits else None, "paired": paired_ratio(base, worse) if digits else None,
+                     "psnr_min": 20.0, "psnr_mean": 25.0, "quant_seconds": 1.0})
+    args = bench.argparse.Namespace(family="sd3" if digits else "midsize", steps=600, lr=1e-3)
+    vq._report(args, rows, {"int4": {"onnx_bytes": 10**6, "median_ms": 5.0, "peak_rss_mb": 100.0}})
+    name = "vq-sd3" if digits else "vq-midsize"
+    md = (tmp_path / f"{name}.md").read_text()
+    assert ("88.9 %" in md) == digits and "| VQ 3bit, tuned | 3.20 |" in md and "| int4 | 1.00 | 5.0 | 100 |" in md
+    assert (tmp_path / f"{name}.png").stat().st_size > 0
