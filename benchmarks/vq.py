@@ -34,6 +34,7 @@ import numpy as np
 from common import RESULTS, header, write, write_json
 
 BLOCK = 128
+LR = 1e-3  # the fine-tuning rate of the first rows (hpedge compress's digits setting)
 CALIB_PROMPTS = 8
 MIDSIZE_PROMPTS = 16  # images the mid-size model's rows are judged on (PSNR against the fp32 model's)
 ROWS_PER_CALL = 8  # input rows kept per layer and transformer call (AWQ-clip's sample: 64 of them)
@@ -46,7 +47,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--work", type=Path, required=True, help="folder for the student and the VQ pipelines")
     p.add_argument("--formats", nargs="+", default=["2bit", "3bit", "4bit"])
     p.add_argument("--steps", type=int, default=600, help="fine-tuning steps of the VQ rows after fine-tuning")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=LR, help="fine-tuning learning rate (rows at another rate are kept apart)")
     p.add_argument("--per-category", type=int, default=40, help="digits prompts per category (5 categories)")
     p.add_argument("--export", action="store_true", help="also export INT4 and VQ packages: file bytes, ORT latency")
     p.add_argument("--export-format", default="3bit")
@@ -164,7 +165,8 @@ def _vq_row(student: Path, out: Path, fmt: str, steps: int, lr: float) -> tuple[
     pipe = load_pipeline(resolve(str(out)))
     pipe.set_progress_bar_config(disable=True)
     v = rep["vq"]
-    return pipe, {"row": f"VQ {fmt} ({v['name']})" + (f", fine-tuned {steps} steps" if steps else ""),
+    return pipe, {"row": f"VQ {fmt} ({v['name']})" + (f", fine-tuned {steps} steps" if steps else "")
+                  + (f", lr {lr:g}" if steps and lr != LR else ""),
                   "format": v["name"], "steps": steps, "bits_per_weight": v["bits_per_weight"]["total"],
                   "code_bits_per_weight": v["bits_per_weight"]["codes"], "layer_bytes": v["file_bytes"],
                   "weights": v["bits_per_weight"]["weights"], "quant_seconds": round(secs - rep.get("distill_seconds", 0), 1),
@@ -227,8 +229,9 @@ def vq(args: argparse.Namespace) -> None:
     judged("int3-rtn", lambda: _scalar_row(pipe, "INT3 RTN, block 128", 3, None))
     for fmt in args.formats:
         for steps in (0, args.steps):
-            out = args.work / f"{args.family}-vq-{fmt}-{steps}"
-            judged(f"vq-{fmt}-{steps}", lambda out=out, fmt=fmt, steps=steps: _vq_row(student, out, fmt, steps, args.lr))
+            key = f"vq-{fmt}-{steps}" + (f"-lr{args.lr:g}" if steps and args.lr != LR else "")
+            out = args.work / f"{args.family}-{key}"
+            judged(key, lambda out=out, fmt=fmt, steps=steps: _vq_row(student, out, fmt, steps, args.lr))
     packages = _packages(args, student) if args.export else {}
     _report(args, rows, packages)
 
@@ -244,7 +247,8 @@ def _packages(args: argparse.Namespace, student: Path) -> dict[str, Any]:
     if path.exists():
         return json.loads(path.read_text())
     out: dict[str, Any] = {}
-    for key, src in (("student", student), ("vq", args.work / f"{args.family}-vq-{args.export_format}-{args.steps}")):
+    tuned = f"-lr{args.lr:g}" if args.steps and args.lr != LR else ""
+    for key, src in (("student", student), ("vq", args.work / f"{args.family}-vq-{args.export_format}-{args.steps}{tuned}")):
         pkg = args.work / f"{args.family}-pkg-{key}"
         t0 = time.time()
         m = export(str(src), pkg, ExportOptions(engine="skip", overwrite=True))
@@ -275,7 +279,8 @@ def _report(args: argparse.Namespace, rows: list[dict[str, Any]], packages: dict
     else:
         text += (f"No judge for random weights: PSNR of each row's images against the fp32 model's on {MIDSIZE_PROMPTS} "
                  "calibration prompts (same seeds, the model's steps). ")
-    text += f"VQ fine-tuning: {args.steps} steps, lr {args.lr}, distillation against the unquantized model.\n\n"
+    text += (f"VQ fine-tuning: `hpedge compress --vq F --steps N` (N in the row), lr {LR:g} unless the row says another, "
+             "distillation against the unquantized model.\n\n")
     text += ("| row | bits / weight (scales, codebooks incl.) | quantized layers' bytes | digits score | share of fp32 "
              "(95 % interval) | PSNR min / mean dB | quantization s |\n|---|---|---|---|---|---|---|\n")
     for r in rows:
