@@ -241,6 +241,7 @@ def _packages(args: argparse.Namespace, student: Path) -> dict[str, Any]:
     from latency import time_onnx
 
     from hpedge.export.export import ExportOptions, export
+    from hpedge.export.quantize import rows_of
     from hpedge.runtime.format import load_reference
 
     path = RESULTS / f"vq-{args.family}" / "packages.json"
@@ -257,7 +258,7 @@ def _packages(args: argparse.Namespace, student: Path) -> dict[str, Any]:
         for v, rel in tr["variants"].items():
             if key == "vq" and v != "vq":
                 continue
-            t = time_onnx(pkg / rel, {k: x[:1] for k, x in feeds[0].items()}, reps=5)
+            t = time_onnx(pkg / rel, rows_of(feeds[0])[0], reps=5)  # one batch row (FLUX's ids have no batch axis)
             out[v] = {"onnx_bytes": tr["bytes"][v], **t, "package": pkg.name}
         out[f"{key}_export_seconds"] = round(time.time() - t0, 1)
     path.write_text(json.dumps(out))
