@@ -47,7 +47,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--work", type=Path, required=True, help="folder for the student and the VQ pipelines")
     p.add_argument("--formats", nargs="+", default=["2bit", "3bit", "4bit"])
     p.add_argument("--steps", type=int, default=600, help="fine-tuning steps of the VQ rows after fine-tuning")
-    p.add_argument("--lr", type=float, default=LR, help="fine-tuning learning rate (rows at another rate are kept apart)")
+    p.add_argument("--lr", type=float, nargs="+", default=[LR],
+                   help="fine-tuning learning rates: one fine-tuned row per rate (the first one's is exported)")
     p.add_argument("--per-category", type=int, default=40, help="digits prompts per category (5 categories)")
     p.add_argument("--export", action="store_true", help="also export INT4 and VQ packages: file bytes, ORT latency")
     p.add_argument("--export-format", default="3bit")
@@ -150,6 +151,10 @@ def _scalar_row(pipe: Any, name: str, bits: int, acts: dict[str, np.ndarray] | N
                "quant_seconds": round(time.time() - t0, 1)}
 
 
+def _vq_key(fmt: str, steps: int, lr: float) -> str:
+    return f"vq-{fmt}-{steps}" + (f"-lr{lr:g}" if steps and lr != LR else "")
+
+
 def _vq_row(student: Path, out: Path, fmt: str, steps: int, lr: float) -> tuple[Any, dict[str, Any]]:
     from hpedge.compress.pipeline import CompressOptions, compress
     from hpedge.compress.plan import Budget
@@ -228,10 +233,10 @@ def vq(args: argparse.Namespace) -> None:
     judged("int4-awq", lambda: _scalar_row(pipe, "INT4 AWQ-clip, block 128", 4, acts))
     judged("int3-rtn", lambda: _scalar_row(pipe, "INT3 RTN, block 128", 3, None))
     for fmt in args.formats:
-        for steps in (0, args.steps):
-            key = f"vq-{fmt}-{steps}" + (f"-lr{args.lr:g}" if steps and args.lr != LR else "")
+        for steps, lr in [(0, LR)] + [(args.steps, lr) for lr in args.lr if args.steps]:
+            key = _vq_key(fmt, steps, lr)
             out = args.work / f"{args.family}-{key}"
-            judged(key, lambda out=out, fmt=fmt, steps=steps: _vq_row(student, out, fmt, steps, args.lr))
+            judged(key, lambda out=out, fmt=fmt, steps=steps, lr=lr: _vq_row(student, out, fmt, steps, lr))
     packages = _packages(args, student) if args.export else {}
     _report(args, rows, packages)
 
@@ -248,8 +253,8 @@ def _packages(args: argparse.Namespace, student: Path) -> dict[str, Any]:
     if path.exists():
         return json.loads(path.read_text())
     out: dict[str, Any] = {}
-    tuned = f"-lr{args.lr:g}" if args.steps and args.lr != LR else ""
-    for key, src in (("student", student), ("vq", args.work / f"{args.family}-vq-{args.export_format}-{args.steps}{tuned}")):
+    vq_src = args.work / f"{args.family}-{_vq_key(args.export_format, args.steps, args.lr[0])}"
+    for key, src in (("student", student), ("vq", vq_src)):
         pkg = args.work / f"{args.family}-pkg-{key}"
         t0 = time.time()
         m = export(str(src), pkg, ExportOptions(engine="skip", overwrite=True))

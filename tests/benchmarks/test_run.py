@@ -490,7 +490,7 @@ def test_vq_report_tables_and_plots_digits_and_psnr_rows(bench, tmp_path, monkey
         rows.append({"row": name, "bits_per_weight": bits, "layer_bytes": 1000, "weights": 2000, "steps": steps,
                      "result": worse if digits else None, "paired": paired_ratio(base, worse) if digits else None,
                      "psnr_min": 20.0, "psnr_mean": 25.0, "quant_seconds": 1.0})
-    args = bench.argparse.Namespace(family="sd3" if digits else "midsize", steps=600, lr=1e-3)
+    args = bench.argparse.Namespace(family="sd3" if digits else "midsize", steps=600, lr=[1e-3])
     vq._report(args, rows, {"int4": {"onnx_bytes": 10**6, "median_ms": 5.0, "peak_rss_mb": 100.0}})
     name = "vq-sd3" if digits else "vq-midsize"
     md = (tmp_path / f"{name}.md").read_text()
