@@ -213,9 +213,10 @@ def vq(args: argparse.Namespace) -> None:
     def judged(key: str, make: Any) -> None:
         path = rows_dir / f"{key}.json"
         if path.exists():
-            rows.append(json.loads(path.read_text()))
+            rows.append({**json.loads(path.read_text()), "key": key})
             return
         qpipe, row = make()
+        row["key"] = key
         res, canv = images(qpipe, row["row"])
         psnr = _psnr(base_canv, canv)
         row.update(result=res, paired=paired_ratio(base, res) if digits else None, psnr_min=min(psnr),
@@ -237,6 +238,12 @@ def vq(args: argparse.Namespace) -> None:
             key = _vq_key(fmt, steps, lr)
             out = args.work / f"{args.family}-{key}"
             judged(key, lambda out=out, fmt=fmt, steps=steps, lr=lr: _vq_row(student, out, fmt, steps, lr))
+    done = {r["key"] for r in rows if "key" in r}
+    for f in sorted(rows_dir.glob("vq-*.json")):  # VQ rows of earlier runs (other formats or rates) join the table
+        row = json.loads(f.read_text())
+        if row.get("key") not in done and "row" in row:
+            rows.append(row)
+    rows[4:] = sorted(rows[4:], key=lambda r: (r["bits_per_weight"], r.get("steps", 0), r["row"]))
     packages = _packages(args, student) if args.export else {}
     _report(args, rows, packages)
 
