@@ -240,9 +240,8 @@ def vq(args: argparse.Namespace) -> None:
             judged(key, lambda out=out, fmt=fmt, steps=steps, lr=lr: _vq_row(student, out, fmt, steps, lr))
     done = {r["key"] for r in rows if "key" in r}
     for f in sorted(rows_dir.glob("vq-*.json")):  # VQ rows of earlier runs (other formats or rates) join the table
-        row = json.loads(f.read_text())
-        if row.get("key") not in done and "row" in row:
-            rows.append(row)
+        if f.stem not in done:
+            rows.append({**json.loads(f.read_text()), "key": f.stem})
     rows[4:] = sorted(rows[4:], key=lambda r: (r["bits_per_weight"], r.get("steps", 0), r["row"]))
     packages = _packages(args, student) if args.export else {}
     _report(args, rows, packages)
