@@ -363,6 +363,7 @@ def vq_package(args: argparse.Namespace) -> None:
     from typer.testing import CliRunner
 
     from hpedge.cli import app
+    from hpedge.export.quantize import rows_of
     from hpedge.export.verify import check, quality
     from hpedge.runtime.format import load_reference, read_manifest
 
@@ -375,7 +376,7 @@ def vq_package(args: argparse.Namespace) -> None:
     names = {i.name for i in sess.get_inputs()}
     plain = []
     for f, r in zip(feeds, ref):
-        rows = [sess.run(None, {k: v[i : i + 1] for k, v in f.items() if k in names})[0] for i in range(len(f["hidden_states"]))]
+        rows = [sess.run(None, {k: v for k, v in row.items() if k in names})[0] for row in rows_of(f)]
         plain.append(quality(r, np.concatenate(rows)))
     png = RESULTS / f"{args.name}.png"
     r = CliRunner().invoke(app, ["generate", str(pkg), args.prompt, "-o", str(png), "--variant", "vq", "--seed", "0"])
