@@ -495,4 +495,5 @@ def test_vq_report_tables_and_plots_digits_and_psnr_rows(bench, tmp_path, monkey
     name = "vq-sd3" if digits else "vq-midsize"
     md = (tmp_path / f"{name}.md").read_text()
     assert ("88.9 %" in md) == digits and "| VQ 3bit, tuned | 3.20 |" in md and "| int4 | 1.00 | 5.0 | 100 |" in md
+    assert ("| +0.0 % (+0.0 to +0.0) |" in md) == digits  # each row's lead over INT4 AWQ-clip (here: the same verdicts)
     assert (tmp_path / f"{name}.png").stat().st_size > 0
