@@ -486,7 +486,7 @@ def test_vq_report_tables_and_plots_digits_and_psnr_rows(bench, tmp_path, monkey
     worse = {"overall": 0.8, "correct": [1] * 8 + [0, 0], "settings": base["settings"]}
     rows = [{"row": "fp32 student", "bits_per_weight": 32.0, "result": base if digits else None,
              "paired": paired_ratio(base, base) if digits else None, "psnr_min": 200.0, "psnr_mean": 200.0}]
-    for name, bits, steps in (("INT4 RTN, block 128", 4.125, 0), ("VQ 3bit (3x8g8)", 3.2, 0), ("VQ 3bit, tuned", 3.2, 600)):
+    for name, bits, steps in (("INT4 AWQ-clip, block 128", 4.125, 0), ("VQ 3bit (3x8g8)", 3.2, 0), ("VQ 3bit, tuned", 3.2, 600)):
         rows.append({"row": name, "bits_per_weight": bits, "layer_bytes": 1000, "weights": 2000, "steps": steps,
                      "result": worse if digits else None, "paired": paired_ratio(base, worse) if digits else None,
                      "psnr_min": 20.0, "psnr_mean": 25.0, "quant_seconds": 1.0})
