@@ -55,3 +55,14 @@ def write_json(name: str, data: dict[str, Any]) -> None:
     """``data`` as ``results/NAME`` with its provenance (command, machine, date, commit) under ``"provenance"``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / name).write_text(json.dumps({"provenance": provenance(), **data}, indent=2))
+
+
+def image_psnr(a: Any, b: Any) -> list[float]:
+    """PSNR (dB, peak 1) of each image pair of two [N, ...] arrays in [0, 1]; 200 for identical images."""
+    import numpy as np
+
+    out = []
+    for x, y in zip(np.asarray(a, np.float64), np.asarray(b, np.float64)):
+        mse = float(((x - y) ** 2).mean())
+        out.append(200.0 if mse == 0 else float(10 * np.log10(1.0 / mse)))
+    return out

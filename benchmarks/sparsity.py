@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import RESULTS, header, write, write_json
+from common import RESULTS, header, image_psnr, write, write_json
 
 COMPONENTS = {"text": "text=F", "transformer": "transformer=F", "both": "text=F,transformer=F"}
 PAPER = "text=0.475,transformer=0.35"
@@ -52,14 +52,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--work", type=Path, help="folder for the distilled rows' pipelines")
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> list[float]:
-    out = []
-    for x, y in zip(a.astype(np.float64), b.astype(np.float64)):
-        mse = float(((x - y) ** 2).mean())
-        out.append(200.0 if mse == 0 else float(10 * np.log10(1.0 / mse)))
-    return out
-
-
 def _row(teacher_pipe: Any, spec_text: str, method: str, pattern: str, prompts: list[str], gen: Any, settings: Any,
          teacher: Any, teacher_canv: np.ndarray) -> dict[str, Any]:
     from hpedge.compress.sparsity import SparsitySpec, apply
@@ -74,7 +66,7 @@ def _row(teacher_pipe: Any, spec_text: str, method: str, pattern: str, prompts: 
     pipe = type(teacher_pipe)(**{**teacher_pipe.components, **text, "transformer": student})
     pipe.set_progress_bar_config(disable=True)
     res, canv, _ = evaluate(pipe, spec_text, settings)
-    psnr = _psnr(teacher_canv, canv)
+    psnr = image_psnr(teacher_canv, canv)
     return {"spec": spec_text, "method": method, "pattern": pattern, "distilled": False, "achieved": {k: c["achieved"] for k, c in rep["components"].items()},
             "result": res.__dict__, "paired": paired_ratio(teacher, res), "psnr_min": min(psnr),
             "psnr_mean": float(np.mean(psnr)), "seconds": round(time.time() - t0, 1)}
@@ -102,7 +94,7 @@ def _distilled_row(model: str, family: str, name: str, out: Path, steps: int, lr
     pipe = load_pipeline(resolve(str(out)))
     pipe.set_progress_bar_config(disable=True)
     res, canv, _ = evaluate(pipe, name, settings)
-    psnr = _psnr(teacher_canv, canv)
+    psnr = image_psnr(teacher_canv, canv)
     sp = report["sparsity"]
     return {"component": name, "fraction": None, "spec": spec_text, "method": "magnitude", "pattern": pattern,
             "distilled": True, "steps": steps, "lr": lr, "removed_blocks": report["removed_blocks"],

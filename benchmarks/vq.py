@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import RESULTS, header, write, write_json
+from common import RESULTS, header, image_psnr, write, write_json
 
 BLOCK = 128
 LR = 1e-3  # the fine-tuning rate of the first rows (hpedge compress's digits setting)
@@ -52,14 +52,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--per-category", type=int, default=40, help="digits prompts per category (5 categories)")
     p.add_argument("--export", action="store_true", help="also export INT4 and VQ packages: file bytes, ORT latency")
     p.add_argument("--export-format", nargs="+", default=["3bit"], help="VQ formats whose fine-tuned student is exported")
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> list[float]:
-    out = []
-    for x, y in zip(a.astype(np.float64), b.astype(np.float64)):
-        mse = float(((x - y) ** 2).mean())
-        out.append(200.0 if mse == 0 else float(10 * np.log10(1.0 / mse)))
-    return out
 
 
 def _student(args: argparse.Namespace) -> Path:
@@ -218,7 +210,7 @@ def vq(args: argparse.Namespace) -> None:
         qpipe, row = make()
         row["key"] = key
         res, canv = images(qpipe, row["row"])
-        psnr = _psnr(base_canv, canv)
+        psnr = image_psnr(base_canv, canv)
         row.update(result=res, paired=paired_ratio(base, res) if digits else None, psnr_min=min(psnr),
                    psnr_mean=float(np.mean(psnr)))
         path.write_text(json.dumps(row))
