@@ -624,7 +624,7 @@ def _vq_summary(compress_report: dict[str, Any] | None, graph: dict[str, Any] | 
     if not v:
         return None
     return {"format": v["name"], "bits_per_weight": v.get("bits_per_weight"), "file": v["file"],
-            "variant": {"file": f"transformer/{vq_variant.VARIANT}/model.onnx", **(graph or {})},
+            "variant": {"file": f"transformer/{vq_variant.VARIANT}/model.onnx", **graph} if graph else None,
             "int4_and_engines": "INT4 of the dequantized weights",
             "engines_from": "int4: TensorRT-RTX keeps the lookups but folds the codes' Cast into int32 constants, 4 bytes "
                             "per code (a 3x8g8 engine 2.9x the INT4 engine at width 3072; benchmarks/results/vq-engine.md)"}
