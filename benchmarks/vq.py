@@ -337,14 +337,14 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         return r["psnr_mean"] / 100, r["psnr_min"] / 100, r["psnr_mean"] / 100
 
     xmax = max(9.0, max(r["bits_per_weight"] for r in pts) + 0.5)
-    lo_y = min(0.5, min(y_of(r)[1] for r in pts) - 0.05)
+    lo_y = min(0.9, np.floor((min(y_of(r)[1] for r in pts) - 0.02) * 20) / 20)  # the lowest interval, in 5 % steps
     sx = lambda x: L + x / xmax * (W - L - R)  # noqa: E731
     sy = lambda y: H - B - (y - lo_y) / (1.1 - lo_y) * (H - T - B)  # noqa: E731
     d.rectangle([L, T, W - R, H - B], outline="black")
     for k in range(int(xmax) + 1):
         d.text((sx(k) - 4, H - B + 8), str(k), fill="black")
-    for k in range(int(lo_y * 10), 12):
-        d.text((L - 44, sy(k / 10) - 5), f"{k / 10:.0%}" if pts[0]["paired"] else f"{k * 10} dB", fill="black")
+    for k in range(int(round(lo_y * 20)), 23):
+        d.text((L - 44, sy(k / 20) - 5), f"{k / 20:.0%}" if pts[0]["paired"] else f"{k * 5} dB", fill="black")
     d.line([L, sy(1.0), W - R, sy(1.0)], fill="#999999")
     d.text((L, 12), title, fill="black")
     d.text(((L + W - R) // 2 - 80, H - 24), "bits per weight (scales and codebooks included)", fill="black")
