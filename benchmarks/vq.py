@@ -250,8 +250,6 @@ def _packages(args: argparse.Namespace, student: Path) -> dict[str, Any]:
 
     path = RESULTS / f"vq-{args.family}" / "packages.json"
     out: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    if "vq" in out:  # the first runs' entry: the 3bit student's
-        out["vq 3bit"] = out.pop("vq")
     jobs = [("student", student, "int4")] + [
         (f"vq {fmt}", args.work / f"{args.family}-{_vq_key(fmt, args.steps, args.lr[0])}", f"vq {fmt}")
         for fmt in args.export_format]
