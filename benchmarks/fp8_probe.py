@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 from common import header, write, write_json
-
-E4M3_MAX = 448.0
+from stack import E4M3_MAX, write_stack
 
 
 def _e4m3(x: np.ndarray) -> np.ndarray:
@@ -32,43 +31,8 @@ def _e4m3(x: np.ndarray) -> np.ndarray:
 
 def _graphs(width: int, weights: list[np.ndarray], x_amax: list[float], folder: Path) -> dict[str, Path]:
     """dense fp16 and FP8 Q/DQ graphs of the stack; returns their paths."""
-    import ml_dtypes
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from hpedge.export.onnx_io import save_onnx
-
-    paths = {}
-    for kind in ("dense", "fp8"):
-        nodes = [helper.make_node("Cast", ["x"], ["h0"], to=TensorProto.FLOAT16)]
-        inits = []
-        for i, w in enumerate(weights):  # w [in, out]
-            a = f"h{i}"
-            if kind == "fp8":
-                xs = np.array(x_amax[i] / E4M3_MAX, np.float16)
-                inits += [numpy_helper.from_array(xs, f"xs{i}"),
-                          helper.make_tensor(f"xz{i}", TensorProto.FLOAT8E4M3FN, [], [0.0])]
-                nodes += [helper.make_node("QuantizeLinear", [a, f"xs{i}", f"xz{i}"], [f"q{i}"]),
-                          helper.make_node("DequantizeLinear", [f"q{i}", f"xs{i}"], [f"a{i}"])]
-                a = f"a{i}"
-                ws = (np.abs(w).max(axis=0) / E4M3_MAX).astype(np.float16)  # per output channel
-                wq = (w / ws.astype(np.float32)).clip(-E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
-                t = helper.make_tensor(f"wq{i}", TensorProto.FLOAT8E4M3FN, list(w.shape), wq.view(np.uint8).tobytes(),
-                                       raw=True)
-                inits += [t, numpy_helper.from_array(ws, f"ws{i}")]
-                nodes.append(helper.make_node("DequantizeLinear", [f"wq{i}", f"ws{i}"], [f"w{i}"], axis=1))
-            else:
-                inits.append(numpy_helper.from_array(w.astype(np.float16), f"w{i}"))
-            nodes.append(helper.make_node("MatMul", [a, f"w{i}"], [f"m{i}"], name=f"layer{i}"))
-            nodes.append(helper.make_node("Relu", [f"m{i}"], [f"h{i + 1}"]))
-        nodes.append(helper.make_node("Cast", [f"h{len(weights)}"], ["y"], to=TensorProto.FLOAT))
-        g = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", width])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", width])], inits)
-        path = folder / kind / "model.onnx"
-        save_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), path)
-        onnx.checker.check_model(str(path))
-        paths[kind] = path
-    return paths
+    return {"dense": write_stack(width, weights, folder / "dense" / "model.onnx"),
+            "fp8": write_stack(width, weights, folder / "fp8" / "model.onnx", x_amax)}
 
 
 def _reference(x: np.ndarray, weights: list[np.ndarray], x_amax: list[float]) -> np.ndarray:

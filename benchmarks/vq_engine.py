@@ -22,27 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common import header, write, write_json
-
-
-def _graph(width: int, layers: int, weights: list[Any], path: Path) -> None:
-    """x [batch, tokens, width] float32 -> Cast fp16 -> (MatMul W_i, Relu) x layers -> Cast float32."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes = [helper.make_node("Cast", ["x"], ["h0"], to=TensorProto.FLOAT16)]
-    inits = []
-    for i, w in enumerate(weights):
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes.append(helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"m{i}"], name=f"layer{i}"))
-        nodes.append(helper.make_node("Relu", [f"m{i}"], [f"h{i + 1}"]))
-    nodes.append(helper.make_node("Cast", [f"h{layers}"], ["y"], to=TensorProto.FLOAT))
-    g = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", width])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", width])], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
-    from hpedge.export.onnx_io import save_onnx
-
-    save_onnx(model, path)
-    onnx.checker.check_model(str(path))
+from stack import write_stack
 
 
 def vq_engine(args: argparse.Namespace) -> None:
@@ -81,7 +61,7 @@ def vq_engine(args: argparse.Namespace) -> None:
         w = [(torch.randn(args.width, args.width, generator=gen) / args.width**0.5).half().numpy()
              for _ in range(args.layers)]
         dense = tmp / "dense" / "model.onnx"
-        _graph(args.width, args.layers, w, dense)
+        write_stack(args.width, w, dense)
         build("dense fp16", dense, bits_per_weight=16.0)
         int4 = tmp / "int4" / "model.onnx"
         quantize_int4(dense, int4, [], "rtn", 128)
@@ -98,7 +78,7 @@ def vq_engine(args: argparse.Namespace) -> None:
                 # the graph holds [in, out]: the dequantized [out, in] weight transposed, as the exporter writes it
                 weights.append(np.ascontiguousarray(dequantize(codes, books, scales).numpy().astype(np.float16).T))
             src = tmp / f"dense-{fmt}" / "model.onnx"
-            _graph(args.width, args.layers, weights, src)
+            write_stack(args.width, weights, src)
             model = onnx.load(str(src))
             rewrite(model, layers)
             out = tmp / f"vq-{fmt}" / "model.onnx"
