@@ -43,18 +43,33 @@ def library(name: str) -> Any:
     raise HpedgeError(f"unknown engine library {name!r} (tensorrt_rtx, tensorrt)")
 
 
+# TensorRT-RTX 1.7: the oldest compute capability each hardware-specific type compiles for (measured on this
+# project's CPU hosts: "Cannot compile for target(s) sm89, because the model contains HW-specific datatypes: fp4_e2m1";
+# sm86 likewise for fp8_e4m3)
+RTX_MIN_CC = {"fp8": 8.9, "nvfp4": 12.0}
+
+
 def precision_refusal(library_name: str, compute_capabilities: tuple[str, ...], precisions: set[str]) -> str | None:
     """Why ``library_name`` cannot build these precisions for these GPUs, or None.
 
     TensorRT-RTX refuses INT4 (and BF16) for Turing: "Cannot compile for target(s) sm75, because the model
-    contains HW-specific datatypes" (measured with tensorrt-rtx 1.7 on this project's CPU hosts).
+    contains HW-specific datatypes" (measured with tensorrt-rtx 1.7 on this project's CPU hosts); FP8 below Ada
+    (sm_89) and NVFP4 below Blackwell (sm_120) likewise.
     """
-    if library_name == "tensorrt_rtx" and "7.5" in compute_capabilities:
+    if library_name != "tensorrt_rtx":
+        return None
+    if "7.5" in compute_capabilities:
         bad = sorted(precisions & {"int4", "bf16"})
         if bad:
             return (f"TensorRT-RTX cannot compile {'/'.join(bad)} for Turing (sm_75); remove 7.5 from the profile's "
                     "engine.compute_capabilities, or export with --engine skip (the package still runs its "
                     "int4_cpu variant on ONNX Runtime)")
+    for precision, least in RTX_MIN_CC.items():
+        old = [c for c in compute_capabilities if float(c) < least]
+        if precision in precisions and old:
+            return (f"TensorRT-RTX cannot compile {precision} for sm_{old[0].replace('.', '')} (it needs sm_"
+                    f"{str(least).replace('.', '')} or newer); remove {old[0]} from the profile's "
+                    "engine.compute_capabilities or choose another --precision")
     return None
 
 

@@ -64,8 +64,11 @@ def session(path: str | Path, device: str = "auto", threads: int | None = None, 
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_dir))
         model = Path(path).read_bytes()
     try:
-        sess = ort.InferenceSession(model, sess_options=opts, providers=providers,
-                                    disabled_optimizers=["ConstantFolding"] if low_memory else None)
+        # QDQ propagation moves an FP8 activation's Q/DQ pair past its other readers (Reshape, Slice) and leaves a
+        # float8 tensor where a float is expected: "invalid model" on every FP8 transformer graph (ORT 1.24); the
+        # INT4 / INT8 graphs have no QuantizeLinear for it to move
+        disabled = ["QDQPropagationTransformer"] + (["ConstantFolding"] if low_memory else [])
+        sess = ort.InferenceSession(model, sess_options=opts, providers=providers, disabled_optimizers=disabled)
     except Exception as e:
         raise HpedgeError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
     return_freed_memory()

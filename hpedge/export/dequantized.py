@@ -35,11 +35,14 @@ class Dequantized:
         return {"layers_matched": self.matched, "quantized": self.quantized, "unmatched": self.unmatched[:10]}
 
 
-def _dequantize_nodes(model: Any) -> dict[str, tuple[Any, Any, int, int]]:
-    """Quantized weight (the DequantizeLinear's data input) -> (its initializer, scale initializer, axis, block)."""
+def _dequantize_nodes(model: Any) -> dict[str, tuple[Any, Any, int, int, Any]]:
+    """Quantized weight (the DequantizeLinear's data input) -> (its initializer, scale initializer, axis, block, the
+    scale's own factor initializer or None). NVFP4's block scales are FP8 values dequantized by a factor first: the
+    scale input is then that DequantizeLinear's output, read as (scale initializer, factor initializer)."""
     from onnx import helper
 
     inits = {i.name: i for i in model.graph.initializer}
+    made = {o: n for n in model.graph.node for o in n.output}
     out = {}
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits or len(node.input) < 2:
@@ -47,13 +50,36 @@ def _dequantize_nodes(model: Any) -> dict[str, tuple[Any, Any, int, int]]:
         if len(node.input) > 2 and node.input[2]:
             continue  # zero points: not written by hpedge's quantizers
         at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        out[node.input[0]] = (inits[node.input[0]], inits[node.input[1]], int(at.get("axis", 1)), int(at.get("block_size", 0)))
+        scale, factor = inits.get(node.input[1]), None
+        if scale is None:
+            two = made.get(node.input[1])
+            if two is None or two.op_type != "DequantizeLinear" or not all(i in inits for i in two.input[:2]):
+                continue
+            scale, factor = inits[two.input[0]], inits[two.input[1]]
+        out[node.input[0]] = (inits[node.input[0]], scale, int(at.get("axis", 1)), int(at.get("block_size", 0)), factor)
     return out
+
+
+def _read(entry: tuple[Any, Any, int, int, Any], base_dir: Path) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(values, scales, axis, block) of one :func:`_dequantize_nodes` entry; a two-level scale is computed as its
+    DequantizeLinear computes it (float32 product rounded to the factor's type)."""
+    data, scale, axis, block, factor = entry
+    s = read_array(scale, base_dir)
+    if factor is not None:
+        f = read_array(factor, base_dir)
+        s = (s.astype(np.float32) * f.astype(np.float32)).astype(f.dtype)
+    return read_array(data, base_dir), s, axis, block
+
+
+def read_dequantized(model: Any, base_dir: Path) -> dict[str, np.ndarray]:
+    """Each two-level (NVFP4) quantized weight of ``model`` -> its values as its two DequantizeLinear compute them."""
+    return {d: dequantize(*_read(e, base_dir)) for d, e in _dequantize_nodes(model).items() if e[4] is not None}
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: int, block: int) -> np.ndarray:
     """``DequantizeLinear`` of a 2-D weight: blocked along ``axis`` 0 (INT4, [K/block, N] scales) or per channel along
-    ``axis`` 1 (INT8, [N] scales); the product in float32 rounded once to the scale's type, as the operator's output."""
+    ``axis`` 1 (INT8 and FP8, [N] scales); the product in float32 rounded once to the scale's type, as the operator's
+    output. FP8 and FP4 values come as ml_dtypes arrays (exact in float32)."""
     s = scale.astype(np.float32)
     if block:
         s = np.repeat(s, block, axis=0)[: q.shape[0]]
@@ -122,8 +148,7 @@ def load_dequantized(module: Any, onnx_path: Path, sources: dict[str, str],
                 continue
             w = m.weight.detach()
             datas = by_key.get(weight_key(w.cpu().t().contiguous().numpy()), [])
-            deqs = [make(read_array(nodes[d][0], base_dir), read_array(nodes[d][1], base_dir), *nodes[d][2:])
-                    for d in datas]
+            deqs = [make(*_read(nodes[d], base_dir)) for d in datas]
             if not deqs:
                 continue
             m.weight.copy_(torch.from_numpy(np.ascontiguousarray(deqs[0].T)).to(w.dtype))
@@ -145,5 +170,5 @@ def reload_weights(layers: list[tuple[Any, str]], onnx_path: Path,
     base_dir = Path(onnx_path).parent
     with torch.no_grad():
         for m, data in layers:
-            w = weight(read_array(nodes[data][0], base_dir), read_array(nodes[data][1], base_dir), *nodes[data][2:])
+            w = weight(*_read(nodes[data], base_dir))
             m.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)).to(m.weight.dtype))

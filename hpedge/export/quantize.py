@@ -29,6 +29,7 @@ import numpy as np
 
 from hpedge.backends import ort
 from hpedge.errors import HpedgeError
+from hpedge.export.activations import probe, rows_of
 from hpedge.export.onnx_io import Spill, read_array, rewrite_onnx, save_onnx, weight_key
 
 # hpedge's method -> the ModelOpt calibration method it is (hpedge streams awq_clip and rtn itself; awq_clip_modelopt
@@ -258,80 +259,36 @@ def clip_search(x: np.ndarray, w: np.ndarray, block_size: int, ratios: tuple[flo
     return ratio
 
 
-def rows_of(feed: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """A batched transformer input as one input per batch row; inputs without the batch axis (FLUX's 2-D position
-    ids) are shared by every row."""
-    n = feed["hidden_states"].shape[0] if "hidden_states" in feed else 1
-    batched = {k for k, v in feed.items() if v.ndim > 0 and v.shape[0] == n and not k.endswith("_ids")}
-    if n == 1 or not batched:
-        return [feed]
-    return [{k: np.ascontiguousarray(v[i : i + 1]) if k in batched else v for k, v in feed.items()} for i in range(n)]
-
-
 def sample_activations(onnx_path: Path, inputs: dict[str, int], feeds: list[dict[str, np.ndarray]],
                        tokens: int = CLIP_TOKENS) -> dict[str, np.ndarray]:
     """Rows of the activations ``inputs`` (tensor name -> its width K) of graph ``onnx_path`` over the calibration
-    ``feeds``: each feed contributes about ``tokens / len(feeds)`` rows, evenly strided over its batch and
-    sequence, selected inside the graph (so a run returns a few rows per activation, not whole activations);
-    the rows of all feeds are then strided down to about ``tokens``, as ModelOpt's clip search does. One ONNX
-    Runtime session without constant folding over a graph-only copy that shares the source's weight file.
+    ``feeds``: each batch row contributes about ``tokens / rows`` rows, evenly strided over its sequence, selected
+    inside the graph (:func:`hpedge.export.activations.probe`: a run returns a few rows per activation, not whole
+    activations); the rows of all feeds are then strided down to about ``tokens``, as ModelOpt's clip search does.
     Returns float32 arrays [rows, K]."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    # one batch row per run: a run holds one sample's activations (attention scores grow with batch x tokens^2;
-    # the calibration batch of 8 prompts with CFG is 16 rows, one SD3.5 Large row at 1024 px 3 GB of scores)
-    feeds = [row for f in feeds for row in rows_of(f)]
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    g = model.graph
-    per_feed = max(1, -(-tokens // max(1, len(feeds))))
+    n_rows = sum(len(rows_of(f)) for f in feeds)
+    per_feed = max(1, -(-tokens // max(1, n_rows)))
 
     def const(name: str, v: list[int]) -> Any:
         return numpy_helper.from_array(np.asarray(v, np.int64), name)
 
-    g.initializer.extend([const("awq::zero", [0]), const("awq::end", [np.iinfo(np.int64).max]),
-                          const("awq::one", [1]), const("awq::rows", [per_feed])])
-    outs, chains = {}, {}
-    for i, (name, width) in enumerate(sorted(inputs.items())):
-        p = f"awq::{i}::"
-        g.initializer.append(const(p + "shape", [-1, width]))
-        chains[name] = [
-            helper.make_node("Reshape", [name, p + "shape"], [p + "rows"]),
-            helper.make_node("Shape", [p + "rows"], [p + "m"], end=1),
-            helper.make_node("Div", [p + "m", "awq::rows"], [p + "d"]),
-            helper.make_node("Max", [p + "d", "awq::one"], [p + "step"]),
-            helper.make_node("Slice", [p + "rows", "awq::zero", "awq::end", "awq::zero", p + "step"], [p + "some"]),
-            helper.make_node("Cast", [p + "some"], [p + "out"], to=TensorProto.FLOAT)]
-        g.output.append(helper.make_tensor_value_info(p + "out", TensorProto.FLOAT, None))
-        outs[name] = p + "out"
-    # each sample is taken just before the activation's first reader runs: ONNX Runtime follows the node order, and
-    # samples appended at the end kept every activation of a run alive until then
-    nodes = []
-    for node in g.node:
-        for x in node.input:
-            if x in chains:
-                nodes.extend(chains.pop(x))
-        nodes.append(node)
-    del g.node[:]
-    g.node.extend(nodes)
-    view = Path(onnx_path).with_name("awq_calibration.onnx")
-    onnx.save(model, str(view))  # graph only: the weights stay in the source's external data file
-    del model
-    rows: dict[str, list[np.ndarray]] = {n: [] for n in outs}
-    try:
-        sess = ort.session(view, "auto", low_memory=True)  # CUDA where ONNX Runtime has it and a GPU is present
-        names = [i.name for i in sess.get_inputs()]
-        order = list(outs)
-        for feed in feeds:
-            got = sess.run([outs[n] for n in order], {k: feed[k] for k in names})
-            for n, a in zip(order, got):
-                rows[n].append(a)
-        del sess
-        ort.return_freed_memory()
-    finally:
-        view.unlink(missing_ok=True)
+    def prepare(g: Any) -> None:
+        g.initializer.extend([const("awq::zero", [0]), const("awq::end", [np.iinfo(np.int64).max]),
+                              const("awq::one", [1]), const("awq::rows", [per_feed])])
+
+    def chain(g: Any, name: str, p: str) -> tuple[list[Any], str]:
+        g.initializer.append(const(p + "shape", [-1, inputs[name]]))
+        return [helper.make_node("Reshape", [name, p + "shape"], [p + "rows"]),
+                helper.make_node("Shape", [p + "rows"], [p + "m"], end=1),
+                helper.make_node("Div", [p + "m", "awq::rows"], [p + "d"]),
+                helper.make_node("Max", [p + "d", "awq::one"], [p + "step"]),
+                helper.make_node("Slice", [p + "rows", "awq::zero", "awq::end", "awq::zero", p + "step"], [p + "some"]),
+                helper.make_node("Cast", [p + "some"], [p + "out"], to=TensorProto.FLOAT)], p + "out"
+
     out = {}
-    for n, parts in rows.items():
+    for n, parts in probe(Path(onnx_path), list(inputs), feeds, chain, prepare).items():
         x = np.concatenate(parts)
         out[n] = x[0:: max(1, x.shape[0] // tokens)]
     return out

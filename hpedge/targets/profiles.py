@@ -20,12 +20,15 @@ from typing import Any
 
 from hpedge.backends import trt_rtx
 from hpedge.errors import HpedgeError
+from hpedge.targets.precisions import PRECISIONS as TRANSFORMER_PRECISIONS
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 SCHEMA = "hpedge-profile/2"
 ENGINE_LIBRARIES = ("tensorrt_rtx", "tensorrt")
 RTX_COMPUTE_CAPABILITIES = trt_rtx.RUNS_ON  # what TensorRT-RTX profiles may list
-KNOWN_PRECISIONS = {"fp32", "fp16", "bf16", "int8", "int4", "fp8", "fp4"}
+KNOWN_PRECISIONS = {"fp32", "fp16", "bf16", "int8", "int4", "fp8", "nvfp4"}
+# a profile without ``transformer_precisions`` (one a manifest of an earlier hpedge stores) ships INT4 only
+DEFAULT_TRANSFORMER_PRECISIONS = ("int4",)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,8 @@ class Profile:
     reserve_gb: float  # memory kept free for activations, the runtime and (Jetson) the OS
     parity: Parity
     engine: EngineSpec
+    # the transformer precisions --precision auto tries, best first (hpedge.targets.precisions)
+    transformer_precisions: tuple[str, ...] = DEFAULT_TRANSFORMER_PRECISIONS
 
     @property
     def sm(self) -> int:
@@ -121,6 +126,11 @@ def _parse(data: Any, source: str) -> Profile:
     unknown = set(precisions) - KNOWN_PRECISIONS
     if unknown:
         raise HpedgeError(f"{source}: unknown precisions {sorted(unknown)}")
+    order = tuple(data.get("transformer_precisions", DEFAULT_TRANSFORMER_PRECISIONS))
+    bad = [p for p in order if p not in TRANSFORMER_PRECISIONS or p not in precisions]
+    if bad or not order or "int4" not in order or len(set(order)) != len(order):
+        raise HpedgeError(f"{source}: transformer_precisions must list distinct precisions of {', '.join(TRANSFORMER_PRECISIONS)}"
+                          f" that the profile's precisions hold, int4 among them (got {list(order)})")
     if data["kind"] not in ("discrete", "jetson") or data["build_on"] not in ("host", "device"):
         raise HpedgeError(f"{source}: kind must be discrete|jetson and build_on host|device")
     cc = str(data["compute_capability"])
@@ -139,7 +149,7 @@ def _parse(data: Any, source: str) -> Profile:
         precisions=precisions, resolution=Range.parse(data["resolution"], "resolution"),
         batch=Range.parse(data["batch"], "batch"), builder_optimization_level=int(data["builder_optimization_level"]),
         workspace_gb=float(data["workspace_gb"]), build_on=data["build_on"], reserve_gb=float(data["reserve_gb"]),
-        parity=parity, engine=engine,
+        parity=parity, engine=engine, transformer_precisions=order,
     )
 
 
