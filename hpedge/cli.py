@@ -7,8 +7,8 @@ error's exit code, without a traceback.
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -362,6 +362,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
            archive: Annotated[bool, typer.Option(help="also write PACKAGE.tar")] = False,
            ignore_host_memory: Annotated[bool, typer.Option(help="go ahead although this host has less memory available than the export is measured to need")] = False,
            residency: Residency = "auto", drop_t5: DropT5 = False, t5: T5Precision = "auto",
+           precision: Annotated[str, typer.Option(help="the transformer engine's precision: auto (the target's best that fits and passes its quality gate: nvfp4 > fp8 > int4 on an RTX 5090, fp8 > int4 on RTX 40xx, int4 elsewhere) | int4 | int8 | fp8 | nvfp4")] = "auto",
            overwrite: Annotated[bool, typer.Option()] = False) -> None:
     """ONNX + INT4 AWQ + TensorRT engines (TensorRT-RTX on any host, or an on-device build) + parity -> a self-describing package."""
 
@@ -369,7 +370,7 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
                          fp32_reference=fp32_reference,
                          calibration_prompts=calibration_prompts, allow_parity_failure=allow_parity_failure,
                          archive=archive, overwrite=overwrite, protect=list(protect or []), residency=residency,
-                         drop_t5=drop_t5, t5=t5, ignore_host_memory=ignore_host_memory)
+                         drop_t5=drop_t5, t5=t5, ignore_host_memory=ignore_host_memory, precision=precision)
     with progress("export") as cb:
         m = packaging.export(model, output, opts, progress=lambda what: cb(what, 0, 1))
     b, fp32_bytes = m["components"]["transformer"]["bytes"], m["components"]["transformer"]["fp32_bytes"]
@@ -377,6 +378,9 @@ def export(model: Annotated[str, typer.Argument(help="pipeline folder (pruned or
                   f"int4 ({m['int4']['compute']} compute) {b['int4'] / 1e6:.1f} MB ({b['int4'] / fp32_bytes:.2f}x), "
                   f"int4_cpu {b['int4_cpu'] / 1e6:.1f} MB; "
                   f"{len(m['int4']['excluded'])} layers not quantized")
+    pr = m["precision"]
+    console.print(f"engine precision: {pr['transformer']} ({pr['title']}"
+                  + (f", {b[pr['transformer']] / 1e6:.1f} MB" if pr["transformer"] in b else "") + f"); {pr['why']}")
     console.print(f"parity: {'passed' if m['parity']['passed'] else '[bold red]FAILED (overridden)[/]'}")
     print_engines(m["engines"])
     console.print(f"wrote {output}")

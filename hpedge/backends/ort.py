@@ -68,11 +68,24 @@ def session(path: str | Path, device: str = "auto", threads: int | None = None, 
         # float8 tensor where a float is expected: "invalid model" on every FP8 transformer graph (ORT 1.24); the
         # INT4 / INT8 graphs have no QuantizeLinear for it to move
         disabled = ["QDQPropagationTransformer"] + (["ConstantFolding"] if low_memory else [])
+        if _has_float8_quantize(path, model):
+            # its selector fuses a float32 FP8 Q/DQ -> MatMul into MatMulIntegerToFloat, which takes no float8 input
+            disabled.append("QDQSelectorActionTransformer")
         sess = ort.InferenceSession(model, sess_options=opts, providers=providers, disabled_optimizers=disabled)
     except Exception as e:
         raise HpedgeError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
     return_freed_memory()
     return sess
+
+
+def _has_float8_quantize(path: str | Path, model: Any) -> bool:
+    """Whether the graph quantizes to FLOAT8E4M3FN (hpedge's FP8 graphs); read without its weights."""
+    import onnx
+
+    g = onnx.load_model_from_string(model) if isinstance(model, bytes) else onnx.load(str(path), load_external_data=False)
+    inits = {i.name: i.data_type for i in g.graph.initializer}
+    return any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and inits.get(n.input[2]) == onnx.TensorProto.FLOAT8E4M3FN
+               for n in g.graph.node)
 
 
 def return_freed_memory() -> None:

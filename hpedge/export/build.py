@@ -1,6 +1,6 @@
 """Engines: the engine stage of ``hpedge export``, and ``hpedge build`` (a package's pending engines, on a device).
 
-One engine per packaged component (text encoding, INT4 transformer, VAE decoder), one optimization
+One engine per packaged component (text encoding, the transformer at the package's engine precision, VAE decoder), one optimization
 profile each, from the device profile's resolution and batch ranges. Which library builds them and for
 which GPUs is the profile's ``engine`` section: TensorRT-RTX profiles are built here on any host;
 standard TensorRT profiles (Jetson) are planned here and built on the device.
@@ -61,12 +61,13 @@ def _with_batch(shapes: tuple[tuple[int, ...], ...], batch: tuple[int, int, int]
 
 def component_plan(family: str, transformer_io: dict[str, Any], batch_axes: dict[str, bool],
                    text_lengths: dict[str, int], latent_channels: int, latent_range: tuple[int, int, int],
-                   profile: Profile, text_encoders: dict[str, Any]) -> dict[str, Any]:
+                   profile: Profile, text_encoders: dict[str, Any], transformer_onnx: str = "transformer/int4/model.onnx"
+                   ) -> dict[str, Any]:
     """Each component's ONNX file and engine input shapes ({name: {min, opt, max}}).
 
     ``transformer_io``: the transformer's ONNX input shapes (as in the manifest); ``batch_axes``: which of
     its inputs carry the batch in dimension 0; ``text_encoders``: the manifest's text encoders (one engine each,
-    ``text_clip`` and ``text_t5``).
+    ``text_clip`` and ``text_t5``); ``transformer_onnx``: the graph of the package's engine precision.
     """
     prompts, cfg = batch_range(profile, family)
     tr = {}
@@ -79,7 +80,7 @@ def component_plan(family: str, transformer_io: dict[str, Any], batch_axes: dict
     return {
         **{f"text_{name}": {"onnx": e["file"], "shapes": {k: text[k] for k in e["inputs"]}}
            for name, e in text_encoders.items()},
-        "transformer": {"onnx": "transformer/int4/model.onnx", "shapes": tr,
+        "transformer": {"onnx": transformer_onnx, "shapes": tr,
                         "batch_inputs": sorted(k for k, v in batch_axes.items() if v)},
         "vae_decoder": {"onnx": "vae_decoder/model.onnx", "shapes": vae},
     }
@@ -143,11 +144,12 @@ def sparse_components(sparsity: dict[str, Any] | None, family: str) -> set[str]:
 
 def plan_engines(family: str, transformer_io: dict[str, Any], batch_axes: dict[str, bool], text_lengths: dict[str, int],
                  latent_channels: int, latent_range: tuple[int, int, int], profile: Profile, mode: str, reason: str,
-                 text: dict[str, Any], sparse: set[str] | None = None) -> dict[str, Any]:
+                 text: dict[str, Any], sparse: set[str] | None = None, transformer_onnx: str = "transformer/int4/model.onnx"
+                 ) -> dict[str, Any]:
     """The manifest's ``engines`` section before any build: library, GPUs, and each component's ONNX and shapes
     (``sparse``: components built with sparse weights, :func:`sparse_components`)."""
     comps = component_plan(family, transformer_io, batch_axes, text_lengths, latent_channels, latent_range, profile,
-                           text["encoders"])
+                           text["encoders"], transformer_onnx)
     for name in sparse or ():
         if name in comps:
             comps[name]["sparse_weights"] = True

@@ -40,7 +40,7 @@ from hpedge.backends import polygraphy_runner as pgy
 from hpedge.errors import HpedgeError
 from hpedge.export import build as engine_build
 from hpedge.export import onnx_export as ox
-from hpedge.export import verify, vq_variant
+from hpedge.export import precision_variant, verify, vq_variant
 from hpedge.export.cpu_int4 import KERNELS, convert
 from hpedge.export.dequantized import dynamic_uint8_inputs, int8_kernel_weight, load_dequantized, reload_weights
 from hpedge.export.driver import driven_images
@@ -79,6 +79,7 @@ from hpedge.prompts import calibration
 from hpedge.runtime.format import finalize_manifest, save_implementation_reference, save_reference, write_archive
 from hpedge.runtime.package import Package
 from hpedge.runtime.schedule import initial_latents
+from hpedge.targets import precisions
 from hpedge.targets.footprint import estimate, refuse_unless_fits
 from hpedge.targets.host import check_host
 from hpedge.targets.profiles import Profile, load_profile
@@ -114,6 +115,7 @@ class ExportOptions:
     drop_t5: bool = False  # SD3: ship no T5 (zeros in its place, as diffusers without text_encoder_3)
     t5: str = "auto"  # T5's weights: int4 (ModelOpt, --method) | int8 (weight-only, per channel) | auto (int8 where it fits)
     ignore_host_memory: bool = False  # go ahead although the host has less memory available than measured to be needed
+    precision: str = "auto"  # the transformer engine's: auto | int4 | int8 | fp8 | nvfp4 (hpedge.targets.precisions)
 
 
 @dataclass
@@ -142,6 +144,9 @@ class _Run:
     widened: bool = False  # ``fp32`` is the fp16 graph widened to float32 (no weights of its own)
     exporter: str = ""
     fp32_bytes: int = 0
+    candidates: list[str] = field(default_factory=list)  # the engine precisions to try, best first
+    precision: dict[str, Any] = field(default_factory=dict)  # the manifest's ``precision`` section
+    keep: dict[str, str] = field(default_factory=dict)  # weight key -> layer, left in 16 bits by FP8 / NVFP4
 
     @property
     def seq(self) -> int:
@@ -214,16 +219,22 @@ def _prepare(model: str, out: Path, opts: ExportOptions, say: Callable[[str], No
     check_parent(out)
     if out.exists() and not opts.overwrite:
         raise HpedgeError(f"{out} already exists; pass --overwrite to replace it")
-    build_now, engine_reason = engine_build.plan(opts.engine, profile, {"int4", opts.compute})
+    order, why = precisions.candidates(opts.precision, profile)
     ref = resolve(model)
     t0 = time.time()
-    fp = estimate(ref, profile, opts.residency, opts.drop_t5, t5=opts.t5)
-    refuse_unless_fits(fp)  # a package that cannot fit is not built
-    memory = fp.to_dict()
+    fps = {p: estimate(ref, profile, opts.residency, opts.drop_t5, t5=opts.t5, precision=p) for p in order}
+    fitting = [p for p in order if fps[p].fits()]
+    refuse_unless_fits(fps[fitting[0] if fitting else order[-1]])  # a package that cannot fit is not built
+    if fitting != order:
+        why += f"; {', '.join(p for p in order if p not in fitting)} would not fit {profile.name}"
+    build_now, engine_reason = engine_build.plan(opts.engine, profile, {fitting[0], "int4", opts.compute})
+    memory = fps[fitting[0]].to_dict()
     # nor one this host is measured to run out of memory exporting
     memory["host"] = check_host(adapters.numel(meta_transformer(ref)), opts.method, opts.ignore_host_memory,
                                 text_encoder_held_bytes(ref, opts.drop_t5))
-    return _Run(model, opts, profile, ref, memory, build_now, engine_reason, say, t0)
+    say(f"transformer precision: {why}")
+    return _Run(model, opts, profile, ref, memory, build_now, engine_reason, say, t0, candidates=fitting,
+                precision={"requested": opts.precision, "why": why})
 
 
 def _load(run: _Run) -> None:
@@ -342,6 +353,8 @@ def _export_graphs(run: _Run, tmp: Path, work: Path) -> None:
         if view:
             run.fp32 = fp32_view(work / "fp16" / "model.onnx")
             run.fp32_check = "fp16 graph widened to float32 (same weights as the fp16 graph)"
+    # the layers FP8 / NVFP4 leave in 16 bits, keyed as the quantizer reads them (the graph's node names say nothing)
+    run.keep = precision_variant.keep_16bit(pipe.transformer, run.candidates)
     pipe.transformer = None  # no PyTorch transformer from here on
     verify.release_memory()
 
@@ -474,10 +487,45 @@ def _quantize(run: _Run, tmp: Path, work: Path) -> tuple[QuantReport, int]:
         run.say("vq variant: the codebook layers as lookups (Gather over the stored codes and codebooks)")
         dst = tmp / "transformer" / vq_variant.VARIANT / "model.onnx"
         run.refs["vq_graph"] = vq_variant.write_graph(src, dst, vq_file)
+    _engine_precision(run, tmp, src, view)
     if src != run.fp32 or not opts.fp32_reference:
         for f in src.parent.glob("*"):
             f.unlink()
     return qrep, n_cpu
+
+
+def _engine_precision(run: _Run, tmp: Path, src: Path, view: Path | None) -> None:
+    """The engines' precision: the candidates in order, each but INT4 quantized from ``src`` (the fp16 export) into
+    its own variant; with ``--precision auto`` one that fails its quality gate (the transformer vs PyTorch on the
+    held-out inputs, the INT4 limits) is removed and the next tried. INT4's graph exists already."""
+    tried = []
+    for p in run.candidates:
+        if p == "int4":
+            break
+        dst = tmp / "transformer" / p / "model.onnx"
+        run.say(f"{p} variant: {precisions.get(p).title}")
+        rep = precision_variant.write_graph(p, src, dst, run.refs["calib"], run.keep, view, run.say)
+        if run.opts.precision != "auto":  # asked for: its gates decide in parity, as INT4's do
+            run.refs["precision_report"] = rep
+            break
+        with verify.scratch() as folder:
+            graph = precision_variant.runnable(p, dst, folder)
+            results = pgy.run_onnxrt(graph, run.refs["held"], f"onnxrt-{p}", split=rows_of)
+            c = verify.transformer_check(f"{p} quality gate", p, results, run.refs["out"], "out", run.profile.parity)
+        tried.append({"precision": p, "passed": c.passed, **c.metrics})
+        if c.passed:
+            run.refs["precision_report"] = rep
+            break
+        run.say(f"{p} fails its quality gate ({', '.join(f'{k} {v:.4g}' for k, v in c.metrics.items())}); next")
+        shutil.rmtree(dst.parent)
+    chosen = p if "precision_report" in run.refs else "int4"
+    facts = precisions.get(chosen)
+    rep = run.refs.get("precision_report")
+    run.precision.update(transformer=chosen, title=facts.title, onnxruntime=facts.ort_cpu, tried=tried,
+                         file=f"transformer/{chosen}/model.onnx", activations=facts.activations,
+                         **({"quantization": {k: v for k, v in rep.to_dict().items() if k != "layer_error"},
+                             "max_layer_error": max(rep.layer_error.values(), default=0.0)} if rep else {}))
+    run.say(f"engine precision: {chosen} ({facts.title})")
 
 
 def _dequantized_reference(run: _Run, tmp: Path, qrep: QuantReport) -> None:
@@ -512,6 +560,25 @@ def _dequantized_reference(run: _Run, tmp: Path, qrep: QuantReport) -> None:
     pipe.transformer = None
     del done  # its layers are the transformer's: gone only with it
     verify.release_memory()
+    _precision_reference(run, tmp)
+
+
+def _precision_reference(run: _Run, tmp: Path) -> None:
+    """PyTorch's outputs for the held-out inputs with the engine precision's graph's own weights and activation
+    quantization (``refs["out_dq_<precision>"]``, :func:`hpedge.export.precision_variant.torch_reference`)."""
+    p, rep = run.precision["transformer"], run.refs.get("precision_report")
+    if rep is None or not rep.sources:
+        return
+    run.say(f"PyTorch references with the {p} graph's own weights and activation quantization (held-out inputs)")
+    pipe = run.pipe
+    pipe.transformer = read_transformer(run.ref)
+    pipe.transformer.half() if run.opts.compute == "fp16" else pipe.transformer.float()
+    with precision_variant.torch_reference(pipe.transformer, tmp / run.precision["file"], rep, p):
+        pipe.transformer.to(compute_device())
+        with fp32_compute(pipe.transformer):
+            run.refs[f"out_dq_{p}"] = verify.torch_outputs(pipe, run.refs["held"])
+    pipe.transformer = None
+    verify.release_memory()
 
 
 def _vq_reference(run: _Run) -> None:
@@ -540,7 +607,7 @@ def _engines(run: _Run, tmp: Path, text: dict[str, Any]) -> dict[str, Any]:
     sparse = engine_build.sparse_components(_sparsity_summary(_compress_report(run)), run.family)
     engines = engine_build.plan_engines(run.family, io, batch_axes, lengths, int(pipe.vae.config.latent_channels),
                                         latents, run.profile, run.opts.engine, run.engine_reason, text,  # type: ignore[arg-type]
-                                        sparse)
+                                        sparse, run.precision["file"])
     if run.build_now:
         engines["components"] = engine_build.build_all(tmp, engines["components"], run.profile, run.say)
         engines["status"] = "built"
@@ -552,12 +619,13 @@ def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any
     """The manifest before parity, and the quantization report (``quant_report.json``) beside it."""
     pipe, family, res, model_gen, ref, opts = run.pipe, run.family, run.res, run.model_gen, run.ref, run.opts
     compress_report = _compress_report(run)
-    variants = {v: f"transformer/{v}/model.onnx" for v in ("fp32", "int4", "int4_cpu", vq_variant.VARIANT)
-                if (tmp / "transformer" / v).exists()}
+    variants = {v: f"transformer/{v}/model.onnx" for v in ("fp32", "int4", "int4_cpu", *precision_variant.VARIANTS,
+                                                            vq_variant.VARIANT) if (tmp / "transformer" / v).exists()}
     within = lambda value: value if res[0] <= value <= res[2] else res[1]  # noqa: E731 - the model's size if covered
     channels = int(run.refs["transformer_config"]["in_channels"]) // family_facts(family).latent_packing
     dq = {f"{key}/{i}": o for ref, key in (("out_dq", "dequantized"), ("out_dq_cpu", "dequantized_cpu"),
-                                           ("out_dq_vq", "dequantized_vq"))
+                                           ("out_dq_vq", "dequantized_vq"),
+                                           *((f"out_dq_{p}", f"dequantized_{p}") for p in precision_variant.VARIANTS))
           for i, o in enumerate(run.refs.get(ref, [])[:REFERENCE_SAMPLES])}
     reference = save_reference(tmp, run.refs["held"][:REFERENCE_SAMPLES], run.refs["out"][:REFERENCE_SAMPLES],
                                {**run.refs["text"], **run.refs["vae"], **dq})
@@ -592,6 +660,7 @@ def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any
             "scheduler": {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},
             "defaults_source": model_gen.source,
         },
+        "precision": run.precision,
         "int4": {**{k: v for k, v in qrep.to_dict().items() if k != "layer_error"}, "compute": opts.compute,
                  "cpu_kernel": opts.cpu_kernel, "cpu_converted": n_cpu, "cpu_source": "int4", "report": "quant_report.json"},
         "engines": engines,
@@ -632,6 +701,12 @@ def _vq_summary(compress_report: dict[str, Any] | None, graph: dict[str, Any] | 
 
 def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any], fp32_check: Check
             ) -> tuple[ParityReport, dict[str, Any]]:
+    with contextlib.ExitStack() as stack:
+        return _parity_checks(run, tmp, text, engines, fp32_check, stack)
+
+
+def _parity_checks(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any], fp32_check: Check,
+                   stack: contextlib.ExitStack) -> tuple[ParityReport, dict[str, Any]]:
     """Every packaged component against PyTorch (:mod:`hpedge.export.verify`, the checks ``hpedge check`` reruns),
     the end-to-end images against the original pipeline's (quantization quality) and against stock diffusers
     driving the packaged graphs (implementation); returns the report and the manifest's ``parity.implementation``
@@ -643,13 +718,20 @@ def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any],
     variants = [("int4", f"DequantizeLinear, {opts.compute} compute"), ("int4_cpu", opts.cpu_kernel)]
     if "out_dq_vq" in r:
         variants.append((vq_variant.VARIANT, f"codebook lookups, {opts.compute} compute"))
+    chosen = run.precision["transformer"]
+    if chosen != "int4":
+        variants.append((chosen, f"{precisions.get(chosen).title}; run by {precision_variant.ran_as(chosen)}"))
+    scratch = stack.enter_context(verify.scratch())  # NVFP4's emulation, while parity runs
+    stand_in = {}
     for v, what in variants:
-        results = pgy.run_onnxrt(tmp / "transformer" / v / "model.onnx", r["held"], f"onnxrt-{v.replace('_', '-')}",
+        path = precision_variant.runnable(v, tmp / "transformer" / v / "model.onnx", scratch)
+        if path != tmp / "transformer" / v / "model.onnx":
+            stand_in[v] = path
+        results = pgy.run_onnxrt(path, r["held"], f"onnxrt-{v.replace('_', '-')}",
                                  split=rows_of)  # a row at a time; judged on whole batches
         report.checks.append(verify.transformer_check(f"transformer {v} ({what}) vs PyTorch", v, results, r["out"], "out", lim))
-        want = r.get({"int4_cpu": "out_dq_cpu", vq_variant.VARIANT: "out_dq_vq"}.get(v, "out_dq"))
+        want = r.get({"int4_cpu": "out_dq_cpu", vq_variant.VARIANT: "out_dq_vq"}.get(v, "out_dq" if v == "int4" else f"out_dq_{v}"))
         if "out_dq" in r or want is not None:
-            path = tmp / "transformer" / v / "model.onnx"
             report.checks.append(verify.dequantized_check(v, path, r["held"], results, want, lim, opts.cpu_kernel))
     pkg = Package(tmp, variant="int4_cpu", device="cpu", verify=False)  # hashed when the manifest was finished
     what = "CLIP " + text["encoders"]["clip"]["compute"] + ("" if text["t5_dropped"] else
@@ -667,9 +749,10 @@ def _parity(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any],
     got = verify.e2e_images(pkg, r["e2e_prompts"], r["e2e_latents"], run.gen)
     report.checks.append(verify.e2e_check(pkg, r["e2e_prompts"], r["e2e_latents"], r["e2e_images"], run.gen,
                                           p.e2e_min_psnr_db, got=got))
-    if "out_dq_vq" in r:  # the codebook graph generates as well
-        vq = Package(tmp, variant=vq_variant.VARIANT, device="cpu", verify=False)
-        report.checks.append(verify.e2e_check(vq, r["e2e_prompts"], r["e2e_latents"], r["e2e_images"], run.gen,
+    # the codebook graph and the engine precision's generate as well (NVFP4 as emulated)
+    for v in [vq_variant.VARIANT] * ("out_dq_vq" in r) + [chosen] * (chosen != "int4"):
+        other = Package(tmp, variant=v, device="cpu", verify=False, stand_in=stand_in)
+        report.checks.append(verify.e2e_check(other, r["e2e_prompts"], r["e2e_latents"], r["e2e_images"], run.gen,
                                               p.e2e_min_psnr_db))
     k = min(IMPL_SAMPLES, len(r["e2e_prompts"]))
     run.say(f"implementation check: stock diffusers driving the packaged graphs ({k} of the end-to-end samples)")

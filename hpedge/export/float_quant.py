@@ -3,7 +3,7 @@ explicit-quantization form (:mod:`hpedge.targets.precisions` says what each hold
 
 Every ``MatMul`` with a constant 2-D weight [K, N] is quantized, except the layers the export keeps in 16 bits
 (``keep``: the weights' keys, :func:`hpedge.export.onnx_io.weight_key`, of the PyTorch layers the precision's
-``keep_16bit`` patterns name) and, for NVFP4, weights whose K is not a multiple of 16. Attention's products have no
+``keep_16bit`` patterns name) and weights whose K is not a multiple of 16 (NVFP4's block; TensorRT's FP8 GEMMs too). Attention's products have no
 constant weight: they stay in the graph's type.
 
 - FP8: the weight stored FLOAT8E4M3FN, one scale per output channel (max |w| / 448), behind a ``DequantizeLinear``;
@@ -121,8 +121,8 @@ def quantize_float(precision: str, onnx_path: Path, out_path: Path, calibration:
     todo = []
     for n in layers:
         k = int(inits[n.input[1]].dims[0])
-        if precision == "nvfp4" and k % NVFP4_BLOCK:
-            excluded[n.name] = f"inner dimension {k} is not a multiple of NVFP4's block {NVFP4_BLOCK}"
+        if k % NVFP4_BLOCK:  # NVFP4's block; FP8 tensor-core GEMMs take K in multiples of 16 too
+            excluded[n.name] = f"inner dimension {k} is not a multiple of {NVFP4_BLOCK}"
         else:
             todo.append(n)
     if not todo:

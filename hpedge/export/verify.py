@@ -13,8 +13,10 @@ error, so the tight ``impl_min_psnr_db`` sees sampling bugs alone).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from hpedge.backends import engines as eng
 from hpedge.backends import ort
 from hpedge.backends import polygraphy_runner as pgy
 from hpedge.errors import HpedgeError
+from hpedge.export import precision_variant
 from hpedge.export.encoders import tokenize
 from hpedge.export.onnx_export import IOSpec, _transformer_wrapper, input_names
 from hpedge.export.quantize import rows_of
@@ -223,11 +226,23 @@ def dequantized_check(variant: str, path: Path, feeds: list[dict[str, np.ndarray
         return compare_quality(name + " and activation quantization", ref, pgy.outputs_of(shipped), lim.impl_min_cosine,
                                lim.impl_int4_cpu_min_psnr_db)
     results, widened = _float32_run(path, feeds, f"onnxrt-{variant}-float32", rows_of)
-    c = compare_quality(name + (" (its float32 view)" if widened else ""), ref, pgy.outputs_of(results),
-                        lim.impl_min_cosine, lim.impl_graph_min_psnr_db)
+    # FP8 / NVFP4 quantize activations too: a value on a rounding boundary may round the other way in the graph than
+    # in PyTorch (as int4_cpu's uint8 activations), so their gate is the activation-quantized one
+    acts = variant in ("fp8", "nvfp4")
+    c = compare_quality(name + (" and activation quantization" if acts else "") + (" (its float32 view)" if widened else ""),
+                        ref, pgy.outputs_of(results), lim.impl_min_cosine,
+                        lim.impl_fp4_min_psnr_db if variant == "nvfp4" else
+                        lim.impl_activation_quant_min_psnr_db if acts else lim.impl_graph_min_psnr_db)
     if widened:
         c.metrics["shipped_graph_min_psnr_db"] = compare_quality("", ref, pgy.outputs_of(shipped), 0, 0).metrics["min_psnr_db"]
     return c
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[Path]:
+    """A temporary folder for graphs parity writes to run (NVFP4's emulation), removed after."""
+    with tempfile.TemporaryDirectory(prefix="hpedge-parity-") as d:
+        yield Path(d)
 
 
 def _float32_run(path: Path, feeds: list[dict[str, np.ndarray]], name: str, split: Any = None) -> tuple[Any, bool]:
@@ -388,14 +403,18 @@ def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
     lim = profile_from_dict(pkg.manifest["target"], f"{package}/manifest.json target").parity
     kernel = pkg.manifest["int4"]["cpu_kernel"]
     checks = []
-    for v, rel in tr["variants"].items():
-        results = pgy.run_onnxrt(package / rel, feeds, v, split=rows_of)
-        checks.append(transformer_check(f"{v} vs PyTorch (stored reference)", v, results, ref, tr["io"]["outputs"][0], lim))
-        key = {"int4_cpu": "dequantized_cpu", "vq": "dequantized_vq"}.get(v, "dequantized")
-        # int4_cpu without its own reference (the nbits kernel): dequantized_check says why it is not run
-        if v != "fp32" and (f"{key}/0" in extra or (v == "int4_cpu" and "dequantized/0" in extra)):
-            want = [extra.get(f"{key}/{i}") for i in range(len(feeds))]
-            checks.append(dequantized_check(v, package / rel, feeds, results, want, lim, kernel))
+    with scratch() as folder:
+        for v, rel in tr["variants"].items():
+            path = precision_variant.runnable(v, package / rel, folder)  # NVFP4: its emulation
+            results = pgy.run_onnxrt(path, feeds, v, split=rows_of)
+            checks.append(transformer_check(f"{v} vs PyTorch (stored reference)" + (
+                f", run by {precision_variant.ran_as(v)}" if path != package / rel else ""), v, results, ref,
+                tr["io"]["outputs"][0], lim))
+            key = {"int4": "dequantized", "int4_cpu": "dequantized_cpu"}.get(v, f"dequantized_{v}")
+            # int4_cpu without its own reference (the nbits kernel): dequantized_check says why it is not run
+            if v != "fp32" and (f"{key}/0" in extra or (v == "int4_cpu" and "dequantized/0" in extra)):
+                want = [extra.get(f"{key}/{i}") for i in range(len(feeds))]
+                checks.append(dequantized_check(v, path, feeds, results, want, lim, kernel))
     checks.append(text_check("text encoders vs PyTorch (stored reference): prompt embeddings", pkg, extra,
                              lim.text_min_cosine))
     t5 = pkg.manifest["components"]["text"]["encoders"].get("t5")

@@ -33,7 +33,10 @@ class _Tok:
 class Package:
     """An opened, verified package."""
 
-    def __init__(self, root: str | Path, variant: str = "auto", device: str = "auto", verify: bool = True) -> None:
+    def __init__(self, root: str | Path, variant: str = "auto", device: str = "auto", verify: bool = True,
+                 stand_in: dict[str, Path] | None = None) -> None:
+        """``stand_in``: variant -> a graph ONNX Runtime runs in its place (the export's parity runs NVFP4 so, as
+        emulated: :func:`hpedge.export.float_quant.nvfp4_emulation`)."""
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         if verify:
@@ -41,7 +44,8 @@ class Package:
         gen = self.manifest["generation"]
         self.family: str = gen["family"]
         self.facts = family_facts(self.family)
-        self.variants: dict[str, str] = self.manifest["components"]["transformer"]["variants"]
+        self.variants: dict[str, str] = {**self.manifest["components"]["transformer"]["variants"],
+                                         **{k: str(Path(v).resolve()) for k, v in (stand_in or {}).items()}}
         self.engines: dict[str, Any] = self.manifest.get("engines") or {}
         if variant == "auto":
             variant = self._auto_variant(device)
@@ -50,6 +54,11 @@ class Package:
         elif variant not in self.variants:
             raise HpedgeError(f"package has no transformer variant {variant!r} (has: {', '.join(self.variants)}"
                               f"{', engine' if self.engines.get('status') == 'built' else ''})")
+        engine_only = self.manifest.get("precision", {})
+        if variant == engine_only.get("transformer") and not engine_only.get("onnxruntime", True) and variant not in (
+                stand_in or {}):
+            raise HpedgeError(f"the {variant} transformer runs on its engine only (ONNX Runtime has no kernels for it); "
+                              "open the package with variant engine, int4 or int4_cpu")
         self.variant = variant
         self.device = device
         self._sessions: dict[str, Any] = {}

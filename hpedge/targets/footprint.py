@@ -2,7 +2,9 @@
 
 What is counted is what the package ships, at the precision it ships it in:
 
-- ``transformer``: INT4 weights (fp16 scales per block of 128, 16 bits for the rest; the engine's input file);
+- ``transformer``: the engine's weights at its precision (:func:`hpedge.targets.precisions.transformer_bytes`: INT4 with
+  fp16 scales per block of 128 by default, INT8 / FP8 per output channel, NVFP4 with an FP8 scale per 16; 16 bits for
+  the rest). Activations are counted in fp16 at every precision: FP8 / FP4 halve or quarter only the GEMMs' inputs;
 - ``t5``: T5's INT4 weights, the same format, or INT8 weight-only (``--t5 int8``: a byte per weight and an fp16
   scale per output channel); absent with ``--drop-t5`` (SD3 then feeds zeros, as diffusers does without
   ``text_encoder_3``);
@@ -36,6 +38,7 @@ from hpedge.models.denoise import Conditioning, predict
 from hpedge.models.families import family as family_facts
 from hpedge.models.meta import meta_components, meta_transformer, text_tokens
 from hpedge.models.sampling import defaults_of_ref, zoo_marker
+from hpedge.targets import precisions
 from hpedge.targets.profiles import Profile
 from hpedge.targets.shapes import batch_range, resolution_range
 
@@ -121,20 +124,24 @@ def choose_t5(cost: Callable[[str], float]) -> tuple[str, str]:
 
 
 def estimate(ref: Any, profile: Profile, residency: str = "auto", drop_t5: bool = False,
-             remove: list[int] | None = None, max_sequence_length: int | None = None, t5: str = "auto") -> Footprint:
+             remove: list[int] | None = None, max_sequence_length: int | None = None, t5: str = "auto",
+             precision: str = "int4") -> Footprint:
     """The package's device memory on ``profile`` for a resolved model (an architecture name or a pipeline
     folder), from configs alone: every module is built on the meta device, no weight is read.
 
-    ``t5``: ``int8``, ``int4`` or ``auto`` (:func:`choose_t5`: int8 where the package fits with it)."""
+    ``t5``: ``int8``, ``int4`` or ``auto`` (:func:`choose_t5`: int8 where the package fits with it); ``precision``: the
+    transformer's, as its engine holds it (:mod:`hpedge.targets.precisions`)."""
     if t5 not in T5_PRECISIONS:
         raise HpedgeError(f"--t5 must be one of {', '.join(T5_PRECISIONS)}, got {t5!r}")
     if t5 == "auto":
         if drop_t5:
-            return estimate(ref, profile, residency, drop_t5, remove, max_sequence_length, "int8")
+            return estimate(ref, profile, residency, drop_t5, remove, max_sequence_length, "int8", precision)
         fps: dict[str, Footprint] = {}
+        transformer_precision = precision
 
         def cost(precision: str) -> float:
-            fps[precision] = estimate(ref, profile, residency, drop_t5, remove, max_sequence_length, precision)
+            fps[precision] = estimate(ref, profile, residency, drop_t5, remove, max_sequence_length, precision,
+                                      transformer_precision)
             return 0 if fps[precision].fits() else math.inf
 
         chosen, _ = choose_t5(cost)
@@ -155,8 +162,8 @@ def estimate(ref: Any, profile: Profile, residency: str = "auto", drop_t5: bool 
     side = _resolution(ref, tr, comps["vae"], prof)
     prompts, cfg = batch_range(prof, family)
     fp = Footprint(prof.name, mode, side, prompts[1], drop_t5, int((prof.memory_gb - prof.reserve_gb) * 1e9))
-    fp.weights["transformer"] = adapters.int4_bytes(tr)
-    fp.precisions["transformer"] = "int4"
+    fp.weights["transformer"] = precisions.transformer_bytes(tr, precision)
+    fp.precisions["transformer"] = precision
     clips = [m for k, m in comps.items() if k.startswith("clip")]
     fp.weights["clip"] = sum(2 * _params(m) for m in clips)
     fp.precisions["clip"] = "fp16"

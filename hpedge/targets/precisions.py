@@ -39,6 +39,7 @@ class Precision:
     activations: str  # what the quantized layers' GEMMs read: fp16 | fp8 | fp4
     ort_cpu: bool  # ONNX Runtime's CPU provider runs the graph (so parity runs it here)
     keep_16bit: tuple[str, ...] = ()  # module-name patterns of linear layers left in 16 bits
+    min_inner: int = 1  # a layer whose inner dimension is not a multiple of this stays in 16 bits (with ``block``: it)
 
     def layer_bytes(self, out_features: int, in_features: int) -> int:
         """A quantized linear layer's weight bytes as the graph stores them."""
@@ -54,7 +55,7 @@ PRECISIONS = {
     "int4": Precision("int4", "INT4 weights (block 128, fp16 scales), fp16 compute", 4, 128, 2, "fp16", True),
     "int8": Precision("int8", "INT8 weights (per output channel), fp16 compute", 8, 0, 2, "fp16", True),
     "fp8": Precision("fp8", "FP8 E4M3 weights (per output channel) and activations (per tensor), fp16 elsewhere",
-                     8, 0, 2, "fp8", True, KEEP_16BIT),
+                     8, 0, 2, "fp8", True, KEEP_16BIT, 16),
     "nvfp4": Precision("nvfp4", "NVFP4: FP4 E2M1 weights and activations in blocks of 16 with FP8 E4M3 scales, "
                        "fp16 elsewhere", 4, 16, 1, "fp4", False, KEEP_16BIT),
 }
@@ -90,7 +91,7 @@ def transformer_bytes(module: Any, precision: str) -> int:
     p = get(precision)
     total, seen = 0, set()
     for name, m in module.named_modules():
-        if isinstance(m, nn.Linear) and not p.kept_16bit(name) and not (p.block and m.in_features % p.block):
+        if isinstance(m, nn.Linear) and not p.kept_16bit(name) and not m.in_features % (p.block or p.min_inner):
             total += p.layer_bytes(m.out_features, m.in_features)
             seen.add(id(m.weight))
     return total + 2 * sum(q.numel() for q in {id(q): q for q in module.parameters()}.values() if id(q) not in seen)
