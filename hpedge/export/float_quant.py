@@ -284,24 +284,24 @@ def nvfp4_emulation(path: Path, dst: Path) -> Path:
     g = model.graph
     made = {o: n for n in g.node for o in n.output}
     decoded = read_dequantized(model, path.parent)  # FP4 weight -> its values
-    dynamic = {n.name: n for n in g.node if n.op_type == "TRT_FP4DynamicQuantize"}
+    dynamic = {n.output[0]: n for n in g.node if n.op_type == "TRT_FP4DynamicQuantize"}
     skip, drop, new_inits, nodes = set(), set(), [], []
     for node in g.node:  # what the emulation replaces: the weights' DequantizeLinear pairs, the dynamic quantizers'
         if node.op_type == "DequantizeLinear" and node.input[0] in decoded:
             new_inits.append(numpy_helper.from_array(decoded[node.input[0]], node.output[0]))
             pair = made[node.input[1]]
-            skip |= {node.name, pair.name}
+            skip |= {node.output[0], pair.output[0]}  # nodes known by their output (names may be empty)
             drop |= {node.input[0], *pair.input}
-        elif node.op_type == "DequantizeLinear" and node.input[0] in made and made[node.input[0]].name in dynamic:
-            skip.add(node.name)
+        elif node.op_type == "DequantizeLinear" and node.input[0] in made and made[node.input[0]].output[0] in dynamic:
+            skip.add(node.output[0])
     shared = {"fq::e::zero": 0.0, "fq::e::one": 1.0, "fq::e::two": 2.0, "fq::e::four": 4.0, "fq::e::six": E2M1_MAX}
     new_inits += [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in shared.items()]
     new_inits += [numpy_helper.from_array(np.asarray([-1, NVFP4_BLOCK], np.int64), "fq::e::blocks"),
                   numpy_helper.from_array(np.asarray([1], np.int64), "fq::e::axis"), _e4m3_zero()]
     for node in g.node:
-        if node.name in dynamic:
+        if node.output[0] in dynamic:
             nodes += _emulated_fp4(node, g)
-        elif node.name not in skip:
+        elif node.output[0] not in skip:
             nodes.append(node)
     keep = [i for i in g.initializer if i.name not in drop]
     del g.initializer[:]
@@ -325,7 +325,7 @@ def _emulated_fp4(node: Any, g: Any) -> list[Any]:
 
     x, scale = node.input[0], node.input[1]
     out = next(n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] == node.output[0])
-    p, h = node.name + "::emulated::", helper.make_node
+    p, h = node.output[0] + "::emulated::", helper.make_node
     return [
         h("Cast", [x], [p + "x"], to=TensorProto.FLOAT),
         h("Cast", [scale], [p + "g"], to=TensorProto.FLOAT),

@@ -230,7 +230,7 @@ def dequantized_check(variant: str, path: Path, feeds: list[dict[str, np.ndarray
     # in PyTorch (as int4_cpu's uint8 activations), so their gate is the activation-quantized one
     acts = variant in ("fp8", "nvfp4")
     c = compare_quality(name + (" and activation quantization" if acts else "") + (" (its float32 view)" if widened else ""),
-                        ref, pgy.outputs_of(results), lim.impl_min_cosine,
+                        ref, pgy.outputs_of(results), lim.impl_fp4_min_cosine if variant == "nvfp4" else lim.impl_min_cosine,
                         lim.impl_fp4_min_psnr_db if variant == "nvfp4" else
                         lim.impl_activation_quant_min_psnr_db if acts else lim.impl_graph_min_psnr_db)
     if widened:

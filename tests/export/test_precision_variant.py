@@ -1,0 +1,216 @@
+"""``hpedge export --precision``: the engine precision's graph in the package, its gates (quality against the original
+model, implementation against PyTorch with the same quantization), engines built from it, ``--precision auto``'s
+choice and fallback, ``hpedge check`` rerunning the gates, and the gates failing on quantizer bugs."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hpedge.backends import polygraphy_runner as pgy
+from hpedge.cli import app
+from hpedge.errors import HpedgeError
+from hpedge.export import precision_variant
+from hpedge.export.activations import rows_of
+from hpedge.export.export import ExportOptions, export
+from hpedge.export.verify import check, dequantized_check
+from hpedge.runtime.format import load_reference
+from hpedge.runtime.package import Package
+from hpedge.targets.profiles import PROFILE_DIR, profile_from_dict
+from hpedge.testing import initializer, set_initializer
+from tests.conftest import REAL_SIZE, zoo_available
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_rtx5090(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = json.loads((PROFILE_DIR / "rtx5090.json").read_text())
+    p.update(name="test-rtx5090", resolution={"min": REAL_SIZE, "opt": REAL_SIZE, "max": 2 * REAL_SIZE},
+             batch={"min": 1, "opt": 1, "max": 2})
+    path = tmp_path_factory.mktemp("profile") / "test-rtx5090.json"
+    path.write_text(json.dumps(p))
+    return path
+
+
+def _export(src: Path, out: Path, target: Path | str, precision: str, **kw: Any) -> dict[str, Any]:
+    return export(str(src), out, ExportOptions(target=str(target), method="rtn", calibration_prompts=1, e2e_samples=1,
+                                               precision=precision, **kw))
+
+
+@pytest.fixture(scope="module")
+def fp8_package(real_pipelines, tiny_rtx4090, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp8") / "pkg"
+    return out, _export(real_pipelines["sd3.5-large"], out, tiny_rtx4090, "fp8")
+
+
+def _checks(pkg: Path) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in json.loads((pkg / "parity.json").read_text())["checks"]}
+
+
+def test_fp8_package_builds_its_engine_from_the_fp8_graph_and_passes_its_gates(fp8_package) -> None:
+    import onnx
+
+    pkg, m = fp8_package
+    pr = m["precision"]
+    assert pr["transformer"] == "fp8" and pr["requested"] == "fp8" and pr["onnxruntime"] and pr["activations"] == "fp8"
+    assert set(m["components"]["transformer"]["variants"]) == {"int4", "int4_cpu", "fp8"}
+    tr = m["engines"]["components"]["transformer"]
+    assert tr["onnx"] == "transformer/fp8/model.onnx" and m["engines"]["status"] == "built" and tr["engine_bytes"] > 0
+    g = onnx.load(str(pkg / "transformer" / "fp8" / "model.onnx"), load_external_data=False)
+    types = {i.data_type for i in g.graph.initializer}
+    assert onnx.TensorProto.FLOAT8E4M3FN in types
+    assert sum(n.op_type == "QuantizeLinear" for n in g.graph.node) > 0
+    # embedders and output layers stay 16-bit (traced to the PyTorch layers by their weights)
+    kept = [why for why in pr["quantization"]["excluded"].values() if why.startswith("kept in 16 bits")]
+    assert any("proj_out" in k for k in kept) and any("context_embedder" in k for k in kept), kept
+    checks = _checks(pkg)
+    fp8 = {k: c for k, c in checks.items() if "fp8" in k}
+    assert len(fp8) == 3 and all(c["passed"] for c in fp8.values()), fp8  # quality, implementation, end-to-end
+    impl = next(c for k, c in fp8.items() if k.startswith("implementation"))
+    assert impl["limits"]["min_psnr_db"] == 40.0 and impl["metrics"]["min_psnr_db"] >= 40
+
+
+def test_fp8_package_checks_and_generates_with_its_variant(fp8_package, tmp_path) -> None:
+    pkg, _ = fp8_package
+    res = check(pkg)
+    names = [c["name"] for c in res["checks"]]
+    assert res["passed"] and any(n.startswith("fp8 vs PyTorch") for n in names)
+    assert any("transformer fp8 vs PyTorch with the same dequantized weights and activation" in n for n in names)
+    r = runner.invoke(app, ["generate", str(pkg), "a red cube", "-o", str(tmp_path / "x.png"), "--variant", "fp8",
+                            "--steps", "2"])
+    assert r.exit_code == 0, r.output
+
+
+def _fp8_bug(model: Any, bug: str) -> None:
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_f8"))
+    if bug == "weight scales one channel off":
+        set_initializer(model, dq.input[1], np.roll(initializer(model, dq.input[1]), 1))
+    elif bug == "activation scale x2":
+        q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+        set_initializer(model, q.input[1], initializer(model, q.input[1]) * 2)
+    else:  # activation quantizer dropped (a layer reads its input unquantized)
+        q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+        out = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0]).output[0]
+        for n in model.graph.node:
+            for i, x in enumerate(n.input):
+                if x == out:
+                    n.input[i] = q.input[0]
+
+
+def test_fp8_implementation_gate_fails_on_quantizer_bugs(fp8_package, tmp_path) -> None:
+    import onnx
+
+    pkg, _ = fp8_package
+    m = json.loads((pkg / "manifest.json").read_text())
+    feeds, _, extra = load_reference(pkg, m)
+    lim = profile_from_dict(m["target"], "t").parity
+    want = [extra[f"dequantized_fp8/{i}"] for i in range(len(feeds))]
+    for bug in ("weight scales one channel off", "activation scale x2", "an activation left unquantized"):
+        model = onnx.load(str(pkg / "transformer" / "fp8" / "model.onnx"))
+        _fp8_bug(model, bug)
+        bad = tmp_path / bug.replace(" ", "_") / "model.onnx"
+        bad.parent.mkdir()
+        onnx.save(model, str(bad))
+        c = dequantized_check("fp8", bad, feeds, pgy.run_onnxrt(bad, feeds, "bug", split=rows_of), want, lim)
+        assert not c.passed, (bug, c.metrics)
+
+
+def test_nvfp4_is_gated_through_its_emulation_and_its_engine_built_for_blackwell(real_pipelines, tiny_rtx5090,
+                                                                                  tmp_path) -> None:
+    pkg = tmp_path / "pkg"
+    m = _export(real_pipelines["sd3.5-large"], pkg, tiny_rtx5090, "nvfp4", allow_parity_failure=True)
+    pr = m["precision"]
+    assert pr["transformer"] == "nvfp4" and not pr["onnxruntime"] and pr["activations"] == "fp4"
+    tr = m["engines"]["components"]["transformer"]
+    assert tr["onnx"] == "transformer/nvfp4/model.onnx" and tr["compute_capabilities"] == ["12.0"]
+    checks = {k: c for k, c in _checks(pkg).items() if "nvfp4" in k}
+    assert len(checks) == 3 and all("emulated" in k for k in checks if k.startswith("transformer")), list(checks)
+    impl = next(c for k, c in checks.items() if k.startswith("implementation"))
+    assert impl["passed"] and impl["limits"] == {"min_cosine": 0.99, "min_psnr_db": 25.0}, impl
+    # W4A4 on this tiny random model is below INT4's quality limits (the auto test's fallback depends on it)
+    quality = next(c for k, c in checks.items() if k.startswith("transformer nvfp4"))
+    assert not quality["passed"] and not m["parity"]["passed"]
+    with pytest.raises(HpedgeError, match="runs on its engine only"):
+        Package(pkg, variant="nvfp4", device="cpu")
+
+
+def test_auto_takes_the_best_precision_that_passes_its_quality_gate(real_pipelines, tiny_rtx5090, tmp_path) -> None:
+    r = runner.invoke(app, ["export", str(real_pipelines["sd3.5-large"]), "--target", str(tiny_rtx5090), "-o",
+                            str(tmp_path / "pkg"), "--method", "rtn", "--calibration-prompts", "1", "--engine", "skip"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    pr = m["precision"]
+    assert pr["requested"] == "auto" and pr["why"].startswith("--precision auto: test-rtx5090 runs nvfp4, fp8")
+    assert [t["precision"] for t in pr["tried"]] == ["nvfp4", "fp8"] and [t["passed"] for t in pr["tried"]] == [False, True]
+    assert pr["transformer"] == "fp8" and "nvfp4" not in m["components"]["transformer"]["variants"]
+    assert m["engines"]["components"]["transformer"]["onnx"] == "transformer/fp8/model.onnx"
+    assert "engine precision: fp8" in " ".join(r.output.split())
+
+
+def test_auto_on_an_ampere_card_stays_int4(real_pipelines, tmp_path) -> None:
+    p = json.loads((PROFILE_DIR / "rtx3060.json").read_text())
+    p.update(name="test-rtx3060", resolution={"min": REAL_SIZE, "opt": REAL_SIZE, "max": 2 * REAL_SIZE},
+             batch={"min": 1, "opt": 1, "max": 2})
+    prof = tmp_path / "p.json"
+    prof.write_text(json.dumps(p))
+    m = _export(real_pipelines["flux.1-schnell"], tmp_path / "pkg", prof, "auto", engine="skip")
+    assert m["precision"]["transformer"] == "int4" and m["precision"]["tried"] == []
+    assert m["engines"]["components"]["transformer"]["onnx"] == "transformer/int4/model.onnx"
+    assert set(m["components"]["transformer"]["variants"]) == {"int4", "int4_cpu"}
+
+
+@pytest.mark.parametrize("target,precision", [("rtx3060", "fp8"), ("rtx4090", "nvfp4")])
+def test_unsupported_pairs_are_refused_in_one_line(real_pipelines, tmp_path, target, precision) -> None:
+    r = runner.invoke(app, ["export", str(real_pipelines["sd3.5-large"]), "--target", target, "-o",
+                            str(tmp_path / "pkg"), "--precision", precision])
+    assert r.exit_code != 0 and f"cannot run {precision}" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) <= 2 and not (tmp_path / "pkg").exists()
+
+
+def _nvfp4_bug(model: Any, bug: str) -> None:
+    from onnx import TensorProto, helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    w = next(i for i in model.graph.initializer if i.name.endswith("_f4"))
+    if bug == "nibbles swapped":
+        raw = np.frombuffer(w.raw_data, np.uint8)
+        w.raw_data = (((raw & 0x0F) << 4) | (raw >> 4)).astype(np.uint8).tobytes()
+    elif bug == "block scales one block off":
+        s = inits[w.name[:-3] + "_block_scale"]
+        raw = np.frombuffer(s.raw_data, np.uint8).reshape(list(s.dims))
+        s.raw_data = np.roll(raw, 1, axis=0).tobytes()
+    else:  # the activation factor x2
+        g = next(n for n in model.graph.node if n.op_type == "TRT_FP4DynamicQuantize").input[1]
+        set_initializer(model, g, initializer(model, g) * 2)
+    _ = (TensorProto, helper)
+
+
+@pytest.mark.skipif(not zoo_available("digits-sd3"), reason="the digits student is not in the zoo")
+def test_nvfp4_on_the_digits_student_passes_parity_and_check_and_its_gate_fails_on_bugs(tmp_path) -> None:
+    import onnx
+
+    pkg = tmp_path / "pkg"
+    r = runner.invoke(app, ["export", "zoo:digits-sd3", "--target", "rtx5090", "--precision", "nvfp4", "-o", str(pkg)])
+    assert r.exit_code == 0, r.output
+    m = json.loads((pkg / "manifest.json").read_text())
+    assert m["precision"]["transformer"] == "nvfp4" and m["parity"]["passed"] and m["engines"]["status"] == "built"
+    assert check(pkg)["passed"]
+    feeds, _, extra = load_reference(pkg, m)
+    lim = profile_from_dict(m["target"], "t").parity
+    want = [extra[f"dequantized_nvfp4/{i}"] for i in range(len(feeds))]
+    for bug in ("nibbles swapped", "block scales one block off", "activation factor x2"):
+        model = onnx.load(str(pkg / "transformer" / "nvfp4" / "model.onnx"))
+        _nvfp4_bug(model, bug)
+        folder = tmp_path / bug.replace(" ", "_")
+        folder.mkdir()
+        onnx.save(model, str(folder / "model.onnx"))
+        path = precision_variant.runnable("nvfp4", folder / "model.onnx", folder)
+        c = dequantized_check("nvfp4", path, feeds, pgy.run_onnxrt(path, feeds, "bug", split=rows_of), want, lim)
+        assert not c.passed, (bug, c.metrics)
+    shutil.rmtree(pkg)
