@@ -573,10 +573,13 @@ def _precision_reference(run: _Run, tmp: Path) -> None:
     pipe = run.pipe
     pipe.transformer = read_transformer(run.ref)
     pipe.transformer.half() if run.opts.compute == "fp16" else pipe.transformer.float()
-    with precision_variant.torch_reference(pipe.transformer, tmp / run.precision["file"], rep, p):
+    with precision_variant.torch_reference(pipe.transformer, tmp / run.precision["file"], rep, p) as ref:
         pipe.transformer.to(compute_device())
         with fp32_compute(pipe.transformer):
             run.refs[f"out_dq_{p}"] = verify.torch_outputs(pipe, run.refs["held"])
+            if p in ("fp8", "nvfp4"):  # the weights alone, for the tight gate
+                ref.activations = False
+                run.refs[f"out_dq_{p}_weights"] = verify.torch_outputs(pipe, run.refs["held"])
     pipe.transformer = None
     verify.release_memory()
 
@@ -625,7 +628,8 @@ def _manifest(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str, Any
     channels = int(run.refs["transformer_config"]["in_channels"]) // family_facts(family).latent_packing
     dq = {f"{key}/{i}": o for ref, key in (("out_dq", "dequantized"), ("out_dq_cpu", "dequantized_cpu"),
                                            ("out_dq_vq", "dequantized_vq"),
-                                           *((f"out_dq_{p}", f"dequantized_{p}") for p in precision_variant.VARIANTS))
+                                           *((f"out_dq_{p}{w}", f"dequantized_{p}{w}") for p in precision_variant.VARIANTS
+                                             for w in ("", "_weights")))
           for i, o in enumerate(run.refs.get(ref, [])[:REFERENCE_SAMPLES])}
     reference = save_reference(tmp, run.refs["held"][:REFERENCE_SAMPLES], run.refs["out"][:REFERENCE_SAMPLES],
                                {**run.refs["text"], **run.refs["vae"], **dq})
@@ -733,6 +737,9 @@ def _parity_checks(run: _Run, tmp: Path, text: dict[str, Any], engines: dict[str
         want = r.get({"int4_cpu": "out_dq_cpu", vq_variant.VARIANT: "out_dq_vq"}.get(v, "out_dq" if v == "int4" else f"out_dq_{v}"))
         if "out_dq" in r or want is not None:
             report.checks.append(verify.dequantized_check(v, path, r["held"], results, want, lim, opts.cpu_kernel))
+        if f"out_dq_{v}_weights" in r:
+            report.checks.append(verify.weights_only_check(v, tmp / "transformer" / v / "model.onnx", scratch,
+                                                           r["held"], r[f"out_dq_{v}_weights"], lim))
     pkg = Package(tmp, variant="int4_cpu", device="cpu", verify=False)  # hashed when the manifest was finished
     what = "CLIP " + text["encoders"]["clip"]["compute"] + ("" if text["t5_dropped"] else
                                                             f", T5 {text['encoders']['t5']['precision'].upper()}")

@@ -39,6 +39,7 @@ E4M3_MAX = 448.0
 E2M1_MAX = 6.0
 NVFP4_BLOCK = 16
 METHODS = {"fp8": "fp8_max", "nvfp4": "nvfp4_max"}
+EMULATED = "::emulated::"  # in the names of the nodes that emulate TensorRT's FP4 dynamic quantization
 
 
 def e4m3(x: np.ndarray) -> np.ndarray:
@@ -271,6 +272,37 @@ def activation_scales(path: Path) -> dict[str, tuple[str, float]]:
     return out
 
 
+def weights_only(path: Path, dst: Path) -> Path:
+    """Graph ``path`` (FP8, or NVFP4's emulation) with its activation quantizers bypassed: each quantized layer reads
+    its input as it comes. Against PyTorch with the same weights and no activation quantization it is exact up to
+    float32 rounding, so its gate is as tight as INT4's: the weights' values, packing and scales judged alone (with
+    the activations quantized too, one value rounding the other way compounds through the blocks)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    made = {o: n for n in g.node for o in n.output}
+    bypass: dict[str, str] = {}
+    drop: set[int] = set()
+    for node in g.node:
+        q = made.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear":  # FP8: x -> QuantizeLinear -> DequantizeLinear
+            bypass[node.output[0]] = q.input[0]
+            drop |= {id(node), id(q)}
+        elif node.op_type == "CastLike" and node.input[0].endswith(EMULATED + "back"):  # NVFP4's emulation's end
+            bypass[node.output[0]] = node.input[1]
+            drop.add(id(node))
+        elif any(EMULATED in o for o in node.output):
+            drop.add(id(node))
+    nodes = [n for n in g.node if id(n) not in drop]
+    for n in nodes:
+        for i, x in enumerate(n.input):
+            n.input[i] = bypass.get(x, x)
+    _replace_nodes(model, nodes)
+    save_onnx(model, dst, base_dir=path.parent, stream=True)
+    return dst
+
+
 def nvfp4_emulation(path: Path, dst: Path) -> Path:
     """The NVFP4 graph ``path`` as ONNX Runtime's CPU provider runs it: each FP4 weight decoded from the graph's own
     bytes and scales (the values its two DequantizeLinear give, stored in the graph's type); each
@@ -323,9 +355,14 @@ def _emulated_fp4(node: Any, g: Any) -> list[Any]:
     (:func:`fp4_dynamic` in ONNX)."""
     from onnx import TensorProto, helper
 
+    at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    want = {"axis": -1, "block_size": NVFP4_BLOCK, "scale_type": TensorProto.FLOAT8E4M3FN}
+    if {k: at.get(k) for k in want} != want:
+        raise HpedgeError(f"cannot emulate {node.name or node.output[0]}: TRT_FP4DynamicQuantize with {at}, the emulation "
+                          f"is of {want}")
     x, scale = node.input[0], node.input[1]
     out = next(n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] == node.output[0])
-    p, h = node.output[0] + "::emulated::", helper.make_node
+    p, h = node.output[0] + EMULATED, helper.make_node
     return [
         h("Cast", [x], [p + "x"], to=TensorProto.FLOAT),
         h("Cast", [scale], [p + "g"], to=TensorProto.FLOAT),

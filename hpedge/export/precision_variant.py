@@ -11,8 +11,9 @@ fp16 export on the same captured calibration inputs, and the engines are built f
 - :func:`runnable`: the graph ONNX Runtime runs for a variant (NVFP4: :func:`hpedge.export.float_quant.
   nvfp4_emulation`; the others as they ship);
 - :func:`torch_reference`: the PyTorch transformer given the graph's own weights (:mod:`hpedge.export.dequantized`)
-  and, for FP8 / NVFP4, its activation quantization (same scales, read from the graph): the reference of the
-  variant's implementation gate.
+  and, for FP8 / NVFP4, its activation quantization (same scales, read from the graph): the references of the
+  variant's implementation gates, with the activations quantized (loose: a value rounding the other way compounds
+  through the blocks) and without (the graph's activation quantizers bypassed too: float32-exact, INT4's 60 dB).
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ import numpy as np
 
 from hpedge.errors import HpedgeError
 from hpedge.export.dequantized import dequantize, load_dequantized, reload_weights
-from hpedge.export.float_quant import activation_scales, fp4_dynamic, fp8_static, nvfp4_emulation, quantize_float
+from hpedge.export.float_quant import (
+    activation_scales,
+    fp4_dynamic,
+    fp8_static,
+    nvfp4_emulation,
+    quantize_float,
+    weights_only,
+)
 from hpedge.export.onnx_io import weight_key
 from hpedge.export.quantize import QuantReport, quantize_int8_weights
 from hpedge.targets import precisions
@@ -56,11 +64,15 @@ def write_graph(precision: str, src: Path, dst: Path, calibration: list[dict[str
     raise HpedgeError(f"internal: no graph of its own for precision {precision!r}")
 
 
-def runnable(variant: str, path: Path, folder: Path) -> Path:
-    """The graph ONNX Runtime runs for ``variant`` (``path``; NVFP4's emulation written into ``folder``)."""
+def runnable(variant: str, path: Path, folder: Path, activations: bool = True) -> Path:
+    """The graph ONNX Runtime runs for ``variant`` (``path``; NVFP4's emulation written into ``folder``);
+    ``activations=False``: with its activation quantizers bypassed (:func:`hpedge.export.float_quant.weights_only`)."""
     if variant == "nvfp4":
-        return nvfp4_emulation(path, folder / "nvfp4_emulated" / "model.onnx")
-    return path
+        emulated = folder / "nvfp4_emulated" / "model.onnx"
+        path = emulated if emulated.exists() else nvfp4_emulation(path, emulated)
+    if activations or variant not in ("fp8", "nvfp4"):
+        return path
+    return weights_only(path, folder / f"{variant}_weights_only" / "model.onnx")
 
 
 def ran_as(variant: str) -> str:
@@ -71,10 +83,20 @@ def ran_as(variant: str) -> str:
     return "ONNX Runtime"
 
 
+class Reference:
+    """What :func:`torch_reference` yields: the layers given the graph's weights, and whether their inputs are
+    quantized as the graph's (``activations``, on by default; off: the weights alone)."""
+
+    def __init__(self, done: Any) -> None:
+        self.done = done
+        self.activations = True
+
+
 @contextlib.contextmanager
-def torch_reference(transformer: Any, graph: Path, report: QuantReport, precision: str) -> Iterator[Any]:
+def torch_reference(transformer: Any, graph: Path, report: QuantReport, precision: str) -> Iterator[Reference]:
     """``transformer`` (in the graph's weight type) with the graph's own quantized weights and, for FP8 / NVFP4, each
-    quantized layer's input quantized as the graph does (forward pre-hooks, float32); yields what was loaded."""
+    quantized layer's input quantized as the graph does (forward pre-hooks, float32) while the yielded
+    :class:`Reference`'s ``activations`` is on."""
     done = load_dequantized(transformer, graph, report.sources)
     if precision == "fp8":
         # the graph's float32 view (the gate) multiplies FP8 values by their scales in float32, unrounded; one fp16
@@ -85,19 +107,23 @@ def torch_reference(transformer: Any, graph: Path, report: QuantReport, precisio
     if done.unmatched:
         raise HpedgeError(f"internal: {len(done.unmatched)} of the {precision} graph's {done.quantized} quantized weights "
                           f"match no Linear layer of the transformer (first: {done.unmatched[0]}); export aborted")
+    ref = Reference(done)
     scales = activation_scales(graph) if precision in ("fp8", "nvfp4") else {}
     handles = []
     for m, data in done.layers:
         if data in scales:
             kind, s = scales[data]
             fake = fp8_static if kind == "fp8" else fp4_dynamic
-            handles.append(m.register_forward_pre_hook(
-                lambda _m, args, fake=fake, s=s: (fake(args[0], s).to(args[0].dtype), *args[1:])))
+
+            def hook(_m: Any, args: tuple[Any, ...], fake: Any = fake, s: float = s) -> Any:
+                return (fake(args[0], s).to(args[0].dtype), *args[1:]) if ref.activations else None
+
+            handles.append(m.register_forward_pre_hook(hook))
     if precision in ("fp8", "nvfp4") and len(handles) != len(done.layers):
         raise HpedgeError(f"internal: {len(done.layers) - len(handles)} quantized layers of the {precision} graph have no "
                           "activation quantizer")
     try:
-        yield done
+        yield ref
     finally:
         for h in handles:
             h.remove()

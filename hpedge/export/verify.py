@@ -238,6 +238,18 @@ def dequantized_check(variant: str, path: Path, feeds: list[dict[str, np.ndarray
     return c
 
 
+def weights_only_check(variant: str, path: Path, folder: Path, feeds: list[dict[str, np.ndarray]], ref: list[np.ndarray],
+                       lim: Parity) -> Check:
+    """An FP8 / NVFP4 graph with its activation quantizers bypassed (:func:`hpedge.export.precision_variant.runnable`,
+    written into ``folder``), computed in float32, vs PyTorch with the same weights and unquantized inputs: the
+    weights' values, packing and scales alone, at INT4's tight limit (float32-exact)."""
+    graph = precision_variant.runnable(variant, path, folder, activations=False)
+    results, widened = _float32_run(graph, feeds, f"onnxrt-{variant}-weights-float32", rows_of)
+    return compare_quality(f"implementation: transformer {variant} weights vs PyTorch with the same dequantized weights "
+                           f"(activation quantizers bypassed{', its float32 view' if widened else ''})", ref,
+                           pgy.outputs_of(results), lim.impl_min_cosine, lim.impl_graph_min_psnr_db)
+
+
 @contextlib.contextmanager
 def scratch() -> Iterator[Path]:
     """A temporary folder for graphs parity writes to run (NVFP4's emulation), removed after."""
@@ -415,6 +427,9 @@ def check(package: Path, rerun_parity: bool = True) -> dict[str, Any]:
             if v != "fp32" and (f"{key}/0" in extra or (v == "int4_cpu" and "dequantized/0" in extra)):
                 want = [extra.get(f"{key}/{i}") for i in range(len(feeds))]
                 checks.append(dequantized_check(v, path, feeds, results, want, lim, kernel))
+            if f"{key}_weights/0" in extra:
+                want = [extra[f"{key}_weights/{i}"] for i in range(len(feeds))]
+                checks.append(weights_only_check(v, package / rel, folder, feeds, want, lim))
     checks.append(text_check("text encoders vs PyTorch (stored reference): prompt embeddings", pkg, extra,
                              lim.text_min_cosine))
     t5 = pkg.manifest["components"]["text"]["encoders"].get("t5")

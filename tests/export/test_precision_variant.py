@@ -18,7 +18,7 @@ from hpedge.errors import HpedgeError
 from hpedge.export import precision_variant
 from hpedge.export.activations import rows_of
 from hpedge.export.export import ExportOptions, export
-from hpedge.export.verify import check, dequantized_check
+from hpedge.export.verify import check, dequantized_check, weights_only_check
 from hpedge.runtime.format import load_reference
 from hpedge.runtime.package import Package
 from hpedge.targets.profiles import PROFILE_DIR, profile_from_dict
@@ -71,7 +71,10 @@ def test_fp8_package_builds_its_engine_from_the_fp8_graph_and_passes_its_gates(f
     assert any("proj_out" in k for k in kept) and any("context_embedder" in k for k in kept), kept
     checks = _checks(pkg)
     fp8 = {k: c for k, c in checks.items() if "fp8" in k}
-    assert len(fp8) == 3 and all(c["passed"] for c in fp8.values()), fp8  # quality, implementation, end-to-end
+    # quality, implementation with and without activation quantization, end-to-end
+    assert len(fp8) == 4 and all(c["passed"] for c in fp8.values()), fp8
+    weights = next(c for k, c in fp8.items() if "fp8 weights vs" in k)
+    assert weights["limits"]["min_psnr_db"] == 60.0 and weights["metrics"]["min_psnr_db"] >= 60
     impl = next(c for k, c in fp8.items() if k.startswith("implementation"))
     assert impl["limits"]["min_psnr_db"] == 40.0 and impl["metrics"]["min_psnr_db"] >= 40
 
@@ -91,9 +94,9 @@ def _fp8_bug(model: Any, bug: str) -> None:
     dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_f8"))
     if bug == "weight scales one channel off":
         set_initializer(model, dq.input[1], np.roll(initializer(model, dq.input[1]), 1))
-    elif bug == "activation scale x2":
+    elif bug == "activation scale / 100":  # a stale calibration: the layer's inputs clip at 4.5 of their range
         q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
-        set_initializer(model, q.input[1], initializer(model, q.input[1]) * 2)
+        set_initializer(model, q.input[1], initializer(model, q.input[1]) / 100)
     else:  # activation quantizer dropped (a layer reads its input unquantized)
         q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
         out = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0]).output[0]
@@ -103,22 +106,38 @@ def _fp8_bug(model: Any, bug: str) -> None:
                     n.input[i] = q.input[0]
 
 
-def test_fp8_implementation_gate_fails_on_quantizer_bugs(fp8_package, tmp_path) -> None:
-    import onnx
-
-    pkg, _ = fp8_package
+def _gates(variant: str, pkg: Path, bad: Path, folder: Path) -> tuple[Any, Any]:
+    """The two implementation gates of ``variant`` on graph ``bad`` against the package's stored references."""
     m = json.loads((pkg / "manifest.json").read_text())
     feeds, _, extra = load_reference(pkg, m)
     lim = profile_from_dict(m["target"], "t").parity
-    want = [extra[f"dequantized_fp8/{i}"] for i in range(len(feeds))]
-    for bug in ("weight scales one channel off", "activation scale x2", "an activation left unquantized"):
+    path = precision_variant.runnable(variant, bad, folder)
+    acts = dequantized_check(variant, path, feeds, pgy.run_onnxrt(path, feeds, "bug", split=rows_of),
+                             [extra[f"dequantized_{variant}/{i}"] for i in range(len(feeds))], lim)
+    weights = weights_only_check(variant, bad, folder, feeds,
+                                 [extra[f"dequantized_{variant}_weights/{i}"] for i in range(len(feeds))], lim)
+    return acts, weights
+
+
+def test_fp8_implementation_gates_fail_on_quantizer_bugs(fp8_package, tmp_path) -> None:
+    import onnx
+
+    pkg, _ = fp8_package
+    acts, weights = _gates("fp8", pkg, pkg / "transformer" / "fp8" / "model.onnx", tmp_path / "ok")
+    assert acts.passed and weights.passed and weights.metrics["min_psnr_db"] >= 60, (acts.metrics, weights.metrics)
+    caught = {}
+    for bug in ("weight scales one channel off", "activation scale / 100", "an activation left unquantized"):
         model = onnx.load(str(pkg / "transformer" / "fp8" / "model.onnx"))
         _fp8_bug(model, bug)
-        bad = tmp_path / bug.replace(" ", "_") / "model.onnx"
+        bad = tmp_path / bug.replace(" ", "_").replace("/", "") / "model.onnx"
         bad.parent.mkdir()
         onnx.save(model, str(bad))
-        c = dequantized_check("fp8", bad, feeds, pgy.run_onnxrt(bad, feeds, "bug", split=rows_of), want, lim)
-        assert not c.passed, (bug, c.metrics)
+        acts, weights = _gates("fp8", pkg, bad, bad.parent)
+        caught[bug] = (acts.passed, round(acts.metrics["min_psnr_db"], 1), weights.passed,
+                       round(weights.metrics["min_psnr_db"], 1))
+    print(caught)
+    assert not caught["weight scales one channel off"][2], caught  # the weights' gate
+    assert not caught["activation scale / 100"][0] and not caught["an activation left unquantized"][0], caught
 
 
 def test_nvfp4_is_gated_through_its_emulation_and_its_engine_built_for_blackwell(real_pipelines, tiny_rtx5090,
@@ -130,8 +149,10 @@ def test_nvfp4_is_gated_through_its_emulation_and_its_engine_built_for_blackwell
     tr = m["engines"]["components"]["transformer"]
     assert tr["onnx"] == "transformer/nvfp4/model.onnx" and tr["compute_capabilities"] == ["12.0"]
     checks = {k: c for k, c in _checks(pkg).items() if "nvfp4" in k}
-    assert len(checks) == 3 and all("emulated" in k for k in checks if k.startswith("transformer")), list(checks)
-    impl = next(c for k, c in checks.items() if k.startswith("implementation"))
+    assert len(checks) == 4 and all("emulated" in k for k in checks if k.startswith("transformer")), list(checks)
+    impl = next(c for k, c in checks.items() if k.startswith("implementation") and "nvfp4 weights" not in k)
+    weights = next(c for k, c in checks.items() if "nvfp4 weights" in k)
+    assert weights["passed"] and weights["metrics"]["min_psnr_db"] >= 60, weights
     assert impl["passed"] and impl["limits"] == {"min_cosine": 0.99, "min_psnr_db": 25.0}, impl
     # W4A4 on this tiny random model is below INT4's quality limits (the auto test's fallback depends on it)
     quality = next(c for k, c in checks.items() if k.startswith("transformer nvfp4"))
@@ -185,9 +206,9 @@ def _nvfp4_bug(model: Any, bug: str) -> None:
         s = inits[w.name[:-3] + "_block_scale"]
         raw = np.frombuffer(s.raw_data, np.uint8).reshape(list(s.dims))
         s.raw_data = np.roll(raw, 1, axis=0).tobytes()
-    else:  # the activation factor x2
+    else:  # the activation factor / 100: block scales saturate FP8, the inputs clip
         g = next(n for n in model.graph.node if n.op_type == "TRT_FP4DynamicQuantize").input[1]
-        set_initializer(model, g, initializer(model, g) * 2)
+        set_initializer(model, g, initializer(model, g) / 100)
     _ = (TensorProto, helper)
 
 
@@ -200,17 +221,19 @@ def test_nvfp4_on_the_digits_student_passes_parity_and_check_and_its_gate_fails_
     assert r.exit_code == 0, r.output
     m = json.loads((pkg / "manifest.json").read_text())
     assert m["precision"]["transformer"] == "nvfp4" and m["parity"]["passed"] and m["engines"]["status"] == "built"
-    assert check(pkg)["passed"]
-    feeds, _, extra = load_reference(pkg, m)
-    lim = profile_from_dict(m["target"], "t").parity
-    want = [extra[f"dequantized_nvfp4/{i}"] for i in range(len(feeds))]
-    for bug in ("nibbles swapped", "block scales one block off", "activation factor x2"):
+    res = check(pkg)
+    assert res["passed"] and any("nvfp4 weights vs PyTorch" in c["name"] for c in res["checks"])
+    caught = {}
+    for bug in ("nibbles swapped", "block scales one block off", "activation factor / 100"):
         model = onnx.load(str(pkg / "transformer" / "nvfp4" / "model.onnx"))
         _nvfp4_bug(model, bug)
-        folder = tmp_path / bug.replace(" ", "_")
+        folder = tmp_path / bug.replace(" ", "_").replace("/", "")
         folder.mkdir()
         onnx.save(model, str(folder / "model.onnx"))
-        path = precision_variant.runnable("nvfp4", folder / "model.onnx", folder)
-        c = dequantized_check("nvfp4", path, feeds, pgy.run_onnxrt(path, feeds, "bug", split=rows_of), want, lim)
-        assert not c.passed, (bug, c.metrics)
+        acts, weights = _gates("nvfp4", pkg, folder / "model.onnx", folder)
+        caught[bug] = (acts.passed, round(acts.metrics["min_psnr_db"], 1), weights.passed,
+                       round(weights.metrics["min_psnr_db"], 1))
+    print(caught)
+    assert not caught["nibbles swapped"][2] and not caught["block scales one block off"][2], caught
+    assert not caught["activation factor / 100"][0], caught
     shutil.rmtree(pkg)
