@@ -26,7 +26,17 @@ from hpedge.compress.processes import is_main_process
 from hpedge.compress.pwp import resolve_pwp
 from hpedge.compress.sparsity import SparsitySpec
 from hpedge.compress.vq import VQSpec
-from hpedge.console import console, err_console, gb, params, print_distill_memory, print_engines, print_plan, progress
+from hpedge.console import (
+    console,
+    err_console,
+    gb,
+    params,
+    print_distill_memory,
+    print_engines,
+    print_plan,
+    print_precision_choice,
+    progress,
+)
 from hpedge.errors import HpedgeError
 from hpedge.evaluation.image import save_image
 from hpedge.export import build as engine_build
@@ -40,8 +50,9 @@ from hpedge.models.loading import drop_t5 as without_t5
 from hpedge.models.meta import text_encoder_held_bytes
 from hpedge.models.sampling import defaults, defaults_of_ref, sample, with_overrides
 from hpedge.runtime import Package
+from hpedge.targets.footprint import choose_precision
 from hpedge.targets.host import MEASURED_PEAK, available_bytes, export_need
-from hpedge.targets.profiles import all_profiles
+from hpedge.targets.profiles import all_profiles, load_profile
 from hpedge.zoo.evaluate import EvalSettings, evaluate, grid_of_result
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="HierarchicalPrune compression and edge deployment.")
@@ -234,6 +245,12 @@ def plan(model: Annotated[str, typer.Argument(help="pipeline folder, zoo:NAME or
                  protect_early)
     print_plan(p)
     out = p.to_dict()
+    if target is not None:  # the engine precision export --precision auto would take for this plan, and its footprint
+        choice = choose_precision(resolve(model, allow_architecture=True), load_profile(target), "auto", residency,
+                                  drop_t5, p.remove, t5)
+        print_precision_choice(choice)
+        out["precision"] = {"order": choice.order, "why": choice.why,
+                            "footprints": {k: fp.to_dict() for k, fp in choice.footprints.items()}}
     use_pwp, why = resolve_pwp(p.remove, p.num_blocks, DistillSettings(pwp=pwp))
     console.print(f"compress: {why}")
     out["pwp"] = {"used": use_pwp, "why": why}
@@ -334,12 +351,12 @@ def compress(model: Annotated[str, typer.Argument(help="pipeline folder or zoo:N
 def targets() -> None:
     """List the built-in device profiles."""
 
-    t = Table(Column("name", no_wrap=True), "device", "sm", "memory", "precisions", "resolution", "batch",
-              "engine library", "engine built on")
+    t = Table(Column("name", no_wrap=True), "device", "sm", "memory", "precision (auto order)",
+              "resolution", "batch", "engine library", "engine built on")
     for p in all_profiles():
         caps = ",".join("sm_" + c.replace(".", "") for c in p.engine.compute_capabilities)
         t.add_row(p.name, p.display_name, p.compute_capability, f"{p.memory_gb:g} GB{' shared' if p.shared_memory else ''}",
-                  ",".join(p.precisions), f"{p.resolution.min}-{p.resolution.max}", f"{p.batch.min}-{p.batch.max}",
+                  ">".join(p.transformer_precisions), f"{p.resolution.min}-{p.resolution.max}", f"{p.batch.min}-{p.batch.max}",
                   f"{p.engine.library} ({caps})", "any host" if p.build_on == "host" else "the device (hpedge build)")
     console.print(t)
 

@@ -89,6 +89,16 @@ def print_footprint(fp: dict[str, Any]) -> None:
     console.print(t)
 
 
+def print_precision_choice(choice: Any) -> None:
+    """The engine precisions of a target with their footprints (:func:`hpedge.targets.footprint.choose_precision`)."""
+    t = Table("engine precision", "transformer GB", "needed GB", "fits")
+    for p, tr, need, fits in choice.rows():
+        t.add_row(p + (" [bold](auto)[/]" if choice.order and p == choice.order[0] else ""), f"{tr:.2f}", f"{need:.2f}",
+                  "yes" if fits else "no")
+    console.print(t)
+    console.print(choice.why + ("" if choice.order else "; none fits"))
+
+
 def print_distill_memory(m: Any) -> None:
     """The table of :func:`hpedge.compress.memory.estimate_for`'s estimate."""
     gib = 2**30

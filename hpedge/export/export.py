@@ -80,7 +80,7 @@ from hpedge.runtime.format import finalize_manifest, save_implementation_referen
 from hpedge.runtime.package import Package
 from hpedge.runtime.schedule import initial_latents
 from hpedge.targets import precisions
-from hpedge.targets.footprint import estimate, refuse_unless_fits
+from hpedge.targets.footprint import choose_precision, refuse_unless_fits
 from hpedge.targets.host import check_host
 from hpedge.targets.profiles import Profile, load_profile
 from hpedge.targets.shapes import resolution_range
@@ -219,16 +219,14 @@ def _prepare(model: str, out: Path, opts: ExportOptions, say: Callable[[str], No
     check_parent(out)
     if out.exists() and not opts.overwrite:
         raise HpedgeError(f"{out} already exists; pass --overwrite to replace it")
-    order, why = precisions.candidates(opts.precision, profile)
     ref = resolve(model)
     t0 = time.time()
-    fps = {p: estimate(ref, profile, opts.residency, opts.drop_t5, t5=opts.t5, precision=p) for p in order}
-    fitting = [p for p in order if fps[p].fits()]
-    refuse_unless_fits(fps[fitting[0] if fitting else order[-1]])  # a package that cannot fit is not built
-    if fitting != order:
-        why += f"; {', '.join(p for p in order if p not in fitting)} would not fit {profile.name}"
+    choice = choose_precision(ref, profile, opts.precision, opts.residency, opts.drop_t5, t5=opts.t5)
+    # a package that cannot fit is not built
+    refuse_unless_fits(choice.footprints[choice.order[0] if choice.order else list(choice.footprints)[-1]])
+    fitting, why = choice.order, choice.why
     build_now, engine_reason = engine_build.plan(opts.engine, profile, {fitting[0], "int4", opts.compute})
-    memory = fps[fitting[0]].to_dict()
+    memory = choice.footprints[fitting[0]].to_dict()
     # nor one this host is measured to run out of memory exporting
     memory["host"] = check_host(adapters.numel(meta_transformer(ref)), opts.method, opts.ignore_host_memory,
                                 text_encoder_held_bytes(ref, opts.drop_t5))

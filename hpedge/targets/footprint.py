@@ -196,6 +196,31 @@ def estimate(ref: Any, profile: Profile, residency: str = "auto", drop_t5: bool 
     return fp
 
 
+@dataclass
+class PrecisionChoice:
+    """The engine precisions to try on a target, best first, of those that fit (``order``), each one's footprint
+    (``footprints``, every candidate's) and why (``why``, said in the output and recorded in the manifest)."""
+    order: list[str]
+    footprints: dict[str, Footprint]
+    why: str
+
+    def rows(self) -> list[tuple[str, float, float, bool]]:
+        """(precision, transformer GB, needed GB, fits) per candidate."""
+        return [(p, fp.weights["transformer"] / 1e9, fp.need() / 1e9, fp.fits()) for p, fp in self.footprints.items()]
+
+
+def choose_precision(ref: Any, profile: Profile, requested: str = "auto", residency: str = "auto", drop_t5: bool = False,
+                     remove: list[int] | None = None, t5: str = "auto") -> PrecisionChoice:
+    """``--precision`` resolved on ``profile`` (:func:`hpedge.targets.precisions.candidates`: refused in one line where
+    the GPU does not run it), less the precisions whose package would not fit; an empty ``order``: none fits."""
+    order, why = precisions.candidates(requested, profile)
+    fps = {p: estimate(ref, profile, residency, drop_t5, remove, t5=t5, precision=p) for p in order}
+    fitting = [p for p in order if fps[p].fits()]
+    if fitting and fitting != order:
+        why += f"; {', '.join(p for p in order if p not in fitting)} would not fit {profile.name}"
+    return PrecisionChoice(fitting, fps, why)
+
+
 def _resolution(ref: Any, tr: Any, vae: Any, prof: Any) -> int:
     """The opt resolution the package's engines are built for (the export's rule)."""
     vs = 2 ** (len(vae.config.block_out_channels) - 1)
