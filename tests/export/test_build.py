@@ -42,12 +42,17 @@ def test_zoo_packages_carry_built_rtx_engines_for_every_rtx_generation(zoo_packa
         c = e["components"][name]
         assert c["file"] in m["files"] and c["engine_bytes"] == (zoo_package / c["file"]).stat().st_size > 0
         assert c["compute_capabilities"] == ["8.9"] and c["version"] == RTX.version
-    # rtx3060 (Ampere, sm_86) and rtx5090 (Blackwell, sm_120) from the same package's ONNX files
+    # rtx3060 (Ampere, sm_86) and rtx5090 (Blackwell, sm_120) from the same package's ONNX files: the rtx4090
+    # package's transformer engine is FP8 (--precision auto), which Ampere has no kernels for: its INT4 graph there
+    assert m["precision"]["transformer"] == "fp8" and e["components"]["transformer"]["onnx"] == "transformer/fp8/model.onnx"
     comps = engine_build.planned(e["components"])
     root = tmp_path / "pkg"
     shutil.copytree(zoo_package, root)
+    with pytest.raises(HpedgeError, match="sm86.*fp8_e4m3"):
+        engine_build.build_all(root, {"transformer": comps["transformer"]}, load_profile("rtx3060"))
     for target, cc in (("rtx3060", "8.6"), ("rtx5090", "12.0")):
-        built = engine_build.build_all(root, comps, load_profile(target))
+        ampere = {"transformer": {**comps["transformer"], "onnx": "transformer/int4/model.onnx"}} if cc == "8.6" else {}
+        built = engine_build.build_all(root, {**comps, **ampere}, load_profile(target))
         for name, c in built.items():
             assert c["compute_capabilities"] == [cc] and (root / c["file"]).stat().st_size > 0  # the VAE is shared: a hit
             assert c["cache_key"] != e["components"][name]["cache_key"]
@@ -58,8 +63,7 @@ def test_hpedge_build_builds_pending_engines_and_keeps_them_only_if_they_match(s
     exercised with a stand-in runner (no RTX GPU here) whose outputs are the stored reference, exact or with
     an error as large as the signal. A failing engine set is deleted and the package stays as it was."""
     from hpedge.export import build as pipeline
-    from hpedge.runtime.format import load_reference
-    from hpedge.runtime.format import read_manifest
+    from hpedge.runtime.format import load_reference, read_manifest
 
     if not RTX.ok:
         pytest.skip(f"TensorRT-RTX not importable: {RTX.reason}")
