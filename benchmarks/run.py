@@ -31,6 +31,8 @@
                                                # a package's vq variant: hpedge check, plain ONNX Runtime, hpedge generate
     python benchmarks/run.py vq-engine         # TensorRT-RTX engine bytes from codebook-lookup graphs vs dense and INT4
     python benchmarks/run.py fp8-probe         # FP8 Q/DQ graphs: ONNX Runtime CPU vs a numpy reference, TensorRT-RTX builds per profile
+    python benchmarks/run.py precision --family sd3 --work DIR
+                                               # int4 / int8 / fp8 / nvfp4 packages side by side: bytes, engines, gates, digits
     python benchmarks/run.py gpu               # real-scale SD3.5-Large step in PyTorch on a CUDA GPU (bf16, pruned, INT4)
     python benchmarks/run.py curve --family sd3 --jobs 2
                                                # the compression curve: methods x 25/40/50 % of blocks removed, LR sweep, PNG
@@ -56,6 +58,7 @@ import engines as engines_benchmark  # noqa: E402
 import fit as fit_benchmark  # noqa: E402
 import fp8_probe as fp8_probe_benchmark  # noqa: E402
 import gates as gates_benchmark  # noqa: E402
+import precision as precision_benchmark  # noqa: E402
 import pwp_prefix as pwp_prefix_benchmark  # noqa: E402
 import quant_method as quant_method_benchmark  # noqa: E402
 import size as size_benchmark  # noqa: E402
@@ -130,6 +133,7 @@ def main() -> None:
     vq_benchmark.add_package_parser(sub)
     vq_engine_benchmark.add_parser(sub)
     fp8_probe_benchmark.add_parser(sub)
+    precision_benchmark.add_parser(sub)
     curve_benchmark.add_parser(sub)
     t = sub.add_parser("retrain")
     t.add_argument("--family", choices=["sd3", "flux"], required=True)
@@ -149,7 +153,7 @@ def main() -> None:
      "size": size_benchmark.size, "quant-method": quant_method_benchmark.quant_method,
      "gates": gates_benchmark.gates, "sparsity": sparsity_benchmark.sparsity, "curve": curve_benchmark.curve, "curve-row": curve_benchmark.curve_row,
      "vq": vq_benchmark.vq, "vq-package": vq_benchmark.vq_package, "vq-engine": vq_engine_benchmark.vq_engine,
-     "fp8-probe": fp8_probe_benchmark.fp8_probe}[args.cmd](args)
+     "fp8-probe": fp8_probe_benchmark.fp8_probe, "precision": precision_benchmark.precision}[args.cmd](args)
 
 
 if __name__ == "__main__":
