@@ -493,32 +493,21 @@ def _quantize(run: _Run, tmp: Path, work: Path) -> tuple[QuantReport, int]:
 
 
 def _engine_precision(run: _Run, tmp: Path, src: Path, view: Path | None) -> None:
-    """The engines' precision: the candidates in order, each but INT4 quantized from ``src`` (the fp16 export) into
-    its own variant; with ``--precision auto`` one that fails its quality gate (the transformer vs PyTorch on the
-    held-out inputs, the INT4 limits) is removed and the next tried. INT4's graph exists already."""
-    tried = []
-    for p in run.candidates:
-        if p == "int4":
-            break
-        dst = tmp / "transformer" / p / "model.onnx"
-        run.say(f"{p} variant: {precisions.get(p).title}")
-        rep = precision_variant.write_graph(p, src, dst, run.refs["calib"], run.keep, view, run.say)
-        if run.opts.precision != "auto":  # asked for: its gates decide in parity, as INT4's do
-            run.refs["precision_report"] = rep
-            break
+    """The engines' precision (:func:`hpedge.export.precision_variant.choose`), its graph written from ``src`` (the
+    fp16 export); with ``--precision auto`` the first candidate whose transformer passes the quality gate (vs PyTorch
+    on the held-out inputs, INT4's limits)."""
+
+    def judge(p: str, dst: Path) -> Check:
         with verify.scratch() as folder:
-            graph = precision_variant.runnable(p, dst, folder)
-            results = pgy.run_onnxrt(graph, run.refs["held"], f"onnxrt-{p}", split=rows_of)
-            c = verify.transformer_check(f"{p} quality gate", p, results, run.refs["out"], "out", run.profile.parity)
-        tried.append({"precision": p, "passed": c.passed, **c.metrics})
-        if c.passed:
-            run.refs["precision_report"] = rep
-            break
-        run.say(f"{p} fails its quality gate ({', '.join(f'{k} {v:.4g}' for k, v in c.metrics.items())}); next")
-        shutil.rmtree(dst.parent)
-    chosen = p if "precision_report" in run.refs else "int4"
+            results = pgy.run_onnxrt(precision_variant.runnable(p, dst, folder), run.refs["held"], f"onnxrt-{p}",
+                                     split=rows_of)
+            return verify.transformer_check(f"{p} quality gate", p, results, run.refs["out"], "out", run.profile.parity)
+
+    chosen, rep, tried = precision_variant.choose(run.candidates, run.opts.precision == "auto", src, tmp / "transformer",
+                                                  run.refs["calib"], run.keep, view, judge, run.say)
+    if rep is not None:
+        run.refs["precision_report"] = rep
     facts = precisions.get(chosen)
-    rep = run.refs.get("precision_report")
     run.precision.update(transformer=chosen, title=facts.title, onnxruntime=facts.ort_cpu, tried=tried,
                          file=f"transformer/{chosen}/model.onnx", activations=facts.activations,
                          **({"quantization": {k: v for k, v in rep.to_dict().items() if k != "layer_error"},

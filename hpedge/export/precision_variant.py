@@ -19,6 +19,7 @@ fp16 export on the same captured calibration inputs, and the engines are built f
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,31 @@ def write_graph(precision: str, src: Path, dst: Path, calibration: list[dict[str
     if precision in ("fp8", "nvfp4"):
         return quantize_float(precision, src, dst, calibration, keep, activations_from, say)
     raise HpedgeError(f"internal: no graph of its own for precision {precision!r}")
+
+
+def choose(candidates: list[str], auto: bool, src: Path, folder: Path, calibration: list[dict[str, np.ndarray]],
+           keep: dict[str, str], activations_from: Path | None, judge: Callable[[str, Path], Any],
+           say: Callable[[str], None]) -> tuple[str, QuantReport | None, list[dict[str, Any]]]:
+    """The engine precision: ``candidates`` in order, each but INT4 (whose graph the export always writes) quantized
+    from ``src`` into ``folder/<precision>/model.onnx``. Asked for by name, it is taken (its gates decide in parity,
+    as INT4's do); with ``auto``, one whose graph ``judge`` (its quality gate) fails is removed and the next tried.
+    Returns the precision, its quantization report (None for INT4) and what was tried."""
+    tried: list[dict[str, Any]] = []
+    for p in candidates:
+        if p == "int4":
+            break
+        dst = folder / p / "model.onnx"
+        say(f"{p} variant: {precisions.get(p).title}")
+        rep = write_graph(p, src, dst, calibration, keep, activations_from, say)
+        if not auto:
+            return p, rep, tried
+        c = judge(p, dst)
+        tried.append({"precision": p, "passed": c.passed, **c.metrics})
+        if c.passed:
+            return p, rep, tried
+        say(f"{p} fails its quality gate ({', '.join(f'{k} {v:.4g}' for k, v in c.metrics.items())}); next")
+        shutil.rmtree(dst.parent)
+    return "int4", None, tried
 
 
 def runnable(variant: str, path: Path, folder: Path, activations: bool = True) -> Path:
