@@ -4,7 +4,6 @@ choice and fallback, ``hpedge check`` rerunning the gates, and the gates failing
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from hpedge.runtime.format import load_reference
 from hpedge.runtime.package import Package
 from hpedge.targets.profiles import PROFILE_DIR, profile_from_dict
 from hpedge.testing import initializer, set_initializer
-from tests.conftest import REAL_SIZE, zoo_available
+from tests.conftest import REAL_SIZE
 
 runner = CliRunner()
 
@@ -140,10 +139,14 @@ def test_fp8_implementation_gates_fail_on_quantizer_bugs(fp8_package, tmp_path) 
     assert not caught["activation scale / 100"][0] and not caught["an activation left unquantized"][0], caught
 
 
-def test_nvfp4_is_gated_through_its_emulation_and_its_engine_built_for_blackwell(real_pipelines, tiny_rtx5090,
-                                                                                  tmp_path) -> None:
-    pkg = tmp_path / "pkg"
-    m = _export(real_pipelines["sd3.5-large"], pkg, tiny_rtx5090, "nvfp4", allow_parity_failure=True)
+@pytest.fixture(scope="module")
+def nvfp4_package(real_pipelines, tiny_rtx5090, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nvfp4") / "pkg"
+    return out, _export(real_pipelines["sd3.5-large"], out, tiny_rtx5090, "nvfp4", allow_parity_failure=True)
+
+
+def test_nvfp4_is_gated_through_its_emulation_and_its_engine_built_for_blackwell(nvfp4_package) -> None:
+    pkg, m = nvfp4_package
     pr = m["precision"]
     assert pr["transformer"] == "nvfp4" and not pr["onnxruntime"] and pr["activations"] == "fp4"
     tr = m["engines"]["components"]["transformer"]
@@ -154,11 +157,31 @@ def test_nvfp4_is_gated_through_its_emulation_and_its_engine_built_for_blackwell
     weights = next(c for k, c in checks.items() if "nvfp4 weights" in k)
     assert weights["passed"] and weights["metrics"]["min_psnr_db"] >= 60, weights
     assert impl["passed"] and impl["limits"] == {"min_cosine": 0.99, "min_psnr_db": 25.0}, impl
-    # W4A4 on this tiny random model is below INT4's quality limits (the auto test's fallback depends on it)
+    # W4A4 on this tiny random model is below INT4's quality limits (the auto test's fallback depends on it; on the
+    # digits student NVFP4 passes: benchmarks/results/precision-sd3.md)
     quality = next(c for k, c in checks.items() if k.startswith("transformer nvfp4"))
     assert not quality["passed"] and not m["parity"]["passed"]
     with pytest.raises(HpedgeError, match="runs on its engine only"):
         Package(pkg, variant="nvfp4", device="cpu")
+
+
+def test_nvfp4_implementation_gates_fail_on_quantizer_bugs(nvfp4_package, tmp_path) -> None:
+    import onnx
+
+    pkg, _ = nvfp4_package
+    caught = {}
+    for bug in ("nibbles swapped", "block scales one block off", "activation factor / 100"):
+        model = onnx.load(str(pkg / "transformer" / "nvfp4" / "model.onnx"))
+        _nvfp4_bug(model, bug)
+        folder = tmp_path / bug.replace(" ", "_").replace("/", "")
+        folder.mkdir()
+        onnx.save(model, str(folder / "model.onnx"))
+        acts, weights = _gates("nvfp4", pkg, folder / "model.onnx", folder)
+        caught[bug] = (acts.passed, round(acts.metrics["min_psnr_db"], 1), weights.passed,
+                       round(weights.metrics["min_psnr_db"], 1))
+    print(caught)
+    assert not caught["nibbles swapped"][2] and not caught["block scales one block off"][2], caught
+    assert not caught["activation factor / 100"][0], caught
 
 
 def test_auto_takes_the_best_precision_that_passes_its_quality_gate(real_pipelines, tiny_rtx5090, tmp_path) -> None:
@@ -195,8 +218,6 @@ def test_unsupported_pairs_are_refused_in_one_line(real_pipelines, tmp_path, tar
 
 
 def _nvfp4_bug(model: Any, bug: str) -> None:
-    from onnx import TensorProto, helper
-
     inits = {i.name: i for i in model.graph.initializer}
     w = next(i for i in model.graph.initializer if i.name.endswith("_f4"))
     if bug == "nibbles swapped":
@@ -209,31 +230,3 @@ def _nvfp4_bug(model: Any, bug: str) -> None:
     else:  # the activation factor / 100: block scales saturate FP8, the inputs clip
         g = next(n for n in model.graph.node if n.op_type == "TRT_FP4DynamicQuantize").input[1]
         set_initializer(model, g, initializer(model, g) / 100)
-    _ = (TensorProto, helper)
-
-
-@pytest.mark.skipif(not zoo_available("digits-sd3"), reason="the digits student is not in the zoo")
-def test_nvfp4_on_the_digits_student_passes_parity_and_check_and_its_gate_fails_on_bugs(tmp_path) -> None:
-    import onnx
-
-    pkg = tmp_path / "pkg"
-    r = runner.invoke(app, ["export", "zoo:digits-sd3", "--target", "rtx5090", "--precision", "nvfp4", "-o", str(pkg)])
-    assert r.exit_code == 0, r.output
-    m = json.loads((pkg / "manifest.json").read_text())
-    assert m["precision"]["transformer"] == "nvfp4" and m["parity"]["passed"] and m["engines"]["status"] == "built"
-    res = check(pkg)
-    assert res["passed"] and any("nvfp4 weights vs PyTorch" in c["name"] for c in res["checks"])
-    caught = {}
-    for bug in ("nibbles swapped", "block scales one block off", "activation factor / 100"):
-        model = onnx.load(str(pkg / "transformer" / "nvfp4" / "model.onnx"))
-        _nvfp4_bug(model, bug)
-        folder = tmp_path / bug.replace(" ", "_").replace("/", "")
-        folder.mkdir()
-        onnx.save(model, str(folder / "model.onnx"))
-        acts, weights = _gates("nvfp4", pkg, folder / "model.onnx", folder)
-        caught[bug] = (acts.passed, round(acts.metrics["min_psnr_db"], 1), weights.passed,
-                       round(weights.metrics["min_psnr_db"], 1))
-    print(caught)
-    assert not caught["nibbles swapped"][2] and not caught["block scales one block off"][2], caught
-    assert not caught["activation factor / 100"][0], caught
-    shutil.rmtree(pkg)
