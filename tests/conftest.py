@@ -56,7 +56,8 @@ def sd3_package(random_sd3, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pkg") / "sd3"
     from hpedge.export.export import ExportOptions, export
 
-    export(str(random_sd3), out, ExportOptions(target="rtx4090", method="rtn", calibration_prompts=2, e2e_samples=2))
+    export(str(random_sd3), out, ExportOptions(target="rtx4090", method="rtn", calibration_prompts=2, e2e_samples=2,
+                                               precision="int4"))  # the INT4 engine (auto takes fp8: tests/export/test_precision_variant.py)
     return out
 
 

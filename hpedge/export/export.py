@@ -80,7 +80,7 @@ from hpedge.runtime.format import finalize_manifest, save_implementation_referen
 from hpedge.runtime.package import Package
 from hpedge.runtime.schedule import initial_latents
 from hpedge.targets import precisions
-from hpedge.targets.footprint import choose_precision, refuse_unless_fits
+from hpedge.targets.footprint import choose_precision, estimate, refuse_unless_fits
 from hpedge.targets.host import check_host
 from hpedge.targets.profiles import Profile, load_profile
 from hpedge.targets.shapes import resolution_range
@@ -147,6 +147,7 @@ class _Run:
     candidates: list[str] = field(default_factory=list)  # the engine precisions to try, best first
     precision: dict[str, Any] = field(default_factory=dict)  # the manifest's ``precision`` section
     keep: dict[str, str] = field(default_factory=dict)  # weight key -> layer, left in 16 bits by FP8 / NVFP4
+    footprints: dict[str, Any] = field(default_factory=dict)  # each candidate precision's package footprint
 
     @property
     def seq(self) -> int:
@@ -232,7 +233,8 @@ def _prepare(model: str, out: Path, opts: ExportOptions, say: Callable[[str], No
                                 text_encoder_held_bytes(ref, opts.drop_t5))
     say(f"transformer precision: {why}")
     return _Run(model, opts, profile, ref, memory, build_now, engine_reason, say, t0, candidates=fitting,
-                precision={"requested": opts.precision, "why": why})
+                precision={"requested": opts.precision, "why": why},
+                footprints={p: choice.footprints[p].to_dict() for p in fitting})
 
 
 def _load(run: _Run) -> None:
@@ -507,6 +509,11 @@ def _engine_precision(run: _Run, tmp: Path, src: Path, view: Path | None) -> Non
                                                   run.refs["calib"], run.keep, view, judge, run.say)
     if rep is not None:
         run.refs["precision_report"] = rep
+    # the package's footprint at the precision taken, T5 as it was exported (chosen with the first candidate)
+    fp, t5 = run.footprints[chosen], run.memory["precisions"].get("t5")
+    if fp["precisions"].get("t5") != t5:
+        fp = estimate(run.ref, run.profile, run.opts.residency, run.opts.drop_t5, t5=t5, precision=chosen).to_dict()
+    run.memory = {**fp, "host": run.memory["host"]}
     facts = precisions.get(chosen)
     run.precision.update(transformer=chosen, title=facts.title, onnxruntime=facts.ort_cpu, tried=tried,
                          file=f"transformer/{chosen}/model.onnx", activations=facts.activations,

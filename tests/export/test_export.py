@@ -101,7 +101,8 @@ def test_tensorrt_input_computes_in_fp16_with_float32_io(sd3_package) -> None:
 def test_fp32_reference_is_shipped_on_request(random_sd3, tmp_path) -> None:
     out = tmp_path / "pkg"
     m = export(str(random_sd3), out, ExportOptions(target="rtx4090", method="rtn", calibration_prompts=1, e2e_samples=1,
-                                                  compute="fp32", fp32_reference=True, engine="skip"))
+                                                  compute="fp32", fp32_reference=True, engine="skip",
+                                                  precision="int4"))
     assert set(m["components"]["transformer"]["variants"]) == {"fp32", "int4", "int4_cpu"}
     t = m["components"]["transformer"]
     assert t["bytes"]["fp32"] >= t["fp32_bytes"] > 0.95 * t["bytes"]["fp32"]  # 4 bytes a parameter, and the graph
@@ -143,7 +144,7 @@ def test_a_bfloat16_checkpoint_is_held_in_bfloat16_and_checked_through_the_widen
 
     monkeypatch.setattr(export_module, "_export_text", spy)
     m = export(str(folder), tmp_path / "pkg", ExportOptions(target="rtx4090", method="rtn", calibration_prompts=1,
-                                                            e2e_samples=1, engine="skip"))
+                                                            e2e_samples=1, engine="skip", precision="int4"))
     assert seen["t5"] == torch.float16
     assert m["components"]["transformer"]["storage"] == "bfloat16" and m["parity"]["passed"]
     assert m["components"]["transformer"]["fp32_check"].startswith("fp16 graph widened to float32")
@@ -272,7 +273,7 @@ def test_parity_failure_writes_no_package(random_sd3, tmp_path) -> None:
     out = tmp_path / "pkg"
     with pytest.raises(HpedgeError, match="parity failed") as e:
         export(str(random_sd3), out, ExportOptions(target=str(tmp_path / "strict.json"), method="rtn",
-                                                  calibration_prompts=1, e2e_samples=1, engine="skip"))
+                                                  calibration_prompts=1, e2e_samples=1, engine="skip", precision="int4"))
     assert e.value.exit_code == HpedgeError.CHECK_FAILED
     assert not out.exists() and (tmp_path / "pkg.parity.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pkg")]
@@ -385,7 +386,8 @@ def test_int4_t5_is_gated_by_its_prompt_embedding_parity(random_sd3, tmp_path) -
 
     out = tmp_path / "pkg"
     m = export(str(random_sd3), out, ExportOptions(target="rtx4090", method="rtn", calibration_prompts=1, e2e_samples=1,
-                                                  engine="skip", t5="int4", allow_parity_failure=True))
+                                                  engine="skip", t5="int4", allow_parity_failure=True,
+                                                  precision="int4"))
     t5 = m["components"]["text"]["encoders"]["t5"]
     assert t5["precision"] == "int4" and t5["quantization"]["method"] == "rtn"
     model = onnx.load(str(out / "text" / "t5" / "model.onnx"))

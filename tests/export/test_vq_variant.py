@@ -31,7 +31,7 @@ def vq_student(real_pipelines, tmp_path_factory):
 
 
 def _export(student, folder, tiny_rtx4090):
-    return export(str(student), folder, ExportOptions(target=str(tiny_rtx4090), method="rtn", engine="skip",
+    return export(str(student), folder, ExportOptions(target=str(tiny_rtx4090), method="rtn", engine="skip", precision="int4",
                                                       calibration_prompts=1, e2e_samples=1))
 
 
