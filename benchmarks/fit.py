@@ -34,11 +34,13 @@ def fit(args: argparse.Namespace) -> None:
     from hpedge.compress.plan import Budget
     from hpedge.errors import HpedgeError
     from hpedge.models.loading import resolve
+    from hpedge.targets.footprint import choose_precision
     from hpedge.targets.profiles import all_profiles
 
-    family = resolve(args.arch, allow_architecture=True).family
-    lines = ["| profile | residency | T5 | blocks removed | kept parameters | needed GB | available GB |",
-             "|---|---|---|---|---|---|---|"]
+    ref = resolve(args.arch, allow_architecture=True)
+    family = ref.family
+    lines = ["| profile | residency | T5 | blocks removed | kept parameters | needed GB (INT4) | engine precision "
+             "(`--precision auto`): needed GB | available GB |", "|---|---|---|---|---|---|---|---|"]
     fits: dict[str, list[str]] = {}
     for prof in all_profiles():
         for residency, t5, drop in configurations(family):
@@ -48,18 +50,23 @@ def fit(args: argparse.Namespace) -> None:
                              args.importance, 0.5)
             except HpedgeError as e:
                 short = str(e).split(": the package needs ", 1)[-1].split(";")[0]
-                lines.append(f"| {prof.name} | {what} | {'dropped' if drop else 'auto'} | does not fit: {short} | | | "
+                lines.append(f"| {prof.name} | {what} | {'dropped' if drop else 'auto'} | does not fit: {short} | | | | "
                              f"{(prof.memory_gb - prof.reserve_gb):.2f} |")
                 continue
             fp = p.package_memory
             t5_col = "dropped" if drop else fp["precisions"]["t5"].upper()
+            # the blocks are removed until INT4 fits; then the best precision the GPU runs that fits as well
+            choice = choose_precision(ref, prof, "auto", residency, drop, p.remove, fp["precisions"].get("t5", "auto"))
+            best = choice.order[0]
             lines.append(f"| {prof.name} | {what} | {t5_col} | {len(p.remove)} | {p.kept_ratio:.1%} | "
-                         f"{fp['need'] / 1e9:.2f} | {fp['capacity'] / 1e9:.2f} |")
+                         f"{fp['need'] / 1e9:.2f} | {best}: {choice.footprints[best].need() / 1e9:.2f} | "
+                         f"{fp['capacity'] / 1e9:.2f} |")
             fits.setdefault(prof.name, []).append(f"{what}, T5 {t5_col}")
     n = len(all_profiles())
     text = header(f"Which profiles hold {args.arch}: the package as it ships, per configuration") + (
         f"Importance table: `{args.importance.replace(str(ROOT) + '/', '')}`; protected early blocks: the first half. "
-        "The package: transformer INT4 (kept blocks), T5 INT8 or INT4 (`--t5 auto`) or dropped, CLIPs and the VAE "
+        "The package: transformer INT4 (kept blocks; the engine precision `--precision auto` takes on those blocks "
+        "and its footprint beside), T5 INT8 or INT4 (`--t5 auto`) or dropped, CLIPs and the VAE "
         "decoder fp16; activations of each phase at the profile's opt resolution and batch (CFG doubles the SD3 "
         "transformer's batch), from meta-device runs; `needed` <= memory less the profile's reserve. Computed from "
         "configs (no weights), not measured on the devices.\n\n" + "\n".join(lines) +

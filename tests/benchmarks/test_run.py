@@ -519,3 +519,29 @@ def test_fp8_probe_graph_runs_in_onnxruntime_close_to_its_numpy_fake_quantizatio
     exact = np.maximum(np.maximum(x @ w[0], 0) @ w[1], 0)
     assert np.abs(y - ref).max() < 0.02 * np.abs(ref).max()
     assert np.abs(y - ref).max() < np.abs(ref - exact).max() / 4  # nearer its reference than to float32 (measured 9x)
+
+
+def test_precision_report_puts_every_precision_side_by_side(bench, tmp_path, monkeypatch) -> None:
+    import sys
+
+    from hpedge.zoo.evaluate import paired_ratio
+
+    precision = sys.modules["precision"]
+    patch_everywhere(monkeypatch, bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys.modules["common"], "RESULTS", tmp_path)
+    base = {"overall": 0.9, "correct": [1] * 9 + [0]}
+    worse = {"overall": 0.8, "correct": [1] * 8 + [0, 0]}
+    rows = {}
+    for p, eng in (("int4", {"rtx3060": {"engine_bytes": 2e6}, "rtx4090": {"engine_bytes": 2e6},
+                             "rtx5090": {"engine_bytes": 2e6}}),
+                   ("nvfp4", {"rtx3060": {"runs": False}, "rtx4090": {"runs": False}, "rtx5090": {"engine_bytes": 3e6}})):
+        rows[p] = {"precision": p, "graph_bytes": 10**6, "engines": eng, "parity_passed": p == "int4",
+                   "checks": {"quality": {"min_cosine": 0.99, "min_psnr_db": 30.0}, "implementation": {"min_psnr_db": 45.0},
+                              "e2e": {"min_psnr_db": 20.0, "mean_psnr_db": 30.0}},
+                   "digits": worse, "vs_fp32": paired_ratio(base, worse),
+                   "ort_cpu": {"median_ms": 5.0, "variant": "int4_cpu"} if p == "int4" else "not run: no FP4 kernels"}
+    rows["int4"]["fp32_digits"] = base
+    precision._report(bench.argparse.Namespace(family="sd3"), rows)
+    md = (tmp_path / "precision-sd3.md").read_text()
+    assert "| int4 | 1.00 | 2.0 / 2.0 / 2.0 |" in md and "| nvfp4 | 1.00 | - / - / 3.0 |" in md
+    assert "88.9 %" in md and "5.0 (int4_cpu)" in md and "FAILED" in md and "digits score 0.900" in md
