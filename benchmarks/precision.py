@@ -171,8 +171,8 @@ def _report(args: argparse.Namespace, rows: dict[str, Any]) -> None:
         ort = r["ort_cpu"]
         step = f"{ort['median_ms']:.1f} ({ort['variant']})" if isinstance(ort, dict) else "-"
         text += (f"| {p} | {r['graph_bytes'] / 1e6:.2f} | {eng} | {q.get('min_cosine', float('nan')):.4f} / "
-                 f"{q.get('min_psnr_db', float('nan')):.1f} | {impl if impl is None else round(impl, 1)} / "
-                 f"{w if w is None else round(w, 1)} | {e2e.get('min_psnr_db', float('nan')):.1f} / "
+                 f"{q.get('min_psnr_db', float('nan')):.1f} | {'-' if impl is None else round(impl, 1)} / "
+                 f"{'-' if w is None else round(w, 1)} | {e2e.get('min_psnr_db', float('nan')):.1f} / "
                  f"{e2e.get('mean_psnr_db', float('nan')):.1f} | {dg} | {step} | "
                  f"{'passed' if r['parity_passed'] else 'FAILED'} |\n")
     if "int4" in rows and "fp32_digits" in rows["int4"]:
