@@ -230,3 +230,31 @@ def _nvfp4_bug(model: Any, bug: str) -> None:
     else:  # the activation factor / 100: block scales saturate FP8, the inputs clip
         g = next(n for n in model.graph.node if n.op_type == "TRT_FP4DynamicQuantize").input[1]
         set_initializer(model, g, initializer(model, g) / 100)
+
+
+def test_int8_weight_only_package_and_its_gate(real_pipelines, tmp_path) -> None:
+    import onnx
+
+    p = json.loads((PROFILE_DIR / "rtx3060.json").read_text())
+    p.update(name="test-rtx3060", resolution={"min": REAL_SIZE, "opt": REAL_SIZE, "max": 2 * REAL_SIZE},
+             batch={"min": 1, "opt": 1, "max": 2})
+    prof = tmp_path / "p.json"
+    prof.write_text(json.dumps(p))
+    pkg = tmp_path / "pkg"
+    m = _export(real_pipelines["flux.1-dev"], pkg, prof, "int8", engine="skip")
+    assert m["precision"]["transformer"] == "int8" and m["precision"]["activations"] == "fp16" and m["parity"]["passed"]
+    assert m["engines"]["components"]["transformer"]["onnx"] == "transformer/int8/model.onnx"
+    checks = {k: c for k, c in _checks(pkg).items() if "transformer int8" in k or "package (int8)" in k}
+    assert len(checks) == 3 and all(c["passed"] for c in checks.values()), checks  # quality, implementation, end-to-end
+    model = onnx.load(str(pkg / "transformer" / "int8" / "model.onnx"))  # every weight's scales one channel off
+    for dq in (n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_i8")):
+        set_initializer(model, dq.input[1], np.roll(initializer(model, dq.input[1]), 1))
+    (tmp_path / "bug").mkdir()
+    onnx.save(model, str(tmp_path / "bug" / "model.onnx"))
+    man = json.loads((pkg / "manifest.json").read_text())
+    feeds, _, extra = load_reference(pkg, man)
+    bad = tmp_path / "bug" / "model.onnx"
+    c = dequantized_check("int8", bad, feeds, pgy.run_onnxrt(bad, feeds, "bug", split=rows_of),
+                          [extra[f"dequantized_int8/{i}"] for i in range(len(feeds))],
+                          profile_from_dict(man["target"], "t").parity)
+    assert not c.passed and c.limits["min_psnr_db"] == 60.0, c.metrics
