@@ -134,6 +134,9 @@ def _parse(data: Any, source: str) -> Profile:
     unknown = set(precisions) - KNOWN_PRECISIONS
     if unknown:
         raise HpedgeError(f"{source}: unknown precisions {sorted(unknown)}")
+    if "int4" not in precisions:
+        raise HpedgeError(f"{source}: the target cannot run INT4 weights (precisions: {', '.join(precisions)}); every hpedge "
+                          "package carries the INT4 transformer")
     order = tuple(data.get("transformer_precisions", DEFAULT_TRANSFORMER_PRECISIONS))
     bad = [p for p in order if p not in TRANSFORMER_PRECISIONS or p not in precisions]
     if bad or not order or "int4" not in order or len(set(order)) != len(order):

@@ -257,7 +257,7 @@ def test_export_errors(random_sd3, tmp_path) -> None:
                                                            str(tmp_path / "d"), "--cpu-kernel", "fp8")
     assert "--compute must be one of fp32, fp16" in err(str(random_sd3), "--target", "rtx4090", "-o", str(tmp_path / "d"),
                                                        "--compute", "bf16")
-    prof["precisions"] = ["fp32", "int4"]
+    prof["precisions"], prof["transformer_precisions"] = ["fp32", "int4"], ["int4"]
     (tmp_path / "nofp16.json").write_text(json.dumps(prof))
     assert "cannot compute in fp16" in err(str(random_sd3), "--target", str(tmp_path / "nofp16.json"), "-o", str(tmp_path / "d"))
     (tmp_path / "afile").write_text("x")
