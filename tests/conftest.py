@@ -75,17 +75,23 @@ def real_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: save_tiny_pipeline(name, root / name) for name in REAL}
 
 
+def tiny_profile(name: str, folder: Path) -> Path:
+    """Built-in profile ``name`` with small resolution and batch ranges (engines, precisions, parity limits: its own),
+    written as ``folder/test-NAME.json``."""
+    from hpedge.targets.profiles import PROFILE_DIR
+
+    p = json.loads((PROFILE_DIR / f"{name}.json").read_text())
+    p.update(name=f"test-{name}", resolution={"min": REAL_SIZE, "opt": REAL_SIZE, "max": 2 * REAL_SIZE},
+             batch={"min": 1, "opt": 1, "max": 2})
+    path = folder / f"test-{name}.json"
+    path.write_text(json.dumps(p))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_rtx4090(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The rtx4090 profile with small resolution and batch ranges (engines, parity limits: rtx4090's own)."""
-    from hpedge.targets.profiles import PROFILE_DIR
-
-    p = json.loads((PROFILE_DIR / "rtx4090.json").read_text())
-    p.update(name="test-rtx4090", resolution={"min": REAL_SIZE, "opt": REAL_SIZE, "max": 2 * REAL_SIZE},
-             batch={"min": 1, "opt": 1, "max": 2})
-    path = tmp_path_factory.mktemp("profile") / "test-rtx4090.json"
-    path.write_text(json.dumps(p))
-    return path
+    return tiny_profile("rtx4090", tmp_path_factory.mktemp("profile"))
 
 
 @pytest.fixture(scope="session")

@@ -21,21 +21,16 @@ from hpedge.export.verify import check, dequantized_check, weights_only_check
 from hpedge.runtime.format import load_reference
 from hpedge.runtime.package import Package
 from hpedge.targets import precisions
-from hpedge.targets.profiles import PROFILE_DIR, load_profile, profile_from_dict
+from hpedge.targets.profiles import load_profile, profile_from_dict
 from hpedge.testing import initializer, set_initializer
-from tests.conftest import REAL_SIZE
+from tests.conftest import tiny_profile
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def tiny_rtx5090(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = json.loads((PROFILE_DIR / "rtx5090.json").read_text())
-    p.update(name="test-rtx5090", resolution={"min": REAL_SIZE, "opt": REAL_SIZE, "max": 2 * REAL_SIZE},
-             batch={"min": 1, "opt": 1, "max": 2})
-    path = tmp_path_factory.mktemp("profile") / "test-rtx5090.json"
-    path.write_text(json.dumps(p))
-    return path
+    return tiny_profile("rtx5090", tmp_path_factory.mktemp("profile"))
 
 
 def _export(src: Path, out: Path, target: Path | str, precision: str, **kw: Any) -> dict[str, Any]:
@@ -233,11 +228,7 @@ def _nvfp4_bug(model: Any, bug: str) -> None:
 def test_int8_weight_only_package_and_its_gate(real_pipelines, tmp_path) -> None:
     import onnx
 
-    p = json.loads((PROFILE_DIR / "rtx3060.json").read_text())
-    p.update(name="test-rtx3060", resolution={"min": REAL_SIZE, "opt": REAL_SIZE, "max": 2 * REAL_SIZE},
-             batch={"min": 1, "opt": 1, "max": 2})
-    prof = tmp_path / "p.json"
-    prof.write_text(json.dumps(p))
+    prof = tiny_profile("rtx3060", tmp_path)
     pkg = tmp_path / "pkg"
     m = _export(real_pipelines["sd3.5-large-turbo"], pkg, prof, "int8", engine="skip")
     assert m["precision"]["transformer"] == "int8" and m["precision"]["activations"] == "fp16" and m["parity"]["passed"]
