@@ -403,7 +403,7 @@ def test_drop_t5_package_matches_diffusers_without_t5(random_sd3, random_flux, t
 
     out = tmp_path / "pkg"
     r = runner.invoke(app, ["export", str(random_sd3), "--target", "rtx4090", "-o", str(out), "--drop-t5", "--method", "rtn",
-                            "--calibration-prompts", "1", "--engine", "skip"])
+                            "--calibration-prompts", "1", "--engine", "skip", "--precision", "int4"])
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     assert set(m["components"]["text"]["encoders"]) == {"clip"} and m["components"]["text"]["t5_dropped"]

@@ -70,6 +70,10 @@ def test_plan_prints_the_package_table_and_fits_rtx3060() -> None:
     assert "package on rtx3060 (resident, 768 px" in r.output and "activations: vae_decoder" in r.output
     for row in ("transformer", "clip", "t5", "vae_decoder", "needed", "available"):
         assert row in r.output
+    # the engine precision --precision auto takes on the kept blocks, each precision's footprint beside it
+    text = " ".join(r.output.split())
+    assert "engine precision" in text and "int4 (auto)" in text and "--precision auto: rtx3060 runs int4, int8" in text
+    assert "int8 would not fit rtx3060" in text  # blocks were removed until INT4 fits; INT8's byte per weight does not
 
 
 def test_plan_json_records_the_footprint(tmp_path) -> None:

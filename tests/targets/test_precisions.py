@@ -78,17 +78,3 @@ def test_the_footprint_counts_the_chosen_precision() -> None:
     assert fps["int4"].weights["transformer"] < fps["nvfp4"].weights["transformer"] < fps["fp8"].weights["transformer"]
     assert fps["fp8"].activations == fps["int4"].activations  # counted in fp16 at every precision
 
-
-def test_plan_target_shows_the_precision_auto_takes_and_each_footprint(tmp_path) -> None:
-    from typer.testing import CliRunner
-
-    from hpedge.cli import app
-
-    r = CliRunner().invoke(app, ["plan", "sd3.5-large-turbo", "--target", "rtx4070", "--importance",
-                                 "tests/data/sd35-large-turbo-contribution-hpsv2.json", "--json", str(tmp_path / "p.json")])
-    assert r.exit_code == 0, r.output
-    out = json.loads((tmp_path / "p.json").read_text())["precision"]
-    assert "engine precision" in r.output and "--precision auto:" in " ".join(r.output.split())
-    # the 12 GB card: blocks removed until INT4 fits; FP8's byte per weight does not, so auto takes INT4
-    assert out["order"][0] == "int4" and "fp8" not in out["order"] and set(out["footprints"]) == {"fp8", "int4", "int8"}
-    assert "would not fit rtx4070" in out["why"]
